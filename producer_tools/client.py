@@ -1,0 +1,130 @@
+"""``QueryClient``: send queries and await their parses over the topics (request/response by query_id).
+
+Used by other services, by the worker's ``POST /parse`` bridge and by the tests. The reply is
+matched on ``query_id`` (the correlation id) in the parsed topic, or in the dead-letter topic when
+the query was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from schemas.events import DeadLetterReason, ParsedEvent
+from schemas.settings import Settings
+from streams.kafka_io import assign_all, make_consumer, make_producer
+
+log = structlog.get_logger(__name__)
+
+
+class DeadLetteredError(Exception):
+    """The worker refused the query; ``reason`` says at which stage and why."""
+
+    def __init__(self, reason: DeadLetterReason) -> None:
+        super().__init__(f"{reason.stage}: {reason.error_class}: {reason.message}")
+        self.reason = reason
+
+
+def encode_query(
+    query: str,
+    *,
+    query_id: str,
+    ts: datetime | None = None,
+    source: str | None = None,
+    locale: str | None = None,
+    **extra: Any,
+) -> bytes:
+    payload: dict[str, Any] = {"query": query, "query_id": query_id, "ts": (ts or datetime.now(UTC)).isoformat()}
+    if source:
+        payload["source"] = source
+    if locale:
+        payload["locale"] = locale
+    payload.update(extra)
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+class QueryClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer = make_producer(settings)
+        self._consumer = make_consumer(settings, auto_offset_reset="latest")
+        self._pending: dict[str, asyncio.Future[ParsedEvent]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> QueryClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._consumer.start()
+        await assign_all(self._consumer, [self.settings.topic_parsed, self.settings.topic_dlq], from_end=True)
+        self._reader = asyncio.create_task(self._read_replies(), name="query-client-replies")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for future in self._pending.values():
+            future.cancel()
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def send(self, query: str, *, query_id: str | None = None, **fields: Any) -> str:
+        """Produce one query (acks=all) and return its query_id."""
+        query_id = query_id or uuid.uuid4().hex
+        await self._producer.send_and_wait(
+            self.settings.topic_input, encode_query(query, query_id=query_id, **fields), key=query_id.encode()
+        )
+        return query_id
+
+    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:
+        """Send ``query`` and wait for its parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
+        query_id = fields.pop("query_id", None) or uuid.uuid4().hex
+        future: asyncio.Future[ParsedEvent] = asyncio.get_running_loop().create_future()
+        self._pending[query_id] = future
+        try:
+            await self.send(query, query_id=query_id, **fields)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(query_id, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            if not self._pending:
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    if tp.topic == self.settings.topic_parsed:
+                        self._resolve_parsed(record.key, record.value)
+                    else:
+                        self._resolve_dead_letter(record.value, dict(record.headers or ()))
+
+    def _resolve_parsed(self, key: bytes | None, value: bytes | None) -> None:
+        future = self._pending.get(key.decode("utf-8", "replace")) if key else None
+        if future is None or future.done() or value is None:
+            return
+        try:
+            future.set_result(ParsedEvent.model_validate_json(value))
+        except ValueError as exc:
+            future.set_exception(exc)
+
+    def _resolve_dead_letter(self, value: bytes | None, headers: dict[str, bytes]) -> None:
+        try:
+            query_id = json.loads(value or b"").get("query_id")
+        except (ValueError, AttributeError):
+            return
+        future = self._pending.get(query_id) if isinstance(query_id, str) else None
+        if future is not None and not future.done():
+            future.set_exception(DeadLetteredError(DeadLetterReason.from_headers(headers)))

@@ -1,0 +1,162 @@
+"""``qustream demo``: the whole path on embedded defaults, then a summary, then stop what it started."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from rich.console import Console
+
+from schemas.settings import Settings
+from streams.local_stack import LocalStack, free_port, port_open
+
+log = structlog.get_logger(__name__)
+console = Console(stderr=True)
+
+SAMPLE_QUERIES = Path(__file__).with_name("data") / "sample_queries.jsonl"
+
+
+@dataclass
+class DemoSummary:
+    figures: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    ok: bool = True
+
+
+def demo_lines(path: Path, run_id: str) -> list[str]:
+    """The log's lines with run-unique query ids, so results of earlier runs are never counted."""
+    lines = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        query_id = f"demo-{run_id}-{number}"
+        try:
+            payload = json.loads(line)
+        except json.JSONDecodeError:
+            lines.append(line)  # poison on purpose: the worker dead-letters it
+            continue
+        if isinstance(payload, dict):
+            payload["query_id"] = query_id
+            lines.append(json.dumps(payload, ensure_ascii=False))
+        else:
+            lines.append(line)
+    return lines
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"the worker was not ready within {timeout_s} s")
+
+
+def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> DemoSummary:
+    from workers.model import resolve_model_path
+
+    stack = LocalStack(settings)
+    started = stack.up()
+    for process in started:
+        console.print(f"started local {process.name} on port {process.port} (pid {process.pid})")
+    if any(process.name == "tansu" for process in started):
+        settings = settings.model_copy(update={"producer_idempotence": False})
+    if port_open("127.0.0.1", settings.web_port):
+        settings = settings.model_copy(update={"web_port": free_port()})
+    worker: subprocess.Popen[bytes] | None = None
+    log_path = settings.model_cache_dir / "local" / "demo-worker.log"
+    try:
+        console.print("preparing the model (first run converts it once, ~30 s)…")
+        resolve_model_path(settings)
+        if settings.transport == "kafka":
+            from streams.topics import ensure_topics
+
+            asyncio.run(ensure_topics(settings))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log_file:
+            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
+                                      env={**os.environ, **settings.to_env()}, stdout=log_file,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"worker started (log: {log_path}); waiting for /ready…")
+        wait_ready(f"http://127.0.0.1:{settings.web_port}", worker, timeout_s=300)
+        lines = demo_lines(queries or SAMPLE_QUERIES, uuid.uuid4().hex[:8])
+        return asyncio.run(_replay_and_collect(settings, lines, timeout_s))
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        for process in stack.down(only=started):
+            console.print(f"stopped local {process.name} (pid {process.pid})")
+
+
+async def _replay_and_collect(settings: Settings, lines: list[str], timeout_s: float) -> DemoSummary:
+    from producer_tools.transport import open_sink, open_source
+
+    outputs = [settings.topic_parsed, settings.topic_dlq] if settings.transport == "kafka" else [
+        settings.stream_parsed, settings.stream_dlq]
+    async with open_source(settings, outputs, from_end=True) as source:
+        started = time.perf_counter()
+        async with open_sink(settings) as sink:
+            from producer_tools.produce import lines_to_values
+
+            for key, value in lines_to_values(lines, source="demo"):
+                await sink.send(key, value)
+        console.print(f"replayed {len(lines)} messages; waiting for results…")
+        parsed: list[dict[str, Any]] = []
+        dead: list[dict[str, str]] = []
+        deadline = time.monotonic() + timeout_s
+        while len(parsed) + len(dead) < len(lines) and time.monotonic() < deadline:
+            for record in await source.poll(timeout_ms=500):
+                if record.topic in (settings.topic_parsed, settings.stream_parsed):
+                    event = json.loads(record.value)
+                    if str(event.get("query_id", "")).startswith("demo-"):
+                        parsed.append(event)
+                else:
+                    dead.append({name: raw.decode("utf-8", "replace") for name, raw in record.headers.items()})
+        elapsed = time.perf_counter() - started
+    latencies = sorted(
+        (datetime.fromisoformat(e["parsed_ts"]) - datetime.fromisoformat(e["event_ts"])).total_seconds() * 1000
+        for e in parsed if e.get("event_ts")
+    )
+    cached = sum(1 for e in parsed if e["cached"])
+    figures: dict[str, Any] = {
+        "messages": len(lines),
+        "parsed": len(parsed),
+        "cached": cached,
+        "dead-lettered": len(dead),
+        "queries/s": round((len(parsed) + len(dead)) / elapsed, 1) if elapsed else 0,
+        "cache hit rate": f"{cached / len(parsed):.0%}" if parsed else "n/a",
+        "p50 latency ms": round(statistics.median(latencies)) if latencies else "n/a",
+        "p95 latency ms": round(latencies[int(0.95 * (len(latencies) - 1))]) if latencies else "n/a",
+        "seconds": round(elapsed, 1),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    seen: set[str] = set()
+    samples = []
+    for event in parsed:
+        if event["normalized_query"] in seen or len(samples) >= 12:
+            continue
+        seen.add(event["normalized_query"])
+        samples.append({"query": event["query"], **event["parse"], "cached": event["cached"]})
+    return DemoSummary(figures, samples, ok=len(parsed) + len(dead) == len(lines))

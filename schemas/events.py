@@ -1,0 +1,159 @@
+"""Versioned event contracts for the four topics (input, parsed, metrics, dead letters).
+
+Producers and consumers outside this repository rely on these; change them by adding optional
+fields, and bump ``SCHEMA_VERSION`` for anything that is not backwards compatible.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Version of the events this worker writes. Input events may carry ``schema_version``;
+#: a version this worker does not know is dead-lettered at the ``validate`` stage.
+SCHEMA_VERSION: Literal[1] = 1
+SUPPORTED_INPUT_VERSIONS = frozenset({1})
+
+
+class QueryInput(BaseModel):
+    """A raw query on the input topic. A plain UTF-8 text value is accepted as ``query`` alone."""
+
+    model_config = ConfigDict(extra="allow")
+
+    query: str = Field(description="The raw search query as the user typed it.")
+    query_id: str | None = Field(None, description="Stable id; derived from topic/partition/offset if absent.")
+    ts: datetime | None = Field(None, description="Event time (when the user searched).")
+    source: str | None = Field(None, description="Which system produced the query.")
+    locale: str | None = Field(None, description="BCP 47 locale of the query, e.g. en-US.")
+    schema_version: int = 1
+
+
+class QueryParse(BaseModel):
+    """The structured parse of a furniture query. Every field is nullable: null means 'not said'.
+
+    ``item_type`` is an open span of the query's own words (singular, lowercase); ``material``,
+    ``color`` and ``style`` are canonical values of the configured catalog vocabulary.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_type: str | None = Field(None, description="What the shopper wants, e.g. 'sofa', 'bar stool'.")
+    material: str | None = Field(None, description="Canonical material facet value, e.g. 'wood'.")
+    color: str | None = Field(None, description="Canonical colour facet value, e.g. 'gray'.")
+    style: str | None = Field(None, description="Canonical style facet value, e.g. 'mid-century'.")
+
+
+PARSE_FIELDS: tuple[str, ...] = tuple(QueryParse.model_fields)
+
+
+class Timings(BaseModel):
+    queue_ms: float | None = Field(None, description="Event time (or broker time) to batch start.")
+    inference_ms: float = Field(0.0, description="Model time of the batch this parse came from (0 if cached).")
+    total_ms: float = Field(description="Batch start to output ready.")
+
+
+class SourceRef(BaseModel):
+    topic: str
+    partition: int
+    offset: str = Field(description="Kafka offset or Redis stream entry id, as text.")
+
+
+class ParsedEvent(BaseModel):
+    """One parsed query on the parsed topic; the Kafka key is ``query_id``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    query_id: str
+    query: str
+    normalized_query: str
+    parse: QueryParse
+    cached: bool
+    model: str
+    grounding: str
+    ungrounded: list[str] = Field(default_factory=list, description="Fields whose value is not in the query.")
+    event_ts: datetime | None = None
+    parsed_ts: datetime
+    source: SourceRef
+    worker_id: str
+    timings: Timings
+
+
+class BatchMetricsEvent(BaseModel):
+    """One per processed batch on the metrics topic; sums over these equal messages consumed."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    batch_id: str
+    worker_id: str
+    ts: datetime
+    size: int = Field(description="Messages in the batch.")
+    valid: int = Field(description="Messages that decoded into a query.")
+    unique: int = Field(description="Distinct normalized queries among the valid ones.")
+    cache_hits: int
+    cache_misses: int
+    cache_errors: int
+    cache_available: bool
+    parsed: int = Field(description="Parsed events published (cached or inferred).")
+    cached: int = Field(description="Parsed events served without a model call (cache hit or in-batch repeat).")
+    dead_lettered: int
+    inference_ms: float
+    batch_ms: float
+    tokens_in: int
+    tokens_out: int
+    model: str
+
+
+DeadLetterStage = Literal["decode", "validate", "infer", "output"]
+
+
+class DeadLetterReason(BaseModel):
+    """Why a message was dead-lettered; carried as ``qustream.*`` headers next to the original bytes."""
+
+    stage: DeadLetterStage
+    error_class: str
+    message: str
+    source_topic: str
+    source_partition: int
+    source_offset: str
+    attempts: int = 1
+    worker_id: str | None = None
+
+    def to_headers(self) -> list[tuple[str, bytes]]:
+        return [
+            (DLQ_HEADER_STAGE, self.stage.encode()),
+            (DLQ_HEADER_CLASS, self.error_class.encode()),
+            (DLQ_HEADER_MESSAGE, self.message[:1000].encode("utf-8", "replace")),
+            (DLQ_HEADER_SOURCE_TOPIC, self.source_topic.encode()),
+            (DLQ_HEADER_SOURCE_PARTITION, str(self.source_partition).encode()),
+            (DLQ_HEADER_SOURCE_OFFSET, self.source_offset.encode()),
+            (ATTEMPTS_HEADER, str(self.attempts).encode()),
+            (DLQ_HEADER_WORKER, (self.worker_id or "").encode()),
+        ]
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, bytes]) -> DeadLetterReason:
+        def text(name: str, default: str = "") -> str:
+            raw = headers.get(name)
+            return raw.decode("utf-8", "replace") if raw is not None else default
+
+        return cls(
+            stage=text(DLQ_HEADER_STAGE, "decode"),
+            error_class=text(DLQ_HEADER_CLASS),
+            message=text(DLQ_HEADER_MESSAGE),
+            source_topic=text(DLQ_HEADER_SOURCE_TOPIC),
+            source_partition=int(text(DLQ_HEADER_SOURCE_PARTITION, "-1") or -1),
+            source_offset=text(DLQ_HEADER_SOURCE_OFFSET),
+            attempts=int(text(ATTEMPTS_HEADER, "1") or 1),
+            worker_id=text(DLQ_HEADER_WORKER) or None,
+        )
+
+
+DLQ_HEADER_STAGE = "qustream.error.stage"
+DLQ_HEADER_CLASS = "qustream.error.class"
+DLQ_HEADER_MESSAGE = "qustream.error.message"
+DLQ_HEADER_SOURCE_TOPIC = "qustream.source.topic"
+DLQ_HEADER_SOURCE_PARTITION = "qustream.source.partition"
+DLQ_HEADER_SOURCE_OFFSET = "qustream.source.offset"
+DLQ_HEADER_WORKER = "qustream.worker"
+#: How many times a message has been through the worker (1 on first delivery); redrive increments it.
+ATTEMPTS_HEADER = "qustream.attempts"

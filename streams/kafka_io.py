@@ -1,0 +1,52 @@
+"""aiokafka clients built from settings, shared by the worker's tools and the HTTP bridge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.settings import Settings
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        **settings.kafka_client_options(),
+        "acks": "all",
+        "enable_idempotence": settings.producer_idempotence,
+        "linger_ms": 5,
+        "max_request_size": max(1_048_576, settings.max_message_bytes * 2),
+        "request_timeout_ms": 30_000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, *topics: str, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        **settings.kafka_client_options(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_bytes": 8 * 1_048_576,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def assign_all(consumer: AIOKafkaConsumer, topics: list[str], *, from_end: bool) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` to a group-less consumer, at the beginning or the end."""
+    await consumer.topics()  # refreshes metadata so partitions_for_topic answers
+    partitions = [
+        TopicPartition(topic, partition)
+        for topic in topics
+        for partition in sorted(consumer.partitions_for_topic(topic) or ())
+    ]
+    consumer.assign(partitions)
+    if from_end:
+        await consumer.seek_to_end(*partitions)
+    else:
+        await consumer.seek_to_beginning(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)  # resolve now, so nothing sent after this call is missed
+    return partitions

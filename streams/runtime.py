@@ -1,0 +1,127 @@
+"""What a running worker holds, whatever its transport: engine, cache, pipeline, metrics, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import structlog
+
+from schemas.events import ParsedEvent
+from schemas.settings import Settings
+from streams.telemetry import WorkerMetrics
+from workers.cache import ParseCache, redis_client
+from workers.engine import ParseEngine
+from workers.pipeline import BatchOutcome, InboundMessage, ParsePipeline
+
+log = structlog.get_logger(__name__)
+
+#: Sends one query through the stream and returns its parsed event (the ``POST /parse`` bridge).
+ParseBridge = Callable[[str, float], Awaitable[ParsedEvent]]
+
+
+def package_version() -> str:
+    try:
+        return version("qustream")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.engine = engine
+        self.pipeline: ParsePipeline | None = None
+        self.cache: ParseCache | None = None
+        self.transport_connected = False
+        self.assigned_partitions: set[tuple[str, int]] = set()
+        self.bridge: ParseBridge | None = None
+        self._started = asyncio.Event()
+        self.batches_done = 0
+
+    @property
+    def engine_ready(self) -> bool:
+        return self._started.is_set()
+
+    async def start(self) -> None:
+        """Load and warm the model (in a thread), connect the cache; idempotent."""
+        if self._started.is_set():
+            return
+        began = time.perf_counter()
+        if self.engine is None:
+            from workers.engine import build_engine
+
+            self.engine = await asyncio.to_thread(build_engine, self.settings)
+        await asyncio.to_thread(self.engine.warm_up)
+        self.metrics.model_load_seconds.set(time.perf_counter() - began)
+        client = redis_client(self.settings.redis_url.get_secret_value()) if self.settings.cache_enabled else None
+        self.cache = ParseCache(client, version=self.engine.version, ttl_s=self.settings.cache_ttl_s,
+                                prefix=self.settings.cache_prefix)
+        self.pipeline = ParsePipeline(self.settings, self.engine, self.cache)
+        self.metrics.info.info({
+            "model": self.engine.model_id,
+            "device": str(getattr(self.engine, "device", self.settings.device)),
+            "version": package_version(),
+            "transport": self.settings.transport,
+            "engine_version": self.engine.version,
+        })
+        self._started.set()
+        self._refresh_ready()
+        log.info("worker.engine_ready", model=self.engine.model_id, seconds=round(time.perf_counter() - began, 2),
+                 cache=self.cache.enabled)
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
+        """Run the core step on one batch and record it; never raises."""
+        await self.wait_started()
+        assert self.pipeline is not None
+        self.metrics.batches_in_flight.inc()
+        try:
+            outcome = await self.pipeline.process(batch)
+        finally:
+            self.metrics.batches_in_flight.dec()
+        return outcome
+
+    def record(self, outcome: BatchOutcome) -> None:
+        """Count a batch once its outputs are published."""
+        self.metrics.observe(outcome)
+        self.batches_done += 1
+        m = outcome.metrics
+        log.info("batch.done", size=m.size, parsed=m.parsed, cached=m.cached, dead_lettered=m.dead_lettered,
+                 unique=m.unique, cache_hits=m.cache_hits, cache_misses=m.cache_misses,
+                 cache_available=m.cache_available, inference_ms=m.inference_ms, batch_ms=m.batch_ms,
+                 tokens_in=m.tokens_in, tokens_out=m.tokens_out)
+
+    def set_transport(self, *, connected: bool | None = None, assigned: set[tuple[str, int]] | None = None) -> None:
+        if connected is not None:
+            self.transport_connected = connected
+        if assigned is not None:
+            self.assigned_partitions = assigned
+        self._refresh_ready()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        cache_state = "disabled"
+        if self.cache is not None and self.cache.enabled:
+            cache_state = "ok" if self.cache.available else "degraded"
+        checks = {
+            "model": "ok" if self.engine_ready else "loading",
+            "transport": "ok" if self.transport_connected else "unreachable",
+            "partitions": len(self.assigned_partitions),
+            "cache": cache_state,
+        }
+        # A down Redis only degrades: parsing goes on uncached.
+        ready = self.engine_ready and self.transport_connected and bool(self.assigned_partitions)
+        return ready, checks
+
+    def _refresh_ready(self) -> None:
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+
+    async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()

@@ -1,0 +1,64 @@
+"""Prometheus metrics of a worker, on a registry of its own (no import-time globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from workers.pipeline import BatchOutcome
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("qustream_messages", "Messages consumed, by outcome.", ["outcome"], registry=r)
+        self.dead_letters = Counter("qustream_dead_letters", "Dead-lettered messages, by stage.", ["stage"],
+                                    registry=r)
+        self.cache_requests = Counter("qustream_cache_requests", "Parse-cache lookups of unique queries, by result.",
+                                      ["result"], registry=r)
+        self.tokens = Counter("qustream_tokens", "Model tokens, by direction.", ["direction"], registry=r)
+        self.batch_size = Histogram("qustream_batch_size", "Messages per batch.", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_duration = Histogram("qustream_batch_duration_seconds", "Batch processing time.",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram("qustream_inference_duration_seconds", "Model time per batch.",
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.end_to_end = Histogram("qustream_end_to_end_latency_seconds", "Event time to parsed event.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_load_seconds = Gauge("qustream_model_load_seconds", "Seconds the model took to load.", registry=r)
+        self.batches_in_flight = Gauge("qustream_batches_in_flight", "Batches being processed now.", registry=r)
+        self.consumer_lag = Gauge("qustream_consumer_lag", "Messages behind the end of the input, per partition.",
+                                  ["topic", "partition"], registry=r)
+        self.ready = Gauge("qustream_ready", "1 when the worker is ready to process.", registry=r)
+        self.info = Info("qustream_worker", "Worker build and model.", registry=r)
+        for outcome in ("inferred", "cached", "dead_lettered"):
+            self.messages.labels(outcome=outcome)
+        for stage in ("decode", "validate", "infer", "output"):
+            self.dead_letters.labels(stage=stage)
+        for result in ("hit", "miss", "error"):
+            self.cache_requests.labels(result=result)
+        for direction in ("in", "out"):
+            self.tokens.labels(direction=direction)
+
+    def observe(self, outcome: BatchOutcome) -> None:
+        m = outcome.metrics
+        self.messages.labels(outcome="cached").inc(m.cached)
+        self.messages.labels(outcome="inferred").inc(m.parsed - m.cached)
+        self.messages.labels(outcome="dead_lettered").inc(len(outcome.dead_letters))
+        for stage in outcome.dead_letter_stages:
+            self.dead_letters.labels(stage=stage).inc()
+        self.cache_requests.labels(result="hit").inc(m.cache_hits)
+        if m.cache_errors:
+            self.cache_requests.labels(result="error").inc(m.cache_misses)
+        else:
+            self.cache_requests.labels(result="miss").inc(m.cache_misses)
+        self.tokens.labels(direction="in").inc(m.tokens_in)
+        self.tokens.labels(direction="out").inc(m.tokens_out)
+        self.batch_size.observe(m.size)
+        self.batch_duration.observe(m.batch_ms / 1000)
+        if m.cache_misses:
+            self.inference_duration.observe(m.inference_ms / 1000)
+        for seconds in outcome.end_to_end_s:
+            self.end_to_end.observe(max(seconds, 0.0))

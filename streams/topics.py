@@ -1,0 +1,36 @@
+"""Topic creation up front, with the configured partitions (Faust creates only its internal ones)."""
+
+from __future__ import annotations
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from schemas.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def topic_names(settings: Settings) -> list[str]:
+    return [settings.topic_input, settings.topic_parsed, settings.topic_metrics, settings.topic_dlq]
+
+
+async def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Create missing topics; returns those created. Existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [name for name in (names or topic_names(settings)) if name not in existing]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(
+                [NewTopic(name, settings.partitions, settings.replication_factor) for name in wanted]
+            )
+        except TopicAlreadyExistsError:
+            pass  # another worker won the race
+        log.info("topics.created", topics=wanted, partitions=settings.partitions)
+        return wanted
+    finally:
+        await admin.close()

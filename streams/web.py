@@ -1,0 +1,78 @@
+"""The worker's HTTP side: health and readiness probes, Prometheus metrics, and the /parse bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+
+from producer_tools.client import DeadLetteredError
+from streams.runtime import WorkerRuntime, package_version
+
+ENDPOINTS = {
+    "GET /": "This list",
+    "GET /health": "Liveness: the process answers",
+    "GET /ready": "Readiness: model loaded and warmed, transport reachable, partitions assigned (503 otherwise)",
+    "GET /metrics": "Prometheus metrics",
+    "POST /parse": 'Send {"query": "..."} through the stream and return its parsed event (504 on timeout)',
+}
+
+
+class ParseRequest(BaseModel):
+    query: str = Field(min_length=1)
+    timeout_s: float | None = Field(None, gt=0, le=300)
+
+
+def build_web_app(runtime: WorkerRuntime) -> web.Application:
+    async def root(_: web.Request) -> web.Response:
+        return web.json_response({"service": "qustream", "version": package_version(), "endpoints": ENDPOINTS})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(_: web.Request) -> web.Response:
+        is_ready, checks = runtime.readiness()
+        return web.json_response({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(runtime.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def parse(request: web.Request) -> web.Response:
+        try:
+            body = ParseRequest.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return web.json_response({"error": "invalid request", "detail": json.loads(exc.json())}, status=422)
+        if runtime.bridge is None:
+            return web.json_response({"error": "the stream bridge is not running"}, status=503)
+        timeout = body.timeout_s or runtime.settings.parse_timeout_s
+        try:
+            event = await runtime.bridge(body.query, timeout)
+        except TimeoutError:
+            return web.json_response({"error": f"no parse within {timeout} s"}, status=504)
+        except DeadLetteredError as exc:
+            return web.json_response({"error": "dead-lettered", "stage": exc.reason.stage,
+                                      "class": exc.reason.error_class, "detail": exc.reason.message}, status=422)
+        except asyncio.CancelledError:
+            raise
+        return web.json_response(json.loads(event.model_dump_json()))
+
+    app = web.Application(client_max_size=1_048_576)
+    app.add_routes([
+        web.get("/", root),
+        web.get("/health", health),
+        web.get("/ready", ready),
+        web.get("/metrics", metrics),
+        web.post("/parse", parse),
+    ])
+    return app
+
+
+async def start_web(runtime: WorkerRuntime) -> web.AppRunner:
+    runner = web.AppRunner(build_web_app(runtime), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, runtime.settings.web_host, runtime.settings.web_port).start()
+    return runner

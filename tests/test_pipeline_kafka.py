@@ -1,0 +1,127 @@
+"""End to end on the real broker, Redis and default model: `qustream worker` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from schemas.events import DeadLetterReason, ParsedEvent, QueryParse
+from schemas.export import export_json_schemas
+from schemas.settings import Settings
+from streams.kafka_io import make_producer
+from streams.topics import ensure_topics
+from tests.support import WorkerProcess, read_topic, run
+
+pytestmark = pytest.mark.e2e
+
+UNIQUE_QUERIES = [
+    "red wooden sofa with armrests", "king poster bed", "blk leather office chair", "mid century teak dresser",
+    "grey velvet sectional", "bar stool", "rose gold metal side table", "white oak dining table",
+    "navy blue accent chair", "rattan outdoor lounge chair", "glass coffee table", "farmhouse pine bookshelf",
+    "queen size platform bed frame", "green ceramic table lamp", "walnut tv stand", "marble top nightstand",
+    "tufted linen headboard", "kids bunk bed", "black metal bar stools set of 2", "cream boucle armchair",
+]
+POISON: dict[str, tuple[bytes, str]] = {
+    "invalid-json": (b'{"query": "oak desk"', "decode"),
+    "no-query": (b'{"q": "sofa"}', "validate"),
+    "empty-query": (b'{"query": "   "}', "validate"),
+    "invalid-utf8": (b"\xff\xfe red sofa \xc3\x28", "decode"),
+    "over-long": (json.dumps({"query": "sofa " * 200}).encode(), "validate"),
+}
+
+
+@pytest.fixture
+def pipeline_run(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tuple[Settings, WorkerProcess]]:
+    settings = make_settings(batch_size=16)
+    run(ensure_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+async def produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(settings.topic_input, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerProcess], tmp_path: Path) -> None:
+    settings, worker = pipeline_run
+    rng = random.Random(7)
+    queries = UNIQUE_QUERIES + [rng.choice(UNIQUE_QUERIES) for _ in range(80)]
+    rng.shuffle(queries)
+    messages = [(f"q{i}".encode(), json.dumps({"query": q, "query_id": f"q{i}"}).encode())
+                for i, q in enumerate(queries)]
+    poison = [(name.encode(), value) for name, (value, _) in POISON.items()]
+    run(produce(settings, messages[:50] + poison + messages[50:]))
+
+    parsed_records = run(read_topic(settings, settings.topic_parsed, until=len(messages), timeout_s=240))
+    dlq_records = run(read_topic(settings, settings.topic_dlq, until=len(poison), timeout_s=30))
+
+    events = [ParsedEvent.model_validate_json(record.value) for record in parsed_records]
+    assert sorted(e.query_id for e in events) == sorted(f"q{i}" for i in range(len(queries)))
+    assert all(record.key == e.query_id.encode() for record, e in zip(parsed_records, events, strict=True))
+    for event in events:
+        QueryParse.model_validate(event.parse.model_dump())
+        assert event.query == queries[int(event.query_id[1:])]
+    # Each distinct query is inferred once; every repeat comes back cached.
+    uncached = [e.normalized_query for e in events if not e.cached]
+    assert sorted(uncached) == sorted(set(UNIQUE_QUERIES))
+    assert sum(e.cached for e in events) == len(queries) - len(UNIQUE_QUERIES)
+
+    by_key = {record.key.decode(): record for record in dlq_records}
+    assert set(by_key) == set(POISON)
+    for name, (value, stage) in POISON.items():
+        record = by_key[name]
+        assert record.value == value, name
+        reason = DeadLetterReason.from_headers(dict(record.headers))
+        assert reason.stage == stage, (name, reason)
+        assert reason.source_topic == settings.topic_input
+        assert reason.attempts == 1
+
+    metrics = [json.loads(r.value) for r in run(read_topic(settings, settings.topic_metrics, until=10**6,
+                                                          timeout_s=5))]
+    assert sum(m["size"] for m in metrics) == len(messages) + len(poison)
+    assert sum(m["parsed"] for m in metrics) == len(messages)
+    assert sum(m["dead_lettered"] for m in metrics) == len(poison)
+    assert sum(m["cached"] for m in metrics) == len(queries) - len(UNIQUE_QUERIES)
+
+    # Prometheus agrees with what went through.
+    status, body = worker.get("/metrics")
+    assert status == 200
+    text = body.decode()
+    assert f'qustream_messages_total{{outcome="dead_lettered"}} {float(len(poison))}' in text
+    assert f'qustream_messages_total{{outcome="inferred"}} {float(len(UNIQUE_QUERIES))}' in text
+
+    # A client that is not the project's own decodes every event against the exported JSON Schema.
+    from confluent_kafka import Consumer, TopicPartition
+
+    schema_path = next(p for p in export_json_schemas(tmp_path / "schemas") if p.name.startswith("queries.parsed"))
+    schema = json.loads(schema_path.read_text())
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "schema-check",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(settings.topic_parsed, p, 0) for p in range(settings.partitions)])
+    seen = 0
+    for _ in range(200):
+        message = consumer.poll(0.5)
+        if message is None:
+            if seen >= len(messages):
+                break
+            continue
+        assert message.error() is None, message.error()
+        jsonschema.validate(json.loads(message.value()), schema)
+        seen += 1
+    consumer.close()
+    assert seen == len(messages)

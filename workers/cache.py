@@ -1,0 +1,125 @@
+"""Redis cache of earlier parses, keyed by engine version and normalized query.
+
+A down Redis must never stop parsing: every call degrades to 'miss' (reads) or 'skipped' (writes),
+reports the error, and backs off for a few seconds so a dead server does not add a connect
+timeout to every batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CachedParse:
+    parse: dict[str, Any]
+    ungrounded: list[str]
+
+
+@dataclass
+class CacheLookup:
+    hits: dict[str, CachedParse]
+    error: bool
+
+
+def redis_client(url: str, timeout_s: float = 1.0) -> Redis:
+    """An asyncio client with short timeouts: the cache is an optimisation, never a dependency."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+
+
+class ParseCache:
+    def __init__(
+        self,
+        client: Redis | None,
+        *,
+        version: str,
+        ttl_s: int,
+        prefix: str = "qustream:parse",
+        backoff_s: float = 5.0,
+    ) -> None:
+        self._client = client
+        self._prefix = f"{prefix}:{version}:"
+        self._ttl_s = ttl_s
+        self._backoff_s = backoff_s
+        self._down_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    @property
+    def available(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def key(self, normalized_query: str) -> str:
+        # Hashed so keys are bounded in length and carry no query text.
+        digest = hashlib.blake2b(normalized_query.encode("utf-8"), digest_size=16).hexdigest()
+        return self._prefix + digest
+
+    async def get_many(self, queries: list[str]) -> CacheLookup:
+        if not queries or self._client is None:
+            return CacheLookup({}, error=False)
+        if not self.available:
+            return CacheLookup({}, error=True)
+        try:
+            values = await self._client.mget([self.key(q) for q in queries])
+        except (RedisError, OSError) as exc:
+            self._mark_down("get", exc)
+            return CacheLookup({}, error=True)
+        hits: dict[str, CachedParse] = {}
+        for query, raw in zip(queries, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                payload = json.loads(raw)
+                hits[query] = CachedParse(payload["parse"], list(payload.get("ungrounded", [])))
+            except (ValueError, KeyError, TypeError):
+                # A corrupt entry is a miss; the fresh parse overwrites it.
+                continue
+        return CacheLookup(hits, error=False)
+
+    async def set_many(self, parses: dict[str, CachedParse]) -> bool:
+        if not parses or self._client is None or not self.available:
+            return False
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for query, cached in parses.items():
+                    value = json.dumps({"parse": cached.parse, "ungrounded": cached.ungrounded})
+                    pipe.set(self.key(query), value, ex=self._ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._mark_down("set", exc)
+            return False
+        return True
+
+    async def ping(self) -> bool:
+        if self._client is None:
+            return False
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
+    def _mark_down(self, operation: str, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self._backoff_s
+        log.warning("cache.unavailable", operation=operation, error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=self._backoff_s)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

