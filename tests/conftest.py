@@ -40,37 +40,40 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_process(started)
 
 
+def isolated_settings(broker: str, redis_url: str, **overrides: Any) -> Settings:
+    """Settings with topics, group, cache prefix and web port of their own, so tests never collide."""
+    run = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "kafka_bootstrap": broker,
+        "redis_url": redis_url,
+        "topic_input": f"t{run}.raw",
+        "topic_parsed": f"t{run}.parsed",
+        "topic_metrics": f"t{run}.metrics",
+        "topic_dlq": f"t{run}.dlq",
+        "stream_input": f"t{run}:raw",
+        "stream_parsed": f"t{run}:parsed",
+        "stream_metrics": f"t{run}:metrics",
+        "stream_dlq": f"t{run}:dlq",
+        "app_id": f"qustream-test-{run}",
+        "cache_prefix": f"qustream-test:{run}",
+        "worker_id": f"test-{run}",
+        "partitions": 2,
+        "producer_idempotence": False,  # tansu has no InitProducerId
+        "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
+        "broker_heartbeat_s": 1.0,
+        "batch_linger_ms": 100,
+        "web_port": free_port(),
+        "log_level": "INFO",
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
 @pytest.fixture
 def make_settings(broker: str, redis_url: str) -> Callable[..., Settings]:
-    """Settings with topics, group, cache prefix and web port of their own, so tests never collide."""
-
     def factory(**overrides: Any) -> Settings:
-        run = uuid.uuid4().hex[:8]
-        values: dict[str, Any] = {
-            "kafka_bootstrap": broker,
-            "redis_url": redis_url,
-            "topic_input": f"t{run}.raw",
-            "topic_parsed": f"t{run}.parsed",
-            "topic_metrics": f"t{run}.metrics",
-            "topic_dlq": f"t{run}.dlq",
-            "stream_input": f"t{run}:raw",
-            "stream_parsed": f"t{run}:parsed",
-            "stream_metrics": f"t{run}:metrics",
-            "stream_dlq": f"t{run}:dlq",
-            "app_id": f"qustream-test-{run}",
-            "cache_prefix": f"qustream-test:{run}",
-            "worker_id": f"test-{run}",
-            "partitions": 2,
-            "producer_idempotence": False,  # tansu has no InitProducerId
-            "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
-            "broker_heartbeat_s": 1.0,
-            "batch_linger_ms": 100,
-            "web_port": free_port(),
-            "log_level": "INFO",
-            "log_format": "json",
-        }
-        values.update(overrides)
-        return Settings(**values)
+        return isolated_settings(broker, redis_url, **overrides)
 
     return factory
 

@@ -19,13 +19,17 @@ INSTRUCTION = (
 
 #: (query, parse) pairs shown before the real query; they cover nulls, multiword items, synonyms.
 FEW_SHOT: tuple[tuple[str, dict[str, str | None]], ...] = (
-    ("grey velvet sectional sofa", {"item_type": "sectional sofa", "material": "velvet", "color": "gray"}),
-    ("mid century walnut nightstand with drawer", {"item_type": "nightstand", "material": "walnut",
-                                                     "style": "mid-century"}),
     ("queen size bed frame", {"item_type": "bed frame"}),
+    ("tv stand for 70 inch tv", {"item_type": "tv stand"}),
+    ("grey velvet sectional sofa", {"item_type": "sectional sofa", "material": "velvet", "color": "gray"}),
+    ("round white kitchen table", {"item_type": "kitchen table", "color": "white"}),
+    ("mid century walnut nightstand with drawer",
+     {"item_type": "nightstand", "material": "walnut", "style": "mid-century"}),
     ("black metal bar stools set of 2", {"item_type": "bar stool", "material": "metal", "color": "black"}),
-    ("boho white rattan accent chair", {"item_type": "accent chair", "material": "rattan", "color": "white",
-                                        "style": "bohemian"}),
+    ("navy velvet swivel chair modern",
+     {"item_type": "swivel chair", "material": "velvet", "color": "navy", "style": "modern"}),
+    ("boho white rattan accent chair",
+     {"item_type": "accent chair", "material": "rattan", "color": "white", "style": "bohemian"}),
 )
 
 QUERY_MARKER = "Query:"

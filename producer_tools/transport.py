@@ -1,0 +1,411 @@
+"""One small interface over both transports, so every producer tool is written once.
+
+- ``RecordSink``: ``send(key, value, headers, timestamp_ms)`` + ``push()`` + ``flush()`` into the
+  input topic (Kafka) or the input stream (Redis Streams, XADD with approximate MAXLEN).
+- ``RecordSource``: ``poll()`` records of topics/streams from the start, the end or a group's
+  checkpoint, and ``commit()`` them to that group.
+
+Records look the same whatever the transport: a Redis entry is decoded with ``streams.redis_codec``
+and reported as partition 0 with its entry id as offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.settings import Settings, mask_url
+from streams.kafka_io import make_consumer, make_producer
+from streams.redis_codec import decode_entry, encode_entry
+
+#: Seconds a tool waits for the broker or Redis before it gives up with a clear message.
+CONNECT_TIMEOUT_S = float(os.environ.get("QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "10"))
+#: Futures a Kafka sink keeps before it waits for the oldest, so a long replay holds bounded memory.
+_MAX_PENDING = 20_000
+#: Entries a Redis sink buffers before it sends them as one pipeline.
+_REDIS_BATCH = 500
+
+
+class TransportUnavailable(RuntimeError):
+    """The broker or Redis did not answer within the connect timeout."""
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: str
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+    timestamp_ms: int | None = None
+
+    @property
+    def position(self) -> tuple[int, ...]:
+        """Orderable position within its partition: (offset,) on Kafka, (ms, seq) of a Redis entry id."""
+        return tuple(int(part) for part in self.offset.split("-"))
+
+
+class RecordSink(Protocol):
+    target: str
+
+    async def send(
+        self,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None: ...
+
+    async def push(self) -> None:
+        """Hand buffered records to the wire without waiting for acks (called before pacing sleeps)."""
+
+    async def flush(self) -> None:
+        """Wait until every record sent so far is acknowledged; raises if one failed."""
+
+
+class RecordSource(Protocol):
+    names: list[str]
+
+    async def poll(self, timeout_ms: int = 500, max_records: int = 500) -> list[Record]: ...
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        """Record in the source's group that these records are done."""
+
+
+def resolve_name(settings: Settings, name: str) -> str:
+    """``input``/``parsed``/``metrics``/``dlq`` → the configured topic or stream; anything else as given."""
+    kafka = settings.transport == "kafka"
+    aliases = {
+        "input": settings.topic_input if kafka else settings.stream_input,
+        "raw": settings.topic_input if kafka else settings.stream_input,
+        "parsed": settings.topic_parsed if kafka else settings.stream_parsed,
+        "metrics": settings.topic_metrics if kafka else settings.stream_metrics,
+        "dlq": settings.topic_dlq if kafka else settings.stream_dlq,
+    }
+    return aliases.get(name, name)
+
+
+def endpoint(settings: Settings) -> str:
+    """Where the tools connect, for error messages (passwords masked)."""
+    if settings.transport == "kafka":
+        return f"Kafka at {settings.kafka_bootstrap}"
+    return f"Redis at {mask_url(settings.redis_url.get_secret_value())}"
+
+
+async def _start_or_raise(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
+    try:
+        await asyncio.wait_for(client.start(), CONNECT_TIMEOUT_S)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise TransportUnavailable(
+            f"cannot reach {endpoint(settings)} within {CONNECT_TIMEOUT_S:g} s "
+            f"({type(exc).__name__}: {exc or 'timed out'})"
+        ) from exc
+
+
+def kafka_tool_options() -> dict[str, Any]:
+    # Short timeouts: a tool should say "unreachable" in seconds, not hang for aiokafka's 40-60 s.
+    return {"request_timeout_ms": int(CONNECT_TIMEOUT_S * 1000) + 5_000, "metadata_max_age_ms": 30_000}
+
+
+async def start_kafka_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
+    consumer = make_consumer(settings, group_id=group_id, **{**kafka_tool_options(), **overrides})
+    await _start_or_raise(consumer, settings)
+    return consumer
+
+
+async def redis_connect(settings: Settings) -> Any:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(
+        settings.redis_url.get_secret_value(), socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=30
+    )
+    try:
+        await asyncio.wait_for(client.ping(), CONNECT_TIMEOUT_S)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        raise TransportUnavailable(
+            f"cannot reach {endpoint(settings)} within {CONNECT_TIMEOUT_S:g} s ({type(exc).__name__}: {exc})"
+        ) from exc
+    return client
+
+
+# --- sinks ------------------------------------------------------------------------------------
+
+
+class KafkaSink:
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.target = topic
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def send(
+        self,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        future = await self.producer.send(
+            self.target, value, key=key, headers=list(headers) if headers else None, timestamp_ms=timestamp_ms
+        )
+        self._pending.append(future)
+        if len(self._pending) >= _MAX_PENDING:
+            half = len(self._pending) // 2
+            await asyncio.gather(*self._pending[:half])
+            del self._pending[:half]
+
+    async def push(self) -> None:
+        return None  # aiokafka's own linger (5 ms) sends batches without being asked
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+class RedisSink:
+    def __init__(self, client: Any, stream: str, maxlen: int) -> None:
+        self.client = client
+        self.target = stream
+        self.maxlen = maxlen
+        self._buffer: list[dict[bytes, bytes]] = []
+
+    async def send(
+        self,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        self._buffer.append(encode_entry(value, key, headers or (), timestamp_ms))
+        if len(self._buffer) >= _REDIS_BATCH:
+            await self.push()
+
+    async def push(self) -> None:
+        buffer, self._buffer = self._buffer, []
+        if not buffer:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for fields in buffer:
+                pipe.xadd(self.target, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def flush(self) -> None:
+        await self.push()  # XADD replies are the acks: once the pipeline returned, Redis has them
+
+
+@contextlib.asynccontextmanager
+async def open_sink(settings: Settings, name: str = "input") -> AsyncIterator[RecordSink]:
+    """A sink into ``name`` (an alias or a topic/stream); flushed on a clean exit."""
+    target = resolve_name(settings, name)
+    sink: RecordSink
+    if settings.transport == "kafka":
+        producer = make_producer(settings, **kafka_tool_options())
+        await _start_or_raise(producer, settings)
+        try:
+            if settings.create_topics:
+                from streams.topics import ensure_topics
+
+                # tansu (and Kafka with auto-create) would otherwise make a 4-partition topic.
+                await ensure_topics(settings, [target])
+            sink = KafkaSink(producer, target)
+            yield sink
+            await sink.flush()
+        finally:
+            await producer.stop()
+    else:
+        client = await redis_connect(settings)
+        try:
+            sink = RedisSink(client, target, settings.stream_maxlen)
+            yield sink
+            await sink.flush()
+        finally:
+            await client.aclose()
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def _kafka_record(record: Any) -> Record:
+    return Record(
+        topic=record.topic,
+        partition=record.partition,
+        offset=str(record.offset),
+        key=record.key,
+        value=record.value,
+        headers={name: raw for name, raw in (record.headers or ()) if raw is not None},
+        timestamp_ms=record.timestamp,
+    )
+
+
+class KafkaSource:
+    """Every partition of the named topics, assigned by hand.
+
+    With a group, positions start at the group's committed offsets and ``commit`` stores new ones;
+    the consumer never joins the group, so it starts at once (tansu holds joins for
+    session_timeout / 2) and never takes partitions away from workers.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, names: list[str], group: str | None) -> None:
+        self.consumer = consumer
+        self.names = names
+        self.group = group
+        self.partitions: list[TopicPartition] = []
+
+    async def start(self, *, from_end: bool) -> None:
+        await self.consumer.topics()  # refreshes metadata so partitions_for_topic answers
+        self.partitions = [
+            TopicPartition(name, partition)
+            for name in self.names
+            for partition in sorted(self.consumer.partitions_for_topic(name) or ())
+        ]
+        if not self.partitions:
+            raise TransportUnavailable(f"topic(s) {', '.join(self.names)} do not exist on the broker")
+        self.consumer.assign(self.partitions)
+        for tp in self.partitions:
+            committed = await self.consumer.committed(tp) if self.group else None
+            if committed is not None:
+                self.consumer.seek(tp, committed)
+            elif from_end:
+                await self.consumer.seek_to_end(tp)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+            await self.consumer.position(tp)  # resolve now, so nothing sent after start is missed
+
+    async def poll(self, timeout_ms: int = 500, max_records: int = 500) -> list[Record]:
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        return [_kafka_record(record) for records in batches.values() for record in records]
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        if self.group is None:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), int(record.offset) + 1)
+        if offsets:
+            await self.consumer.commit(offsets)
+
+
+class RedisSource:
+    """XREAD over the named streams, or XREADGROUP + XACK in a consumer group."""
+
+    def __init__(self, client: Any, names: list[str], group: str | None, consumer_name: str) -> None:
+        self.client = client
+        self.names = names
+        self.group = group
+        self.consumer_name = consumer_name
+        self._last: dict[str, str] = {}
+        self._pending_first = True
+
+    async def start(self, *, from_end: bool) -> None:
+        import redis.exceptions
+
+        for name in self.names:
+            if self.group is None:
+                last = "0-0"
+                if from_end:
+                    # The actual last id, not "$": records written between two polls are then not lost.
+                    newest = await self.client.xrevrange(name, count=1)
+                    last = newest[0][0].decode() if newest else "0-0"
+                self._last[name] = last
+                continue
+            try:
+                await self.client.xgroup_create(name, self.group, id="$" if from_end else "0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def poll(self, timeout_ms: int = 500, max_records: int = 500) -> list[Record]:
+        if self.group is None:
+            reply = await self.client.xread(self._last, count=max_records, block=max(timeout_ms, 1))
+        else:
+            # First our own delivered-but-unacknowledged entries (an earlier run stopped), then new ones.
+            start = "0" if self._pending_first else ">"
+            reply = await self.client.xreadgroup(
+                self.group, self.consumer_name, dict.fromkeys(self.names, start), count=max_records,
+                block=None if self._pending_first else max(timeout_ms, 1),
+            )
+            if self._pending_first and not any(entries for _, entries in reply or ()):
+                self._pending_first = False
+                return await self.poll(timeout_ms, max_records)
+        records: list[Record] = []
+        for raw_name, entries in reply or ():
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            for raw_id, fields in entries:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                if self.group is None:
+                    self._last[name] = entry_id
+                if fields is None:  # trimmed away while pending
+                    continue
+                value, key, headers, timestamp_ms = decode_entry(fields)
+                records.append(Record(name, 0, entry_id, key, value, headers, timestamp_ms))
+        if self._pending_first and self.group is not None:
+            # Pending entries are re-read from "0" until acked; move on once we handed them out.
+            self._pending_first = False
+        return records
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        if self.group is None:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for record in records:
+            by_stream.setdefault(record.topic, []).append(record.offset)
+        for name, ids in by_stream.items():
+            await self.client.xack(name, self.group, *ids)
+
+
+@contextlib.asynccontextmanager
+async def open_source(
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    from_end: bool = False,
+    group: str | None = None,
+) -> AsyncIterator[RecordSource]:
+    """Records of ``names`` (aliases or topics/streams): from the end or the start, or from the
+    group's checkpoint when ``group`` is given (the start or end then applies to a new group)."""
+    resolved = [resolve_name(settings, name) for name in names]
+    if settings.transport == "kafka":
+        consumer = await start_kafka_consumer(settings, group_id=group)
+        try:
+            kafka_source = KafkaSource(consumer, resolved, group)
+            await kafka_source.start(from_end=from_end)
+            yield kafka_source
+        finally:
+            await consumer.stop()
+    else:
+        client = await redis_connect(settings)
+        try:
+            # A fixed consumer name: entries an earlier run received but never acked are read again.
+            redis_source = RedisSource(client, resolved, group, consumer_name="qustream-tools")
+            await redis_source.start(from_end=from_end)
+            yield redis_source
+        finally:
+            await client.aclose()
+
+
+async def drain(source: RecordSource, *, idle_s: float = 1.5, max_records: int | None = None) -> list[Record]:
+    """Everything the source holds now: poll until a quiet ``idle_s`` (tansu's end offsets can be
+    too low to say where the end is, so silence decides)."""
+    records: list[Record] = []
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < idle_s:
+        batch = await source.poll(timeout_ms=200)
+        if batch:
+            records.extend(batch)
+            quiet_since = time.monotonic()
+            if max_records is not None and len(records) >= max_records:
+                break
+    return records
