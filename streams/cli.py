@@ -105,6 +105,20 @@ def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write
         print(path)
 
 
+@schema_app.command("asyncapi")
+def schema_asyncapi(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+) -> None:
+    """Write the AsyncAPI 3 document of the four topics.  Example: qustream schema asyncapi -o asyncapi.json"""
+    from schemas.asyncapi import asyncapi_document
+
+    text = json.dumps(asyncapi_document(settings_or_exit()), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
 @app.command()
 def produce(
     file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],

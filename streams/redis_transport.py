@@ -45,7 +45,6 @@ from workers.pipeline import (
     BatchOutcome,
     InboundMessage,
     OutboundRecord,
-    PoisonMessage,
     attempts_of,
     dead_letter,
     decode_message,
@@ -217,7 +216,7 @@ class RedisStreamConsumer:
 
     async def _read_own_pending(self) -> list[Delivery]:
         assert self._history_cursor is not None
-        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: self._history_cursor},
+        reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: self._history_cursor},
                                              count=self.batch_size)
         entries = [(_text(entry_id), fields) for _, items in reply for entry_id, fields in items]
         if not entries:
@@ -231,7 +230,7 @@ class RedisStreamConsumer:
                 for entry_id, fields in entries]
 
     async def _claim_idle(self) -> list[Delivery]:
-        reply = await self.client.xautoclaim(self.stream, self.group, self.consumer,
+        reply: Any = await self.client.xautoclaim(self.stream, self.group, self.consumer,
                                              min_idle_time=self.settings.redis_claim_idle_ms,
                                              start_id=self._claim_cursor, count=self.batch_size)
         cursor, claimed = _text(reply[0]), reply[1]
@@ -268,7 +267,7 @@ class RedisStreamConsumer:
         return [self._delivery(entry_id, fields, 1) for entry_id, fields in entries]
 
     async def _xreadgroup_new(self, count: int, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+        reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
                                              block=max(block_ms, 1))
         return [(_text(entry_id), fields) for _, items in reply or [] for entry_id, fields in items]
 
@@ -340,9 +339,7 @@ class RedisStreamConsumer:
         decodable query can take the process down."""
         try:
             decode_message(message, self.settings)
-        except PoisonMessage:
-            return "decode"
-        except Exception:
+        except Exception:  # PoisonMessage, or a decoder bug: either way it never reached the model
             return "decode"
         return "infer"
 
@@ -376,7 +373,7 @@ class RedisStreamConsumer:
                 mine = [entry_id for entry_id in entry_ids if owners.get(entry_id) == self.consumer]
                 if mine:
                     await self.client.xclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                                             message_ids=mine, justid=True)
+                                             message_ids=list[Any](mine), justid=True)
             except (RedisError, OSError) as exc:
                 log.warning("redis.lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -433,8 +430,7 @@ class RedisStreamConsumer:
             (self.settings.stream_metrics, outcome.metrics_record()),
         ]
         for stream, record in routed:
-            pipe.xadd(stream, encode_entry(record.value, record.key, record.headers),  # type: ignore[arg-type]
-                      maxlen=maxlen, approximate=True)
+            pipe.xadd(stream, encode_entry(record.value, record.key, record.headers), maxlen=maxlen, approximate=True)
 
 
 class RedisQueryClient:
@@ -460,7 +456,7 @@ class RedisQueryClient:
             await self.client.aclose()
 
     async def _last_id(self, stream: str) -> str:
-        newest = await self.client.xrevrange(stream, "+", "-", count=1)
+        newest: Any = await self.client.xrevrange(stream, "+", "-", count=1)
         return _text(newest[0][0]) if newest else "0-0"
 
     async def send(self, query: str, *, query_id: str | None = None, **fields: Any) -> str:
@@ -472,7 +468,8 @@ class RedisQueryClient:
                                maxlen=self.settings.stream_maxlen, approximate=True)
         return query_id
 
-    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:
+    # Same signature as the Kafka QueryClient.parse, so callers can take either client.
+    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:  # noqa: ASYNC109
         """The parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
         from producer_tools.client import DeadLetteredError
 
@@ -485,7 +482,7 @@ class RedisQueryClient:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 raise TimeoutError(f"no parse of {query_id} within {timeout} s")
-            reply = await self.client.xread(positions, count=100, block=min(remaining_ms, 1000))  # type: ignore[arg-type]
+            reply: Any = await self.client.xread(positions, count=100, block=min(remaining_ms, 1000))  # type: ignore[arg-type]
             for raw_stream, items in reply or []:
                 stream = _text(raw_stream)
                 for entry_id, entry in items:
@@ -518,8 +515,8 @@ async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     client = transport_client(settings)
     bridge_client = RedisQueryClient(settings)
 
-    async def bridge(query: str, timeout: float) -> ParsedEvent:
-        return await bridge_client.parse(query, timeout=timeout)
+    async def bridge(query: str, timeout_s: float) -> ParsedEvent:
+        return await bridge_client.parse(query, timeout=timeout_s)
 
     runtime.bridge = bridge
     web = await start_web(runtime)

@@ -1,0 +1,126 @@
+"""An AsyncAPI 3 document of qustream's four topics, generated from the pydantic contracts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas.events import (
+    ATTEMPTS_HEADER,
+    DLQ_HEADER_CLASS,
+    DLQ_HEADER_MESSAGE,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_TOPIC,
+    DLQ_HEADER_STAGE,
+    DLQ_HEADER_WORKER,
+    BatchMetricsEvent,
+    ParsedEvent,
+    QueryInput,
+)
+from schemas.settings import Settings
+
+
+def _payload(model: type[BaseModel]) -> dict[str, Any]:
+    """A self-contained schema: pydantic's $defs are moved under the payload so $refs resolve."""
+    schema = model.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
+    return schema
+
+
+def _components(*models: type[BaseModel]) -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = _payload(model)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def asyncapi_document(settings: Settings) -> dict[str, Any]:
+    string = {"type": "string"}
+    dlq_headers = {
+        "type": "object",
+        "properties": {
+            DLQ_HEADER_STAGE: {"type": "string", "enum": ["decode", "validate", "infer", "output"]},
+            DLQ_HEADER_CLASS: {**string, "description": "Error class, e.g. JSONDecodeError, QueryTooLong."},
+            DLQ_HEADER_MESSAGE: {**string, "description": "Human-readable reason (at most 1,000 characters)."},
+            DLQ_HEADER_SOURCE_TOPIC: string,
+            DLQ_HEADER_SOURCE_PARTITION: {**string, "description": "Decimal partition number."},
+            DLQ_HEADER_SOURCE_OFFSET: {**string, "description": "Offset (Kafka) or entry id (Redis Streams)."},
+            ATTEMPTS_HEADER: {**string, "description": "Deliveries so far; `qustream dlq redrive` increments it."},
+            DLQ_HEADER_WORKER: string,
+        },
+        "required": [DLQ_HEADER_STAGE, DLQ_HEADER_CLASS, DLQ_HEADER_MESSAGE, DLQ_HEADER_SOURCE_TOPIC,
+                     DLQ_HEADER_SOURCE_PARTITION, DLQ_HEADER_SOURCE_OFFSET, ATTEMPTS_HEADER],
+    }
+
+    def kafka_key(description: str) -> dict[str, Any]:
+        return {"kafka": {"key": {"type": "string", "description": description}, "bindingVersion": "0.5.0"}}
+
+    channels = {
+        "raw": (settings.topic_input, "Raw search queries from indexing pipelines and replays.", "RawQuery"),
+        "parsed": (settings.topic_parsed, "One structured parse per query; key = query_id.", "ParsedQuery"),
+        "metrics": (settings.topic_metrics, "One event per processed batch; key = worker_id.", "BatchMetrics"),
+        "dlq": (settings.topic_dlq, "Messages that could not be processed: original key and bytes, reason in "
+                "headers.", "DeadLetter"),
+    }
+    messages: dict[str, Any] = {
+        "RawQuery": {
+            "name": "RawQuery",
+            "contentType": "application/json",
+            "summary": "A JSON object, or a plain UTF-8 text value taken as the query itself.",
+            "payload": {"$ref": "#/components/schemas/QueryInput"},
+            "bindings": kafka_key("Optional; producers usually key by query_id."),
+        },
+        "ParsedQuery": {
+            "name": "ParsedQuery",
+            "contentType": "application/json",
+            "payload": {"$ref": "#/components/schemas/ParsedEvent"},
+            "bindings": kafka_key("query_id; consumers de-duplicate on it (at-least-once delivery)."),
+        },
+        "BatchMetrics": {
+            "name": "BatchMetrics",
+            "contentType": "application/json",
+            "payload": {"$ref": "#/components/schemas/BatchMetricsEvent"},
+            "bindings": kafka_key("worker_id"),
+        },
+        "DeadLetter": {
+            "name": "DeadLetter",
+            "contentType": "application/octet-stream",
+            "summary": "The original message value, byte for byte.",
+            "headers": dlq_headers,
+            "payload": {"type": "string", "format": "binary"},
+            "bindings": kafka_key("The original message key."),
+        },
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "qustream topics",
+            "version": "1.0.0",
+            "description": "Search queries in, structured parses out. Delivery is at-least-once; events are "
+                           "idempotent by query_id.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "kafka": {"host": settings.kafka_bootstrap, "protocol": "kafka",
+                      "description": "The configured bootstrap servers."},
+        },
+        "channels": {
+            name: {"address": topic, "description": text, "messages": {message: {"$ref": f"#/components/messages/"
+                                                                                 f"{message}"}}}
+            for name, (topic, text, message) in channels.items()
+        },
+        "operations": {
+            "consumeRaw": {"action": "receive", "channel": {"$ref": "#/channels/raw"},
+                           "summary": "The worker consumes raw queries (consumer group = app_id)."},
+            "publishParsed": {"action": "send", "channel": {"$ref": "#/channels/parsed"}},
+            "publishMetrics": {"action": "send", "channel": {"$ref": "#/channels/metrics"}},
+            "publishDeadLetters": {"action": "send", "channel": {"$ref": "#/channels/dlq"}},
+        },
+        "components": {
+            "messages": messages,
+            "schemas": _components(QueryInput, ParsedEvent, BatchMetricsEvent),
+        },
+    }
