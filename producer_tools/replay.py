@@ -310,28 +310,36 @@ async def replay(
                 if progress is not None:
                     progress(1)
                 if number <= resume_after or to_skip > 0:
-                    to_skip = max(0, to_skip - 1) if number > resume_after else to_skip
+                    if number > resume_after:
+                        to_skip -= 1
+                        read_upto[key] = number
                     summary.skipped += 1
                     if reader.format in ("csv", "tsv") and reader.columns is None:
-                        reader.entry(number, raw)  # still learn the header of a resumed CSV/TSV
+                        reader.entry(number, raw)  # still learn the header of a skipped or resumed CSV/TSV
                     continue
                 summary.lines += 1
-                read_upto[key] = number
                 try:
                     entry = reader.entry(number, raw)
                 except BadLine as exc:
                     summary.bad += 1
                     if len(summary.bad_samples) < MAX_REPORTED_BAD:
                         summary.bad_samples.append((reader.name, number, str(exc)))
+                    read_upto[key] = number
                     continue
                 if entry is None:
+                    read_upto[key] = number
                     continue
                 due = pacer.due(entry.ts_ms)
                 wait = due - time.perf_counter()
                 if wait > 0.002:
                     await sink.push()
                     await _sleep_or_stop(wait, options.stop)
+                    if options.stop is not None and options.stop.is_set():
+                        summary.lines -= 1  # not sent: the resumed run reads it again
+                        summary.interrupted = True
+                        break
                 await sink.send(entry.query_id.encode(), entry.value(), None, entry.ts_ms)
+                read_upto[key] = number
                 pacer.sent += 1
                 summary.produced += 1
                 if entry.ts_ms is not None:
