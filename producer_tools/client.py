@@ -88,7 +88,7 @@ class QueryClient:
         )
         return query_id
 
-    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:
+    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:  # noqa: ASYNC109
         """Send ``query`` and wait for its parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
         query_id = fields.pop("query_id", None) or uuid.uuid4().hex
         future: asyncio.Future[ParsedEvent] = asyncio.get_running_loop().create_future()

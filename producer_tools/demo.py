@@ -129,7 +129,7 @@ async def _replay_and_collect(settings: Settings, lines: list[str], timeout_s: f
         while len(parsed) + len(dead) < len(lines) and time.monotonic() < deadline:
             for record in await source.poll(timeout_ms=500):
                 if record.topic in (settings.topic_parsed, settings.stream_parsed):
-                    event = json.loads(record.value)
+                    event = json.loads(record.value or b"{}")
                     if str(event.get("query_id", "")).startswith("demo-"):
                         parsed.append(event)
                 else:
@@ -153,7 +153,7 @@ async def _replay_and_collect(settings: Settings, lines: list[str], timeout_s: f
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     seen: set[str] = set()
-    samples = []
+    samples: list[dict[str, Any]] = []
     for event in parsed:
         if event["normalized_query"] in seen or len(samples) >= 12:
             continue

@@ -13,6 +13,7 @@ where an interrupted run stopped without sending a line twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -226,6 +227,11 @@ class LogReader:
 # --- checkpoint -------------------------------------------------------------------------------
 
 
+def _absolute(files: Sequence[str]) -> dict[str, str]:
+    """Checkpoint keys: absolute paths, so a resume from another folder finds its files."""
+    return {path: os.path.abspath(path) for path in files}
+
+
 def default_checkpoint(files: Sequence[str]) -> Path:
     digest = hashlib.blake2b("\0".join(os.path.abspath(f) for f in files).encode(), digest_size=5).hexdigest()
     return Path(f".qustream-replay-{digest}.json")
@@ -298,9 +304,10 @@ async def replay(
         await sink.flush()  # only lines the broker acknowledged may count as done
         save_checkpoint(checkpoint_path, read_upto)
 
+    keys = _absolute(files)
     try:
         for path in files:
-            key = os.path.abspath(path)
+            key = keys[path]
             reader = LogReader(path, options)
             resume_after = done.get(key, 0)
             for number, raw in enumerate(raw_lines(path), start=1):
@@ -361,7 +368,5 @@ async def _sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> None:
     if stop is None:
         await asyncio.sleep(seconds)
         return
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -1,84 +1,111 @@
-"""``qustream tail``: follow a topic as JSON lines."""
+"""``qustream tail``: follow a topic (or Redis stream) as JSON lines or a live table."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from producer_tools.transport import Record, open_source, resolve_name
+from schemas.events import DeadLetterReason
 from schemas.settings import Settings
-from streams.kafka_io import assign_all, make_consumer
 
 TOPIC_ALIASES = ("input", "parsed", "metrics", "dlq")
 
 
 def resolve_topic(settings: Settings, name: str) -> str:
-    aliases = {
-        "input": settings.topic_input,
-        "raw": settings.topic_input,
-        "parsed": settings.topic_parsed,
-        "metrics": settings.topic_metrics,
-        "dlq": settings.topic_dlq,
-    }
-    return aliases.get(name, name)
+    return resolve_name(settings, name)
 
 
-def record_to_json(record: Any) -> dict[str, Any]:
+def record_to_json(record: Record, *, dead_letter: bool = False) -> dict[str, Any]:
     value: Any
     try:
         value = json.loads(record.value) if record.value is not None else None
     except ValueError:
-        value = record.value.decode("utf-8", "replace")
-    headers = {key: raw.decode("utf-8", "replace") for key, raw in (record.headers or ())}
+        value = record.value.decode("utf-8", "replace") if record.value is not None else None
     out: dict[str, Any] = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "timestamp": record.timestamp,
+        "timestamp": record.timestamp_ms,
         "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
         "value": value,
     }
-    if headers:
-        out["headers"] = headers
+    if record.headers:
+        out["headers"] = {key: raw.decode("utf-8", "replace") for key, raw in record.headers.items()}
+    if dead_letter:
+        out["reason"] = DeadLetterReason.from_headers(dict(record.headers)).model_dump()
     return out
 
 
 async def follow(
     settings: Settings,
-    topic: str,
+    name: str,
     *,
     from_beginning: bool = False,
     max_messages: int | None = None,
     idle_timeout_s: float | None = None,
     group: str | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield records of ``topic`` as dicts; stops after ``max_messages`` or ``idle_timeout_s`` of silence."""
-    import time
+    """Yield records of ``name`` as dicts; stops after ``max_messages`` or ``idle_timeout_s`` of silence.
 
-    consumer = make_consumer(settings, group_id=group,
-                             auto_offset_reset="earliest" if from_beginning else "latest")
-    await consumer.start()
-    try:
-        if group is None:
-            await assign_all(consumer, [topic], from_end=not from_beginning)
-        else:
-            consumer.subscribe([topic])
+    With ``group``, starts at the group's checkpoint and commits what was yielded, so the next
+    ``tail --group`` goes on from there.
+    """
+    target = resolve_name(settings, name)
+    dead_letter = target in (settings.topic_dlq, settings.stream_dlq)
+    async with open_source(settings, [target], from_end=not from_beginning, group=group) as source:
         seen = 0
         last = time.monotonic()
         while max_messages is None or seen < max_messages:
-            batches = await consumer.getmany(timeout_ms=200, max_records=500)
-            if not batches:
+            records = await source.poll(timeout_ms=200)
+            if not records:
                 if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
                     return
                 continue
             last = time.monotonic()
-            for records in batches.values():
-                for record in records:
-                    yield record_to_json(record)
-                    seen += 1
-                    if max_messages is not None and seen >= max_messages:
-                        return
-            if group is not None:
-                await consumer.commit()
-    finally:
-        await consumer.stop()
+            done: list[Record] = []
+            for record in records:
+                yield record_to_json(record, dead_letter=dead_letter)
+                done.append(record)
+                seen += 1
+                if max_messages is not None and seen >= max_messages:
+                    break
+            await source.commit(done)
+
+
+def table_row(kind: str, item: dict[str, Any]) -> list[str]:
+    """Columns of the live table for one record; ``kind`` is parsed, metrics, dlq or other."""
+    value = item.get("value")
+    if kind == "parsed" and isinstance(value, dict):
+        parse = value.get("parse") or {}
+        return [str(value.get("query_id", ""))[:20], str(value.get("query", ""))[:40],
+                *(str(parse.get(f) or "") for f in ("item_type", "material", "color", "style")),
+                "yes" if value.get("cached") else "no"]
+    if kind == "metrics" and isinstance(value, dict):
+        return [str(value.get(f, "")) for f in ("worker_id", "size", "parsed", "cached", "dead_lettered",
+                                                "cache_hits", "inference_ms", "batch_ms")]
+    if kind == "dlq":
+        reason = item.get("reason") or {}
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return [str(item.get("offset")), str(reason.get("stage", "")), str(reason.get("error_class", "")),
+                str(reason.get("attempts", "")), str(reason.get("message", ""))[:50], shown[:40]]
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return [str(item.get("partition")), str(item.get("offset")), str(item.get("key") or ""), shown[:80]]
+
+
+TABLE_COLUMNS = {
+    "parsed": ["query_id", "query", "item_type", "material", "color", "style", "cached"],
+    "metrics": ["worker", "size", "parsed", "cached", "dead", "cache_hits", "inference_ms", "batch_ms"],
+    "dlq": ["offset", "stage", "class", "attempts", "message", "value"],
+    "other": ["partition", "offset", "key", "value"],
+}
+
+
+def table_kind(settings: Settings, name: str) -> str:
+    target = resolve_name(settings, name)
+    for kind in ("parsed", "metrics", "dlq"):
+        if target == resolve_name(settings, kind):
+            return kind
+    return "other"

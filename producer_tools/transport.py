@@ -198,7 +198,7 @@ class RedisSink:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for fields in buffer:
-                pipe.xadd(self.target, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(self.target, fields, maxlen=self.maxlen, approximate=True)
             await pipe.execute()
 
     async def flush(self) -> None:

@@ -136,33 +136,6 @@ def produce(
 
 
 @app.command()
-def tail(
-    topic: Annotated[str, typer.Argument(help="parsed, metrics, dlq, input, or a topic name.")] = "parsed",
-    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Start at the oldest message.")] = False,
-    max_messages: Annotated[int | None, typer.Option("--max", help="Stop after N messages.")] = None,
-    idle_timeout: Annotated[float | None, typer.Option(help="Stop after this many quiet seconds.")] = None,
-    group: Annotated[str | None, typer.Option(help="Consume in this consumer group (commits offsets).")] = None,
-) -> None:
-    """Follow a topic as JSON lines.  Example: qustream tail dlq --from-beginning --max 10"""
-    from producer_tools.tail import follow, resolve_topic
-
-    settings = settings_or_exit()
-
-    async def run() -> None:
-        async for record in follow(settings, resolve_topic(settings, topic), from_beginning=from_beginning,
-                                   max_messages=max_messages, idle_timeout_s=idle_timeout, group=group):
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:
-        raise fail(f"could not read from {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
-
-
-@app.command()
 def demo(
     queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
     timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
@@ -202,6 +175,9 @@ def _register_optional_commands() -> None:
         pass
     else:
         app.add_typer(bench_app, name="bench")
+    from producer_tools.cli import register as register_producer_tools
+
+    register_producer_tools(app)  # replay, load, tail, dlq, reprocess
 
 
 _register_optional_commands()

@@ -117,20 +117,23 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                 attempt += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
                 runtime.set_transport(connected=False)
-                log.error("publish.retry", attempt=attempt, delay_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
+                log.error("publish.retry", attempt=attempt, delay_s=round(delay, 2),
+                          error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
         await runtime.wait_started()
-        async for events in stream.noack_take(settings.batch_size, within=linger_s):
+        # noack_take is on faust.Stream, not on the StreamT interface.
+        batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
+        async for events in batches:
             outcome = await runtime.process([to_inbound(event) for event in events])
             await publish(outcome)
             for event in events:
                 await stream.ack(event)
             runtime.record(outcome)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         topics = {(tp.topic, tp.partition) for tp in assigned if tp.topic == settings.topic_input}
         runtime.set_transport(connected=True, assigned=topics)

@@ -7,6 +7,7 @@ someone else runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,10 +97,8 @@ def stop_process(started: StartedProcess, timeout_s: float = 10.0) -> bool:
     os.kill(started.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and cmdline.exists():
-        try:
+        with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
             os.waitpid(started.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.05)
     if cmdline.exists():
         os.kill(started.pid, signal.SIGKILL)

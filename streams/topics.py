@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -24,12 +26,10 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> l
         wanted = [name for name in (names or topic_names(settings)) if name not in existing]
         if not wanted:
             return []
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
             await admin.create_topics(
                 [NewTopic(name, settings.partitions, settings.replication_factor) for name in wanted]
             )
-        except TopicAlreadyExistsError:
-            pass  # another worker won the race
         log.info("topics.created", topics=wanted, partitions=settings.partitions)
         return wanted
     finally:

@@ -45,8 +45,8 @@ class RuntimeService(Service):
             await client.start()
             self._bridge_client = client
 
-            async def bridge(query: str, timeout: float) -> ParsedEvent:
-                return await client.parse(query, timeout=timeout)
+            async def bridge(query: str, timeout_s: float) -> ParsedEvent:
+                return await client.parse(query, timeout=timeout_s)
 
             self.runtime.bridge = bridge
 

@@ -126,6 +126,7 @@ class ConstrainedEngine:
         use_prefix_cache: bool = True,
         min_group: int = 16,
         max_pad_waste: float = 0.3,
+        gqa_attention: bool | None = None,
     ) -> None:
         import xgrammar as xgr
 
@@ -148,6 +149,13 @@ class ConstrainedEngine:
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
         self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix())["input_ids"])
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if gqa_attention is None:
+            # On CUDA, SDPA's fused kernels need the mask-free path; GQA-with-mask only pays on CPU.
+            gqa_attention = loaded.device == "cpu"
+        if gqa_attention:
+            from workers.attention import use_gqa_sdpa
+
+            use_gqa_sdpa(self.model)
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
 

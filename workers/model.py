@@ -105,10 +105,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # A GGUF load marks the model quantized and save_pretrained refuses; the weights are already
     # de-quantized to fp32, so dropping the marker is safe and makes later loads take < 1 s.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
+    unquantized: Any = model
+    unquantized.hf_quantizer = None
+    if hasattr(unquantized.config, "quantization_config"):
+        del unquantized.config.quantization_config
+    unquantized.is_quantized = False
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -161,7 +162,7 @@ def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model_id = settings.model if settings.model != DEFAULT_MODEL else "HuggingFaceTB/SmolLM2-135M-Instruct"
     seconds = time.perf_counter() - started

@@ -1,0 +1,217 @@
+"""Side-by-side benchmark of the parse engine against plain generate(), one process, one model.
+
+Variants: (a) the original service (one generate() per query, full prompt, free text, last line
+json.loads), (b) batched generate() with the full prompt per row, (c) the constrained engine with
+jump-forward off and on. All share one loaded model and the same queries; (a) runs on a prefix of
+the queries because it is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from schemas.settings import Settings
+from workers.evaluation import QualityCase, load_quality, null_baseline, schema_valid, score
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    batch_size: int
+    queries: int
+    seconds: float
+    queries_per_s: float
+    tokens_out_per_s: float
+    p50_batch_ms: float
+    p95_batch_ms: float
+    peak_rss_mb: float
+    schema_valid: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _RssSampler:
+    """Peak resident memory while a variant runs (sampled; the process peak never goes down)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def load_bench_queries(path: Path | None) -> tuple[list[str], list[QualityCase] | None]:
+    """Queries from a labelled JSONL (labels enable accuracy), a plain JSONL of {"query"}, or text lines."""
+    if path is None:
+        cases = load_quality()
+        return [c.query for c in cases], cases
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines and lines[0].lstrip().startswith("{"):
+        records = [json.loads(line) for line in lines]
+        if all("item_type" in r for r in records):
+            cases = load_quality(path)
+            return [c.query for c in cases], cases
+        return [str(r["query"]) for r in records], None
+    return lines, None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+
+
+def run_variant(
+    name: str, engine: Any, queries: list[str], cases: list[QualityCase] | None, batch_size: int
+) -> VariantResult:
+    from workers.baselines import baseline_valid
+
+    engine.warm_up()
+    latencies: list[float] = []
+    parses: list[dict[str, str | None] | None] = []
+    flags: list[list[str]] = []
+    tokens_out = 0
+    with _RssSampler() as rss:
+        started = time.perf_counter()
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
+            t0 = time.perf_counter()
+            results = engine.parse_batch(chunk)
+            latencies.append(time.perf_counter() - t0)
+            valid = baseline_valid(engine) or [schema_valid(r.parse) for r in results]
+            for result, ok in zip(results, valid, strict=True):
+                parses.append(result.parse if ok else None)
+                flags.append(result.ungrounded)
+                tokens_out += result.tokens_out
+        seconds = time.perf_counter() - started
+    metrics = score(cases[: len(queries)], parses, flags) if cases else {}
+    result = VariantResult(
+        name=name,
+        batch_size=batch_size,
+        queries=len(queries),
+        seconds=round(seconds, 3),
+        queries_per_s=round(len(queries) / seconds, 3),
+        tokens_out_per_s=round(tokens_out / seconds, 1),
+        p50_batch_ms=round(_percentile(latencies, 50) * 1000, 1),
+        p95_batch_ms=round(_percentile(latencies, 95) * 1000, 1),
+        peak_rss_mb=round(rss.peak / 2**20, 1),
+        schema_valid=sum(p is not None for p in parses) / len(parses),
+        metrics={k: round(v, 4) for k, v in metrics.items()},
+    )
+    log.info("bench.variant", **{k: v for k, v in asdict(result).items() if k != "metrics"})
+    return result
+
+
+def run_engine_bench(
+    settings: Settings,
+    queries_path: Path | None = None,
+    batch_sizes: tuple[int, ...] = (32,),
+    sequential_limit: int = 24,
+    include_sequential: bool = True,
+    include_batched: bool = True,
+) -> dict[str, Any]:
+    from workers.baselines import BatchedGenerate, SequentialGenerate
+    from workers.engine import ConstrainedEngine
+    from workers.model import load_model
+
+    queries, cases = load_bench_queries(queries_path)
+    loaded = load_model(settings)
+    from schemas.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.load(settings.vocabulary_path)
+    # Built first so every variant, baselines included, runs with the same attention implementation.
+    engine = ConstrainedEngine(settings, loaded, vocabulary)
+    variants: list[VariantResult] = []
+    if include_sequential:
+        sequential = SequentialGenerate(loaded, vocabulary, settings.max_new_tokens)
+        variants.append(run_variant("a_sequential_generate", sequential, queries[:sequential_limit], cases, 1))
+    for batch_size in batch_sizes:
+        if include_batched:
+            batched = BatchedGenerate(loaded, vocabulary, settings.max_new_tokens)
+            variants.append(run_variant("b_batched_generate", batched, queries, cases, batch_size))
+        for jump in (False, True):
+            engine.jump_forward = jump
+            name = "c_engine_jump_forward" if jump else "c_engine"
+            variants.append(run_variant(name, engine, queries, cases, batch_size))
+    engine.jump_forward = settings.jump_forward
+    ratios: dict[str, float] = {}
+    by_name = {(v.name, v.batch_size): v for v in variants}
+    seq = next((v for v in variants if v.name == "a_sequential_generate"), None)
+    for batch_size in batch_sizes:
+        for engine_name in ("c_engine", "c_engine_jump_forward"):
+            c = by_name[(engine_name, batch_size)]
+            if seq:
+                ratios[f"{engine_name}@{batch_size}/a"] = round(c.queries_per_s / seq.queries_per_s, 2)
+            b = by_name.get(("b_batched_generate", batch_size))
+            if b:
+                ratios[f"{engine_name}@{batch_size}/b@{batch_size}"] = round(c.queries_per_s / b.queries_per_s, 2)
+    return {
+        "model": loaded.model_id,
+        "device": loaded.device,
+        "dtype": str(loaded.dtype),
+        "threads": _threads(),
+        "grounding": settings.grounding,
+        "engine_version": engine.version,
+        "queries": len(queries),
+        "sequential_queries": min(sequential_limit, len(queries)) if include_sequential else 0,
+        "variants": [asdict(v) for v in variants],
+        "ratios": ratios,
+        "always_null": null_baseline(cases) if cases else {},
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = report["variants"]
+    labels = [f"{v['name']}\n(batch {v['batch_size']})" for v in variants]
+    qps = [v["queries_per_s"] for v in variants]
+    colors = ["#999999" if v["name"].startswith("a") else "#6b8fb3" if v["name"].startswith("b") else "#d9822b"
+              for v in variants]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(variants)), 4.5))
+    bars = ax.bar(range(len(variants)), qps, color=colors)
+    for bar, v in zip(bars, variants, strict=True):
+        valid = v["schema_valid"] * 100
+        ax.annotate(f"{v['queries_per_s']:.2f} q/s\n{valid:.0f}% valid", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(variants)), labels, fontsize=7)
+    ax.set_ylabel("queries / s")
+    ax.set_title(f"{report['model']} on {report['device']} ({report['threads']} threads), {report['queries']} queries")
+    ax.set_ylim(0, max(qps) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

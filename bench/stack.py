@@ -1,0 +1,228 @@
+"""Real services for the pipeline benchmark: a private tansu broker, the machine's Redis, `qustream
+worker` subprocesses, the pass-through reference process, and a background reader of output topics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from schemas.settings import Settings
+from streams.kafka_io import assign_all, make_consumer
+from streams.local_stack import (
+    StartedProcess,
+    free_port,
+    port_open,
+    redis_command,
+    spawn,
+    stop_process,
+    tansu_command,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Services:
+    """tansu (memory storage) on a free port, and Redis: the machine's on 6379 or one started here."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        port = free_port()
+        self._tansu = spawn("tansu", tansu_command(port), port, workdir)
+        self.bootstrap = f"127.0.0.1:{port}"
+        self._redis: StartedProcess | None = None
+        if port_open("127.0.0.1", 6379):
+            self.redis_url = "redis://127.0.0.1:6379/9"
+        else:
+            redis_port = free_port()
+            self._redis = spawn("redis", redis_command(redis_port), redis_port, workdir)
+            self.redis_url = f"redis://127.0.0.1:{redis_port}/9"
+
+    def settings(self, name: str, **overrides: Any) -> Settings:
+        """Settings with topics, group, cache prefix and web port of their own (unique per call)."""
+        tag = f"{name}-{uuid.uuid4().hex[:6]}"
+        values: dict[str, Any] = {
+            "kafka_bootstrap": self.bootstrap,
+            "redis_url": self.redis_url,
+            "topic_input": f"b{tag}.raw",
+            "topic_parsed": f"b{tag}.parsed",
+            "topic_metrics": f"b{tag}.metrics",
+            "topic_dlq": f"b{tag}.dlq",
+            "app_id": f"qustream-bench-{tag}",
+            "cache_prefix": f"qustream-bench:{tag}",
+            "worker_id": f"bench-{tag}",
+            "partitions": 4,
+            "producer_idempotence": False,  # tansu has no InitProducerId
+            "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
+            "broker_heartbeat_s": 1.0,
+            "web_port": free_port(),
+            "log_level": "INFO",
+            "log_format": "json",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    def close(self) -> None:
+        stop_process(self._tansu)
+        if self._redis is not None:
+            stop_process(self._redis)
+
+
+class Process:
+    """A benchmark subprocess in its own session, its output in a log file."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_bytes(self) -> int | None:
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}; log:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+class Worker(Process):
+    """``qustream worker`` as production runs it, configured through its environment."""
+
+    def __init__(self, name: str, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        super().__init__(name, [sys.executable, "-m", "streams.cli", "worker"], log_path, settings.to_env())
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.settings.web_port}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return False, {}
+        return bool(body.get("ready")), dict(body.get("checks", {}))
+
+    async def wait_ready(self, timeout_s: float = 240.0, partitions: int | None = None) -> None:
+        """Until /ready answers 200 (and, if given, this many partitions are assigned)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            ready, checks = await asyncio.to_thread(self.readiness)
+            if ready and (partitions is None or checks.get("partitions") == partitions):
+                return
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s} s; log:\n{self.log_tail()}")
+
+
+class Passthrough(Process):
+    def __init__(self, bootstrap: str, source: str, sink: str, log_path: Path) -> None:
+        group = f"passthrough-{uuid.uuid4().hex[:6]}"
+        super().__init__("passthrough", [sys.executable, "-m", "bench.passthrough", "--bootstrap", bootstrap,
+                                         "--source", source, "--sink", sink, "--group", group], log_path)
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if "ready" in self.log_path.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"pass-through not ready; log:\n{self.log_tail()}")
+
+
+class Collector:
+    """Reads output topics from their beginning in the background and counts records by round tag
+    (the key's text before the first '-'), so a round ends when its last output arrives.
+
+    It only appends records while a round runs; decoding waits until the round is over, so the
+    reader costs as little CPU as possible on a machine the worker shares with it.
+    """
+
+    def __init__(self, settings: Settings, topics: list[str]) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.records: dict[str, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
+        self.counts: Counter[tuple[str, bytes]] = Counter()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = make_consumer(self.settings)
+        await self._consumer.start()
+        await assign_all(self._consumer, self.topics, from_end=False)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=50)
+            for tp, records in batches.items():
+                self.records[tp.topic].extend(records)
+                for record in records:
+                    if record.key:
+                        self.counts[(tp.topic, record.key.split(b"-", 1)[0])] += 1
+
+    async def wait(self, topic: str, tag: str, count: int, timeout_s: float) -> bool:
+        """True once ``count`` records of round ``tag`` arrived on ``topic``; False at the timeout."""
+        key = (topic, tag.encode())
+        deadline = time.monotonic() + timeout_s
+        while self.counts[key] < count:
+            if time.monotonic() > deadline:
+                return False
+            if self._task is not None and self._task.done():
+                self._task.result()  # surfaces the reader's exception
+            await asyncio.sleep(0.01)
+        return True
+
+    def of_round(self, topic: str, tag: str) -> list[ConsumerRecord[Any, Any]]:
+        prefix = tag.encode() + b"-"
+        return [r for r in self.records[topic] if r.key and r.key.startswith(prefix)]
+
+    def since(self, topic: str, timestamp_ms: int) -> list[ConsumerRecord[Any, Any]]:
+        return [r for r in self.records[topic] if r.timestamp >= timestamp_ms]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
