@@ -138,7 +138,7 @@ class ChaosConfig:
     messages: int = 20_000
     kills: int = 3
     seed: int = 7
-    distinct: int = 240
+    distinct: int = 150
     poison_rate: float = 0.03
     redis_outage_s: float = 10.0
     redis_outage: bool = True
@@ -511,7 +511,7 @@ class _Log:
     def __call__(self, message: str) -> None:
         line = f"[{time.monotonic() - self.clock0:7.1f}s] {message}"
         if self.console is not None:
-            self.console.log(line)
+            self.console.print(line, highlight=False)
         else:
             print(line, file=sys.stderr, flush=True)
 
@@ -524,7 +524,18 @@ async def run_chaos(config: ChaosConfig, console: Any | None = None) -> ChaosRep
     say = _Log(console, clock0)
     messages = build_messages(config.messages, config.distinct, config.poison_rate, config.seed)
     expected = {m.query_id for m in messages}
-    stack.start()
+    try:
+        stack.start()
+        report = await _run_on_stack(config, stack, say, clock0, messages, expected)
+    finally:
+        stack.stop()  # also on Ctrl-C: nothing the harness started may outlive it
+    report.logs = str(workdir)
+    return report
+
+
+async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock0: float,
+                        messages: list[ChaosMessage], expected: set[str]) -> ChaosReport:
+    workdir = stack.workdir
     say(f"stack up: tansu {stack.bootstrap} (s3 on :{stack.s3_port}), redis :{stack.redis_port}, logs {workdir}")
     run_id = f"{config.seed}-{os.getpid()}"
     settings = Settings(
@@ -600,14 +611,8 @@ async def run_chaos(config: ChaosConfig, console: Any | None = None) -> ChaosRep
     finally:
         worker.stop()
         await monitor.stop()
-    try:
-        records = await _read_all(settings, [settings.topic_parsed, settings.topic_dlq], monitor.records)
-    finally:
-        stack.stop()
-    wall_s = time.monotonic() - clock0
-    report = _summarize(config, messages, records, monitor, faults, worker, wall_s, settings)
-    report.logs = str(workdir)
-    return report
+    records = await _read_all(settings, [settings.topic_parsed, settings.topic_dlq], monitor.records)
+    return _summarize(config, messages, records, monitor, faults, worker, time.monotonic() - clock0, settings)
 
 
 def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[Any], monitor: OutputMonitor,

@@ -72,3 +72,64 @@ def engine(
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, plot)
+
+
+@app.command("pipeline")
+def pipeline(
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes: about 5 minutes instead of 15.")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", hidden=True, help="Smoke-test sizes (seconds, not minutes).")]
+    = False,
+    json_out: Annotated[Path, typer.Option("--json", help="Write the results here.")]
+    = Path("bench/results/pipeline.json"),
+    charts: Annotated[Path | None, typer.Option(help="Write PNG charts into this folder.")] = Path("bench/results"),
+    no_charts: Annotated[bool, typer.Option("--no-charts", help="Skip the PNG charts.")] = False,
+) -> None:
+    """End to end against a private tansu broker and the machine's Redis, each scenario next to its
+    reference: transport ceiling, model ceiling, Zipf replay, 1 vs 2 workers, batch knobs.
+
+    Example: qustream bench pipeline --quick
+    """
+    from bench.pipeline_bench import Plan, print_summary, run_pipeline_bench
+
+    plan = Plan.named("tiny" if tiny else "quick" if quick else "full")
+    results = run_pipeline_bench(plan, json_out, None if no_charts else charts)
+    print_summary(results)
+
+
+@app.command("chaos")
+def chaos(
+    messages: Annotated[int, typer.Option(help="Queries to produce (distinct ids chaos-0 … chaos-N-1).")] = 20_000,
+    kills: Annotated[int, typer.Option(help="Times the worker is killed with SIGKILL and restarted.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the input and of the fault schedule.")] = 7,
+    distinct: Annotated[int, typer.Option(help="Distinct furniture queries the input is drawn from.")] = 150,
+    poison_rate: Annotated[float, typer.Option(help="Share of poison messages (bad JSON, empty, bad UTF-8, "
+                                                    "over-long).")] = 0.03,
+    redis_outage: Annotated[float, typer.Option(help="Seconds the harness's Redis stays down; 0 = no outage.")]
+    = 10.0,
+    broker_restart: Annotated[bool, typer.Option(help="Kill -9 and restart the broker once.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Worker batch size.")] = 32,
+    timeout: Annotated[float, typer.Option(help="Give up waiting for output after this many seconds.")] = 1500.0,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results as JSON.")]
+    = Path("bench/results/chaos.json"),
+    workdir: Annotated[Path | None, typer.Option(help="Logs and data of the run (default: a temp folder).")] = None,
+) -> None:
+    """Fault injection on a private stack (tansu on S3 storage, redis-server, the real model): worker kill -9s,
+    a Redis outage, a broker kill -9; every message must come out parsed or dead-lettered, else exit 1.
+
+    Example: qustream bench chaos --messages 3000 --kills 3
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from bench.chaos import ChaosConfig, report_table, run_chaos, write_json
+
+    config = ChaosConfig(messages=messages, kills=kills, seed=seed, distinct=distinct, poison_rate=poison_rate,
+                         redis_outage_s=redis_outage, redis_outage=redis_outage > 0, broker_restart=broker_restart,
+                         batch_size=batch_size, timeout_s=timeout, workdir=workdir)
+    report = asyncio.run(run_chaos(config, Console(stderr=True)))
+    Console().print(report_table(report))
+    write_json(report, json_out)
+    Console(stderr=True).print(f"results: {json_out}  logs: {report.logs}")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -378,6 +378,8 @@ def reprocess_command(
         for member in exc.members:
             console.print(f"  member {member}")
         raise typer.Exit(EXIT_REFUSED) from exc
+    except typer.Exit:
+        raise  # click's Exit is a RuntimeError too
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

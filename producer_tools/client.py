@@ -101,7 +101,14 @@ class QueryClient:
 
     async def _read_replies(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=200)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker away: keep the reader alive, callers time out meanwhile
+                log.warning("query_client.read_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
             if not self._pending:
                 continue
             for tp, records in batches.items():

@@ -200,10 +200,10 @@ class LogReader:
             row = dict(zip(self.columns, cells, strict=True))
         else:
             row = {"query": text}
-        query_name, query = _pick(row, self.options.query_field if self.format != "text" else "query",
-                                  ["query", "0"] if not self.options.header else ["query"])
-        if query_name is None:
-            raise BadLine(f"no {self.options.query_field!r} field")
+        query_name = self.options.query_field if self.format != "text" else "query"
+        if query_name not in row or row[query_name] is None:
+            raise BadLine(f"no {query_name!r} field")
+        query = row[query_name]
         if not isinstance(query, str):
             raise BadLine(f"query is a {type(query).__name__}, not text")
         if not query.strip():

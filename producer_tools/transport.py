@@ -264,12 +264,18 @@ class KafkaSource:
         self.partitions: list[TopicPartition] = []
 
     async def start(self, *, from_end: bool) -> None:
-        await self.consumer.topics()  # refreshes metadata so partitions_for_topic answers
-        self.partitions = [
-            TopicPartition(name, partition)
-            for name in self.names
-            for partition in sorted(self.consumer.partitions_for_topic(name) or ())
-        ]
+        deadline = time.monotonic() + 5
+        while True:
+            # A topic created a moment ago can be missing from the first metadata answer.
+            await self.consumer._client.force_metadata_update()
+            self.partitions = [
+                TopicPartition(name, partition)
+                for name in self.names
+                for partition in sorted(self.consumer.partitions_for_topic(name) or ())
+            ]
+            if len({tp.topic for tp in self.partitions}) == len(set(self.names)) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         if not self.partitions:
             raise TransportUnavailable(f"topic(s) {', '.join(self.names)} do not exist on the broker")
         self.consumer.assign(self.partitions)
@@ -380,6 +386,11 @@ async def open_source(
     if settings.transport == "kafka":
         consumer = await start_kafka_consumer(settings, group_id=group)
         try:
+            from streams.topics import ensure_topics, topic_names
+
+            own = [name for name in resolved if name in topic_names(settings)]
+            if settings.create_topics and own:
+                await ensure_topics(settings, own)  # as the worker would: reading a fresh setup is not an error
             kafka_source = KafkaSource(consumer, resolved, group)
             await kafka_source.start(from_end=from_end)
             yield kafka_source

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -15,6 +17,20 @@ log = structlog.get_logger(__name__)
 
 def topic_names(settings: Settings) -> list[str]:
     return [settings.topic_input, settings.topic_parsed, settings.topic_metrics, settings.topic_dlq]
+
+
+async def ensure_topics_with_retry(settings: Settings, max_delay_s: float = 30.0) -> list[str]:
+    """``ensure_topics`` until the broker answers: a worker started before its broker waits, it does not exit."""
+    attempt = 0
+    while True:
+        try:
+            return await ensure_topics(settings)
+        except Exception as exc:
+            attempt += 1
+            delay = min(max_delay_s, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+            log.warning("topics.broker_unreachable", attempt=attempt, retry_in_s=round(delay, 1),
+                        error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(delay)
 
 
 async def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:

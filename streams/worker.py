@@ -15,7 +15,7 @@ from schemas.settings import Settings
 from streams.kafka_app import create_app
 from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics_with_retry
 from streams.web import start_web
 
 log = structlog.get_logger(__name__)
@@ -70,7 +70,7 @@ def run_worker(settings: Settings) -> None:
         asyncio.run(run_redis_worker(settings, runtime))
         return
     if settings.create_topics:
-        asyncio.run(ensure_topics(settings))
+        asyncio.run(ensure_topics_with_retry(settings))
     app = create_app(settings, runtime)
     worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
                           quiet=True)

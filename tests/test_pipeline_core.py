@@ -127,3 +127,17 @@ async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(
     assert degraded.metrics.cache_errors == 1
     for record in degraded.parsed:
         QueryParse.model_validate(json.loads(record.value)["parse"])
+
+
+class BrokenCache(ParseCache):
+    async def get_many(self, queries: list[str]) -> object:  # type: ignore[override]
+        raise ValueError("bug in a dependency")
+
+
+async def test_an_unexpected_error_dead_letters_the_batch_instead_of_raising() -> None:
+    pipeline = ParsePipeline(Settings(), ExplodingEngine("never"), BrokenCache(None, version="v", ttl_s=1))
+    outcome = await pipeline.process([message(b"oak table", 0), message(b"pine bed", 1)])
+    assert outcome.parsed == []
+    assert [record.value for record in outcome.dead_letters] == [b"oak table", b"pine bed"]
+    assert outcome.dead_letter_stages == ["output", "output"]
+    assert outcome.metrics.dead_lettered == outcome.metrics.size == 2

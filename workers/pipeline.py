@@ -174,6 +174,26 @@ class ParsePipeline:
         self.cache = cache
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
+        """Never raises: an unexpected error dead-letters the batch rather than stalling the partition."""
+        try:
+            return await self._process(batch)
+        except Exception as exc:
+            log.exception("batch.failed", size=len(batch))
+            return self._dead_letter_batch(batch, exc)
+
+    def _dead_letter_batch(self, batch: Sequence[InboundMessage], exc: Exception) -> BatchOutcome:
+        worker_id = self.settings.worker_id
+        reason = f"batch failed unexpectedly: {exc}"
+        dead = [dead_letter(message, "output", type(exc).__name__, reason, worker_id) for message in batch]
+        metrics = BatchMetricsEvent(
+            batch_id=uuid.uuid4().hex, worker_id=worker_id, ts=datetime.now(UTC), size=len(batch), valid=0, unique=0,
+            cache_hits=0, cache_misses=0, cache_errors=0, cache_available=self.cache.available, parsed=0, cached=0,
+            dead_lettered=len(dead), inference_ms=0.0, batch_ms=0.0, tokens_in=0, tokens_out=0,
+            model=self.engine.model_id,
+        )
+        return BatchOutcome([], dead, ["output"] * len(dead), metrics, [])
+
+    async def _process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         worker_id = self.settings.worker_id

@@ -1,0 +1,765 @@
+"""End-to-end pipeline benchmark: each scenario measured against its reference in the same run.
+
+Scenarios (``qustream bench pipeline``):
+
+- transport: every query already cached; reference = a plain aiokafka pass-through process.
+- model: no query cached; reference = the engine alone (``parse_batch``, same queries, same batch size).
+- zipf: open-loop Zipf replay from a cold cache; hit rate over time, latency, batch sizes, RSS.
+- scaling: 1 vs 2 worker processes in one group on a 4-partition topic.
+- knobs: burst queries/s and open-loop latency across batch size × linger.
+
+Throughput is always taken on the consumer side: first input produced → last output record
+(Kafka CreateTime of the output, stamped when the worker or pass-through sent it). References and
+qustream alternate round by round so load from other processes on a shared machine hits both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from bench.stack import Collector, Passthrough, Services, Worker
+from bench.workload import BenchQuery, expected_distinct, query_pool, zipf_ranks
+from schemas.settings import Settings
+from streams.kafka_io import make_producer
+from streams.topics import ensure_topics, topic_names
+from workers.cache import CachedParse, ParseCache, redis_client
+from workers.engine import ParseEngine
+
+log = structlog.get_logger(__name__)
+
+TRANSPORT_TARGET = 0.5
+MODEL_TARGET = 0.85
+
+
+@dataclass
+class Plan:
+    """Sizes of every scenario. ``full`` ≈ 15 minutes, ``quick`` ≈ 5, ``tiny`` is for the smoke test."""
+
+    name: str
+    batch_size: int = 32
+    linger_ms: int = 200
+    transport_rounds: int = 5
+    transport_messages: int = 20_000
+    model_rounds: int = 3
+    model_queries: int = 64
+    zipf_seconds: float = 180.0
+    zipf_rate: float = 5.0
+    zipf_universe: int = 5_000
+    zipf_exponent: float = 1.2
+    scaling_rounds: int = 3
+    scaling_uncached_rounds: int = 1
+    knob_sizes: list[int] = field(default_factory=lambda: [8, 32, 64])
+    knob_lingers: list[int] = field(default_factory=lambda: [50, 500])
+    knob_burst: int = 200
+    knob_seconds: float = 15.0
+    knob_rate: float = 10.0
+    knob_hit_rate: float = 0.9
+    drain_timeout_s: float = 300.0
+
+    @classmethod
+    def named(cls, name: str) -> Plan:
+        if name == "full":
+            return cls("full")
+        if name == "quick":
+            return cls("quick", transport_rounds=3, transport_messages=8_000, model_rounds=2, model_queries=32,
+                       zipf_seconds=60.0, scaling_rounds=2, knob_sizes=[8, 32], knob_lingers=[50, 500],
+                       knob_burst=100, knob_seconds=8.0, drain_timeout_s=180.0)
+        if name == "tiny":
+            return cls("tiny", transport_rounds=1, transport_messages=300, model_rounds=1, model_queries=8,
+                       zipf_seconds=6.0, zipf_rate=5.0, zipf_universe=200, scaling_rounds=1,
+                       scaling_uncached_rounds=1, knob_sizes=[8], knob_lingers=[50], knob_burst=20,
+                       knob_seconds=3.0, knob_rate=5.0, drain_timeout_s=120.0)
+        raise ValueError(f"unknown plan {name!r}: full, quick or tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class Pool:
+    """Hands out disjoint slices of one query pool, so no scenario sees another's cache entries."""
+
+    def __init__(self, size: int) -> None:
+        self._queries = query_pool(size)
+        self._next = 0
+
+    def take(self, count: int) -> list[BenchQuery]:
+        if self._next + count > len(self._queries):
+            raise ValueError("query pool exhausted; raise its size")
+        chunk = self._queries[self._next : self._next + count]
+        self._next += count
+        return chunk
+
+
+def _round_tag() -> str:
+    return "r" + uuid.uuid4().hex[:8]
+
+
+def _value(text: str, query_id: str) -> bytes:
+    return json.dumps({"query": text, "query_id": query_id, "ts": datetime.now(UTC).isoformat()}).encode()
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return float(ordered[index])
+
+
+def _spread(values: Sequence[float]) -> float:
+    """(max − min) / median: how far the rounds of one measurement disagree."""
+    return (max(values) - min(values)) / _median(values) if len(values) > 1 and _median(values) else 0.0
+
+
+async def prewarm_cache(settings: Settings, version: str, queries: Sequence[BenchQuery]) -> None:
+    """Write entries the way the worker would, so the worker's lookups hit."""
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value(), timeout_s=10.0), version=version,
+                       ttl_s=3600, prefix=settings.cache_prefix)
+    try:
+        items = list(queries)
+        for start in range(0, len(items), 2000):
+            chunk = {q.normalized: CachedParse(dict(q.parse), []) for q in items[start : start + 2000]}
+            if not await cache.set_many(chunk):
+                raise RuntimeError("could not write the cache (is Redis up?)")
+    finally:
+        await cache.close()
+
+
+async def drop_cache(redis_url: str, prefix: str) -> int:
+    client = redis_client(redis_url, timeout_s=10.0)
+    removed = 0
+    try:
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += await client.delete(*batch)
+                batch = []
+        if batch:
+            removed += await client.delete(*batch)
+    finally:
+        await client.aclose()
+    return removed
+
+
+async def produce_burst(producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery]) -> float:
+    """Send every query as fast as the client allows; returns the wall time of the first send."""
+    values = [(f"{tag}-{i}".encode(), _value(q.text, f"{tag}-{i}")) for i, q in enumerate(queries)]
+    started = time.time()
+    futures = [await producer.send(topic, value, key=key) for key, value in values]
+    await asyncio.gather(*futures)
+    return started
+
+
+async def produce_open_loop(
+    producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery], rate: float
+) -> float:
+    """Send at a fixed rate whatever the worker does (open loop), each stamped with its event time."""
+    started = time.time()
+    futures = []
+    for i, query in enumerate(queries):
+        delay = started + i / rate - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        futures.append(await producer.send(topic, _value(query.text, f"{tag}-{i}"), key=f"{tag}-{i}".encode()))
+    await asyncio.gather(*futures)
+    return started
+
+
+@dataclass
+class RoundResult:
+    count: int
+    seconds: float
+    qps: float
+    complete: bool
+
+
+def _round_result(
+    collector: Collector, topic: str, tag: str, count: int, started: float, complete: bool
+) -> RoundResult:
+    records = collector.of_round(topic, tag)
+    if not records:
+        return RoundResult(0, 0.0, 0.0, False)
+    finished = max(r.timestamp for r in records) / 1000
+    seconds = max(finished - started, 1e-3)
+    return RoundResult(len(records), seconds, len(records) / seconds, complete and len(records) >= count)
+
+
+def _parsed_events(collector: Collector, topic: str, tag: str) -> list[dict[str, Any]]:
+    return [json.loads(r.value) for r in collector.of_round(topic, tag)]
+
+
+def _latencies(events: Sequence[dict[str, Any]]) -> list[float]:
+    out = []
+    for event in events:
+        if event.get("event_ts"):
+            parsed = datetime.fromisoformat(event["parsed_ts"])
+            out.append((parsed - datetime.fromisoformat(event["event_ts"])).total_seconds())
+    return out
+
+
+def _latency_summary(latencies: Sequence[float]) -> dict[str, float]:
+    return {f"p{q}_s": round(_percentile(latencies, q), 4) for q in (50, 95, 99)} | {
+        "max_s": round(max(latencies), 4) if latencies else 0.0
+    }
+
+
+class RssSampler:
+    """Samples each live worker's resident memory once a second."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Worker] = {}
+        self.samples: list[tuple[float, str, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for name, worker in list(self.workers.items()):
+                rss = worker.rss_bytes()
+                if rss is not None:
+                    self.samples.append((time.time(), name, rss))
+            await asyncio.sleep(1.0)
+
+    def between(self, name: str, start: float, end: float) -> list[tuple[float, int]]:
+        return [(t, rss) for t, n, rss in self.samples if n == name and start <= t <= end]
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class PipelineBench:
+    def __init__(self, plan: Plan, workdir: Path, engine_factory: Callable[[Settings], ParseEngine] | None = None,
+                 echo: Callable[[str], None] = print) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.echo = echo
+        self._engine_factory = engine_factory
+        self.services: Services | None = None
+        self.engine: ParseEngine | None = None
+        self.rss = RssSampler()
+        self.pool = Pool(self._pool_size())
+        self._prefixes: list[str] = []
+        self._cached_queries: list[BenchQuery] = []
+
+    def _pool_size(self) -> int:
+        p = self.plan
+        knob_points = len(p.knob_sizes) * len(p.knob_lingers)
+        knob_queries = 200 + int((p.knob_burst + p.knob_seconds * p.knob_rate) * (1 - p.knob_hit_rate)) + 50
+        return (
+            p.transport_messages
+            + p.model_queries * (p.model_rounds + 1 + p.scaling_uncached_rounds)
+            + p.zipf_universe
+            + knob_points * knob_queries
+            + 1_000
+        )
+
+    def _settings(self, name: str, **overrides: Any) -> Settings:
+        assert self.services is not None
+        settings = self.services.settings(name, **overrides)
+        self._prefixes.append(settings.cache_prefix)
+        return settings
+
+    def _worker(self, name: str, settings: Settings) -> Worker:
+        worker = Worker(name, settings, self.workdir / f"{name}.log")
+        self.rss.workers[name] = worker
+        return worker
+
+    def _stop_worker(self, worker: Worker) -> None:
+        self.rss.workers.pop(worker.name, None)
+        worker.stop()
+
+    async def run(self) -> dict[str, Any]:
+        began = time.time()
+        load_before = os.getloadavg()
+        self.services = Services(self.workdir)
+        self.rss.start()
+        try:
+            results = await self._run_all()
+        finally:
+            self.rss.stop()
+            for prefix in self._prefixes:
+                await drop_cache(self.services.redis_url, prefix)
+            self.services.close()
+        results["meta"] = self._meta(began, load_before)
+        return results
+
+    async def _run_all(self) -> dict[str, Any]:
+        p = self.plan
+        assert self.services is not None
+        main = self._settings("main", batch_size=p.batch_size, batch_linger_ms=p.linger_ms)
+        await ensure_topics(main)
+        worker = self._worker("worker-1", main)
+        reference_topics = [f"{main.topic_input}.pt-in", f"{main.topic_input}.pt-out"]
+        await ensure_topics(main, reference_topics)
+        passthrough = Passthrough(self.services.bootstrap, reference_topics[0], reference_topics[1],
+                                  self.workdir / "passthrough.log")
+        collector = Collector(main, [main.topic_parsed, main.topic_metrics, reference_topics[1]])
+        await collector.start()
+        producer = make_producer(main)
+        await producer.start()
+        try:
+            # The engine loads here while the worker loads its own copy: both are set-up time.
+            self.echo("loading the engine reference and starting the worker")
+            self.engine = await asyncio.to_thread(self._build_engine, main)
+            await worker.wait_ready(partitions=main.partitions)
+            await passthrough.wait_ready()
+            results: dict[str, Any] = {}
+            results["transport"] = await self._transport(main, producer, collector, reference_topics)
+            passthrough.stop()
+            results["model"] = await self._model(main, producer, collector)
+            results["zipf"] = await self._zipf(main, producer, collector, worker)
+            results["scaling"] = await self._scaling(main, producer, collector, worker, results)
+        finally:
+            await producer.stop()
+            await collector.stop()
+            passthrough.stop()
+            self._stop_worker(worker)
+        results["knobs"] = await self._knobs()
+        results["worker_rss"] = {
+            name: round(max(rss for _, n, rss in self.rss.samples if n == name) / 2**20, 1)
+            for name in sorted({n for _, n, _ in self.rss.samples})
+        }
+        return results
+
+    def _build_engine(self, settings: Settings) -> ParseEngine:
+        if self._engine_factory is not None:
+            return self._engine_factory(settings)
+        from workers.engine import build_engine
+
+        engine = build_engine(settings)
+        engine.warm_up()
+        return engine
+
+    # --- transport ceiling --------------------------------------------------------------------
+    async def _transport(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
+                         reference_topics: list[str]) -> dict[str, Any]:
+        p = self.plan
+        assert self.engine is not None
+        queries = self._cached_queries = self.pool.take(p.transport_messages)
+        await prewarm_cache(settings, self.engine.version, queries)
+        self.echo(f"transport ceiling: {p.transport_rounds} rounds × {p.transport_messages} cached queries")
+        # One small unmeasured round each, so connections and code paths are warm for round 1.
+        warm = queries[: min(500, len(queries))]
+        for topic, out in ((settings.topic_input, settings.topic_parsed), (reference_topics[0], reference_topics[1])):
+            tag = _round_tag()
+            await produce_burst(producer, topic, tag, warm)
+            await collector.wait(out, tag, len(warm), p.drain_timeout_s)
+        rounds = []
+        for index in range(p.transport_rounds):
+            order = ["qustream", "reference"] if index % 2 == 0 else ["reference", "qustream"]
+            row: dict[str, Any] = {}
+            for which in order:
+                topic, out = ((settings.topic_input, settings.topic_parsed) if which == "qustream"
+                              else (reference_topics[0], reference_topics[1]))
+                tag = _round_tag()
+                started = await produce_burst(producer, topic, tag, queries)
+                complete = await collector.wait(out, tag, len(queries), p.drain_timeout_s)
+                result = _round_result(collector, out, tag, len(queries), started, complete)
+                if which == "qustream":
+                    events = _parsed_events(collector, out, tag)
+                    row["qustream_all_cached"] = all(e["cached"] for e in events)
+                row[f"{which}_qps"] = round(result.qps, 1)
+                row[f"{which}_complete"] = result.complete
+            row["ratio"] = round(row["qustream_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
+            rounds.append(row)
+            self.echo(f"  round {index + 1}: qustream {row['qustream_qps']:.0f} q/s, "
+                      f"pass-through {row['reference_qps']:.0f} q/s, ratio {row['ratio']:.2f}")
+        return self._ceiling_summary(rounds, TRANSPORT_TARGET, messages=len(queries),
+                                     reference="aiokafka consume → produce pass-through process, same broker")
+
+    @staticmethod
+    def _ceiling_summary(rounds: list[dict[str, Any]], target: float, **extra: Any) -> dict[str, Any]:
+        ratios = [r["ratio"] for r in rounds]
+        ratio = _median(ratios)
+        return {
+            **extra,
+            "rounds": rounds,
+            "qustream_qps": round(_median([r["qustream_qps"] for r in rounds]), 2),
+            "reference_qps": round(_median([r["reference_qps"] for r in rounds]), 2),
+            "ratio": round(ratio, 4),
+            "ratio_spread": round(_spread(ratios), 4),
+            "target": target,
+            "met": ratio >= target,
+        }
+
+    # --- model ceiling ------------------------------------------------------------------------
+    async def _model(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector) -> dict[str, Any]:
+        p = self.plan
+        engine = self.engine
+        assert engine is not None
+        self.echo(f"model ceiling: {p.model_rounds} rounds × {p.model_queries} uncached queries, "
+                  f"batch {settings.batch_size}")
+        rounds = []
+        for index in range(p.model_rounds):
+            queries = self.pool.take(p.model_queries)
+            order = ["qustream", "reference"] if index % 2 == 0 else ["reference", "qustream"]
+            row: dict[str, Any] = {}
+            for which in order:
+                if which == "reference":
+                    normalized = [q.normalized for q in queries]
+                    size = settings.batch_size
+                    started = time.perf_counter()
+                    for start in range(0, len(normalized), size):
+                        await asyncio.to_thread(engine.parse_batch, normalized[start : start + size])
+                    row["reference_qps"] = round(len(queries) / (time.perf_counter() - started), 3)
+                    continue
+                tag = _round_tag()
+                began = await produce_burst(producer, settings.topic_input, tag, queries)
+                complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
+                result = _round_result(collector, settings.topic_parsed, tag, len(queries), began, complete)
+                events = _parsed_events(collector, settings.topic_parsed, tag)
+                row["qustream_qps"] = round(result.qps, 3)
+                row["qustream_complete"] = result.complete
+                row["qustream_uncached"] = sum(1 for e in events if not e["cached"])
+                batches = [json.loads(r.value) for r in collector.since(settings.topic_metrics, int(began * 1000))]
+                row["qustream_batch_sizes"] = [b["size"] for b in batches if b["cache_misses"]]
+            row["ratio"] = round(row["qustream_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
+            rounds.append(row)
+            self.echo(f"  round {index + 1}: qustream {row['qustream_qps']:.2f} q/s, "
+                      f"engine alone {row['reference_qps']:.2f} q/s, ratio {row['ratio']:.2f}")
+        return self._ceiling_summary(rounds, MODEL_TARGET, queries_per_round=p.model_queries,
+                                     batch_size=settings.batch_size,
+                                     reference="engine.parse_batch alone, same queries and batch size, in-process")
+
+    # --- Zipf replay ----------------------------------------------------------------------------
+    async def _zipf(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
+                    worker: Worker) -> dict[str, Any]:
+        p = self.plan
+        universe = self.pool.take(p.zipf_universe)
+        count = int(p.zipf_seconds * p.zipf_rate)
+        ranks = zipf_ranks(count, p.zipf_universe, p.zipf_exponent, seed=7)
+        stream = [universe[r] for r in ranks]
+        self.echo(f"zipf replay: {count} queries at {p.zipf_rate}/s over {p.zipf_seconds:.0f} s "
+                  f"(s={p.zipf_exponent}, universe {p.zipf_universe}, cold cache)")
+        tag = _round_tag()
+        began = await produce_open_loop(producer, settings.topic_input, tag, stream, p.zipf_rate)
+        complete = await collector.wait(settings.topic_parsed, tag, count, p.drain_timeout_s)
+        finished = time.time()
+        result = _round_result(collector, settings.topic_parsed, tag, count, began, complete)
+        events = _parsed_events(collector, settings.topic_parsed, tag)
+        latencies = _latencies(events)
+        batches = [json.loads(r.value) for r in collector.since(settings.topic_metrics, int(began * 1000))]
+        sizes = [b["size"] for b in batches]
+        # Windows by event time: hit rate as the traffic saw it, throughput as the worker delivered it.
+        window = max(5.0, p.zipf_seconds / 18)
+        timeline = []
+        for k in range(int(p.zipf_seconds / window + 0.999)):
+            lo, hi = began + k * window, began + (k + 1) * window
+            in_window = [e for e in events if lo <= datetime.fromisoformat(e["event_ts"]).timestamp() < hi]
+            done = [e for e in events if lo <= datetime.fromisoformat(e["parsed_ts"]).timestamp() < hi]
+            window_latencies = _latencies(in_window)
+            timeline.append({
+                "t_s": round(k * window, 1),
+                "events": len(in_window),
+                "hit_rate": round(sum(e["cached"] for e in in_window) / len(in_window), 4) if in_window else None,
+                "parsed_qps": round(len(done) / window, 3),
+                "p50_s": round(_percentile(window_latencies, 50), 3),
+                "p95_s": round(_percentile(window_latencies, 95), 3),
+            })
+        half = [e for e in events if datetime.fromisoformat(e["event_ts"]).timestamp() >= began + p.zipf_seconds / 2]
+        rss = self.rss.between(worker.name, began, finished)
+        return {
+            "queries": count,
+            "parsed": len(events),
+            "complete": result.complete,
+            "offered_qps": p.zipf_rate,
+            "qps": round(result.qps, 3),
+            "seconds": round(result.seconds, 2),
+            "exponent": p.zipf_exponent,
+            "universe": p.zipf_universe,
+            "distinct": len({q.normalized for q in stream}),
+            "expected_distinct": round(expected_distinct(count, p.zipf_universe, p.zipf_exponent), 1),
+            "hit_rate": round(sum(e["cached"] for e in events) / len(events), 4) if events else 0.0,
+            "hit_rate_second_half": round(sum(e["cached"] for e in half) / len(half), 4) if half else 0.0,
+            "latency": _latency_summary(latencies),
+            "latency_second_half": _latency_summary(_latencies(half)),
+            "timeline": timeline,
+            "batch_sizes": {
+                "count": len(sizes),
+                "mean": round(statistics.fmean(sizes), 2) if sizes else 0.0,
+                "p50": _percentile(sizes, 50),
+                "p95": _percentile(sizes, 95),
+                "max": max(sizes) if sizes else 0,
+                "histogram": _histogram(sizes, settings.batch_size),
+            },
+            "worker_rss_mib": {
+                "start": round(rss[0][1] / 2**20, 1) if rss else None,
+                "end": round(rss[-1][1] / 2**20, 1) if rss else None,
+                "max": round(max(r for _, r in rss) / 2**20, 1) if rss else None,
+                "series": [(round(t - began, 1), round(r / 2**20, 1)) for t, r in rss[:: max(1, len(rss) // 60)]],
+            },
+        }
+
+    # --- scaling --------------------------------------------------------------------------------
+    async def _scaling(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
+                       first: Worker, results: dict[str, Any]) -> dict[str, Any]:
+        p = self.plan
+        self.echo("scaling: a second worker joins the group (4 partitions, 2 cores)")
+        assert self.engine is not None
+        second_settings = settings.model_copy(update={"web_port": _free_port(), "worker_id": settings.worker_id + "-2"})
+        second = self._worker("worker-2", second_settings)
+        try:
+            await second.wait_ready()
+            # A rebalance follows the join; measure only once each worker holds two partitions.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                shares = [(await asyncio.to_thread(w.readiness))[1].get("partitions") for w in (first, second)]
+                if shares == [2, 2]:
+                    break
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(1.0)
+            cached = self._cached_queries
+            cached_rounds = []
+            for _ in range(p.scaling_rounds):
+                tag = _round_tag()
+                started = await produce_burst(producer, settings.topic_input, tag, cached)
+                complete = await collector.wait(settings.topic_parsed, tag, len(cached), p.drain_timeout_s)
+                cached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(cached), started,
+                                                   complete).qps)
+            uncached_rounds = []
+            for _ in range(p.scaling_uncached_rounds):
+                queries = self.pool.take(p.model_queries)
+                tag = _round_tag()
+                started = await produce_burst(producer, settings.topic_input, tag, queries)
+                complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
+                uncached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(queries), started,
+                                                     complete).qps)
+        finally:
+            self._stop_worker(second)
+        one_cached = results["transport"]["qustream_qps"]
+        one_uncached = results["model"]["qustream_qps"]
+        two_cached, two_uncached = _median(cached_rounds), _median(uncached_rounds)
+        self.echo(f"  cached: 1 worker {one_cached:.0f} q/s, 2 workers {two_cached:.0f} q/s; "
+                  f"uncached: 1 worker {one_uncached:.2f} q/s, 2 workers {two_uncached:.2f} q/s")
+        return {
+            "partitions": settings.partitions,
+            "cores": os.cpu_count(),
+            "cached": {"1": one_cached, "2": round(two_cached, 2), "rounds_2": [round(v, 1) for v in cached_rounds],
+                       "speedup": round(two_cached / one_cached, 3) if one_cached else 0.0},
+            "uncached": {"1": one_uncached, "2": round(two_uncached, 3),
+                         "rounds_2": [round(v, 3) for v in uncached_rounds],
+                         "speedup": round(two_uncached / one_uncached, 3) if one_uncached else 0.0},
+            "note": "1-worker figures are the transport and model scenarios' medians (same worker, same sizes)",
+        }
+
+    # --- batch knobs ------------------------------------------------------------------------------
+    async def _knobs(self) -> list[dict[str, Any]]:
+        p = self.plan
+        assert self.engine is not None
+        points = [(size, linger) for size in p.knob_sizes for linger in p.knob_lingers]
+        self.echo(f"batch knobs: {len(points)} points (burst of {p.knob_burst}, then {p.knob_rate}/s for "
+                  f"{p.knob_seconds:.0f} s; {p.knob_hit_rate:.0%} cached)")
+        rows = []
+        for size, linger in points:
+            settings = self._settings(f"k{size}x{linger}", batch_size=size, batch_linger_ms=linger)
+            head = self.pool.take(200)
+            await prewarm_cache(settings, self.engine.version, head)
+            burst = self._mixed(head, p.knob_burst)
+            steady = self._mixed(head, int(p.knob_seconds * p.knob_rate))
+            await ensure_topics(settings, topic_names(settings))
+            worker = self._worker(f"worker-k{size}x{linger}", settings)
+            collector = Collector(settings, [settings.topic_parsed, settings.topic_metrics])
+            await collector.start()
+            producer = make_producer(settings)
+            await producer.start()
+            try:
+                await worker.wait_ready(partitions=settings.partitions)
+                tag = _round_tag()
+                started = await produce_burst(producer, settings.topic_input, tag, burst)
+                complete = await collector.wait(settings.topic_parsed, tag, len(burst), p.drain_timeout_s)
+                burst_result = _round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
+                tag = _round_tag()
+                await produce_open_loop(producer, settings.topic_input, tag, steady, p.knob_rate)
+                steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady), p.drain_timeout_s)
+                latencies = _latencies(_parsed_events(collector, settings.topic_parsed, tag))
+            finally:
+                await producer.stop()
+                await collector.stop()
+                self._stop_worker(worker)
+            row = {
+                "batch_size": size,
+                "batch_linger_ms": linger,
+                "burst_qps": round(burst_result.qps, 2),
+                "burst_complete": burst_result.complete,
+                "steady_complete": steady_complete,
+                **_latency_summary(latencies),
+            }
+            rows.append(row)
+            self.echo(f"  batch {size:>3} linger {linger:>4} ms: burst {row['burst_qps']:.1f} q/s, "
+                      f"p95 {row['p95_s']:.2f} s at {p.knob_rate}/s")
+        return rows
+
+    def _mixed(self, head: list[BenchQuery], count: int) -> list[BenchQuery]:
+        """``knob_hit_rate`` of the messages from the (cached) head, the rest never seen before."""
+        fresh = iter(self.pool.take(int(count * (1 - self.plan.knob_hit_rate)) + 1))
+        out = []
+        rng_state = 0
+        for i in range(count):
+            # A fixed interleave rather than random draws keeps points of the sweep comparable.
+            if (i + 1) * (1 - self.plan.knob_hit_rate) >= rng_state + 1:
+                rng_state += 1
+                out.append(next(fresh))
+            else:
+                out.append(head[(i * 7919) % len(head)])
+        return out
+
+    # --- metadata -----------------------------------------------------------------------------------
+    def _meta(self, began: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
+        import psutil
+        import torch
+
+        cpu = platform.processor() or ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return {
+            "plan": asdict(self.plan),
+            "started": datetime.fromtimestamp(began, UTC).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - began, 1),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+            "machine": {
+                "cpu": cpu,
+                "cores": os.cpu_count(),
+                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                "gpu": None,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "os": platform.platform(),
+            },
+            "model": getattr(self.engine, "model_id", None),
+            "engine_version": getattr(self.engine, "version", None),
+            "broker": "tansu 0.6 (memory storage), private instance",
+            "not_measured": ["GPU (no GPU on this machine)", "Apache Kafka (tansu only)",
+                             "multi-host scaling", "Redis Streams transport"],
+        }
+
+
+def _free_port() -> int:
+    from streams.local_stack import free_port
+
+    return free_port()
+
+
+def _histogram(sizes: Sequence[int], batch_size: int) -> dict[str, int]:
+    edges = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, batch_size})
+    edges = [e for e in edges if e <= batch_size]
+    counts: dict[str, int] = {}
+    low = 1
+    for edge in edges:
+        label = f"{low}" if low == edge else f"{low}-{edge}"
+        counts[label] = sum(1 for s in sizes if low <= s <= edge)
+        low = edge + 1
+    return counts
+
+
+def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
+                       echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every scenario, write the JSON (and charts), return the results."""
+    with tempfile.TemporaryDirectory(prefix="qustream-bench-") as workdir:
+        bench = PipelineBench(plan, Path(workdir), echo=echo)
+        try:
+            results = asyncio.run(bench.run())
+        except BaseException:
+            _dump_logs(Path(workdir), echo)
+            raise
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if charts_dir is not None:
+        from bench.pipeline_charts import write_charts
+
+        results["meta"]["charts"] = [str(path) for path in write_charts(results, charts_dir)]
+        output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def _dump_logs(workdir: Path, echo: Callable[[str], None]) -> None:
+    for path in sorted(workdir.glob("*.log")):
+        echo(f"--- {path.name} (tail)\n{path.read_text(errors='replace')[-2000:]}")
+
+
+def iter_table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str, str]]:
+    """(scenario, qustream, reference, ratio, target) rows for the summary table."""
+    for name, unit in (("transport", "q/s"), ("model", "q/s")):
+        section = results[name]
+        yield (
+            f"{name} ceiling",
+            f"{section['qustream_qps']:,.2f} {unit}",
+            f"{section['reference_qps']:,.2f} {unit}",
+            f"{section['ratio']:.0%} (±{section['ratio_spread'] / 2:.0%})",
+            f"≥ {section['target']:.0%}: {'met' if section['met'] else 'missed'}",
+        )
+    zipf = results["zipf"]
+    yield (
+        "zipf replay",
+        f"{zipf['qps']:.2f} q/s, hit {zipf['hit_rate']:.0%} (2nd half {zipf['hit_rate_second_half']:.0%})",
+        f"offered {zipf['offered_qps']} q/s",
+        f"p50/p95/p99 {zipf['latency']['p50_s']:.2f}/{zipf['latency']['p95_s']:.2f}/"
+        f"{zipf['latency']['p99_s']:.2f} s",
+        f"RSS max {zipf['worker_rss_mib']['max']} MiB",
+    )
+    scaling = results["scaling"]
+    for kind in ("cached", "uncached"):
+        yield (
+            f"scaling {kind}",
+            f"2 workers {scaling[kind]['2']:,.2f} q/s",
+            f"1 worker {scaling[kind]['1']:,.2f} q/s",
+            f"×{scaling[kind]['speedup']:.2f}",
+            f"{scaling['partitions']} partitions, {scaling['cores']} cores",
+        )
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    meta = results["meta"]
+    machine = meta["machine"]
+    table = Table(title=f"qustream bench pipeline ({meta['plan']['name']}) · {machine['cores']} cores · "
+                  f"{machine['cpu']} · load {meta['load_average_before'][0]}→{meta['load_average_after'][0]}")
+    for column in ("scenario", "qustream", "reference", "ratio / latency", "target / notes"):
+        table.add_column(column)
+    for row in iter_table_rows(results):
+        table.add_row(*row)
+    knobs = Table(title="batch knobs (burst 90 % cached; latency at a steady rate)")
+    for column in ("batch size", "linger ms", "burst q/s", "p50 s", "p95 s", "p99 s"):
+        knobs.add_column(column, justify="right")
+    for row in results["knobs"]:
+        knobs.add_row(str(row["batch_size"]), str(row["batch_linger_ms"]), f"{row['burst_qps']:.2f}",
+                      f"{row['p50_s']:.2f}", f"{row['p95_s']:.2f}", f"{row['p99_s']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(knobs)

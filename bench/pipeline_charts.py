@@ -1,0 +1,101 @@
+"""PNG charts of a pipeline benchmark result (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write_charts(results: dict[str, Any], directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    # 1. Ceilings: each scenario next to its reference, and the ratio against the target.
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name, title in ((axes[0], "transport", "all cached (transport ceiling)"),
+                            (axes[1], "model", "none cached (model ceiling)")):
+        section = results[name]
+        reference = "aiokafka pass-through" if name == "transport" else "engine alone"
+        bars = ax.bar(["qustream", reference], [section["qustream_qps"], section["reference_qps"]],
+                      color=["#2b6cb0", "#a0aec0"])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.axhline(section["reference_qps"] * section["target"], color="#c53030", linestyle="--", linewidth=1,
+                   label=f"target {section['target']:.0%} of reference")
+        ax.set_title(f"{title}: {section['ratio']:.0%}")
+        ax.set_ylabel("queries/s (median of rounds)")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, directory / "pipeline_ceilings.png", plt))
+
+    # 2. Zipf replay over time.
+    zipf = results["zipf"]
+    timeline = zipf["timeline"]
+    t = [row["t_s"] for row in timeline]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    axes[0][0].plot(t, [row["hit_rate"] or 0 for row in timeline], marker="o")
+    axes[0][0].set_ylim(0, 1)
+    axes[0][0].set_title(f"cache hit rate (overall {zipf['hit_rate']:.0%})")
+    axes[0][0].set_xlabel("event time, s")
+    axes[0][1].plot(t, [row["parsed_qps"] for row in timeline], marker="o", label="parsed")
+    axes[0][1].axhline(zipf["offered_qps"], color="#a0aec0", linestyle="--", label="offered")
+    axes[0][1].set_title("queries/s")
+    axes[0][1].set_xlabel("parsed time, s")
+    axes[0][1].legend(fontsize=8)
+    axes[1][0].plot(t, [row["p50_s"] for row in timeline], marker="o", label="p50")
+    axes[1][0].plot(t, [row["p95_s"] for row in timeline], marker="o", label="p95")
+    latency = zipf["latency"]
+    axes[1][0].set_title(f"end-to-end latency (all: p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s, "
+                         f"p99 {latency['p99_s']:.2f} s)", fontsize=9)
+    axes[1][0].set_xlabel("event time, s")
+    axes[1][0].set_ylabel("s")
+    axes[1][0].legend(fontsize=8)
+    histogram = zipf["batch_sizes"]["histogram"]
+    axes[1][1].bar(list(histogram), list(histogram.values()), color="#2b6cb0")
+    axes[1][1].set_title(f"batch sizes (mean {zipf['batch_sizes']['mean']}); worker RSS max "
+                         f"{zipf['worker_rss_mib']['max']} MiB", fontsize=9)
+    axes[1][1].set_xlabel("messages per batch")
+    fig.suptitle(f"Zipf replay: s={zipf['exponent']}, {zipf['queries']} queries at {zipf['offered_qps']}/s, cold cache")
+    fig.tight_layout()
+    written.append(_save(fig, directory / "pipeline_zipf.png", plt))
+
+    # 3. Batch knobs.
+    knobs = results["knobs"]
+    lingers = sorted({row["batch_linger_ms"] for row in knobs})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for linger in lingers:
+        rows = sorted((r for r in knobs if r["batch_linger_ms"] == linger), key=lambda r: r["batch_size"])
+        sizes = [r["batch_size"] for r in rows]
+        axes[0].plot(sizes, [r["burst_qps"] for r in rows], marker="o", label=f"linger {linger} ms")
+        axes[1].plot(sizes, [r["p95_s"] for r in rows], marker="o", label=f"linger {linger} ms")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.legend(fontsize=8)
+    axes[0].set_title("burst throughput (90 % cached), q/s")
+    axes[1].set_title("p95 end-to-end latency at a steady rate, s")
+    fig.tight_layout()
+    written.append(_save(fig, directory / "pipeline_knobs.png", plt))
+
+    # 4. Scaling.
+    scaling = results["scaling"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, kind in zip(axes, ("cached", "uncached"), strict=True):
+        bars = ax.bar(["1 worker", "2 workers"], [scaling[kind]["1"], scaling[kind]["2"]], color="#2b6cb0")
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(f"{kind}: ×{scaling[kind]['speedup']:.2f}")
+        ax.set_ylabel("queries/s")
+    fig.suptitle(f"{scaling['partitions']} partitions, {scaling['cores']} cores")
+    fig.tight_layout()
+    written.append(_save(fig, directory / "pipeline_scaling.png", plt))
+    return written
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

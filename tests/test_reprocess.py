@@ -1,0 +1,83 @@
+"""``qustream reprocess``: refuses while the worker group runs; moved offsets make a worker parse history again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiokafka import TopicPartition
+
+from producer_tools.reprocess import GroupActive, reprocess
+from producer_tools.transport import open_sink, start_kafka_consumer
+from schemas.settings import Settings
+from tests.support import REPO, WorkerProcess, read_topic
+
+QUERIES = ["red wooden sofa", "bar stool", "walnut desk", "grey sectional", "oak dining table", "bar stool"]
+
+
+async def send(settings: Settings, prefix: str, timestamp_ms: int | None = None) -> list[str]:
+    ids = []
+    async with open_sink(settings) as sink:
+        for n, query in enumerate(QUERIES):
+            query_id = f"{prefix}-{n}"
+            ids.append(query_id)
+            await sink.send(query_id.encode(), json.dumps({"query": query, "query_id": query_id}).encode(), None,
+                            timestamp_ms)
+    return ids
+
+
+async def committed(settings: Settings) -> dict[int, int | None]:
+    consumer = await start_kafka_consumer(settings, group_id=settings.app_id)
+    try:
+        tps = [TopicPartition(settings.topic_input, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        return {tp.partition: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.e2e
+async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    hour_ago = int((datetime.now(UTC) - timedelta(hours=3)).timestamp() * 1000)
+    old_ids = await send(settings, "old", timestamp_ms=hour_ago)  # before --since: must not come back
+    worker = WorkerProcess(settings, tmp_path / "worker1.log")
+    try:
+        worker.wait_ready(timeout_s=240)
+        recent_ids = await send(settings, "recent")
+        first = await read_topic(settings, settings.topic_parsed, until=12, timeout_s=180)
+        assert sorted(json.loads(r.value)["query_id"] for r in first) == sorted(old_ids + recent_ids)
+        with pytest.raises(GroupActive) as refused:
+            await reprocess(settings, datetime.now(UTC) - timedelta(hours=1))
+        assert refused.value.members
+    finally:
+        worker.stop()
+    before = await committed(settings)
+    assert sum(offset or 0 for offset in before.values()) == 12  # Faust committed the whole input
+
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    result = subprocess.run([sys.executable, "-m", "streams.cli", "reprocess", "--since", since, "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    moves = json.loads(result.stdout.strip().splitlines()[-1])["moves"]
+    assert sum(move["to_reparse"] for move in moves) == 6
+    after = await committed(settings)
+    assert sum(before[p] - after[p] for p in after) == 6  # type: ignore[operator]
+
+    worker = WorkerProcess(settings, tmp_path / "worker2.log")
+    try:
+        worker.wait_ready(timeout_s=240)
+        everything = await read_topic(settings, settings.topic_parsed, until=18, timeout_s=180)
+        ids = [json.loads(r.value)["query_id"] for r in everything]
+        assert sorted(ids) == sorted(old_ids + recent_ids * 2), worker.log_tail()
+    finally:
+        worker.stop()
