@@ -46,7 +46,7 @@ from rich.table import Table
 from schemas.events import DeadLetterReason
 from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer, make_producer
-from streams.local_stack import StartedProcess, free_port, spawn, stop_process, tansu_command
+from streams.local_stack import free_port, port_open, tansu_command
 from streams.topics import ensure_topics
 from workers.normalize import normalize_query
 
@@ -145,8 +145,8 @@ class ChaosConfig:
     broker_restart: bool = True
     partitions: int = 4
     batch_size: int = 32
-    #: Faults fire when this share of the produced ids has come out, drawn uniformly in the range.
-    fault_window: tuple[float, float] = (0.08, 0.85)
+    #: A fault fires when this share of its input segment has come out, drawn uniformly in the range.
+    fault_window: tuple[float, float] = (0.2, 0.8)
     timeout_s: float = 1500.0
     workdir: Path | None = None
 
@@ -160,8 +160,8 @@ class FaultRecord:
     duration_s: float = 0.0  # how long the component stayed down (what the harness controlled)
     recovery_s: float | None = None  # fault → first output record a consumer could read after it
     first_new_id_s: float | None = None  # fault → first output of an id not seen before
-    outputs_during_s: int = 0  # output records seen while the component was down
-    note: str = ""
+    outputs_during_s: int = 0  # output records the worker created while the component was down
+    queued_ids: int = 0  # produced ids not out yet when the fault fired
 
 
 @dataclass
@@ -188,6 +188,7 @@ class ChaosReport:
     worker_starts: int
     unexpected_exits: list[str]
     faults: list[FaultRecord]
+    worker_startups: list[dict[str, Any]] = field(default_factory=list)
     lost_ids_sample: list[str] = field(default_factory=list)
     dlq_by_class: dict[str, int] = field(default_factory=dict)
     logs: str = ""
@@ -215,19 +216,48 @@ def _moto_command(port: int) -> list[str]:
     return [server, "-H", "127.0.0.1", "-p", str(port)]
 
 
-def _kill9(started: StartedProcess) -> None:
-    """SIGKILL the process group we started (no grace: that is the fault), then reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(started.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(started.pid, os.WNOHANG)
-        except ChildProcessError:
-            return  # already reaped (by subprocess' own bookkeeping)
-        if pid:
-            return
-        time.sleep(0.02)
+@dataclass
+class Service:
+    """A server the harness started. Stopped through its own Popen handle, never by pid lookup or
+    name: redis-server rewrites its command line ("redis-server 127.0.0.1:PORT"), so checking
+    /proc/PID/cmdline against the command we ran does not recognise it (see docs/guarantees.md)."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def kill9(self) -> None:
+        """SIGKILL, no grace: that is the fault being injected."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(15)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def _start_service(name: str, command: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None,
+                   timeout_s: float = 30.0) -> Service:
+    if port_open("127.0.0.1", port):
+        # Something else holds the port (e.g. the previous instance not gone yet): starting now
+        # would "succeed" against the wrong server.
+        raise RuntimeError(f"{name}: port {port} is already in use")
+    with (log_dir / f"{name}.log").open("ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **(env or {})})
+    service = Service(name, port, process)
+    deadline = time.monotonic() + timeout_s
+    while not port_open("127.0.0.1", port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            service.kill9()
+            raise RuntimeError(f"{name} did not start (rc={process.returncode}); see {log_dir / f'{name}.log'}")
+        time.sleep(0.05)
+    return service
 
 
 class ChaosStack:
@@ -239,9 +269,9 @@ class ChaosStack:
         self.kafka_port = free_port()
         self.redis_port = free_port()
         self.bucket = "qustream-chaos"
-        self.moto: StartedProcess | None = None
-        self.tansu: StartedProcess | None = None
-        self.redis: StartedProcess | None = None
+        self.moto: Service | None = None
+        self.tansu: Service | None = None
+        self.redis: Service | None = None
         self.broker_starts = 0
 
     @property
@@ -262,7 +292,7 @@ class ChaosStack:
         }
 
     def start(self) -> None:
-        self.moto = spawn("moto", _moto_command(self.s3_port), self.s3_port, self.workdir)
+        self.moto = _start_service("moto", _moto_command(self.s3_port), self.s3_port, self.workdir)
         request = urllib.request.Request(f"http://127.0.0.1:{self.s3_port}/{self.bucket}", method="PUT")
         deadline = time.monotonic() + 30
         while True:  # moto's port opens before its app answers on a slow machine
@@ -279,11 +309,11 @@ class ChaosStack:
     def start_broker(self) -> None:
         self.broker_starts += 1
         command = tansu_command(self.kafka_port, f"s3://{self.bucket}/")
-        self.tansu = spawn("tansu", command, self.kafka_port, self.workdir, env=self._s3_env())
+        self.tansu = _start_service("tansu", command, self.kafka_port, self.workdir, env=self._s3_env())
 
     def kill_broker(self) -> None:
         assert self.tansu is not None
-        _kill9(self.tansu)
+        self.tansu.kill9()
         self.tansu = None
 
     def start_redis(self) -> None:
@@ -294,18 +324,20 @@ class ChaosStack:
         # the run goes back to cache hits instead of repeating the whole first pass through the model.
         command = [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "3600 1",
                    "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "chaos.rdb"]
-        self.redis = spawn("redis", command, self.redis_port, self.workdir)
+        self.redis = _start_service("redis", command, self.redis_port, self.workdir)
 
     def stop_redis(self) -> None:
         assert self.redis is not None
-        stop_process(self.redis, timeout_s=15)
+        self.redis.stop()
         self.redis = None
+        if port_open("127.0.0.1", self.redis_port):
+            raise RuntimeError(f"redis on :{self.redis_port} still answers after stopping it")
 
     def stop(self) -> None:
-        for started in (self.redis, self.tansu, self.moto):
-            if started is not None:
+        for service in (self.redis, self.tansu, self.moto):
+            if service is not None:
                 with contextlib.suppress(Exception):
-                    stop_process(started, timeout_s=10)
+                    service.stop()
         self.redis = self.tansu = self.moto = None
 
 
@@ -318,10 +350,12 @@ class WorkerSupervisor:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.unexpected_exits: list[str] = []
+        self.spawned_at: list[float] = []  # wall-clock epoch of each start, to read its log against
         self._log: Any = None
 
     def start(self) -> None:
         self.starts += 1
+        self.spawned_at.append(time.time())
         env = {**os.environ, **self.settings.to_env(), "QUSTREAM_WORKER_ID": f"chaos-w{self.starts}",
                "TOKENIZERS_PARALLELISM": "false"}
         if self._log is not None:
@@ -369,19 +403,18 @@ class OutputMonitor:
         self.settings = settings
         self.expected = expected
         self.clock0 = clock0
+        # CreateTime is wall-clock epoch; this maps it onto the run's monotonic seconds.
+        self.wall0 = time.time() - (time.monotonic() - clock0)
         self.done: set[str] = set()
         self.records = 0
-        #: (seconds since start, query_id, is_new) per output record, in receive order.
-        self.arrivals: list[tuple[float, str, bool]] = []
+        #: (received s, created s, query_id, is_new) per output record, in receive order; seconds
+        #: since the run started.
+        self.arrivals: list[tuple[float, float, str, bool]] = []
         self.all_done_s: float | None = None
         self.errors = 0
         self._positions: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-
-    @property
-    def progress(self) -> float:
-        return len(self.done) / max(len(self.expected), 1)
 
     def now(self) -> float:
         return time.monotonic() - self.clock0
@@ -433,7 +466,7 @@ class OutputMonitor:
                     if new:
                         self.done.add(query_id)
                     self.records += 1
-                    self.arrivals.append((received, query_id, new))
+                    self.arrivals.append((received, record.timestamp / 1000 - self.wall0, query_id, new))
             if self.all_done_s is None and len(self.done) == len(self.expected):
                 self.all_done_s = received
         if consumer is not None:
@@ -441,20 +474,23 @@ class OutputMonitor:
                 await consumer.stop()
 
     def first_output_after(self, t: float, *, new_only: bool = False) -> float | None:
-        for received, _, new in self.arrivals:
-            if received > t and (new or not new_only):
+        """When a consumer first saw a record the worker created after ``t`` (so not one already in
+        flight at ``t``): a killed worker creates nothing, a restarted one only once it works."""
+        for received, created, _, new in self.arrivals:
+            if created > t and (new or not new_only):
                 return received
         return None
 
     def outputs_between(self, start: float, end: float) -> int:
-        return sum(1 for received, _, _ in self.arrivals if start < received <= end)
+        """Records the worker created in (start, end]: output produced while a component was down."""
+        return sum(1 for _, created, _, _ in self.arrivals if start < created <= end)
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 
 def plan_faults(config: ChaosConfig) -> list[tuple[float, FaultKind]]:
-    """Seeded fault schedule: (progress share at which to fire, kind), in firing order."""
+    """Seeded fault schedule: (share of the current input segment done when it fires, kind)."""
     # A generator of its own, so --kills does not change the input and vice versa.
     rng = random.Random(config.seed * 7919 + 1)
     kinds: list[FaultKind] = ["worker_kill"] * config.kills
@@ -464,8 +500,18 @@ def plan_faults(config: ChaosConfig) -> list[tuple[float, FaultKind]]:
         kinds.append("broker_restart")
     rng.shuffle(kinds)
     low, high = config.fault_window
-    points = sorted(rng.uniform(low, high) for _ in kinds)
-    return list(zip(points, kinds, strict=True))
+    return [(rng.uniform(low, high), kind) for kind in kinds]
+
+
+def plan_segments(config: ChaosConfig, faults: int) -> list[int]:
+    """Sizes of the input segments, one more than faults: a segment is produced, a fault fires while
+    part of it is still unprocessed, the next segment follows. So every fault meets remaining input
+    however fast the cached phase drains it, and traffic keeps arriving across every fault."""
+    rng = random.Random(config.seed * 7919 + 2)
+    weights = [rng.uniform(0.6, 1.4) for _ in range(faults + 1)]
+    sizes = [max(1, int(config.messages * w / sum(weights))) for w in weights]
+    sizes[-1] = config.messages - sum(sizes[:-1])
+    return sizes
 
 
 async def _produce(settings: Settings, messages: list[ChaosMessage]) -> None:
@@ -533,6 +579,34 @@ async def run_chaos(config: ChaosConfig, console: Any | None = None) -> ChaosRep
     return report
 
 
+def worker_startups(workdir: Path, spawned_at: list[float]) -> list[dict[str, Any]]:
+    """Where each worker start spent its time (seconds after spawn), read from its JSON log: what a
+    stall after a kill consists of."""
+    from datetime import datetime
+
+    marks = {"worker.starting": "imports_s", "worker.engine_ready": "model_ready_s",
+             "partitions.assigned": "partitions_assigned_s", "batch.done": "first_batch_s"}
+    startups: list[dict[str, Any]] = []
+    for number, spawned in enumerate(spawned_at, start=1):
+        entry: dict[str, Any] = {"worker": number}
+        path = workdir / f"worker-{number}.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        for line in lines:
+            if not line.startswith("{"):
+                continue
+            try:
+                event = json.loads(line)
+                name = marks.get(event.get("event", ""))
+                if name is None or name in entry:
+                    continue
+                at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            entry[name] = round(at - spawned, 2)
+        startups.append(entry)
+    return startups
+
+
 async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock0: float,
                         messages: list[ChaosMessage], expected: set[str]) -> ChaosReport:
     workdir = stack.workdir
@@ -561,8 +635,14 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
         await ensure_topics(settings)
         worker.start()
         await monitor.start()
-        await _produce(settings, messages)
-        say(f"produced {len(messages)} messages ({sum(m.kind != 'query' for m in messages)} poison)")
+        plan = plan_faults(config)
+        segments = plan_segments(config, len(plan))
+        bounds = list(itertools.accumulate(segments))
+        # Two segments up front and one more after each fault: input is always queued beyond the
+        # one the next fault fires in, so no fault lands on an idle worker.
+        await _produce(settings, messages[: bounds[min(1, len(bounds) - 1)]])
+        say(f"produced {bounds[min(1, len(bounds) - 1)]} of {len(messages)} messages "
+            f"({sum(m.kind != 'query' for m in messages)} poison in all); {len(plan)} faults planned")
         deadline = clock0 + config.timeout_s
 
         async def wait_until(predicate: Any, limit_s: float) -> bool:
@@ -578,15 +658,14 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
         await wait_until(lambda: monitor.records > 0, config.timeout_s)
         say(f"first output after {monitor.now():.1f}s")
         rng = random.Random(config.seed * 104729 + 3)
-        for point, kind in plan_faults(config):
-            await wait_until(lambda point=point: monitor.progress >= point, config.timeout_s)
-            if monitor.all_done_s is not None:
-                say(f"all output in before the {kind} at {point:.0%}; skipped")
-                faults.append(FaultRecord(kind, kind, monitor.progress, monitor.now(), note="skipped: no input left"))
-                continue
+        for index, (share, kind) in enumerate(plan):
+            produced = bounds[index]
+            target = produced - int((1 - share) * segments[index])
+            await wait_until(lambda target=target: len(monitor.done) >= target, config.timeout_s)
             # Land somewhere inside a batch cycle, not right on the progress tick.
-            await asyncio.sleep(rng.uniform(0.0, 1.5))
-            fault = FaultRecord(kind, kind, monitor.progress, monitor.now())
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            done_at_fault = len(monitor.done)
+            fault = FaultRecord(kind, kind, done_at_fault / len(messages), monitor.now())
             if kind == "worker_kill":
                 fault.label = f"worker kill -9 #{sum(f.kind == 'worker_kill' for f in faults) + 1}"
                 worker.kill9()
@@ -602,17 +681,23 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
                 await asyncio.to_thread(stack.start_broker)
             fault.duration_s = monitor.now() - fault.at_s
             faults.append(fault)
-            say(f"{fault.label} at {fault.progress:.0%} progress; down {fault.duration_s:.1f}s")
-            # Measure each recovery on its own before the next fault, unless the input ran out.
-            await wait_until(lambda f=fault: monitor.first_output_after(f.at_s + f.duration_s) is not None
-                             or monitor.all_done_s is not None, 300)
+            fault.queued_ids = bounds[index + 1] - done_at_fault
+            say(f"{fault.label} at {fault.progress:.0%} of all ids ({fault.queued_ids} produced ids not out yet); "
+                f"down {fault.duration_s:.1f}s")
+            # The next segment arrives once the faulty part is back (the harness's producer is not
+            # under test), then this fault's recovery is awaited before the next one fires.
+            if index + 2 < len(bounds):
+                await _produce(settings, messages[bounds[index + 1]: bounds[index + 2]])
+            await wait_until(lambda f=fault: monitor.first_output_after(f.at_s) is not None, 600)
         await wait_until(lambda: monitor.all_done_s is not None, config.timeout_s)
         say(f"{len(monitor.done)}/{len(expected)} ids out; stopping the worker")
     finally:
         worker.stop()
         await monitor.stop()
     records = await _read_all(settings, [settings.topic_parsed, settings.topic_dlq], monitor.records)
-    return _summarize(config, messages, records, monitor, faults, worker, time.monotonic() - clock0, settings)
+    report = _summarize(config, messages, records, monitor, faults, worker, time.monotonic() - clock0, settings)
+    report.worker_startups = worker_startups(workdir, worker.spawned_at)
+    return report
 
 
 def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[Any], monitor: OutputMonitor,
@@ -648,7 +733,7 @@ def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[
     # Longest gap with no output while input remained: from the first output (model load is
     # start-up, not a stall) to the moment the last id came out.
     end = monitor.all_done_s if monitor.all_done_s is not None else monitor.now()
-    times = [t for t, _, _ in monitor.arrivals if t <= end]
+    times = [t for t, _, _, _ in monitor.arrivals if t <= end]
     stall, stall_at = 0.0, 0.0
     for earlier, later in itertools.pairwise(times):
         if later - earlier > stall:
@@ -656,11 +741,9 @@ def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[
     # Name the gap after the last fault that fired before it ended: that is what it waited on.
     stall_after = "no fault"
     for fault in faults:
-        if not fault.note and fault.at_s < stall_at + stall:
+        if fault.at_s < stall_at + stall:
             stall_after = fault.label
     for fault in faults:
-        if fault.note:
-            continue
         back = fault.at_s + fault.duration_s
         first = monitor.first_output_after(fault.at_s)
         new = monitor.first_output_after(fault.at_s, new_only=True)
@@ -698,16 +781,13 @@ def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[
     )
 
 
-def report_table(report: ChaosReport) -> Table:
-    table = Table(title=f"qustream chaos — {report.produced:,} messages, seed {report.config['seed']}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    lost_style = "green" if report.lost == 0 else "bold red"
+def report_rows(report: ChaosReport) -> list[tuple[str, str]]:
+    """The summary as (measure, value) rows: the rich table and the Markdown in docs share them."""
     rows: list[tuple[str, str]] = [
         ("produced", f"{report.produced:,} ({report.poison} poison)"),
         ("parsed (distinct query_ids)", f"{report.parsed:,}"),
         ("dead letters (distinct)", f"{report.dead_letters:,} ({report.poison_dead_lettered}/{report.poison} poison)"),
-        ("lost", f"[{lost_style}]{report.lost}[/{lost_style}]"),
+        ("lost", str(report.lost)),
         ("duplicates (extra deliveries)", f"{report.duplicates:,}"),
         ("valid queries dead-lettered", str(report.valid_dead_lettered)),
         ("replayed ids with a different parse", str(report.replay_mismatch)),
@@ -716,18 +796,38 @@ def report_table(report: ChaosReport) -> Table:
         ("all ids out", f"{report.all_done_s} s"),
         ("worker starts / unexpected exits", f"{report.worker_starts} / {len(report.unexpected_exits)}"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
     for fault in report.faults:
-        if fault.note:
-            table.add_row(f"recovery: {fault.label}", fault.note)
-            continue
         recovery = f"{fault.recovery_s:.1f} s" if fault.recovery_s is not None else "never"
-        detail = f" (at {fault.progress:.0%}, down {fault.duration_s:.1f} s"
-        detail += f", {fault.outputs_during_s} outputs meanwhile)" if fault.kind == "redis_outage" else ")"
-        table.add_row(f"recovery: {fault.label}", recovery + detail)
-    table.add_row("wall time", f"{report.wall_s:.0f} s")
+        detail = f" (at {fault.progress:.0%}, {fault.queued_ids:,} ids queued, down {fault.duration_s:.1f} s"
+        detail += f", {fault.outputs_during_s:,} outputs meanwhile)" if fault.kind == "redis_outage" else ")"
+        rows.append((f"recovery: {fault.label}", recovery + detail))
+    rows.append(("wall time", f"{report.wall_s:.0f} s"))
+    return rows
+
+
+def report_table(report: ChaosReport) -> Table:
+    table = Table(title=f"qustream chaos — {report.produced:,} messages, seed {report.config['seed']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in report_rows(report):
+        if name == "lost":
+            style = "green" if report.lost == 0 else "bold red"
+            value = f"[{style}]{value}[/{style}]"
+        table.add_row(name, value)
     return table
+
+
+def report_markdown(report: ChaosReport) -> str:
+    lines = ["| measure | value |", "|---|---:|"]
+    lines += [f"| {name} | {value} |" for name, value in report_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def report_from_json(path: Path) -> ChaosReport:
+    data = json.loads(path.read_text())
+    data.pop("ok", None)
+    data["faults"] = [FaultRecord(**fault) for fault in data["faults"]]
+    return ChaosReport(**data)
 
 
 def write_json(report: ChaosReport, path: Path) -> None:

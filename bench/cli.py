@@ -61,7 +61,7 @@ def engine(
                       f"{v['p50_batch_ms']:.0f}", f"{v['p95_batch_ms']:.0f}", f"{v['peak_rss_mb']:.0f}",
                       f"{v['schema_valid']:.0%}", pct("item_type_acc"), pct("material_acc"), pct("color_acc"),
                       pct("all_three_acc"), pct("invented_absent"))
-    console = Console()
+    console = Console(width=160)
     console.print(table)
     console.print("ratios (queries/s):", report["ratios"])
     if report["always_null"]:
@@ -83,6 +83,8 @@ def pipeline(
     = Path("bench/results/pipeline.json"),
     charts: Annotated[Path | None, typer.Option(help="Write PNG charts into this folder.")] = Path("bench/results"),
     no_charts: Annotated[bool, typer.Option("--no-charts", help="Skip the PNG charts.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="py-spy the worker on one more all-cached round.")]
+    = False,
 ) -> None:
     """End to end against a private tansu broker and the machine's Redis, each scenario next to its
     reference: transport ceiling, model ceiling, Zipf replay, 1 vs 2 workers, batch knobs.
@@ -92,7 +94,7 @@ def pipeline(
     from bench.pipeline_bench import Plan, print_summary, run_pipeline_bench
 
     plan = Plan.named("tiny" if tiny else "quick" if quick else "full")
-    results = run_pipeline_bench(plan, json_out, None if no_charts else charts)
+    results = run_pipeline_bench(plan, json_out, None if no_charts else charts, profile=profile)
     print_summary(results)
 
 

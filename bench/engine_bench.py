@@ -40,7 +40,7 @@ class VariantResult:
 
 
 class _RssSampler:
-    """Peak resident memory while a variant runs (sampled; the process peak never goes down)."""
+    """Peak resident memory per measured call (sampled in a thread; the process peak never goes down)."""
 
     def __init__(self, interval_s: float = 0.05) -> None:
         import psutil
@@ -55,6 +55,13 @@ class _RssSampler:
         while not self._stop.wait(self._interval):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
+    def reset(self) -> None:
+        self.peak = self._process.memory_info().rss
+
+    def read(self) -> int:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+        return self.peak
+
     def __enter__(self) -> _RssSampler:
         self._thread.start()
         return self
@@ -62,7 +69,6 @@ class _RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def load_bench_queries(path: Path | None) -> tuple[list[str], list[QualityCase] | None]:
@@ -86,45 +92,75 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
-def run_variant(
-    name: str, engine: Any, queries: list[str], cases: list[QualityCase] | None, batch_size: int
-) -> VariantResult:
-    from workers.baselines import baseline_valid
+@dataclass
+class _Runner:
+    """One variant's progress through its batches."""
 
-    engine.warm_up()
-    latencies: list[float] = []
-    parses: list[dict[str, str | None] | None] = []
-    flags: list[list[str]] = []
-    tokens_out = 0
+    name: str
+    engine: Any
+    queries: list[str]
+    batch_size: int
+    jump_forward: bool | None = None
+    latencies: list[float] = field(default_factory=list)
+    parses: list[dict[str, str | None] | None] = field(default_factory=list)
+    flags: list[list[str]] = field(default_factory=list)
+    tokens_out: int = 0
+    peak_rss: int = 0
+
+    def batches(self) -> list[list[str]]:
+        return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
+
+    def run_batch(self, chunk: list[str], rss: _RssSampler) -> None:
+        from workers.baselines import baseline_valid
+
+        if self.jump_forward is not None:
+            self.engine.jump_forward = self.jump_forward
+        rss.reset()
+        t0 = time.perf_counter()
+        results = self.engine.parse_batch(chunk)
+        self.latencies.append(time.perf_counter() - t0)
+        self.peak_rss = max(self.peak_rss, rss.read())
+        valid = baseline_valid(self.engine) or [schema_valid(r.parse) for r in results]
+        for result, ok in zip(results, valid, strict=True):
+            self.parses.append(result.parse if ok else None)
+            self.flags.append(result.ungrounded)
+            self.tokens_out += result.tokens_out
+
+    def result(self, cases: list[QualityCase] | None) -> VariantResult:
+        seconds = sum(self.latencies)
+        n = len(self.parses)
+        metrics = score(cases[:n], self.parses, self.flags) if cases else {}
+        return VariantResult(
+            name=self.name,
+            batch_size=self.batch_size,
+            queries=n,
+            seconds=round(seconds, 3),
+            queries_per_s=round(n / seconds, 3),
+            tokens_out_per_s=round(self.tokens_out / seconds, 1),
+            p50_batch_ms=round(_percentile(self.latencies, 50) * 1000, 1),
+            p95_batch_ms=round(_percentile(self.latencies, 95) * 1000, 1),
+            peak_rss_mb=round(self.peak_rss / 2**20, 1),
+            schema_valid=round(sum(p is not None for p in self.parses) / max(n, 1), 4),
+            metrics={k: round(v, 4) for k, v in metrics.items()},
+        )
+
+
+def run_interleaved(runners: list[_Runner], cases: list[QualityCase] | None) -> list[VariantResult]:
+    """Run the variants' batches round-robin, so load from other processes hits all variants alike."""
+    for runner in runners:
+        if runner.jump_forward is not None:
+            runner.engine.jump_forward = runner.jump_forward
+        runner.engine.warm_up()
+    plans = [runner.batches() for runner in runners]
     with _RssSampler() as rss:
-        started = time.perf_counter()
-        for start in range(0, len(queries), batch_size):
-            chunk = queries[start : start + batch_size]
-            t0 = time.perf_counter()
-            results = engine.parse_batch(chunk)
-            latencies.append(time.perf_counter() - t0)
-            valid = baseline_valid(engine) or [schema_valid(r.parse) for r in results]
-            for result, ok in zip(results, valid, strict=True):
-                parses.append(result.parse if ok else None)
-                flags.append(result.ungrounded)
-                tokens_out += result.tokens_out
-        seconds = time.perf_counter() - started
-    metrics = score(cases[: len(queries)], parses, flags) if cases else {}
-    result = VariantResult(
-        name=name,
-        batch_size=batch_size,
-        queries=len(queries),
-        seconds=round(seconds, 3),
-        queries_per_s=round(len(queries) / seconds, 3),
-        tokens_out_per_s=round(tokens_out / seconds, 1),
-        p50_batch_ms=round(_percentile(latencies, 50) * 1000, 1),
-        p95_batch_ms=round(_percentile(latencies, 95) * 1000, 1),
-        peak_rss_mb=round(rss.peak / 2**20, 1),
-        schema_valid=sum(p is not None for p in parses) / len(parses),
-        metrics={k: round(v, 4) for k, v in metrics.items()},
-    )
-    log.info("bench.variant", **{k: v for k, v in asdict(result).items() if k != "metrics"})
-    return result
+        for round_index in range(max(len(p) for p in plans)):
+            for runner, plan in zip(runners, plans, strict=True):
+                if round_index < len(plan):
+                    runner.run_batch(plan[round_index], rss)
+    results = [runner.result(cases) for runner in runners]
+    for result in results:
+        log.info("bench.variant", **{k: v for k, v in asdict(result).items() if k != "metrics"})
+    return results
 
 
 def run_engine_bench(
@@ -146,18 +182,18 @@ def run_engine_bench(
     vocabulary = Vocabulary.load(settings.vocabulary_path)
     # Built first so every variant, baselines included, runs with the same attention implementation.
     engine = ConstrainedEngine(settings, loaded, vocabulary)
-    variants: list[VariantResult] = []
+    runners: list[_Runner] = []
     if include_sequential:
         sequential = SequentialGenerate(loaded, vocabulary, settings.max_new_tokens)
-        variants.append(run_variant("a_sequential_generate", sequential, queries[:sequential_limit], cases, 1))
+        runners.append(_Runner("a_sequential_generate", sequential, queries[:sequential_limit], 1))
     for batch_size in batch_sizes:
         if include_batched:
             batched = BatchedGenerate(loaded, vocabulary, settings.max_new_tokens)
-            variants.append(run_variant("b_batched_generate", batched, queries, cases, batch_size))
+            runners.append(_Runner("b_batched_generate", batched, queries, batch_size))
         for jump in (False, True):
-            engine.jump_forward = jump
             name = "c_engine_jump_forward" if jump else "c_engine"
-            variants.append(run_variant(name, engine, queries, cases, batch_size))
+            runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump))
+    variants = run_interleaved(runners, cases)
     engine.jump_forward = settings.jump_forward
     ratios: dict[str, float] = {}
     by_name = {(v.name, v.batch_size): v for v in variants}

@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from bench.stack import Collector, Passthrough, Services, Worker
+from bench.stack import Collector, Passthrough, Process, Services, Worker
 from bench.workload import BenchQuery, expected_distinct, query_pool, zipf_ranks
 from schemas.settings import Settings
 from streams.kafka_io import make_producer
@@ -54,19 +54,19 @@ class Plan:
     batch_size: int = 32
     linger_ms: int = 200
     transport_rounds: int = 5
-    transport_messages: int = 20_000
+    transport_messages: int = 10_000
     model_rounds: int = 3
-    model_queries: int = 64
-    zipf_seconds: float = 180.0
-    zipf_rate: float = 5.0
+    model_queries: int = 32
+    zipf_seconds: float = 120.0
+    zipf_rate: float = 6.0
     zipf_universe: int = 5_000
     zipf_exponent: float = 1.2
     scaling_rounds: int = 3
     scaling_uncached_rounds: int = 1
-    knob_sizes: list[int] = field(default_factory=lambda: [8, 32, 64])
+    knob_sizes: list[int] = field(default_factory=lambda: [8, 32, 128])
     knob_lingers: list[int] = field(default_factory=lambda: [50, 500])
-    knob_burst: int = 200
-    knob_seconds: float = 15.0
+    knob_burst: int = 150
+    knob_seconds: float = 12.0
     knob_rate: float = 10.0
     knob_hit_rate: float = 0.9
     drain_timeout_s: float = 300.0
@@ -76,7 +76,7 @@ class Plan:
         if name == "full":
             return cls("full")
         if name == "quick":
-            return cls("quick", transport_rounds=3, transport_messages=8_000, model_rounds=2, model_queries=32,
+            return cls("quick", transport_rounds=3, transport_messages=5_000, model_rounds=2, model_queries=32,
                        zipf_seconds=60.0, scaling_rounds=2, knob_sizes=[8, 32], knob_lingers=[50, 500],
                        knob_burst=100, knob_seconds=8.0, drain_timeout_s=180.0)
         if name == "tiny":
@@ -257,8 +257,9 @@ class RssSampler:
 
 class PipelineBench:
     def __init__(self, plan: Plan, workdir: Path, engine_factory: Callable[[Settings], ParseEngine] | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, profile: bool = False) -> None:
         self.plan = plan
+        self.profile = profile
         self.workdir = workdir
         self.echo = echo
         self._engine_factory = engine_factory
@@ -268,6 +269,7 @@ class PipelineBench:
         self.pool = Pool(self._pool_size())
         self._prefixes: list[str] = []
         self._cached_queries: list[BenchQuery] = []
+        self._model_qps = 0.0
 
     def _pool_size(self) -> int:
         p = self.plan
@@ -318,10 +320,13 @@ class PipelineBench:
         await ensure_topics(main)
         worker = self._worker("worker-1", main)
         reference_topics = [f"{main.topic_input}.pt-in", f"{main.topic_input}.pt-out"]
-        await ensure_topics(main, reference_topics)
+        core_topics = [f"{main.topic_input}.cs-in", f"{main.topic_input}.cs-out"]
+        await ensure_topics(main, reference_topics + core_topics)
         passthrough = Passthrough(self.services.bootstrap, reference_topics[0], reference_topics[1],
                                   self.workdir / "passthrough.log")
-        collector = Collector(main, [main.topic_parsed, main.topic_metrics, reference_topics[1]])
+        core_step = Passthrough(self.services.bootstrap, core_topics[0], core_topics[1],
+                                self.workdir / "core-step.log", core_step=main)
+        collector = Collector(main, [main.topic_parsed, main.topic_metrics, reference_topics[1], core_topics[1]])
         await collector.start()
         producer = make_producer(main)
         await producer.start()
@@ -331,16 +336,25 @@ class PipelineBench:
             self.engine = await asyncio.to_thread(self._build_engine, main)
             await worker.wait_ready(partitions=main.partitions)
             await passthrough.wait_ready()
+            await core_step.wait_ready()
             results: dict[str, Any] = {}
-            results["transport"] = await self._transport(main, producer, collector, reference_topics)
+            paths = {"qustream": (main.topic_input, main.topic_parsed, worker),
+                     "reference": (reference_topics[0], reference_topics[1], passthrough),
+                     "core_step": (core_topics[0], core_topics[1], core_step)}
+            results["transport"] = await self._transport(main, producer, collector, paths)
+            if self.profile:
+                results["transport"]["profile"] = await self._profile_cached(main, producer, collector, worker)
             passthrough.stop()
+            core_step.stop()
             results["model"] = await self._model(main, producer, collector)
-            results["zipf"] = await self._zipf(main, producer, collector, worker)
+            model_qps = results["model"]["qustream_qps"]
+            results["zipf"] = await self._zipf(main, producer, collector, worker, model_qps)
             results["scaling"] = await self._scaling(main, producer, collector, worker, results)
         finally:
             await producer.stop()
             await collector.stop()
             passthrough.stop()
+            core_step.stop()
             self._stop_worker(worker)
         results["knobs"] = await self._knobs()
         results["worker_rss"] = {
@@ -360,7 +374,7 @@ class PipelineBench:
 
     # --- transport ceiling --------------------------------------------------------------------
     async def _transport(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
-                         reference_topics: list[str]) -> dict[str, Any]:
+                         paths: dict[str, tuple[str, str, Process]]) -> dict[str, Any]:
         p = self.plan
         assert self.engine is not None
         queries = self._cached_queries = self.pool.take(p.transport_messages)
@@ -368,32 +382,72 @@ class PipelineBench:
         self.echo(f"transport ceiling: {p.transport_rounds} rounds × {p.transport_messages} cached queries")
         # One small unmeasured round each, so connections and code paths are warm for round 1.
         warm = queries[: min(500, len(queries))]
-        for topic, out in ((settings.topic_input, settings.topic_parsed), (reference_topics[0], reference_topics[1])):
+        for topic, out, _ in paths.values():
             tag = _round_tag()
             await produce_burst(producer, topic, tag, warm)
             await collector.wait(out, tag, len(warm), p.drain_timeout_s)
         rounds = []
+        names = list(paths)
         for index in range(p.transport_rounds):
-            order = ["qustream", "reference"] if index % 2 == 0 else ["reference", "qustream"]
+            # Rotate the order so no path always runs first (or last) in a round.
+            order = names[index % len(names):] + names[: index % len(names)]
             row: dict[str, Any] = {}
             for which in order:
-                topic, out = ((settings.topic_input, settings.topic_parsed) if which == "qustream"
-                              else (reference_topics[0], reference_topics[1]))
+                topic, out, process = paths[which]
                 tag = _round_tag()
+                cpu_before = process.cpu_seconds()
                 started = await produce_burst(producer, topic, tag, queries)
                 complete = await collector.wait(out, tag, len(queries), p.drain_timeout_s)
+                row[f"{which}_cpu_us_per_msg"] = round((process.cpu_seconds() - cpu_before) / len(queries) * 1e6, 1)
                 result = _round_result(collector, out, tag, len(queries), started, complete)
-                if which == "qustream":
+                if which != "reference":
                     events = _parsed_events(collector, out, tag)
-                    row["qustream_all_cached"] = all(e["cached"] for e in events)
+                    row[f"{which}_all_cached"] = all(e["cached"] for e in events)
                 row[f"{which}_qps"] = round(result.qps, 1)
                 row[f"{which}_complete"] = result.complete
             row["ratio"] = round(row["qustream_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
+            row["core_step_ratio"] = (round(row["core_step_qps"] / row["reference_qps"], 4)
+                                      if row["reference_qps"] else 0.0)
             rounds.append(row)
             self.echo(f"  round {index + 1}: qustream {row['qustream_qps']:.0f} q/s, "
-                      f"pass-through {row['reference_qps']:.0f} q/s, ratio {row['ratio']:.2f}")
-        return self._ceiling_summary(rounds, TRANSPORT_TARGET, messages=len(queries),
-                                     reference="aiokafka consume → produce pass-through process, same broker")
+                      f"pass-through {row['reference_qps']:.0f} q/s, ratio {row['ratio']:.2f} "
+                      f"(core step without Faust {row['core_step_qps']:.0f} q/s)")
+        summary = self._ceiling_summary(
+            rounds, TRANSPORT_TARGET, messages=len(queries), batch_size=settings.batch_size,
+            reference="aiokafka consume → produce pass-through process, same broker")
+        for which in paths:
+            summary[f"{which}_cpu_us_per_msg"] = round(_median([r[f"{which}_cpu_us_per_msg"] for r in rounds]), 1)
+        summary["core_step_qps"] = round(_median([r["core_step_qps"] for r in rounds]), 2)
+        summary["core_step_ratio"] = round(_median([r["core_step_ratio"] for r in rounds]), 4)
+        summary["core_step"] = ("aiokafka consume → ParsePipeline.process (batch_size chunks) → produce, "
+                                "no Faust: the worker minus the framework")
+        return summary
+
+    async def _profile_cached(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
+                              worker: Worker) -> dict[str, Any]:
+        """py-spy on the worker during one more all-cached round: where the cached path's time goes."""
+        from bench.profiling import py_spy_available, summarize_collapsed
+
+        if not py_spy_available():
+            return {"error": "py-spy is not installed (pip install py-spy)"}
+        self.echo("profiling the cached path with py-spy")
+        raw = self.workdir / "cached-profile.txt"
+        spy = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "-p", str(worker.pid), "-o", str(raw), "--format", "raw", "-r", "200",
+            "--nonblocking", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(1.0)
+        tag = _round_tag()
+        started = await produce_burst(producer, settings.topic_input, tag, self._cached_queries)
+        complete = await collector.wait(settings.topic_parsed, tag, len(self._cached_queries),
+                                        self.plan.drain_timeout_s)
+        result = _round_result(collector, settings.topic_parsed, tag, len(self._cached_queries), started, complete)
+        spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+        await asyncio.wait_for(spy.wait(), 60)
+        if not raw.exists():
+            return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+        summary = summarize_collapsed(raw.read_text())
+        summary["qps_while_profiled"] = round(result.qps, 1)
+        return summary
 
     @staticmethod
     def _ceiling_summary(rounds: list[dict[str, Any]], target: float, **extra: Any) -> dict[str, Any]:
@@ -445,22 +499,37 @@ class PipelineBench:
             rounds.append(row)
             self.echo(f"  round {index + 1}: qustream {row['qustream_qps']:.2f} q/s, "
                       f"engine alone {row['reference_qps']:.2f} q/s, ratio {row['ratio']:.2f}")
+        self._model_qps = _median([r["qustream_qps"] for r in rounds])
         return self._ceiling_summary(rounds, MODEL_TARGET, queries_per_round=p.model_queries,
                                      batch_size=settings.batch_size,
                                      reference="engine.parse_batch alone, same queries and batch size, in-process")
 
     # --- Zipf replay ----------------------------------------------------------------------------
+    def _zipf_rate(self, model_qps: float) -> float:
+        """The plan's rate, lowered until the expected cold-cache misses per second stay within 60 % of
+        what the model path measured here: above that the backlog never drains and every percentile
+        only measures the run's length."""
+        p = self.plan
+        rate = p.zipf_rate
+        while rate > 0.5:
+            misses = expected_distinct(int(rate * p.zipf_seconds), p.zipf_universe, p.zipf_exponent)
+            if model_qps <= 0 or misses / p.zipf_seconds <= 0.6 * model_qps:
+                break
+            rate = round(rate - 0.5, 1)
+        return rate
+
     async def _zipf(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
-                    worker: Worker) -> dict[str, Any]:
+                    worker: Worker, model_qps: float) -> dict[str, Any]:
         p = self.plan
         universe = self.pool.take(p.zipf_universe)
-        count = int(p.zipf_seconds * p.zipf_rate)
+        rate = self._zipf_rate(model_qps)
+        count = int(p.zipf_seconds * rate)
         ranks = zipf_ranks(count, p.zipf_universe, p.zipf_exponent, seed=7)
         stream = [universe[r] for r in ranks]
-        self.echo(f"zipf replay: {count} queries at {p.zipf_rate}/s over {p.zipf_seconds:.0f} s "
+        self.echo(f"zipf replay: {count} queries at {rate}/s over {p.zipf_seconds:.0f} s "
                   f"(s={p.zipf_exponent}, universe {p.zipf_universe}, cold cache)")
         tag = _round_tag()
-        began = await produce_open_loop(producer, settings.topic_input, tag, stream, p.zipf_rate)
+        began = await produce_open_loop(producer, settings.topic_input, tag, stream, rate)
         complete = await collector.wait(settings.topic_parsed, tag, count, p.drain_timeout_s)
         finished = time.time()
         result = _round_result(collector, settings.topic_parsed, tag, count, began, complete)
@@ -470,8 +539,10 @@ class PipelineBench:
         sizes = [b["size"] for b in batches]
         # Windows by event time: hit rate as the traffic saw it, throughput as the worker delivered it.
         window = max(5.0, p.zipf_seconds / 18)
+        # Until the last parsed event, so a backlog drained after the replay still shows.
+        span = max([p.zipf_seconds] + [datetime.fromisoformat(e["parsed_ts"]).timestamp() - began for e in events])
         timeline = []
-        for k in range(int(p.zipf_seconds / window + 0.999)):
+        for k in range(int(span / window + 0.999)):
             lo, hi = began + k * window, began + (k + 1) * window
             in_window = [e for e in events if lo <= datetime.fromisoformat(e["event_ts"]).timestamp() < hi]
             done = [e for e in events if lo <= datetime.fromisoformat(e["parsed_ts"]).timestamp() < hi]
@@ -490,7 +561,8 @@ class PipelineBench:
             "queries": count,
             "parsed": len(events),
             "complete": result.complete,
-            "offered_qps": p.zipf_rate,
+            "offered_qps": rate,
+            "model_qps_measured": model_qps,
             "qps": round(result.qps, 3),
             "seconds": round(result.seconds, 2),
             "exponent": p.zipf_exponent,
@@ -575,7 +647,12 @@ class PipelineBench:
         p = self.plan
         assert self.engine is not None
         points = [(size, linger) for size in p.knob_sizes for linger in p.knob_lingers]
-        self.echo(f"batch knobs: {len(points)} points (burst of {p.knob_burst}, then {p.knob_rate}/s for "
+        # Steady rate: the plan's, lowered so misses stay within half of the measured model rate.
+        model_qps = self._model_qps
+        rate = p.knob_rate
+        if model_qps > 0:
+            rate = max(1.0, min(rate, round(0.5 * model_qps / max(1 - p.knob_hit_rate, 1e-3), 1)))
+        self.echo(f"batch knobs: {len(points)} points (burst of {p.knob_burst}, then {rate}/s for "
                   f"{p.knob_seconds:.0f} s; {p.knob_hit_rate:.0%} cached)")
         rows = []
         for size, linger in points:
@@ -583,7 +660,7 @@ class PipelineBench:
             head = self.pool.take(200)
             await prewarm_cache(settings, self.engine.version, head)
             burst = self._mixed(head, p.knob_burst)
-            steady = self._mixed(head, int(p.knob_seconds * p.knob_rate))
+            steady = self._mixed(head, int(p.knob_seconds * rate))
             await ensure_topics(settings, topic_names(settings))
             worker = self._worker(f"worker-k{size}x{linger}", settings)
             collector = Collector(settings, [settings.topic_parsed, settings.topic_metrics])
@@ -597,7 +674,7 @@ class PipelineBench:
                 complete = await collector.wait(settings.topic_parsed, tag, len(burst), p.drain_timeout_s)
                 burst_result = _round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
                 tag = _round_tag()
-                await produce_open_loop(producer, settings.topic_input, tag, steady, p.knob_rate)
+                await produce_open_loop(producer, settings.topic_input, tag, steady, rate)
                 steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady), p.drain_timeout_s)
                 latencies = _latencies(_parsed_events(collector, settings.topic_parsed, tag))
             finally:
@@ -610,11 +687,12 @@ class PipelineBench:
                 "burst_qps": round(burst_result.qps, 2),
                 "burst_complete": burst_result.complete,
                 "steady_complete": steady_complete,
+                "steady_rate_qps": rate,
                 **_latency_summary(latencies),
             }
             rows.append(row)
             self.echo(f"  batch {size:>3} linger {linger:>4} ms: burst {row['burst_qps']:.1f} q/s, "
-                      f"p95 {row['p95_s']:.2f} s at {p.knob_rate}/s")
+                      f"p95 {row['p95_s']:.2f} s at {rate}/s")
         return rows
 
     def _mixed(self, head: list[BenchQuery], count: int) -> list[BenchQuery]:
@@ -687,10 +765,10 @@ def _histogram(sizes: Sequence[int], batch_size: int) -> dict[str, int]:
 
 
 def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
-                       echo: Callable[[str], None] = print) -> dict[str, Any]:
+                       echo: Callable[[str], None] = print, profile: bool = False) -> dict[str, Any]:
     """Run every scenario, write the JSON (and charts), return the results."""
     with tempfile.TemporaryDirectory(prefix="qustream-bench-") as workdir:
-        bench = PipelineBench(plan, Path(workdir), echo=echo)
+        bench = PipelineBench(plan, Path(workdir), echo=echo, profile=profile)
         try:
             results = asyncio.run(bench.run())
         except BaseException:
@@ -722,6 +800,14 @@ def iter_table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, st
             f"{section['ratio']:.0%} (±{section['ratio_spread'] / 2:.0%})",
             f"≥ {section['target']:.0%}: {'met' if section['met'] else 'missed'}",
         )
+    transport = results["transport"]
+    yield (
+        "core step, no Faust",
+        f"{transport['core_step_qps']:,.2f} q/s",
+        f"{transport['reference_qps']:,.2f} q/s",
+        f"{transport['core_step_ratio']:.0%}",
+        "aiokafka loop + ParsePipeline (decomposition)",
+    )
     zipf = results["zipf"]
     yield (
         "zipf replay",

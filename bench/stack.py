@@ -104,6 +104,14 @@ class Process:
         except psutil.Error:
             return None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far: per-message cost that other load on the machine cannot inflate."""
+        try:
+            times = psutil.Process(self.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
@@ -153,10 +161,18 @@ class Worker(Process):
 
 
 class Passthrough(Process):
-    def __init__(self, bootstrap: str, source: str, sink: str, log_path: Path) -> None:
+    """The aiokafka pass-through reference; with ``core_step`` (the worker's settings) it also runs
+    qustream's core step on each batch: the worker without Faust."""
+
+    def __init__(self, bootstrap: str, source: str, sink: str, log_path: Path,
+                 core_step: Settings | None = None) -> None:
         group = f"passthrough-{uuid.uuid4().hex[:6]}"
-        super().__init__("passthrough", [sys.executable, "-m", "bench.passthrough", "--bootstrap", bootstrap,
-                                         "--source", source, "--sink", sink, "--group", group], log_path)
+        command = [sys.executable, "-m", "bench.passthrough", "--bootstrap", bootstrap, "--source", source,
+                   "--sink", sink, "--group", group]
+        if core_step is not None:
+            command.append("--core-step")
+        name = "core-step" if core_step is not None else "passthrough"
+        super().__init__(name, command, log_path, core_step.to_env() if core_step is not None else None)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -23,16 +23,19 @@ def lines_to_values(lines: Iterable[str], source: str) -> Iterator[tuple[bytes, 
         if not text.strip():
             continue
         query_id = stable_query_id(source, number)
-        if text.lstrip().startswith("{"):
+        if text.lstrip()[:1] in ("{", "[", '"'):
+            # A JSON line is sent as it is unless it is an object we can give an id: the worker,
+            # not this tool, decides what is poison (and dead-letters it with the original bytes).
             try:
                 payload = json.loads(text)
             except json.JSONDecodeError:
-                yield query_id.encode(), text.encode("utf-8")  # let the worker dead-letter it
-                continue
+                payload = None
             if isinstance(payload, dict):
                 payload.setdefault("query_id", query_id)
                 yield str(payload["query_id"]).encode(), json.dumps(payload, ensure_ascii=False).encode("utf-8")
-                continue
+            else:
+                yield query_id.encode(), text.encode("utf-8")
+            continue
         yield query_id.encode(), json.dumps({"query": text, "query_id": query_id}, ensure_ascii=False).encode("utf-8")
 
 

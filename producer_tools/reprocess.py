@@ -24,6 +24,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 
 from producer_tools.transport import (
     CONNECT_TIMEOUT_S,
@@ -76,11 +83,12 @@ class ReprocessReport:
     members_check: str = "ok"
     moves: list[PartitionMove] = field(default_factory=list)
     dry_run: bool = False
+    commit_via: str = "offset commit"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "group": self.group, "source": self.source, "since": self.since.isoformat(), "dry_run": self.dry_run,
-            "members": self.members, "members_check": self.members_check,
+            "members": self.members, "members_check": self.members_check, "commit_via": self.commit_via,
             "moves": [vars(move) for move in self.moves],
         }
 
@@ -170,10 +178,16 @@ async def reprocess(settings: Settings, since: datetime, *, force: bool = False,
                 f"could not list the members of group {settings.app_id!r} ({type(exc).__name__}: {exc}). "
                 "Stop every worker of the group, then run again with --force.", []) from exc
     if report.members and not force:
+        hint = ""
+        if all(member.startswith("?@?") for member in report.members):
+            # Apache Kafka always reports the member's host; tansu reports none and keeps listing members
+            # that have left, so its list cannot tell running workers from stopped ones.
+            hint = (" The broker reports no member hosts (tansu does this, and keeps listing members that have "
+                    "left): if every worker is stopped, pass --force.")
         raise GroupActive(
-            f"group {settings.app_id!r} has {len(report.members)} running member(s); running workers keep their "
-            "positions and would overwrite the moved offsets. Stop them first (or pass --force and restart them "
-            "right after).", report.members)
+            f"group {settings.app_id!r} has {len(report.members)} member(s); running workers keep their "
+            "positions and would overwrite the moved offsets. Stop them first, then run again." + hint,
+            report.members)
     target_ms = int(since.timestamp() * 1000)
     consumer = await start_kafka_consumer(settings, group_id=settings.app_id)
     try:
@@ -191,10 +205,41 @@ async def reprocess(settings: Settings, since: datetime, *, force: bool = False,
             end = max((await consumer.end_offsets([tp]))[tp], await consumer.position(tp))
             report.moves.append(PartitionMove(tp.partition, before, offset, method, max(end - offset, 0)))
         if not dry_run:
-            await consumer.commit(new_offsets)
+            try:
+                await consumer.commit(new_offsets)
+            except (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError):
+                # The group still has (or the broker still lists) members, so a commit from outside the
+                # group is refused; commit as a member of a new generation instead.
+                report.commit_via = "joined the group"
+                await _commit_as_member(settings, new_offsets)
     finally:
         await consumer.stop()
     return report
+
+
+class _FaustProtocolAssignor(RoundRobinPartitionAssignor):
+    """Round robin under Faust's protocol name: the broker only lets a member join the workers' group
+    with a protocol its members share. Used only once the workers are stopped, so it is alone."""
+
+    name = "faust"
+
+
+async def _commit_as_member(settings: Settings, offsets: dict[TopicPartition, int]) -> None:
+    consumer = await start_kafka_consumer(
+        settings, group_id=settings.app_id, session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000), enable_auto_commit=False,
+        partition_assignment_strategy=(_FaustProtocolAssignor,))
+    try:
+        consumer.subscribe([settings.topic_input])
+        deadline = time.monotonic() + settings.broker_session_timeout_s * 2 + 30
+        while set(offsets) - consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"joined group {settings.app_id!r} but was not given every partition of "
+                                   f"{settings.topic_input!r}: are workers still running? Stop them and retry.")
+            await consumer.getmany(timeout_ms=200, max_records=1)
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()  # leaves the group, so the workers' next join is not held up
 
 
 async def _reprocess_redis(settings: Settings, since: datetime, *, force: bool, dry_run: bool) -> ReprocessReport:

@@ -28,11 +28,16 @@ console = Console(stderr=True)
 
 
 def settings_or_exit() -> Settings:
+    """The settings from the environment, with logging configured (to stderr) from them."""
+    from streams.logs import configure_logging
+
     try:
-        return Settings()
+        settings = Settings()
     except Exception as exc:  # pydantic ValidationError: show it plainly and exit 2
         console.print(f"[red]invalid settings:[/red] {exc}")
         raise typer.Exit(2) from exc
+    configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    return settings
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -162,25 +167,18 @@ def demo(
         raise fail("the demo did not see every message come back", 1)
 
 
-def _register_optional_commands() -> None:
-    try:
-        from workers.evaluation import eval_command
-    except ImportError:
-        pass
-    else:
-        app.command("eval")(eval_command)
-    try:
-        from bench.cli import app as bench_app
-    except ImportError:
-        pass
-    else:
-        app.add_typer(bench_app, name="bench")
+def _register_commands() -> None:
+    """Commands defined next to the code they drive (tools, evaluation, benchmarks)."""
+    from bench.cli import app as bench_app
     from producer_tools.cli import register as register_producer_tools
+    from workers.evaluation import eval_command
 
+    app.command("eval")(eval_command)
+    app.add_typer(bench_app, name="bench")
     register_producer_tools(app)  # replay, load, tail, dlq, reprocess
 
 
-_register_optional_commands()
+_register_commands()
 
 if __name__ == "__main__":
     app()

@@ -142,6 +142,11 @@ class LocalStack:
             self._save(self.load() + started)
         return started
 
+    def serves_kafka_with_tansu(self) -> bool:
+        """Whether the configured Kafka address is a tansu this stack started (and still runs)."""
+        _, port = self._kafka_address()
+        return any(p.name == "tansu" and p.port == port and Path(f"/proc/{p.pid}").exists() for p in self.load())
+
     def down(self, only: list[StartedProcess] | None = None) -> list[StartedProcess]:
         """Stop what ``up`` started (all of it, or just ``only``) and forget it."""
         recorded = self.load()

@@ -33,6 +33,8 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -64,12 +66,17 @@ FORGET_CONSUMER_MIN_MS = 60_000
 
 
 def transport_client(settings: Settings) -> Redis:
-    """A client whose socket timeout outlasts the longest ``XREADGROUP BLOCK`` the worker issues."""
+    """A client whose socket timeout outlasts the longest ``XREADGROUP BLOCK`` the worker issues.
+
+    The client's own retries are off: re-sending a ``MULTI``/``EXEC`` whose reply was lost would
+    publish the batch twice. The consumer retries itself and first checks whether the EXEC applied.
+    """
     return Redis.from_url(
         settings.redis_url.get_secret_value(),
         socket_timeout=10.0 + max(settings.batch_linger_ms, 100) / 1000,
         socket_connect_timeout=5.0,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
     )
 
 
@@ -217,7 +224,7 @@ class RedisStreamConsumer:
     async def _read_own_pending(self) -> list[Delivery]:
         assert self._history_cursor is not None
         reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: self._history_cursor},
-                                             count=self.batch_size)
+                                                  count=self.batch_size)
         entries = [(_text(entry_id), fields) for _, items in reply for entry_id, fields in items]
         if not entries:
             self._history_cursor = None
@@ -231,8 +238,8 @@ class RedisStreamConsumer:
 
     async def _claim_idle(self) -> list[Delivery]:
         reply: Any = await self.client.xautoclaim(self.stream, self.group, self.consumer,
-                                             min_idle_time=self.settings.redis_claim_idle_ms,
-                                             start_id=self._claim_cursor, count=self.batch_size)
+                                                  min_idle_time=self.settings.redis_claim_idle_ms,
+                                                  start_id=self._claim_cursor, count=self.batch_size)
         cursor, claimed = _text(reply[0]), reply[1]
         deleted = [_text(entry_id) for entry_id in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
@@ -268,28 +275,29 @@ class RedisStreamConsumer:
 
     async def _xreadgroup_new(self, count: int, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
         reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
-                                             block=max(block_ms, 1))
+                                                  block=max(block_ms, 1))
         return [(_text(entry_id), fields) for _, items in reply or [] for entry_id, fields in items]
 
     def _delivery(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int, deleted: bool = False) -> Delivery:
         return Delivery(entry_id, to_inbound(self.stream, entry_id, fields), deliveries, deleted)
 
-    async def _delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
+    async def _pending_rows(self, entry_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The group's pending-list rows (consumer, times_delivered) of ``entry_ids``; absent = acked."""
         if not entry_ids:
             return {}
         async with self.client.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
-        return {_text(row["message_id"]): int(row["times_delivered"]) for rows in replies for row in rows}
+        return {_text(row["message_id"]): row for rows in replies for row in rows}
+
+    async def _delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self._pending_rows(entry_ids)
+        return {entry_id: int(row["times_delivered"]) for entry_id, row in rows.items()}
 
     async def _owners(self, entry_ids: Sequence[str]) -> dict[str, str]:
-        """Which consumer holds each of ``entry_ids`` in the group's pending list (absent: acked)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-            replies = await pipe.execute()
-        return {_text(row["message_id"]): _text(row["consumer"]) for rows in replies for row in rows}
+        rows = await self._pending_rows(entry_ids)
+        return {entry_id: _text(row["consumer"]) for entry_id, row in rows.items()}
 
     async def _maintain(self) -> None:
         """Once per claim sweep: report lag, forget long-gone consumers that hold nothing."""
@@ -412,9 +420,14 @@ class RedisStreamConsumer:
         (False), or it must be sent again (None). EXEC is atomic, so the acks tell."""
         try:
             owners = await self._owners(entry_ids)
+            # Not pending may also mean a Redis that restarted without its data: then the entries
+            # are gone too, and sending the outputs again is the safe side.
+            still_stored = bool(await self.client.xrange(self.stream, entry_ids[0], entry_ids[0]))
         except (RedisError, OSError):
             return None
         if not owners:
+            if not still_stored:
+                return None
             log.warning("publish.applied_before_error", entries=len(entry_ids))
             return True
         if all(owner != self.consumer for owner in owners.values()):

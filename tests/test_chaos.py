@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 
-from bench.chaos import ChaosConfig, build_messages, furniture_queries, plan_faults, run_chaos, write_json
+from bench.chaos import (
+    ChaosConfig,
+    build_messages,
+    furniture_queries,
+    plan_faults,
+    plan_segments,
+    run_chaos,
+    write_json,
+)
 from workers.normalize import normalize_query
 
 needs_stack = pytest.mark.skipif(
@@ -30,15 +39,18 @@ def test_input_is_seeded_and_poison_is_varied() -> None:
     assert first != build_messages(2000, 50, 0.03, seed=12)
     assert len({m.query_id for m in first}) == 2000
     assert {m.kind for m in first} == {"query", "invalid_json", "empty_query", "invalid_utf8", "over_long"}
-    assert len({normalize_query(q) for q in furniture_queries(__import__("random").Random(1), 300)}) == 300
+    assert len({normalize_query(q) for q in furniture_queries(random.Random(1), 300)}) == 300
 
 
-def test_fault_plan_has_every_fault_once_in_the_window() -> None:
-    plan = plan_faults(ChaosConfig(kills=3, seed=5))
+def test_fault_plan_has_every_fault_once_and_segments_cover_the_input() -> None:
+    config = ChaosConfig(messages=20_000, kills=3, seed=5)
+    plan = plan_faults(config)
     assert sorted(kind for _, kind in plan) == ["broker_restart", "redis_outage", "worker_kill", "worker_kill",
                                                 "worker_kill"]
-    assert [p for p, _ in plan] == sorted(p for p, _ in plan)
-    assert all(0.08 <= p <= 0.85 for p, _ in plan)
+    assert all(0.2 <= share <= 0.8 for share, _ in plan)
+    assert plan == plan_faults(ChaosConfig(messages=500, kills=3, seed=5))  # the input size does not move faults
+    segments = plan_segments(config, len(plan))
+    assert len(segments) == len(plan) + 1 and sum(segments) == 20_000 and min(segments) > 0
 
 
 @pytest.mark.slow

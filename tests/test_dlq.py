@@ -30,7 +30,7 @@ async def put_letters(settings: Settings, letters: list[tuple[bytes, bytes, list
 
 async def read_input(settings: Settings) -> list:
     async with open_source(settings, ["input"]) as source:
-        return await drain(source, idle_s=1.0)
+        return await drain(source, idle_s=0.6)
 
 
 @pytest.mark.parametrize("transport", ["kafka", "redis"])
@@ -45,24 +45,24 @@ async def test_redrive_filters_limits_and_never_twice(make_settings: Callable[..
         letter("v2", "", "validate", "EmptyQuery"),
     ])
 
-    report = await inspect(settings)
+    report = await inspect(settings, idle_s=0.6)
     counts = {(b.stage, b.error_class): b.count for b in report.buckets}
     assert report.total == 6
     assert counts == {("infer", "TimeoutError"): 3, ("validate", "EmptyQuery"): 2, ("infer", "RuntimeError"): 1}
 
-    dry = await redrive(settings, stage="infer", error_class="TimeoutError", dry_run=True)
+    dry = await redrive(settings, idle_s=0.6, stage="infer", error_class="TimeoutError", dry_run=True)
     assert (dry.redriven, dry.over_limit) == (2, 1)
     assert await read_input(settings) == []
 
-    first = await redrive(settings, stage="infer", error_class="TimeoutError")
+    first = await redrive(settings, idle_s=0.6, stage="infer", error_class="TimeoutError")
     assert (first.matched, first.redriven, first.over_limit) == (3, 2, 1)
-    again = await redrive(settings, stage="infer", error_class="TimeoutError")
+    again = await redrive(settings, idle_s=0.6, stage="infer", error_class="TimeoutError")
     assert (again.redriven, again.already_redriven) == (0, 3)
 
     # An unfiltered redrive afterwards takes the rest, and not the infer/TimeoutError letters again.
-    rest = await redrive(settings)
+    rest = await redrive(settings, idle_s=0.6)
     assert (rest.redriven, rest.already_redriven) == (3, 3)
-    assert (await redrive(settings)).redriven == 0
+    assert (await redrive(settings, idle_s=0.6)).redriven == 0
 
     records = await read_input(settings)
     by_id = {json.loads(record.value)["query_id"]: record for record in records}
@@ -73,7 +73,7 @@ async def test_redrive_filters_limits_and_never_twice(make_settings: Callable[..
     assert by_id["t1"].headers["qustream.redrive.from"].startswith(settings.topic_dlq.encode()
                                                                     if transport == "kafka" else
                                                                     settings.stream_dlq.encode())
-    assert sum(b.redriven_before for b in (await inspect(settings)).buckets) == 6
+    assert sum(b.redriven_before for b in (await inspect(settings, idle_s=0.6)).buckets) == 6
 
 
 @pytest.mark.e2e
@@ -86,12 +86,12 @@ async def test_transient_dead_letters_come_back_parsed(make_settings: Callable[.
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.wait_ready(timeout_s=240)
-        report = await redrive(settings)
+        report = await redrive(settings, idle_s=0.6)
         assert (report.redriven, report.over_limit) == (3, 1)
         parsed = await read_topic(settings, settings.topic_parsed, until=3, timeout_s=180)
         events = {json.loads(r.value)["query_id"]: json.loads(r.value) for r in parsed}
         assert set(events) == set(queries), worker.log_tail()
         assert all(events[qid]["query"] == q for qid, q in queries.items())
-        assert (await redrive(settings)).redriven == 0
+        assert (await redrive(settings, idle_s=0.6)).redriven == 0
     finally:
         worker.stop()

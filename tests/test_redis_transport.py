@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -102,13 +103,13 @@ def query(query_id: str, text: str) -> bytes:
 async def add(redis: Redis, settings: Settings, values: list[bytes]) -> list[str]:
     ids = []
     for index, value in enumerate(values):
-        entry_id = await redis.xadd(settings.stream_input, encode_entry(value, f"k{index}".encode()))  # type: ignore[arg-type]
+        entry_id: Any = await redis.xadd(settings.stream_input, encode_entry(value, f"k{index}".encode()))  # type: ignore[arg-type]
         ids.append(entry_id.decode())
     return ids
 
 
 async def entries(redis: Redis, stream: str) -> list[tuple[str, bytes | None, bytes | None, dict[str, bytes]]]:
-    rows = await redis.xrange(stream)
+    rows: Any = await redis.xrange(stream)
     out = []
     for entry_id, fields in rows:
         value, key, headers, _ = decode_entry(fields)
@@ -157,7 +158,7 @@ async def crash_read(redis: Redis, settings: Settings, consumer_name: str, count
     """What a consumer that dies right after reading leaves behind: entries pending under its name."""
     with contextlib.suppress(Exception):
         await redis.xgroup_create(settings.stream_input, settings.app_id, id="0", mkstream=True)
-    reply = await redis.xreadgroup(settings.app_id, consumer_name, {settings.stream_input: ">"}, count=count)
+    reply: Any = await redis.xreadgroup(settings.app_id, consumer_name, {settings.stream_input: ">"}, count=count)
     return [entry_id.decode() for _, items in reply for entry_id, _ in items]
 
 
@@ -184,12 +185,12 @@ async def test_batches_are_parsed_published_and_acked(settings: Settings, redis:
         assert event.parse.item_type == event.query.split()[-1]
         assert event.source.topic == settings.stream_input and event.source.offset in ids
     parsed_keys = [key for _, _, key, _ in await entries(redis, settings.stream_parsed)]
-    assert sorted(parsed_keys) == sorted(e.query_id.encode() for e in events)
+    assert sorted(key or b"" for key in parsed_keys) == sorted(e.query_id.encode() for e in events)
     # In-batch dedupe and the cache: the model saw each distinct query once.
     assert sorted(running.engine.seen) == sorted(UNIQUE)
 
     refused = await dead_letters(redis, settings)
-    assert sorted(value for value, _ in refused) == sorted(poison)
+    assert sorted(value or b"" for value, _ in refused) == sorted(poison)
     assert {reason.stage for _, reason in refused} == {"decode", "validate"}
     assert all(reason.source_topic == settings.stream_input and reason.source_offset in ids for _, reason in refused)
 
@@ -319,11 +320,13 @@ async def test_parse_bridge(settings: Settings, redis: Redis) -> None:
 
 
 class Proxy:
-    """A TCP proxy in front of Redis that can be cut, to take Redis away without stopping it."""
+    """A TCP proxy in front of Redis that can be cut, to take Redis away without stopping it, or
+    made to lose the reply of the next ``EXEC`` after Redis has run it."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
+        self.lose_next_exec_reply = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -340,21 +343,55 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
+        black_hole = asyncio.Event()
 
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def to_redis() -> None:
             with contextlib.suppress(Exception):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
+                while data := await reader.read(65536):
+                    up_writer.write(data)
+                    await up_writer.drain()
+                    if self.lose_next_exec_reply and b"\r\nEXEC\r\n" in data:
+                        self.lose_next_exec_reply = False
+                        black_hole.set()
+                        await asyncio.sleep(0.2)  # Redis runs the transaction; its reply goes nowhere
+                        writer.close()
+            up_writer.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        async def to_client() -> None:
+            with contextlib.suppress(Exception):
+                while data := await up_reader.read(65536):
+                    if black_hole.is_set():
+                        continue
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_redis(), to_client())
         self._writers -= {writer, up_writer}
 
 
+async def test_lost_exec_reply_does_not_duplicate_the_batch(settings: Settings, redis: Redis, redis_url: str) -> None:
+    proxy = Proxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.open()
+    behind_proxy = settings.model_copy(update={"redis_url": SecretStr(f"redis://127.0.0.1:{proxy.port}/9")})
+    try:
+        async with consumer(behind_proxy):
+            await eventually(lambda: _equals(pending(redis, settings), 0), what="group joined")
+            proxy.lose_next_exec_reply = True
+            await add(redis, settings, [query(f"q{i}", UNIQUE[i]) for i in range(4)])
+            await eventually(lambda: _equals(outputs_count(redis, settings), 4), what="outputs")
+            await eventually(lambda: _equals(pending(redis, settings), 0), what="acked")
+            await eventually(lambda: _true(not proxy.lose_next_exec_reply), what="reply lost")
+            await asyncio.sleep(1.5)  # time for a (wrong) second publish to land
+    finally:
+        await proxy.cut()
+    # The transaction ran, its reply was lost; the retry saw the acks and did not publish again.
+    assert sorted(e.query_id for e in await parsed_events(redis, settings)) == [f"q{i}" for i in range(4)]
+    assert len(await metrics(redis, settings)) == 1
+
+
 async def test_redis_outage_is_survived(settings: Settings, redis: Redis, redis_url: str) -> None:
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = Proxy(port)
+    proxy = Proxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     await proxy.open()
     behind_proxy = settings.model_copy(update={"redis_url": SecretStr(f"redis://127.0.0.1:{proxy.port}/9")})
     first = await add(redis, settings, [query(f"a{i}", UNIQUE[i]) for i in range(4)])

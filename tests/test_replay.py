@@ -36,7 +36,8 @@ def write_tsv_log(path: Path) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
-def cli(settings: Settings, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(settings: Settings, *args: str, cwd: Path | None = None, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)})
 
@@ -122,14 +123,8 @@ async def test_speed_keeps_relative_timing(make_settings: Callable[..., Settings
     assert len(records) == len(offsets_s)
 
 
-async def test_resume_after_interrupt_sends_no_line_twice(
-    make_settings: Callable[..., Settings], tmp_path: Path
-) -> None:
-    lines = 600
-    log = tmp_path / "big.csv"
-    log.write_text("id,query\n" + "".join(f"r{n},walnut desk {n}\n" for n in range(lines)))
-    checkpoint = tmp_path / "resume.json"
-    settings = make_settings()
+def interrupted_replay(settings: Settings, log: Path, checkpoint: Path) -> tuple[int, str, str]:
+    """A CLI replay at 150/s, sent SIGINT (Ctrl-C) mid-way."""
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "streams.cli", "replay", str(log), "--rate", "150", "--no-progress", "--json",
             "--checkpoint", str(checkpoint)]
@@ -140,7 +135,19 @@ async def test_resume_after_interrupt_sends_no_line_twice(
     time.sleep(0.8)  # mid-way: 600 lines at 150/s take 4 s
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    return process.returncode, stdout, stderr
+
+
+async def test_resume_after_interrupt_sends_no_line_twice(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    lines = 600
+    log = tmp_path / "big.csv"
+    log.write_text("id,query\n" + "".join(f"r{n},walnut desk {n}\n" for n in range(lines)))
+    checkpoint = tmp_path / "resume.json"
+    settings = make_settings()
+    returncode, stdout, stderr = interrupted_replay(settings, log, checkpoint)
+    assert returncode == 130, stderr
     first = json.loads(stdout.strip().splitlines()[-1])
     assert first["interrupted"] and 0 < first["produced"] < lines
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from workers.model import LoadedModel
+    from workers.static_decode import StaticDecoder
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +115,64 @@ class DecodeStats:
     seconds: float = 0.0
 
 
+class Stepper(Protocol):
+    """Runs the model over one decoding group; rows are the group's active rows, in order."""
+
+    def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one left-padded chunk per row; returns float32 CPU logits of each row's last position."""
+        ...
+
+    def keep(self, indices: list[int]) -> None:
+        """Only these rows (indices into the current active rows) go on."""
+        ...
+
+
+class DynamicStepper:
+    """DynamicCache decoding: the prefix KV is copied into the batch; finished rows are dropped."""
+
+    def __init__(
+        self,
+        model: Any,
+        device: str,
+        batch: int,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = device
+        if prefix is None:
+            self.cache = DynamicCache()
+            self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        else:
+            data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
+            self.cache = DynamicCache(ddp_cache_data=data)
+            self.mask = torch.ones((batch, prefix[0][0].shape[2]), dtype=torch.long, device=device)
+
+    def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        self.mask = torch.cat([self.mask, step_mask.to(self.device)], dim=1)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask,
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :].float().cpu()
+
+    def keep(self, indices: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(indices, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+
+
 class ConstrainedEngine:
     """Grammar-constrained greedy parser over a loaded causal LM. One batch at a time (locked)."""
 
@@ -149,6 +208,11 @@ class ConstrainedEngine:
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
         self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix())["input_ids"])
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._static: StaticDecoder | None = None
+        if settings.compile and loaded.device == "cuda":
+            from workers.static_decode import StaticDecoder
+
+            self._static = StaticDecoder(self.model, loaded.device, len(self._prefix_ids), compile_model=True)
         if gqa_attention is None:
             # On CUDA, SDPA's fused kernels need the mask-free path; GQA-with-mask only pays on CPU.
             gqa_attention = loaded.device == "cpu"
@@ -162,6 +226,11 @@ class ConstrainedEngine:
     # ----------------------------------------------------------------------------------------
     def warm_up(self) -> None:
         started = time.perf_counter()
+        if self._static is not None:
+            import torch
+
+            with self._lock, torch.inference_mode():
+                self._static.warm_up(self._prefix_cache(), self._pad_id)
         self.parse_batch(["grey velvet sofa", "oak dining table with 6 chairs", "lamp"])
         log.info("engine.warm", version=self.version, seconds=round(time.perf_counter() - started, 2))
 
@@ -237,18 +306,6 @@ class ConstrainedEngine:
             groups.append(current)
         return groups
 
-    def _initial_cache(self, batch: int) -> tuple[Any, torch.Tensor]:
-        import torch
-        from transformers import DynamicCache
-
-        device = self.loaded.device
-        if not self.use_prefix_cache:
-            return DynamicCache(), torch.zeros((batch, 0), dtype=torch.long, device=device)
-        prefix = self._prefix_cache()
-        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
-        mask = torch.ones((batch, len(self._prefix_ids)), dtype=torch.long, device=device)
-        return DynamicCache(ddp_cache_data=data), mask
-
     def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prompt prefix's per-layer keys/values, computed once per engine."""
         if self._prefix_kv is None:
@@ -261,14 +318,19 @@ class ConstrainedEngine:
             log.info("engine.prefix_cached", tokens=len(self._prefix_ids))
         return self._prefix_kv
 
+    def _stepper(self, batch: int, longest_feed: int) -> Stepper:
+        if self._static is not None and self.use_prefix_cache and self._static.fits(batch, longest_feed):
+            return self._static.start(batch, self._prefix_cache())
+        prefix = self._prefix_cache() if self.use_prefix_cache else None
+        return DynamicStepper(self.model, self.loaded.device, batch, prefix)
+
     def _decode_group(self, rows: list[_Row]) -> None:
         import torch
         import xgrammar as xgr
 
-        device = self.loaded.device
         stats = self.last_stats
-        cache, mask = self._initial_cache(len(rows))
-        base = 0 if not self.use_prefix_cache else len(self._prefix_ids)
+        stepper = self._stepper(len(rows), max(len(r.feed) for r in rows))
+        base = len(self._prefix_ids) if self.use_prefix_cache else 0
         for row in rows:
             row.position = base
         active = list(rows)
@@ -290,25 +352,14 @@ class ConstrainedEngine:
                 positions[i, width - n :] = torch.arange(row.position, row.position + n)
                 row.position += n
                 row.feed = row.feed[n:]
-            mask = torch.cat([mask, step_mask.to(device)], dim=1)
-            out = self.model(
-                input_ids=ids.to(device),
-                attention_mask=mask,
-                position_ids=positions.to(device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.past_key_values
+            logits = stepper.step(ids, step_mask, positions)
             stats.forwards += 1
             stats.positions += len(active) * width
             stats.padded_positions += len(active) * width - sum(len(c) for c in chunks)
             deciding = [i for i, r in enumerate(active) if not r.feed]
             if deciding:
-                logits = out.logits[:, -1, :].float()
                 for i in deciding:
                     active[i].matcher.fill_next_token_bitmask(bitmask, i)
-                logits = logits.cpu() if logits.device.type != "cpu" else logits
                 xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
                 chosen = logits.argmax(dim=-1).tolist()
                 for i in deciding:
@@ -318,9 +369,7 @@ class ConstrainedEngine:
             if not keep:
                 return
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
+                stepper.keep(keep)
                 active = [active[i] for i in keep]
         for row in active:
             log.warning("engine.step_limit", query_chars=len(row.query))

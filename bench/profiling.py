@@ -1,0 +1,55 @@
+"""Where a worker's time goes: py-spy collapsed stacks folded into a few named buckets."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from typing import Any
+
+#: (bucket, substrings of a stack that put a sample in it); the first match wins, so the more
+#: specific buckets (the core step's parts) come before the framework catch-alls.
+BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("core step: decode input (pydantic QueryInput, normalize)", ("decode_message",)),
+    ("core step: Redis lookup/write", ("ParseCache.get_many", "ParseCache.set_many")),
+    ("core step: build ParsedEvent + JSON", ("ParsePipeline.process",)),
+    ("runtime.record: metrics + batch.done log", ("WorkerRuntime.record",)),
+    ("publish: producer.send per record", ("create_app.<locals>.publish",)),
+    ("agent: ack per event, to_inbound", ("Stream.ack", "to_inbound")),
+    ("aiokafka producer: produce requests (socket writes)", ("Sender.", "producer/")),
+    ("Redis client I/O outside the step (socket writes)", ("redis/",)),
+    ("Faust consumer: fetch, conductor, events in", ("Fetcher", "_drain_messages", "on_message", "Conductor")),
+    ("Faust stream / take / agent machinery", ("faust/streams.py", "faust/agents/", "Stream.")),
+    ("Faust/mode services, timers, commits", ("mode/", "faust/")),
+    ("aiokafka consumer / client", ("aiokafka/",)),
+    ("event loop: select + callbacks", ("selectors.py", "asyncio/")),
+)
+
+_PATH = re.compile(r" \((?:/[^()]*/)?(?:site-packages/)?([^()]*?):\d+\)")
+
+
+def py_spy_available() -> bool:
+    return shutil.which("py-spy") is not None
+
+
+def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
+    """Buckets (share of samples) plus the hottest leaf functions, from ``py-spy --format raw`` output."""
+    buckets: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rstrip().rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        bucket = next((name for name, keys in BUCKETS if any(key in stack for key in keys)), "other")
+        buckets[bucket] += count
+        leaves[_PATH.sub(r" (\1)", stack.split(";")[-1])] += count
+    if not total:
+        return {"samples": 0, "buckets": {}, "hottest": {}}
+    return {
+        "samples": total,
+        "buckets": {name: round(n / total, 4) for name, n in buckets.most_common()},
+        "hottest": {name: round(n / total, 4) for name, n in leaves.most_common(top)},
+    }

@@ -1,0 +1,126 @@
+"""Engine mechanics on a tiny random Llama (fast) and quality on the real default model (e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.events import PARSE_FIELDS, QueryParse
+from schemas.settings import Settings
+from schemas.vocabulary import Vocabulary
+from tests.engine_fixtures import real_loaded, tiny_loaded
+from tests.test_grammar import ADVERSARIAL
+from workers.engine import ConstrainedEngine, build_engine, engine_version
+from workers.model import LoadedModel
+from workers.prompt import full_prompt, prompt_prefix, prompt_suffix
+
+__all__ = ["real_loaded", "tiny_loaded"]
+
+QUERIES = [
+    "grey velvet sofa",
+    "oak dining table with 6 chairs",
+    "blk leather recliner",
+    "mid century walnut credenza",
+    "queen bed frame",
+    "rose gold bar cart",
+    "lamp",
+    "chair and a half recliner",
+]
+
+
+def make_engine(loaded: LoadedModel, **kwargs: object) -> ConstrainedEngine:
+    settings = Settings(device="cpu", cpu_threads=2, jump_forward=bool(kwargs.pop("jump_forward", False)))
+    return ConstrainedEngine(settings, loaded, Vocabulary.load(), **kwargs)  # type: ignore[arg-type]
+
+
+def assert_valid(results: list, queries: list[str]) -> None:  # type: ignore[type-arg]
+    assert len(results) == len(queries)
+    for result in results:
+        assert set(result.parse) == set(PARSE_FIELDS)
+        QueryParse.model_validate(result.parse)
+        assert result.tokens_out > 0
+
+
+def test_adversarial_batch_is_valid_and_ordered(tiny_loaded: LoadedModel) -> None:
+    engine = make_engine(tiny_loaded)
+    queries = [*ADVERSARIAL, *QUERIES]
+    results = engine.parse_batch(queries)
+    assert_valid(results, queries)
+    vocabulary = Vocabulary.load()
+    for query, result in zip(queries, results, strict=True):
+        for name in ("material", "color", "style"):
+            value = result.parse[name]
+            assert value is None or value in vocabulary.candidates(name, query), (query, name, value)
+        assert result.ungrounded == []
+    # A query with no vocabulary word is decided without the model: every facet null.
+    emoji = results[queries.index("😀" * 500)]
+    assert emoji.parse == dict.fromkeys(PARSE_FIELDS)
+    assert engine.parse_batch([]) == []
+
+
+def test_prefix_cache_gives_same_outputs(tiny_loaded: LoadedModel) -> None:
+    cached = make_engine(tiny_loaded).parse_batch(QUERIES)
+    uncached = make_engine(tiny_loaded, use_prefix_cache=False).parse_batch(QUERIES)
+    assert [r.parse for r in cached] == [r.parse for r in uncached]
+
+
+def test_jump_forward_and_grouping_do_not_change_outputs(tiny_loaded: LoadedModel) -> None:
+    plain = make_engine(tiny_loaded).parse_batch(QUERIES)
+    jumped = make_engine(tiny_loaded, jump_forward=True).parse_batch(QUERIES)
+    split = make_engine(tiny_loaded, min_group=1, max_pad_waste=0.0).parse_batch(QUERIES)
+    one_by_one = [make_engine(tiny_loaded).parse_batch([q])[0] for q in QUERIES[:3]]
+    assert [r.parse for r in jumped] == [r.parse for r in plain]
+    assert [r.parse for r in split] == [r.parse for r in plain]
+    assert [r.parse for r in one_by_one] == [r.parse for r in plain[:3]]
+
+
+def test_static_cache_path_matches_dynamic(tiny_loaded: LoadedModel) -> None:
+    from workers.static_decode import StaticDecoder
+
+    dynamic = make_engine(tiny_loaded).parse_batch(QUERIES)
+    engine = make_engine(tiny_loaded)
+    engine._static = StaticDecoder(tiny_loaded.model, "cpu", len(engine._prefix_ids), compile_model=False)
+    static = engine.parse_batch(QUERIES)
+    assert [r.parse for r in static] == [r.parse for r in dynamic]
+
+
+def test_prompt_split_keeps_tokenization(tiny_loaded: LoadedModel) -> None:
+    tokenizer = tiny_loaded.tokenizer
+    for query in QUERIES:
+        joined = tokenizer(prompt_prefix())["input_ids"] + tokenizer(prompt_suffix(query), add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert joined == tokenizer(full_prompt(query))["input_ids"]
+
+
+def test_version_tracks_inputs() -> None:
+    vocabulary = Vocabulary.load()
+    base = engine_version("m", vocabulary, "catalog")
+    assert base == engine_version("m", vocabulary, "catalog")
+    assert base != engine_version("m", vocabulary, "span")
+    assert base != engine_version("other", vocabulary, "catalog")
+    changed = vocabulary.model_copy(update={"version": "2"})
+    assert base != engine_version("m", changed, "catalog")
+    assert len(base) == 12
+
+
+@pytest.mark.parametrize("grounding", ["span", "free"])
+def test_other_grounding_modes_stay_valid(tiny_loaded: LoadedModel, grounding: str) -> None:
+    settings = Settings(device="cpu", cpu_threads=2, grounding=grounding)  # type: ignore[arg-type]
+    engine = build_engine(settings, tiny_loaded)
+    queries = ADVERSARIAL[:6] + QUERIES[:2]
+    assert_valid(engine.parse_batch(queries), queries)
+
+
+@pytest.mark.e2e
+def test_default_model_quality(real_loaded: LoadedModel) -> None:
+    from workers.evaluation import load_quality, score
+
+    engine = build_engine(Settings(device="cpu", cpu_threads=2), real_loaded)
+    cases = load_quality()
+    parses: list[dict[str, str | None] | None] = []
+    for start in range(0, len(cases), 48):
+        parses += [r.parse for r in engine.parse_batch([c.query for c in cases[start : start + 48]])]
+    metrics = score(cases, parses)
+    assert metrics["schema_valid"] == 1.0
+    assert metrics["all_three_acc"] >= 0.6, metrics
+    assert metrics["invented_absent"] <= 0.05, metrics
