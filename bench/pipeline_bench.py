@@ -674,9 +674,14 @@ class PipelineBench:
                 complete = await collector.wait(settings.topic_parsed, tag, len(burst), p.drain_timeout_s)
                 burst_result = _round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
                 tag = _round_tag()
-                await produce_open_loop(producer, settings.topic_input, tag, steady, rate)
-                steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady), p.drain_timeout_s)
+                steady_began = await produce_open_loop(producer, settings.topic_input, tag, steady, rate)
+                steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady),
+                                                       min(p.drain_timeout_s, 120.0))
                 latencies = _latencies(_parsed_events(collector, settings.topic_parsed, tag))
+                # A message still missing at the timeout is at least this old: count it so, or a
+                # point that cannot keep up would report only its fast messages.
+                missing = len(steady) - len(latencies)
+                latencies += [time.time() - steady_began - len(steady) / rate] * max(missing, 0)
             finally:
                 await producer.stop()
                 await collector.stop()
@@ -688,6 +693,7 @@ class PipelineBench:
                 "burst_complete": burst_result.complete,
                 "steady_complete": steady_complete,
                 "steady_rate_qps": rate,
+                "steady_missing": max(missing, 0),
                 **_latency_summary(latencies),
             }
             rows.append(row)

@@ -11,18 +11,20 @@ from typing import Any
 #: specific buckets (the core step's parts) come before the framework catch-alls.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core step: decode input (pydantic QueryInput, normalize)", ("decode_message",)),
-    ("core step: Redis lookup/write", ("ParseCache.get_many", "ParseCache.set_many")),
-    ("core step: build ParsedEvent + JSON", ("ParsePipeline.process",)),
+    # redis-py runs its socket writes as separate loop callbacks, outside the step's stack.
+    ("core step: Redis lookup (incl. socket writes)", ("ParseCache.", "redis/")),
+    ("core step: build ParsedEvent + JSON, other", ("ParsePipeline.",)),
     ("runtime.record: metrics + batch.done log", ("WorkerRuntime.record",)),
     ("publish: producer.send per record", ("create_app.<locals>.publish",)),
     ("agent: ack per event, to_inbound", ("Stream.ack", "to_inbound")),
-    ("aiokafka producer: produce requests (socket writes)", ("Sender.", "producer/")),
-    ("Redis client I/O outside the step (socket writes)", ("redis/",)),
+    ("aiokafka producer: produce requests (socket writes)", ("Sender.", "aiokafka/producer/")),
     ("Faust consumer: fetch, conductor, events in", ("Fetcher", "_drain_messages", "on_message", "Conductor")),
     ("Faust stream / take / agent machinery", ("faust/streams.py", "faust/agents/", "Stream.")),
-    ("Faust/mode services, timers, commits", ("mode/", "faust/")),
+    ("event loop: waiting in select", ("EpollSelector.select",)),
+    ("Faust/mode services, timers, commits", ("faust/", "mode/services.py", "mode/threads.py", "mode/utils/",
+                                              "mode/timers.py")),
     ("aiokafka consumer / client", ("aiokafka/",)),
-    ("event loop: select + callbacks", ("selectors.py", "asyncio/")),
+    ("asyncio scheduling, other", ("asyncio/",)),
 )
 
 _PATH = re.compile(r" \((?:/[^()]*/)?(?:site-packages/)?([^()]*?):\d+\)")
