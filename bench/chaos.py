@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -563,6 +564,8 @@ class _Log:
 
 
 async def run_chaos(config: ChaosConfig, console: Any | None = None) -> ChaosReport:
+    # The harness's own clients lose the broker on purpose; their reconnect warnings are noise here.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="qustream-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stack = ChaosStack(workdir)

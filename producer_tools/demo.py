@@ -87,7 +87,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
     if port_open("127.0.0.1", settings.web_port):
         settings = settings.model_copy(update={"web_port": free_port()})
     # SIGTERM (e.g. from a CI timeout) must still run the clean-up below.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     worker: subprocess.Popen[bytes] | None = None
     log_path = settings.model_cache_dir / "local" / "demo-worker.log"
     try:
@@ -115,6 +115,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
                 worker.kill()
         for process in stack.down(only=started):
             console.print(f"stopped local {process.name} (pid {process.pid})")
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 async def _replay_and_collect(settings: Settings, lines: list[str], timeout_s: float) -> DemoSummary:

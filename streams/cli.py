@@ -144,12 +144,18 @@ def produce(
 def demo(
     queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
     timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
+    transport: Annotated[str | None, typer.Option(help="kafka or redis (default: QUSTREAM_TRANSPORT).")] = None,
 ) -> None:
     """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
-    summary; stops what it started.  Example: qustream demo"""
+    summary; stops what it started.  Example: qustream demo  (or: qustream demo --transport redis)"""
     from producer_tools.demo import run_demo
 
-    summary = run_demo(settings_or_exit(), queries, timeout)
+    settings = settings_or_exit()
+    if transport is not None:
+        if transport not in ("kafka", "redis"):
+            raise fail(f"--transport must be kafka or redis, not {transport!r}", 2)
+        settings = settings.model_copy(update={"transport": transport})
+    summary = run_demo(settings, queries, timeout)
     table = Table(title="qustream demo")
     table.add_column("metric")
     table.add_column("value", justify="right")
