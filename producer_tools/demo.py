@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +17,7 @@ import structlog
 from rich.console import Console
 
 from schemas.settings import Settings
-from streams.local_stack import LocalStack, free_port, port_open
+from streams.local_stack import LocalStack, WorkerProcess, free_port, port_open
 
 log = structlog.get_logger(__name__)
 console = Console(stderr=True)
@@ -56,21 +52,6 @@ def demo_lines(path: Path, run_id: str) -> list[str]:
     return lines
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"the worker was not ready within {timeout_s} s")
-
-
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -88,7 +69,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
         settings = settings.model_copy(update={"web_port": free_port()})
     # SIGTERM (e.g. from a CI timeout) must still run the clean-up below.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    worker: subprocess.Popen[bytes] | None = None
+    worker: WorkerProcess | None = None
     log_path = settings.model_cache_dir / "local" / "demo-worker.log"
     try:
         console.print("preparing the model (first run converts it once, ~30 s)…")
@@ -98,21 +79,15 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
 
             asyncio.run(ensure_topics(settings))
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as log_file:
-            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
-                                      env={**os.environ, **settings.to_env()}, stdout=log_file,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        log_path.unlink(missing_ok=True)
+        worker = WorkerProcess(settings, log_path)
         console.print(f"worker started (log: {log_path}); waiting for /ready…")
-        wait_ready(f"http://127.0.0.1:{settings.web_port}", worker, timeout_s=300)
+        worker.wait_ready(timeout_s=300)
         lines = demo_lines(queries or SAMPLE_QUERIES, uuid.uuid4().hex[:8])
         return asyncio.run(_replay_and_collect(settings, lines, timeout_s))
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            worker.stop()
         for process in stack.down(only=started):
             console.print(f"stopped local {process.name} (pid {process.pid})")
         signal.signal(signal.SIGTERM, previous_handler)

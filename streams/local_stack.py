@@ -14,9 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from schemas.settings import Settings
@@ -167,3 +172,89 @@ class LocalStack:
             "redis": {"address": f"{redis[0]}:{redis[1]}", "answers": port_open(*redis)},
             "started_by_qustream": [asdict(p) for p in self.load()],
         }
+
+
+def isolated_settings(bootstrap: str, redis_url: str, *, tag: str = "t", **overrides: Any) -> Settings:
+    """Settings with topics, streams, group, cache prefix and web port of their own, tuned for tansu
+    (no idempotent producer, short session timeout): several runs share one broker without colliding."""
+    run = f"{tag}{uuid.uuid4().hex[:8]}"
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "redis_url": redis_url,
+        "topic_input": f"{run}.raw",
+        "topic_parsed": f"{run}.parsed",
+        "topic_metrics": f"{run}.metrics",
+        "topic_dlq": f"{run}.dlq",
+        "stream_input": f"{run}:raw",
+        "stream_parsed": f"{run}:parsed",
+        "stream_metrics": f"{run}:metrics",
+        "stream_dlq": f"{run}:dlq",
+        "app_id": f"qustream-{run}",
+        "cache_prefix": f"qustream-{run}",
+        "worker_id": f"worker-{run}",
+        "partitions": 2,
+        "producer_idempotence": False,  # tansu has no InitProducerId
+        "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
+        "broker_heartbeat_s": 1.0,
+        "batch_linger_ms": 100,
+        "web_port": free_port(),
+        "log_level": "INFO",
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class WorkerProcess:
+    """``qustream worker`` in a subprocess, configured through its environment as production runs it
+    (the demo, the tests and the benchmarks all start workers this way)."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}; log:\n{self.log_tail()}")
+            try:
+                status, _ = self.get("/ready", timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"worker not ready after {timeout_s} s; log:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode

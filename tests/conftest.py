@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,18 @@ from typing import Any
 import pytest
 
 from schemas.settings import Settings
-from streams.local_stack import StartedProcess, free_port, port_open, redis_command, spawn, stop_process, tansu_command
+from streams.local_stack import (
+    StartedProcess,
+    free_port,
+    isolated_settings,
+    port_open,
+    redis_command,
+    spawn,
+    stop_process,
+    tansu_command,
+)
+
+__all__ = ["isolated_settings"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,36 +48,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     if started is not None:
         stop_process(started)
-
-
-def isolated_settings(broker: str, redis_url: str, **overrides: Any) -> Settings:
-    """Settings with topics, group, cache prefix and web port of their own, so tests never collide."""
-    run = uuid.uuid4().hex[:8]
-    values: dict[str, Any] = {
-        "kafka_bootstrap": broker,
-        "redis_url": redis_url,
-        "topic_input": f"t{run}.raw",
-        "topic_parsed": f"t{run}.parsed",
-        "topic_metrics": f"t{run}.metrics",
-        "topic_dlq": f"t{run}.dlq",
-        "stream_input": f"t{run}:raw",
-        "stream_parsed": f"t{run}:parsed",
-        "stream_metrics": f"t{run}:metrics",
-        "stream_dlq": f"t{run}:dlq",
-        "app_id": f"qustream-test-{run}",
-        "cache_prefix": f"qustream-test:{run}",
-        "worker_id": f"test-{run}",
-        "partitions": 2,
-        "producer_idempotence": False,  # tansu has no InitProducerId
-        "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
-        "broker_heartbeat_s": 1.0,
-        "batch_linger_ms": 100,
-        "web_port": free_port(),
-        "log_level": "INFO",
-        "log_format": "json",
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @pytest.fixture
