@@ -161,6 +161,9 @@ class FaultRecord:
     duration_s: float = 0.0  # how long the component stayed down (what the harness controlled)
     recovery_s: float | None = None  # fault → first output record a consumer could read after it
     first_new_id_s: float | None = None  # fault → first output of an id not seen before
+    #: fault → CreateTime of the first record the worker made after it: when the worker resumed,
+    #: free of the monitor's own reconnect time (which recovery_s includes after a broker restart).
+    resumed_s: float | None = None
     outputs_during_s: int = 0  # output records the worker created while the component was down
     queued_ids: int = 0  # produced ids not out yet when the fault fired
 
@@ -482,6 +485,10 @@ class OutputMonitor:
                 return received
         return None
 
+    def first_created_after(self, t: float) -> float | None:
+        created_after = [created for _, created, _, _ in self.arrivals if created > t]
+        return min(created_after) if created_after else None
+
     def outputs_between(self, start: float, end: float) -> int:
         """Records the worker created in (start, end]: output produced while a component was down."""
         return sum(1 for _, created, _, _ in self.arrivals if start < created <= end)
@@ -752,6 +759,8 @@ def _summarize(config: ChaosConfig, messages: list[ChaosMessage], records: list[
         new = monitor.first_output_after(fault.at_s, new_only=True)
         fault.recovery_s = round(first - fault.at_s, 2) if first is not None else None
         fault.first_new_id_s = round(new - fault.at_s, 2) if new is not None else None
+        resumed = monitor.first_created_after(fault.at_s)
+        fault.resumed_s = round(resumed - fault.at_s, 2) if resumed is not None else None
         fault.outputs_during_s = monitor.outputs_between(fault.at_s, back)
         fault.at_s, fault.duration_s, fault.progress = round(fault.at_s, 2), round(fault.duration_s, 2), round(
             fault.progress, 4)
@@ -801,8 +810,10 @@ def report_rows(report: ChaosReport) -> list[tuple[str, str]]:
     ]
     for fault in report.faults:
         recovery = f"{fault.recovery_s:.1f} s" if fault.recovery_s is not None else "never"
-        detail = f" (at {fault.progress:.0%}, {fault.queued_ids:,} ids queued, down {fault.duration_s:.1f} s"
-        detail += f", {fault.outputs_during_s:,} outputs meanwhile)" if fault.kind == "redis_outage" else ")"
+        if fault.resumed_s is not None:
+            recovery += f" (worker resumed {fault.resumed_s:.1f} s)"
+        detail = f"; at {fault.progress:.0%}, {fault.queued_ids:,} ids queued, down {fault.duration_s:.1f} s"
+        detail += f", {fault.outputs_during_s:,} outputs meanwhile" if fault.kind == "redis_outage" else ""
         rows.append((f"recovery: {fault.label}", recovery + detail))
     rows.append(("wall time", f"{report.wall_s:.0f} s"))
     return rows

@@ -32,13 +32,12 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from bench.stack import Collector, Passthrough, Process, Services, Worker
+from bench.stack import Collector, EngineAlone, Passthrough, Process, Services, Worker
 from bench.workload import BenchQuery, expected_distinct, query_pool, zipf_ranks
 from schemas.settings import Settings
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics, topic_names
 from workers.cache import CachedParse, ParseCache, redis_client
-from workers.engine import ParseEngine
 
 log = structlog.get_logger(__name__)
 
@@ -54,16 +53,16 @@ class Plan:
     batch_size: int = 32
     linger_ms: int = 200
     transport_rounds: int = 5
-    transport_messages: int = 10_000
+    transport_messages: int = 20_000
     model_rounds: int = 3
     model_queries: int = 32
-    zipf_seconds: float = 120.0
+    zipf_seconds: float = 90.0
     zipf_rate: float = 6.0
     zipf_universe: int = 5_000
     zipf_exponent: float = 1.2
     scaling_rounds: int = 3
     scaling_uncached_rounds: int = 1
-    knob_sizes: list[int] = field(default_factory=lambda: [8, 32, 128])
+    knob_sizes: list[int] = field(default_factory=lambda: [16, 64])
     knob_lingers: list[int] = field(default_factory=lambda: [50, 500])
     knob_burst: int = 150
     knob_seconds: float = 12.0
@@ -76,7 +75,7 @@ class Plan:
         if name == "full":
             return cls("full")
         if name == "quick":
-            return cls("quick", transport_rounds=3, transport_messages=5_000, model_rounds=2, model_queries=32,
+            return cls("quick", transport_rounds=3, transport_messages=10_000, model_rounds=2, model_queries=32,
                        zipf_seconds=60.0, scaling_rounds=2, knob_sizes=[8, 32], knob_lingers=[50, 500],
                        knob_burst=100, knob_seconds=8.0, drain_timeout_s=180.0)
         if name == "tiny":
@@ -256,15 +255,13 @@ class RssSampler:
 
 
 class PipelineBench:
-    def __init__(self, plan: Plan, workdir: Path, engine_factory: Callable[[Settings], ParseEngine] | None = None,
-                 echo: Callable[[str], None] = print, profile: bool = False) -> None:
+    def __init__(self, plan: Plan, workdir: Path, echo: Callable[[str], None] = print, profile: bool = False) -> None:
         self.plan = plan
         self.profile = profile
         self.workdir = workdir
         self.echo = echo
-        self._engine_factory = engine_factory
         self.services: Services | None = None
-        self.engine: ParseEngine | None = None
+        self.engine: EngineAlone | None = None
         self.rss = RssSampler()
         self.pool = Pool(self._pool_size())
         self._prefixes: list[str] = []
@@ -331,9 +328,10 @@ class PipelineBench:
         producer = make_producer(main)
         await producer.start()
         try:
-            # The engine loads here while the worker loads its own copy: both are set-up time.
-            self.echo("loading the engine reference and starting the worker")
-            self.engine = await asyncio.to_thread(self._build_engine, main)
+            # The reference engine loads while the worker loads its own copy: both are set-up time.
+            self.echo("starting the worker, the engine reference and the pass-through references")
+            self.engine = EngineAlone(main, self.workdir / "engine-alone.log")
+            await self.engine.start()
             await worker.wait_ready(partitions=main.partitions)
             await passthrough.wait_ready()
             await core_step.wait_ready()
@@ -347,10 +345,13 @@ class PipelineBench:
             passthrough.stop()
             core_step.stop()
             results["model"] = await self._model(main, producer, collector)
+            await self.engine.stop()
             model_qps = results["model"]["qustream_qps"]
             results["zipf"] = await self._zipf(main, producer, collector, worker, model_qps)
             results["scaling"] = await self._scaling(main, producer, collector, worker, results)
         finally:
+            if self.engine is not None:
+                await self.engine.stop()
             await producer.stop()
             await collector.stop()
             passthrough.stop()
@@ -362,15 +363,6 @@ class PipelineBench:
             for name in sorted({n for _, n, _ in self.rss.samples})
         }
         return results
-
-    def _build_engine(self, settings: Settings) -> ParseEngine:
-        if self._engine_factory is not None:
-            return self._engine_factory(settings)
-        from workers.engine import build_engine
-
-        engine = build_engine(settings)
-        engine.warm_up()
-        return engine
 
     # --- transport ceiling --------------------------------------------------------------------
     async def _transport(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
@@ -417,6 +409,9 @@ class PipelineBench:
             reference="aiokafka consume → produce pass-through process, same broker")
         for which in paths:
             summary[f"{which}_cpu_us_per_msg"] = round(_median([r[f"{which}_cpu_us_per_msg"] for r in rounds]), 1)
+        # CPU per message of each process: the same comparison with other load on the machine taken out.
+        summary["cpu_ratio"] = round(summary["reference_cpu_us_per_msg"] / summary["qustream_cpu_us_per_msg"], 4) \
+            if summary["qustream_cpu_us_per_msg"] else 0.0
         summary["core_step_qps"] = round(_median([r["core_step_qps"] for r in rounds]), 2)
         summary["core_step_ratio"] = round(_median([r["core_step_ratio"] for r in rounds]), 4)
         summary["core_step"] = ("aiokafka consume → ParsePipeline.process (batch_size chunks) → produce, "
@@ -478,12 +473,8 @@ class PipelineBench:
             row: dict[str, Any] = {}
             for which in order:
                 if which == "reference":
-                    normalized = [q.normalized for q in queries]
-                    size = settings.batch_size
-                    started = time.perf_counter()
-                    for start in range(0, len(normalized), size):
-                        await asyncio.to_thread(engine.parse_batch, normalized[start : start + size])
-                    row["reference_qps"] = round(len(queries) / (time.perf_counter() - started), 3)
+                    seconds = await engine.parse_seconds([q.normalized for q in queries], p.drain_timeout_s)
+                    row["reference_qps"] = round(len(queries) / seconds, 3)
                     continue
                 tag = _round_tag()
                 began = await produce_burst(producer, settings.topic_input, tag, queries)
@@ -502,7 +493,8 @@ class PipelineBench:
         self._model_qps = _median([r["qustream_qps"] for r in rounds])
         return self._ceiling_summary(rounds, MODEL_TARGET, queries_per_round=p.model_queries,
                                      batch_size=settings.batch_size,
-                                     reference="engine.parse_batch alone, same queries and batch size, in-process")
+                                     reference="engine.parse_batch alone in its own process, same queries "
+                                               "and batch size")
 
     # --- Zipf replay ----------------------------------------------------------------------------
     def _zipf_rate(self, model_qps: float) -> float:
@@ -671,12 +663,13 @@ class PipelineBench:
                 await worker.wait_ready(partitions=settings.partitions)
                 tag = _round_tag()
                 started = await produce_burst(producer, settings.topic_input, tag, burst)
-                complete = await collector.wait(settings.topic_parsed, tag, len(burst), p.drain_timeout_s)
+                # Bounded: a point that cannot keep up shows that from what it finished in time.
+                complete = await collector.wait(settings.topic_parsed, tag, len(burst), min(p.drain_timeout_s, 90.0))
                 burst_result = _round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
                 tag = _round_tag()
                 steady_began = await produce_open_loop(producer, settings.topic_input, tag, steady, rate)
                 steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady),
-                                                       min(p.drain_timeout_s, 120.0))
+                                                       min(p.drain_timeout_s, 60.0))
                 latencies = _latencies(_parsed_events(collector, settings.topic_parsed, tag))
                 # A message still missing at the timeout is at least this old: count it so, or a
                 # point that cannot keep up would report only its fast messages.
@@ -744,8 +737,8 @@ class PipelineBench:
                 "torch_threads": torch.get_num_threads(),
                 "os": platform.platform(),
             },
-            "model": getattr(self.engine, "model_id", None),
-            "engine_version": getattr(self.engine, "version", None),
+            "model": self.engine.model_id if self.engine else None,
+            "engine_version": self.engine.version if self.engine else None,
             "broker": "tansu 0.6 (memory storage), private instance",
             "not_measured": ["GPU (no GPU on this machine)", "Apache Kafka (tansu only)",
                              "multi-host scaling", "Redis Streams transport"],

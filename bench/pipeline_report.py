@@ -32,6 +32,8 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     row("worker CPU per message: qustream / core step without Faust / pass-through (µs)",
         lambda r: " / ".join(f"{r['transport'].get(f'{k}_cpu_us_per_msg', float('nan')):.0f}"
                              for k in ("qustream", "core_step", "reference")))
+    row("transport ratio by worker CPU per message (pass-through µs / qustream µs)",
+        lambda r: _pct(r["transport"].get("cpu_ratio", 0.0)))
     row("model: qustream, none cached (q/s)", lambda r: f"{r['model']['qustream_qps']:.2f}")
     row("model: engine alone (q/s)", lambda r: f"{r['model']['reference_qps']:.2f}")
     row("**model ratio** (target ≥ 85 %)",

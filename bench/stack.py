@@ -242,3 +242,56 @@ class Collector:
                 await self._task
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+class EngineAlone:
+    """``python -m bench.engine_alone`` with the worker's settings: the model reference process."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.version = ""
+        self.model_id = ""
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout_s: float = 600.0) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.engine_alone", cwd=REPO, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **self.settings.to_env()},
+                limit=1 << 20,
+            )
+        reply = await self._read(timeout_s)
+        self.version, self.model_id = reply["version"], reply["model"]
+
+    async def _read(self, timeout_s: float) -> dict[str, Any]:
+        assert self._process is not None and self._process.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self._process.stdout.readline(), timeout_s)
+            if not line:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"engine reference exited; log:\n{tail}")
+            # stdout also carries the engine's log lines (JSON ones too): only replies count.
+            with contextlib.suppress(ValueError):
+                reply = json.loads(line)
+                if isinstance(reply, dict) and ("ready" in reply or "seconds" in reply):
+                    return reply
+
+    async def parse_seconds(self, queries: list[str], timeout_s: float) -> float:
+        """Seconds the engine alone needs for ``queries`` in ``batch_size`` chunks."""
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.write((json.dumps(queries) + "\n").encode())
+        await self._process.stdin.drain()
+        return float((await self._read(timeout_s))["seconds"])
+
+    async def stop(self) -> None:
+        if self._process is None or self._process.returncode is not None:
+            return
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            await asyncio.wait_for(self._process.wait(), 20)
+        except TimeoutError:
+            self._process.kill()
+            await self._process.wait()

@@ -93,11 +93,12 @@ def spawn(name: str, command: list[str], port: int, log_dir: Path, env: dict[str
 def stop_process(started: StartedProcess, timeout_s: float = 10.0) -> bool:
     """SIGTERM (then SIGKILL) ``started`` if that pid still runs the command we started."""
     cmdline = Path(f"/proc/{started.pid}/cmdline")
+    # The executable, not argv[0]: redis-server rewrites its argv to "redis-server host:port".
     try:
-        running = cmdline.read_bytes().split(b"\0")[0].decode()
+        running = os.path.realpath(f"/proc/{started.pid}/exe")
     except OSError:
         return False
-    if running != started.command[0]:
+    if running != os.path.realpath(started.command[0]):
         return False
     os.kill(started.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from schemas.events import PARSE_FIELDS, QueryParse
@@ -27,12 +29,12 @@ QUERIES = [
 ]
 
 
-def make_engine(loaded: LoadedModel, **kwargs: object) -> ConstrainedEngine:
+def make_engine(loaded: LoadedModel, **kwargs: Any) -> ConstrainedEngine:
     settings = Settings(device="cpu", cpu_threads=2, jump_forward=bool(kwargs.pop("jump_forward", False)))
-    return ConstrainedEngine(settings, loaded, Vocabulary.load(), **kwargs)  # type: ignore[arg-type]
+    return ConstrainedEngine(settings, loaded, Vocabulary.load(), **kwargs)
 
 
-def assert_valid(results: list, queries: list[str]) -> None:  # type: ignore[type-arg]
+def assert_valid(results: list, queries: list[str]) -> None:
     assert len(results) == len(queries)
     for result in results:
         assert set(result.parse) == set(PARSE_FIELDS)
@@ -105,7 +107,7 @@ def test_version_tracks_inputs() -> None:
 
 @pytest.mark.parametrize("grounding", ["span", "free"])
 def test_other_grounding_modes_stay_valid(tiny_loaded: LoadedModel, grounding: str) -> None:
-    settings = Settings(device="cpu", cpu_threads=2, grounding=grounding)  # type: ignore[arg-type]
+    settings = Settings(device="cpu", cpu_threads=2, grounding=grounding)
     engine = build_engine(settings, tiny_loaded)
     queries = ADVERSARIAL[:6] + QUERIES[:2]
     assert_valid(engine.parse_batch(queries), queries)

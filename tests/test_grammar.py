@@ -36,7 +36,7 @@ def vocabulary() -> Vocabulary:
 
 
 @pytest.fixture(scope="module")
-def compiler():  # type: ignore[no-untyped-def]
+def compiler():
     source = default_model_dir()
     if source is None:
         pytest.skip("default model not prepared (its tokenizer is needed)")
@@ -48,7 +48,7 @@ def compiler():  # type: ignore[no-untyped-def]
     return xgr.GrammarCompiler(info, max_threads=1), tokenizer
 
 
-def random_walk(compiled, tokenizer, rng: random.Random, max_steps: int = 400) -> str:  # type: ignore[no-untyped-def]
+def random_walk(compiled, tokenizer, rng: random.Random, max_steps: int = 400) -> str:
     """Sample uniformly among the tokens the grammar allows until it is complete."""
     import torch
     import xgrammar as xgr
@@ -72,13 +72,17 @@ def random_walk(compiled, tokenizer, rng: random.Random, max_steps: int = 400) -
 
 
 @pytest.mark.parametrize("grounding", ["catalog", "span", "free"])
-def test_random_outputs_are_valid_schema_json(compiler, vocabulary: Vocabulary, grounding: str) -> None:  # type: ignore[no-untyped-def]
+def test_random_outputs_are_valid_schema_json(compiler, vocabulary: Vocabulary, grounding: str) -> None:
     comp, tokenizer = compiler
     rng = random.Random(7)
-    for query in [*ADVERSARIAL, "grey velvet sofa", "mid century walnut credenza"]:
+    queries = [*ADVERSARIAL, "grey velvet sofa", "mid century walnut credenza"]
+    if grounding == "free":
+        # The free grammar does not depend on the query; its walks are long, so a few suffice.
+        queries = queries[:2]
+    for query in queries:
         grammar = build_row_grammar(query, vocabulary, grounding)  # type: ignore[arg-type]
         compiled = comp.compile_grammar(grammar.ebnf)
-        for _ in range(3):
+        for _ in range(2):
             text = random_walk(compiled, tokenizer, rng)
             assert text.startswith(" {")
             raw = json.loads(text)
@@ -109,7 +113,7 @@ def test_catalog_candidates_come_from_surface_forms(vocabulary: Vocabulary) -> N
     assert all("blk" not in span for span in grammar.allowed["item_type"] or ())
 
 
-def test_one_mention_fills_one_field(compiler, vocabulary: Vocabulary) -> None:  # type: ignore[no-untyped-def]
+def test_one_mention_fills_one_field(compiler, vocabulary: Vocabulary) -> None:
     comp, tokenizer = compiler
     grammar = build_row_grammar("walnut media console", vocabulary, "catalog")
     compiled = comp.compile_grammar(grammar.ebnf)

@@ -195,7 +195,8 @@ class ConstrainedEngine:
         self.tokenizer = loaded.tokenizer
         self.vocabulary = vocabulary
         self.model_id = loaded.model_id
-        self.grounding: Grounding = settings.grounding
+        self.grounding: str = settings.grounding
+        self._grounding: Grounding = settings.grounding
         self.jump_forward = settings.jump_forward
         self.use_prefix_cache = use_prefix_cache
         self.min_group = min_group
@@ -258,7 +259,7 @@ class ConstrainedEngine:
     def _new_row(self, index: int, query: str) -> _Row:
         import xgrammar as xgr
 
-        grammar = build_row_grammar(query, self.vocabulary, self.grounding)
+        grammar = build_row_grammar(query, self.vocabulary, self._grounding)
         compiled = self._compiler.compile_grammar(grammar.ebnf)
         matcher = xgr.GrammarMatcher(compiled)
         suffix = self._encode(prompt_suffix(query))

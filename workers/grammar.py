@@ -52,9 +52,13 @@ def query_words(query: str) -> list[str]:
 #: Words an item span never starts or ends with: connectives, quantities and sizes describe the
 #: item without being it ("bar stools set of 2" -> "bar stool", "queen bed frame" -> "bed frame").
 EDGE_STOPWORDS = frozenset(
-    "a an the and or with without for of in on to by under over from set pack pcs pc piece pieces "
-    "inch inches in. ft feet cm size sized queen king twin full cal california xl small large big "
-    "cheap best new sale used tall wide narrow long round square".split()
+    [
+        "a", "an", "the", "and", "or", "with", "without", "for", "of", "in", "on", "to", "by", "under",
+        "over", "from", "set", "pack", "pcs", "pc", "piece", "pieces", "inch", "inches", "in.", "ft",
+        "feet", "cm", "size", "sized", "queen", "king", "twin", "full", "cal", "california", "xl",
+        "small", "large", "big", "cheap", "best", "new", "sale", "used", "tall", "wide", "narrow",
+        "long", "round", "square"
+    ]
 )
 
 
@@ -187,7 +191,9 @@ def _exclusive_tail(
             used |= spans_of_value
         if clash:
             continue
-        text = "".join(f", {json.dumps(n)}: {json.dumps(v, ensure_ascii=False)}" for n, (v, _) in zip(fields, combo))
+        text = "".join(
+            f", {json.dumps(n)}: {json.dumps(v, ensure_ascii=False)}" for n, (v, _) in zip(fields, combo, strict=True)
+        )
         alternatives.append(_ebnf_literal(text + "}"))
     return " | ".join(alternatives)
 
@@ -265,10 +271,8 @@ def normalize_parse(
             continue
         text = " ".join(value.lower().split())
         spec = vocabulary.fields[name]
-        if spec.kind == "vocabulary":
-            text = vocabulary.canonicalize(name, text) or text
-        else:
-            text = singular_item(text)
+        canonical = vocabulary.canonicalize(name, text) if spec.kind == "vocabulary" else None
+        text = canonical or (text if spec.kind == "vocabulary" else singular_item(text))
         parse[name] = text
         if not vocabulary.grounded(name, value, query) and not _grounded_words(value, query):
             ungrounded.append(name)

@@ -125,7 +125,7 @@ class StaticStepper:
         import torch
 
         decoder, state = self.decoder, self.state
-        rows, width = ids.shape
+        width = ids.shape[1]
         padded = bucket(width, decoder.width_buckets)
         if padded is None or state.cursor + (padded or 0) > decoder.max_len:
             raise RuntimeError(f"static cache overflow: width {width} at {state.cursor}/{decoder.max_len}")
