@@ -123,7 +123,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
-        await runtime.wait_started()
+        await runtime.wait_serving()
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
         async for events in batches:

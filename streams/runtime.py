@@ -14,7 +14,7 @@ from schemas.events import ParsedEvent
 from schemas.settings import Settings
 from streams.telemetry import WorkerMetrics
 from workers.cache import ParseCache, redis_client
-from workers.engine import ParseEngine
+from workers.engine import ParseEngine, ParseResult
 from workers.pipeline import BatchOutcome, InboundMessage, ParsePipeline
 
 log = structlog.get_logger(__name__)
@@ -30,6 +30,29 @@ def package_version() -> str:
         return "0+unknown"
 
 
+class DeferredEngine:
+    """The engine's identity (model id, grounding, cache version) from settings alone, its compute
+    once the model is loaded. The pipeline only calls ``parse_batch`` after ``wait_started``."""
+
+    def __init__(self, settings: Settings) -> None:
+        from workers.engine import version_for
+        from workers.model import model_id_for
+
+        self.model_id = model_id_for(settings)
+        self.grounding: str = settings.grounding
+        self.version = version_for(settings)
+        self.loaded: ParseEngine | None = None
+
+    def parse_batch(self, queries: list[str]) -> list[ParseResult]:
+        if self.loaded is None:
+            raise RuntimeError("the model is not loaded yet")
+        return self.loaded.parse_batch(queries)
+
+    def warm_up(self) -> None:
+        if self.loaded is not None:
+            self.loaded.warm_up()
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
         self.settings = settings
@@ -41,6 +64,8 @@ class WorkerRuntime:
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.bridge: ParseBridge | None = None
         self._started = asyncio.Event()
+        self._serving = asyncio.Event()
+        self.pipeline_engine: ParseEngine | DeferredEngine
         self.batches_done = 0
 
     @property
@@ -48,20 +73,27 @@ class WorkerRuntime:
         return self._started.is_set()
 
     async def start(self) -> None:
-        """Load and warm the model (in a thread), connect the cache; idempotent."""
+        """Open the cache and build the pipeline at once (cache hits are served from then on), then
+        load and warm the model in a thread; idempotent."""
         if self._started.is_set():
             return
         began = time.perf_counter()
-        if self.engine is None:
+        if self.pipeline is None:
+            self._open_pipeline()
+        if not isinstance(self.pipeline_engine, DeferredEngine):
+            await asyncio.to_thread(self.pipeline_engine.warm_up)
+            self.engine = self.pipeline_engine
+        else:
             from workers.engine import build_engine
 
-            self.engine = await asyncio.to_thread(build_engine, self.settings)
-        await asyncio.to_thread(self.engine.warm_up)
+            engine = await asyncio.to_thread(build_engine, self.settings)
+            if engine.version != self.pipeline_engine.version:
+                raise RuntimeError(f"engine version {engine.version} != expected {self.pipeline_engine.version}: "
+                                   "cache keys would not match the parses")
+            await asyncio.to_thread(engine.warm_up)
+            self.pipeline_engine.loaded = engine
+            self.engine = engine
         self.metrics.model_load_seconds.set(time.perf_counter() - began)
-        client = redis_client(self.settings.redis_url.get_secret_value()) if self.settings.cache_enabled else None
-        self.cache = ParseCache(client, version=self.engine.version, ttl_s=self.settings.cache_ttl_s,
-                                prefix=self.settings.cache_prefix)
-        self.pipeline = ParsePipeline(self.settings, self.engine, self.cache)
         self.metrics.info.info({
             "model": self.engine.model_id,
             "device": str(getattr(self.engine, "device", self.settings.device)),
@@ -72,14 +104,27 @@ class WorkerRuntime:
         self._started.set()
         self._refresh_ready()
         log.info("worker.engine_ready", model=self.engine.model_id, seconds=round(time.perf_counter() - began, 2),
-                 cache=self.cache.enabled)
+                 cache=self.cache.enabled if self.cache else False)
+
+    def _open_pipeline(self) -> None:
+        self.pipeline_engine = self.engine if self.engine is not None else DeferredEngine(self.settings)
+        client = redis_client(self.settings.redis_url.get_secret_value()) if self.settings.cache_enabled else None
+        self.cache = ParseCache(client, version=self.pipeline_engine.version, ttl_s=self.settings.cache_ttl_s,
+                                prefix=self.settings.cache_prefix)
+        self.pipeline = ParsePipeline(self.settings, self.pipeline_engine, self.cache, engine_loaded=self.wait_started)
+        self._serving.set()
 
     async def wait_started(self) -> None:
+        """Until the model is loaded and warm."""
         await self._started.wait()
 
+    async def wait_serving(self) -> None:
+        """Until batches can be taken: cache open; batches with misses then wait for the model."""
+        await self._serving.wait()
+
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
-        """Run the core step on one batch and record it; never raises."""
-        await self.wait_started()
+        """Run the core step on one batch; never raises."""
+        await self.wait_serving()
         assert self.pipeline is not None
         self.metrics.batches_in_flight.inc()
         try:

@@ -398,6 +398,14 @@ class ConstrainedEngine:
         return ParseResult(parse=parse, ungrounded=ungrounded, tokens_in=row.tokens_in, tokens_out=len(row.out_ids))
 
 
+def version_for(settings: Settings) -> str:
+    """The version an engine built from ``settings`` will have, without loading the model: the
+    worker opens its cache (and serves cache hits) while the model still loads."""
+    from workers.model import model_id_for
+
+    return engine_version(model_id_for(settings), Vocabulary.load(settings.vocabulary_path), settings.grounding)
+
+
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> ParseEngine:
     """Load the model (unless given), the vocabulary, and build the engine for ``settings``."""
     from workers.model import load_model

@@ -121,6 +121,11 @@ def resolve_model_path(settings: Settings) -> str:
     return settings.model
 
 
+def model_id_for(settings: Settings) -> str:
+    """The id events and cache keys carry; known without loading anything."""
+    return settings.model if settings.model != DEFAULT_MODEL else "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def select_device(preference: str) -> str:
     import torch
 
@@ -164,7 +169,7 @@ def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.to(device)  # type: ignore[arg-type]
     model.eval()
-    model_id = settings.model if settings.model != DEFAULT_MODEL else "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model_id = model_id_for(settings)
     seconds = time.perf_counter() - started
     log.info("model.loaded", model=model_id, device=device, dtype=str(dtype), seconds=round(seconds, 2))
     return LoadedModel(model, tokenizer, model_id, device, dtype, seconds)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -168,10 +168,19 @@ def dead_letter(
 
 
 class ParsePipeline:
-    def __init__(self, settings: Settings, engine: ParseEngine, cache: ParseCache) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: ParseEngine,
+        cache: ParseCache,
+        engine_loaded: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.cache = cache
+        # Awaited only when a batch has cache misses: batches of hits and poison are served while
+        # the model still loads (a restarted worker catches up on cached traffic at once).
+        self._engine_loaded = engine_loaded
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         """Never raises: an unexpected error dead-letters the batch rather than stalling the partition."""
@@ -219,6 +228,8 @@ class ParsePipeline:
         lookup = await self.cache.get_many(unique)
         misses = [query for query in unique if query not in lookup.hits]
 
+        if misses and self._engine_loaded is not None:
+            await self._engine_loaded()
         inference_started = time.perf_counter()
         inferred, failures = await self._infer_isolating_failures(misses)
         inference_ms = (time.perf_counter() - inference_started) * 1000
