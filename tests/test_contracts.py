@@ -51,3 +51,9 @@ def test_asyncapi_document_is_valid_asyncapi_3() -> None:
     assert "qustream.error.stage" in headers and "qustream.attempts" in headers
     metrics_fields = set(document["components"]["schemas"]["BatchMetricsEvent"]["properties"])
     assert metrics_fields == set(BatchMetricsEvent.model_fields)
+
+
+def test_committed_asyncapi_document_matches_the_models() -> None:
+    committed = json.loads((Path(__file__).parent.parent / "docs" / "asyncapi.json").read_text())
+    regenerate = "regenerate it: qustream schema asyncapi -o docs/asyncapi.json"
+    assert committed == asyncapi_document(Settings(_env_file=None)), regenerate
