@@ -26,6 +26,7 @@ from streams.kafka_io import assign_all, make_consumer
 from streams.local_stack import (
     StartedProcess,
     free_port,
+    isolated_settings,
     port_open,
     redis_command,
     spawn,
@@ -53,28 +54,13 @@ class Services:
             self.redis_url = f"redis://127.0.0.1:{redis_port}/9"
 
     def settings(self, name: str, **overrides: Any) -> Settings:
-        """Settings with topics, group, cache prefix and web port of their own (unique per call)."""
-        tag = f"{name}-{uuid.uuid4().hex[:6]}"
-        values: dict[str, Any] = {
-            "kafka_bootstrap": self.bootstrap,
-            "redis_url": self.redis_url,
-            "topic_input": f"b{tag}.raw",
-            "topic_parsed": f"b{tag}.parsed",
-            "topic_metrics": f"b{tag}.metrics",
-            "topic_dlq": f"b{tag}.dlq",
-            "app_id": f"qustream-bench-{tag}",
-            "cache_prefix": f"qustream-bench:{tag}",
-            "worker_id": f"bench-{tag}",
+        """Settings with topics, group, cache prefix and web port of their own (unique per call),
+        4 partitions and the product's default batching unless overridden."""
+        defaults: dict[str, Any] = {
             "partitions": 4,
-            "producer_idempotence": False,  # tansu has no InitProducerId
-            "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
-            "broker_heartbeat_s": 1.0,
-            "web_port": free_port(),
-            "log_level": "INFO",
-            "log_format": "json",
+            "batch_linger_ms": Settings.model_fields["batch_linger_ms"].default,
         }
-        values.update(overrides)
-        return Settings(**values)
+        return isolated_settings(self.bootstrap, self.redis_url, tag=f"b{name}-", **{**defaults, **overrides})
 
     def close(self) -> None:
         stop_process(self._tansu)

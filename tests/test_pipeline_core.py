@@ -141,3 +141,17 @@ async def test_an_unexpected_error_dead_letters_the_batch_instead_of_raising() -
     assert [record.value for record in outcome.dead_letters] == [b"oak table", b"pine bed"]
     assert outcome.dead_letter_stages == ["output", "output"]
     assert outcome.metrics.dead_lettered == outcome.metrics.size == 2
+
+
+def test_ascii_fast_path_strips_the_same_characters_as_the_unicode_path() -> None:
+    import random
+    import unicodedata
+
+    from workers.normalize import strip_control
+
+    rng = random.Random(3)
+    for _ in range(20_000):
+        text = "".join(chr(rng.randrange(0, 128)) for _ in range(rng.randrange(0, 24)))
+        expected = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
+        assert strip_control(text) == expected
+    assert strip_control("sofa\u200b\u0085bed") == "sofa  bed"

@@ -8,8 +8,14 @@ import unicodedata
 _WHITESPACE = re.compile(r"\s+")
 
 
+#: ASCII control characters (C0 and DEL) → space; the only control characters ASCII text can hold.
+_ASCII_CONTROL = {code: " " for code in (*range(32), 127)}
+
+
 def strip_control(text: str) -> str:
     """Replace NUL and other control/format characters with spaces (they carry no search meaning)."""
+    if text.isascii():  # the common case, without a per-character Unicode lookup
+        return text.translate(_ASCII_CONTROL)
     return "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
 
 

@@ -250,6 +250,7 @@ class ParsePipeline:
         end_to_end: list[float] = []
         served_fresh: set[str] = set()
         cached_count = 0
+        parse_models: dict[str, QueryParse] = {}
         parsed_at = datetime.now(UTC)
         total_ms = (time.perf_counter() - started) * 1000
         for item in decoded:
@@ -260,6 +261,7 @@ class ParsePipeline:
                 reject(item.message, "output", "ValidationError", invalid[item.normalized])
                 continue
             cached_parse = results[item.normalized]
+            parse_model = parse_models.get(item.normalized)
             # The first message of a freshly inferred query is the uncached one; its in-batch
             # repeats, like cache hits, did not cost a model call.
             from_model = item.normalized in fresh and item.normalized not in served_fresh
@@ -271,7 +273,7 @@ class ParsePipeline:
                     query_id=item.query_id,
                     query=item.query,
                     normalized_query=item.normalized,
-                    parse=QueryParse.model_validate(cached_parse.parse),
+                    parse=parse_model or QueryParse.model_validate(cached_parse.parse),
                     cached=not from_model,
                     model=self.engine.model_id,
                     grounding=self.engine.grounding,
@@ -287,6 +289,7 @@ class ParsePipeline:
             except ValidationError as exc:  # e.g. a corrupt cache entry of another schema
                 reject(item.message, "output", "ValidationError", str(exc.errors()[0]["msg"]))
                 continue
+            parse_models[item.normalized] = event.parse  # validated once per distinct query
             parsed.append(OutboundRecord(item.query_id.encode(), event.model_dump_json().encode()))
             cached_count += 0 if from_model else 1
             if item.event_time is not None:
