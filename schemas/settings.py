@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU; 0 = number of cores.")
     grounding: Literal["catalog", "span", "free"] = "catalog"
     vocabulary_path: Path | None = None
-    jump_forward: bool = False
+    # On: measured 2.5x the queries/s of off at batch 32 on CPU (README, "The parse engine").
+    jump_forward: bool = True
     max_new_tokens: int = 48
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")
 
