@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer
 from streams.local_stack import WorkerProcess
 
-__all__ = ["REPO", "WorkerProcess", "read_topic", "run"]
+__all__ = ["POISON", "REPO", "WorkerProcess", "read_topic", "run"]
+
+#: The issue's five poison messages: name → (value bytes, expected dead-letter stage); both transports use them.
+POISON: dict[str, tuple[bytes, str]] = {
+    "invalid-json": (b'{"query": "oak desk"', "decode"),
+    "no-query": (b'{"q": "sofa"}', "validate"),
+    "empty-query": (b'{"query": "   "}', "validate"),
+    "invalid-utf8": (b"\xff\xfe red sofa \xc3\x28", "decode"),
+    "over-long": (json.dumps({"query": "sofa " * 200}).encode(), "validate"),
+}
 
 REPO = Path(__file__).resolve().parent.parent
 

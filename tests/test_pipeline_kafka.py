@@ -15,7 +15,7 @@ from schemas.export import export_json_schemas
 from schemas.settings import Settings
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics
-from tests.support import WorkerProcess, read_topic, run
+from tests.support import POISON, WorkerProcess, read_topic, run
 
 pytestmark = pytest.mark.e2e
 
@@ -26,13 +26,6 @@ UNIQUE_QUERIES = [
     "queen size platform bed frame", "green ceramic table lamp", "walnut tv stand", "marble top nightstand",
     "tufted linen headboard", "kids bunk bed", "black metal bar stools set of 2", "cream boucle armchair",
 ]
-POISON: dict[str, tuple[bytes, str]] = {
-    "invalid-json": (b'{"query": "oak desk"', "decode"),
-    "no-query": (b'{"q": "sofa"}', "validate"),
-    "empty-query": (b'{"query": "   "}', "validate"),
-    "invalid-utf8": (b"\xff\xfe red sofa \xc3\x28", "decode"),
-    "over-long": (json.dumps({"query": "sofa " * 200}).encode(), "validate"),
-}
 
 
 @pytest.fixture

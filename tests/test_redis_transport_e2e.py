@@ -20,7 +20,7 @@ from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from streams.local_stack import free_port
 from streams.redis_codec import decode_entry, encode_entry
-from tests.support import WorkerProcess
+from tests.support import POISON, WorkerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +30,6 @@ STARTUP_S = 300.0
 COLORS = ["red", "grey", "black", "white", "navy", "green", "cream", "walnut", "pink", "teal"]
 ITEMS = ["sofa", "dining table", "office chair", "bookshelf", "bed frame", "nightstand", "bar stool", "dresser",
          "coffee table", "armchair", "tv stand", "desk"]
-POISON: dict[str, tuple[bytes, str]] = {
-    "invalid-json": (b'{"query": "oak desk"', "decode"),
-    "no-query": (b'{"q": "sofa"}', "validate"),
-    "empty-query": (b'{"query": "   "}', "validate"),
-    "invalid-utf8": (b"\xff\xfe red sofa \xc3\x28", "decode"),
-    "over-long": (json.dumps({"query": "sofa " * 200}).encode(), "validate"),
-}
 
 
 def unique_queries(count: int, seed: int) -> list[str]:
