@@ -595,7 +595,7 @@ def worker_startups(workdir: Path, spawned_at: list[float]) -> list[dict[str, An
     from datetime import datetime
 
     marks = {"worker.starting": "imports_s", "worker.engine_ready": "model_ready_s",
-             "partitions.assigned": "partitions_assigned_s", "batch.done": "first_batch_s"}
+             "partitions.assigned": "partitions_assigned_s", "batches.progress": "first_batch_s"}
     startups: list[dict[str, Any]] = []
     for number, spawned in enumerate(spawned_at, start=1):
         entry: dict[str, Any] = {"worker": number}

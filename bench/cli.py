@@ -85,16 +85,20 @@ def pipeline(
     no_charts: Annotated[bool, typer.Option("--no-charts", help="Skip the PNG charts.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="py-spy the worker on one more all-cached round.")]
     = False,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Run only these scenarios (repeat): transport, model, zipf, scaling, knobs. "
+                       "Charts are written only for a run of all of them.")] = None,
 ) -> None:
     """End to end against a private tansu broker and the machine's Redis, each scenario next to its
     reference: transport ceiling, model ceiling, Zipf replay, 1 vs 2 workers, batch knobs.
 
     Example: qustream bench pipeline --quick
     """
-    from bench.pipeline_bench import Plan, print_summary, run_pipeline_bench
+    from bench.pipeline_bench import SCENARIOS, Plan, print_summary, run_pipeline_bench
 
     plan = Plan.named("tiny" if tiny else "quick" if quick else "full")
-    results = run_pipeline_bench(plan, json_out, None if no_charts else charts, profile=profile)
+    results = run_pipeline_bench(plan, json_out, None if no_charts else charts, profile=profile,
+                                 scenarios=tuple(only) if only else SCENARIOS)
     print_summary(results)
 
 

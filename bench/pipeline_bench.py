@@ -42,6 +42,8 @@ from workers.cache import CachedParse, ParseCache, redis_client
 log = structlog.get_logger(__name__)
 
 TRANSPORT_TARGET = 0.5
+#: Every scenario, in the order they run; ``--only`` picks a subset (zipf and scaling need model).
+SCENARIOS = ("transport", "model", "zipf", "scaling", "knobs")
 MODEL_TARGET = 0.85
 
 
@@ -50,12 +52,13 @@ class Plan:
     """Sizes of every scenario. ``full`` ≈ 15 minutes, ``quick`` ≈ 5, ``tiny`` is for the smoke test."""
 
     name: str
-    batch_size: int = 32
-    linger_ms: int = 200
+    # The product's defaults, so the figures are those of a worker as shipped.
+    batch_size: int = Settings.model_fields["batch_size"].default
+    linger_ms: int = Settings.model_fields["batch_linger_ms"].default
     transport_rounds: int = 5
     transport_messages: int = 20_000
     model_rounds: int = 3
-    model_queries: int = 32
+    model_queries: int = 64
     zipf_seconds: float = 90.0
     zipf_rate: float = 6.0
     zipf_universe: int = 5_000
@@ -75,8 +78,8 @@ class Plan:
         if name == "full":
             return cls("full")
         if name == "quick":
-            return cls("quick", transport_rounds=3, transport_messages=10_000, model_rounds=2, model_queries=32,
-                       zipf_seconds=60.0, scaling_rounds=2, knob_sizes=[8, 32], knob_lingers=[50, 500],
+            return cls("quick", transport_rounds=3, transport_messages=10_000, model_rounds=2, model_queries=64,
+                       zipf_seconds=60.0, scaling_rounds=2, knob_sizes=[16, 64], knob_lingers=[50, 500],
                        knob_burst=100, knob_seconds=8.0, drain_timeout_s=180.0)
         if name == "tiny":
             return cls("tiny", transport_rounds=1, transport_messages=300, model_rounds=1, model_queries=8,
@@ -255,9 +258,14 @@ class RssSampler:
 
 
 class PipelineBench:
-    def __init__(self, plan: Plan, workdir: Path, echo: Callable[[str], None] = print, profile: bool = False) -> None:
+    def __init__(self, plan: Plan, workdir: Path, echo: Callable[[str], None] = print, profile: bool = False,
+                 scenarios: Sequence[str] = SCENARIOS) -> None:
+        unknown = set(scenarios) - set(SCENARIOS)
+        if unknown:
+            raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
         self.plan = plan
         self.profile = profile
+        self.scenarios = set(scenarios)
         self.workdir = workdir
         self.echo = echo
         self.services: Services | None = None
@@ -317,13 +325,16 @@ class PipelineBench:
         await ensure_topics(main)
         worker = self._worker("worker-1", main)
         reference_topics = [f"{main.topic_input}.pt-in", f"{main.topic_input}.pt-out"]
-        core_topics = [f"{main.topic_input}.cs-in", f"{main.topic_input}.cs-out"]
-        await ensure_topics(main, reference_topics + core_topics)
+        await ensure_topics(main, reference_topics)
         passthrough = Passthrough(self.services.bootstrap, reference_topics[0], reference_topics[1],
                                   self.workdir / "passthrough.log")
-        core_step = Passthrough(self.services.bootstrap, core_topics[0], core_topics[1],
-                                self.workdir / "core-step.log", core_step=main)
-        collector = Collector(main, [main.topic_parsed, main.topic_metrics, reference_topics[1], core_topics[1]])
+        # The Faust runner on topics of its own, reading the same cache entries as the main worker.
+        faust_settings = self._settings("faust", batch_size=p.batch_size, batch_linger_ms=p.linger_ms,
+                                        kafka_runner="faust", cache_prefix=main.cache_prefix)
+        await ensure_topics(faust_settings)
+        faust_worker = self._worker("worker-faust", faust_settings)
+        collector = Collector(main, [main.topic_parsed, main.topic_metrics, reference_topics[1],
+                                     faust_settings.topic_parsed])
         await collector.start()
         producer = make_producer(main)
         await producer.start()
@@ -334,30 +345,35 @@ class PipelineBench:
             await self.engine.start()
             await worker.wait_ready(partitions=main.partitions)
             await passthrough.wait_ready()
-            await core_step.wait_ready()
+            await faust_worker.wait_ready(partitions=faust_settings.partitions)
             results: dict[str, Any] = {}
             paths = {"qustream": (main.topic_input, main.topic_parsed, worker),
                      "reference": (reference_topics[0], reference_topics[1], passthrough),
-                     "core_step": (core_topics[0], core_topics[1], core_step)}
-            results["transport"] = await self._transport(main, producer, collector, paths)
-            if self.profile:
-                results["transport"]["profile"] = await self._profile_cached(main, producer, collector, worker)
+                     "faust": (faust_settings.topic_input, faust_settings.topic_parsed, faust_worker)}
+            wanted = self.scenarios
+            if {"transport", "scaling"} & wanted:
+                results["transport"] = await self._transport(main, producer, collector, paths)
+                if self.profile:
+                    results["transport"]["profile"] = await self._profile_cached(main, producer, collector, worker)
             passthrough.stop()
-            core_step.stop()
-            results["model"] = await self._model(main, producer, collector)
+            self._stop_worker(faust_worker)
+            if {"model", "zipf", "scaling"} & wanted:
+                results["model"] = await self._model(main, producer, collector)
             await self.engine.stop()
-            model_qps = results["model"]["qustream_qps"]
-            results["zipf"] = await self._zipf(main, producer, collector, worker, model_qps)
-            results["scaling"] = await self._scaling(main, producer, collector, worker, results)
+            if "zipf" in wanted:
+                results["zipf"] = await self._zipf(main, producer, collector, worker, results["model"]["qustream_qps"])
+            if "scaling" in wanted:
+                results["scaling"] = await self._scaling(main, producer, collector, worker, results)
         finally:
             if self.engine is not None:
                 await self.engine.stop()
             await producer.stop()
             await collector.stop()
             passthrough.stop()
-            core_step.stop()
+            self._stop_worker(faust_worker)
             self._stop_worker(worker)
-        results["knobs"] = await self._knobs()
+        if "knobs" in self.scenarios:
+            results["knobs"] = await self._knobs()
         results["worker_rss"] = {
             name: round(max(rss for _, n, rss in self.rss.samples if n == name) / 2**20, 1)
             for name in sorted({n for _, n, _ in self.rss.samples})
@@ -398,12 +414,11 @@ class PipelineBench:
                 row[f"{which}_qps"] = round(result.qps, 1)
                 row[f"{which}_complete"] = result.complete
             row["ratio"] = round(row["qustream_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
-            row["core_step_ratio"] = (round(row["core_step_qps"] / row["reference_qps"], 4)
-                                      if row["reference_qps"] else 0.0)
+            row["faust_ratio"] = round(row["faust_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
             rounds.append(row)
             self.echo(f"  round {index + 1}: qustream {row['qustream_qps']:.0f} q/s, "
                       f"pass-through {row['reference_qps']:.0f} q/s, ratio {row['ratio']:.2f} "
-                      f"(core step without Faust {row['core_step_qps']:.0f} q/s)")
+                      f"(Faust runner {row['faust_qps']:.0f} q/s)")
         summary = self._ceiling_summary(
             rounds, TRANSPORT_TARGET, messages=len(queries), batch_size=settings.batch_size,
             reference="aiokafka consume → produce pass-through process, same broker")
@@ -412,10 +427,11 @@ class PipelineBench:
         # CPU per message of each process: the same comparison with other load on the machine taken out.
         summary["cpu_ratio"] = round(summary["reference_cpu_us_per_msg"] / summary["qustream_cpu_us_per_msg"], 4) \
             if summary["qustream_cpu_us_per_msg"] else 0.0
-        summary["core_step_qps"] = round(_median([r["core_step_qps"] for r in rounds]), 2)
-        summary["core_step_ratio"] = round(_median([r["core_step_ratio"] for r in rounds]), 4)
-        summary["core_step"] = ("aiokafka consume → ParsePipeline.process (batch_size chunks) → produce, "
-                                "no Faust: the worker minus the framework")
+        summary["faust_qps"] = round(_median([r["faust_qps"] for r in rounds]), 2)
+        summary["faust_ratio"] = round(_median([r["faust_ratio"] for r in rounds]), 4)
+        summary["faust_ratio_spread"] = round(_spread([r["faust_ratio"] for r in rounds]), 4)
+        summary["runners"] = {"qustream": "the default Kafka runner (QUSTREAM_KAFKA_RUNNER=batch)",
+                              "faust": "the Faust agent runner (QUSTREAM_KAFKA_RUNNER=faust)"}
         return summary
 
     async def _profile_cached(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
@@ -764,10 +780,11 @@ def _histogram(sizes: Sequence[int], batch_size: int) -> dict[str, int]:
 
 
 def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
-                       echo: Callable[[str], None] = print, profile: bool = False) -> dict[str, Any]:
-    """Run every scenario, write the JSON (and charts), return the results."""
+                       echo: Callable[[str], None] = print, profile: bool = False,
+                       scenarios: Sequence[str] = SCENARIOS) -> dict[str, Any]:
+    """Run the scenarios, write the JSON (and charts), return the results."""
     with tempfile.TemporaryDirectory(prefix="qustream-bench-") as workdir:
-        bench = PipelineBench(plan, Path(workdir), echo=echo, profile=profile)
+        bench = PipelineBench(plan, Path(workdir), echo=echo, profile=profile, scenarios=scenarios)
         try:
             results = asyncio.run(bench.run())
         except BaseException:
@@ -775,7 +792,7 @@ def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
             raise
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if charts_dir is not None:
+    if charts_dir is not None and set(SCENARIOS) <= results.keys():
         from bench.pipeline_charts import write_charts
 
         results["meta"]["charts"] = [str(path) for path in write_charts(results, charts_dir)]
@@ -791,6 +808,8 @@ def _dump_logs(workdir: Path, echo: Callable[[str], None]) -> None:
 def iter_table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str, str]]:
     """(scenario, qustream, reference, ratio, target) rows for the summary table."""
     for name, unit in (("transport", "q/s"), ("model", "q/s")):
+        if name not in results:
+            continue
         section = results[name]
         yield (
             f"{name} ceiling",
@@ -799,15 +818,19 @@ def iter_table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, st
             f"{section['ratio']:.0%} (±{section['ratio_spread'] / 2:.0%})",
             f"≥ {section['target']:.0%}: {'met' if section['met'] else 'missed'}",
         )
-    transport = results["transport"]
+    transport = results.get("transport")
+    if transport is None:
+        return
     yield (
-        "core step, no Faust",
-        f"{transport['core_step_qps']:,.2f} q/s",
+        "transport, Faust runner",
+        f"{transport['faust_qps']:,.2f} q/s",
         f"{transport['reference_qps']:,.2f} q/s",
-        f"{transport['core_step_ratio']:.0%}",
-        "aiokafka loop + ParsePipeline (decomposition)",
+        f"{transport['faust_ratio']:.0%}",
+        "QUSTREAM_KAFKA_RUNNER=faust (for comparison)",
     )
-    zipf = results["zipf"]
+    zipf = results.get("zipf")
+    if zipf is None:
+        return
     yield (
         "zipf replay",
         f"{zipf['qps']:.2f} q/s, hit {zipf['hit_rate']:.0%} (2nd half {zipf['hit_rate_second_half']:.0%})",
@@ -816,7 +839,9 @@ def iter_table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, st
         f"{zipf['latency']['p99_s']:.2f} s",
         f"RSS max {zipf['worker_rss_mib']['max']} MiB",
     )
-    scaling = results["scaling"]
+    scaling = results.get("scaling")
+    if scaling is None:
+        return
     for kind in ("cached", "uncached"):
         yield (
             f"scaling {kind}",
@@ -842,7 +867,7 @@ def print_summary(results: dict[str, Any]) -> None:
     knobs = Table(title="batch knobs (burst 90 % cached; latency at a steady rate)")
     for column in ("batch size", "linger ms", "burst q/s", "p50 s", "p95 s", "p99 s"):
         knobs.add_column(column, justify="right")
-    for row in results["knobs"]:
+    for row in results.get("knobs", []):
         knobs.add_row(str(row["batch_size"]), str(row["batch_linger_ms"]), f"{row['burst_qps']:.2f}",
                       f"{row['p50_s']:.2f}", f"{row['p95_s']:.2f}", f"{row['p99_s']:.2f}")
     console = Console()

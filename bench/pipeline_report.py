@@ -27,11 +27,11 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     row("transport: aiokafka pass-through (q/s)", lambda r: f"{r['transport']['reference_qps']:,.0f}")
     row("**transport ratio** (target ≥ 50 %)",
         lambda r: f"**{_pct(r['transport']['ratio'])}** ({'met' if r['transport']['met'] else 'missed'})")
-    row("transport: core step without Faust (q/s, ratio)",
-        lambda r: f"{r['transport']['core_step_qps']:,.0f} ({_pct(r['transport']['core_step_ratio'])})")
-    row("worker CPU per message: qustream / core step without Faust / pass-through (µs)",
+    row("transport: Faust runner, all cached (q/s, ratio)",
+        lambda r: f"{r['transport']['faust_qps']:,.0f} ({_pct(r['transport']['faust_ratio'])})")
+    row("process CPU per message: qustream / Faust runner / pass-through (µs)",
         lambda r: " / ".join(f"{r['transport'].get(f'{k}_cpu_us_per_msg', float('nan')):.0f}"
-                             for k in ("qustream", "core_step", "reference")))
+                             for k in ("qustream", "faust", "reference")))
     row("transport ratio by worker CPU per message (pass-through µs / qustream µs)",
         lambda r: _pct(r["transport"].get("cpu_ratio", 0.0)))
     row("model: qustream, none cached (q/s)", lambda r: f"{r['model']['qustream_qps']:.2f}")

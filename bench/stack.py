@@ -147,18 +147,13 @@ class Worker(Process):
 
 
 class Passthrough(Process):
-    """The aiokafka pass-through reference; with ``core_step`` (the worker's settings) it also runs
-    qustream's core step on each batch: the worker without Faust."""
+    """The aiokafka pass-through reference process."""
 
-    def __init__(self, bootstrap: str, source: str, sink: str, log_path: Path,
-                 core_step: Settings | None = None) -> None:
+    def __init__(self, bootstrap: str, source: str, sink: str, log_path: Path) -> None:
         group = f"passthrough-{uuid.uuid4().hex[:6]}"
         command = [sys.executable, "-m", "bench.passthrough", "--bootstrap", bootstrap, "--source", source,
                    "--sink", sink, "--group", group]
-        if core_step is not None:
-            command.append("--core-step")
-        name = "core-step" if core_step is not None else "passthrough"
-        super().__init__(name, command, log_path, core_step.to_env() if core_step is not None else None)
+        super().__init__("passthrough", command, log_path)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

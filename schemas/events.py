@@ -6,9 +6,11 @@ fields, and bump ``SCHEMA_VERSION`` for anything that is not backwards compatibl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Version of the events this worker writes. Input events may carry ``schema_version``;
@@ -77,6 +79,53 @@ class ParsedEvent(BaseModel):
     source: SourceRef
     worker_id: str
     timings: Timings
+
+
+def encode_parsed_event(
+    *,
+    query_id: str,
+    query: str,
+    normalized_query: str,
+    parse: dict[str, Any],
+    cached: bool,
+    model: str,
+    grounding: str,
+    ungrounded: Sequence[str],
+    event_ts: datetime | None,
+    parsed_ts: datetime,
+    source_topic: str,
+    source_partition: int,
+    source_offset: str,
+    worker_id: str,
+    queue_ms: float | None,
+    inference_ms: float,
+    total_ms: float,
+) -> bytes:
+    """The JSON of a ``ParsedEvent``, byte for byte what ``ParsedEvent(...).model_dump_json()`` writes.
+
+    The hot path of a cached query: building and validating the model costs about 8 µs per event,
+    this about 2. Callers pass values that are already validated (``parse`` is a dumped
+    ``QueryParse``); ``tests/test_contracts.py`` holds the two outputs equal.
+    """
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "query_id": query_id,
+            "query": query,
+            "normalized_query": normalized_query,
+            "parse": parse,
+            "cached": cached,
+            "model": model,
+            "grounding": grounding,
+            "ungrounded": list(ungrounded),
+            "event_ts": event_ts,
+            "parsed_ts": parsed_ts,
+            "source": {"topic": source_topic, "partition": source_partition, "offset": source_offset},
+            "worker_id": worker_id,
+            "timings": {"queue_ms": queue_ms, "inference_ms": inference_ms, "total_ms": total_ms},
+        },
+        option=orjson.OPT_UTC_Z,
+    )
 
 
 class BatchMetricsEvent(BaseModel):

@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from schemas.events import ATTEMPTS_HEADER, DeadLetterReason, DeadLetterStage, ParsedEvent
 from schemas.settings import Settings
 from streams.redis_codec import decode_entry, encode_entry
+from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
 from workers.pipeline import (
     BatchOutcome,
@@ -110,23 +109,6 @@ def to_inbound(stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Inboun
         timestamp_ms = _entry_ms(entry_id)
     return InboundMessage(value=value, key=key, topic=stream, partition=PARTITION, offset=entry_id,
                           timestamp_ms=timestamp_ms, headers=headers)
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter, so restarted workers do not retry in step."""
-
-    def __init__(self, base_s: float = 0.2, cap_s: float = 15.0) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures, 16))
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class RedisStreamConsumer:
@@ -519,38 +501,14 @@ def _query_id_of(value: bytes | None) -> str | None:
 async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     """``qustream worker`` with ``QUSTREAM_TRANSPORT=redis``: web endpoints at once, model in the
     background, then the consumer until SIGTERM/SIGINT (the in-flight batch is finished first)."""
-    from streams.web import start_web
+    from streams.worker import serve
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, sig)
     client = transport_client(settings)
-    bridge_client = RedisQueryClient(settings)
 
-    async def bridge(query: str, timeout_s: float) -> ParsedEvent:
-        return await bridge_client.parse(query, timeout=timeout_s)
-
-    runtime.bridge = bridge
-    web = await start_web(runtime)
-    log.info("web.listening", port=settings.web_port)
-    boot = asyncio.create_task(runtime.start(), name="runtime-start")
-    try:
+    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
         await RedisStreamConsumer(settings, runtime, client, stop, boot).run()
+
+    try:
+        await serve(settings, runtime, consume, RedisQueryClient(settings))
     finally:
-        if not boot.done():
-            boot.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await boot
-        runtime.bridge = None
-        await web.cleanup()
-        await bridge_client.close()
-        await runtime.close()
         await client.aclose()
-        log.info("worker.stopped", worker_id=settings.worker_id)
-
-
-def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
-    if not stop.is_set():
-        log.info("worker.stopping", signal=sig.name, note="finishing the in-flight batch")
-    stop.set()

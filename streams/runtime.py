@@ -53,6 +53,34 @@ class DeferredEngine:
             self.loaded.warm_up()
 
 
+class Progress:
+    """One INFO line for the first batch, then one per ``interval_s`` summing the batches since: a
+    line per batch (DEBUG ``batch.done``) would cost more than the batch itself on cached traffic."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._since = time.monotonic()
+        self._logged_once = False
+        self._counts = [0, 0, 0, 0, 0]  # batches, messages, parsed, cached, dead-lettered
+
+    def add(self, messages: int, parsed: int, cached: int, dead_lettered: int) -> None:
+        counts = self._counts
+        counts[0] += 1
+        counts[1] += messages
+        counts[2] += parsed
+        counts[3] += cached
+        counts[4] += dead_lettered
+        now = time.monotonic()
+        if self._logged_once and now - self._since < self.interval_s:
+            return
+        seconds = max(now - self._since, 1e-9)
+        log.info("batches.progress", batches=counts[0], messages=counts[1], parsed=counts[2], cached=counts[3],
+                 dead_lettered=counts[4], seconds=round(seconds, 2), messages_per_s=round(counts[1] / seconds, 1))
+        self._logged_once = True
+        self._since = now
+        self._counts = [0, 0, 0, 0, 0]
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
         self.settings = settings
@@ -67,6 +95,7 @@ class WorkerRuntime:
         self._serving = asyncio.Event()
         self.pipeline_engine: ParseEngine | DeferredEngine
         self.batches_done = 0
+        self.progress = Progress()
 
     @property
     def engine_ready(self) -> bool:
@@ -138,10 +167,11 @@ class WorkerRuntime:
         self.metrics.observe(outcome)
         self.batches_done += 1
         m = outcome.metrics
-        log.info("batch.done", size=m.size, parsed=m.parsed, cached=m.cached, dead_lettered=m.dead_lettered,
-                 unique=m.unique, cache_hits=m.cache_hits, cache_misses=m.cache_misses,
-                 cache_available=m.cache_available, inference_ms=m.inference_ms, batch_ms=m.batch_ms,
-                 tokens_in=m.tokens_in, tokens_out=m.tokens_out)
+        log.debug("batch.done", size=m.size, parsed=m.parsed, cached=m.cached, dead_lettered=m.dead_lettered,
+                  unique=m.unique, cache_hits=m.cache_hits, cache_misses=m.cache_misses,
+                  cache_available=m.cache_available, inference_ms=m.inference_ms, batch_ms=m.batch_ms,
+                  tokens_in=m.tokens_in, tokens_out=m.tokens_out)
+        self.progress.add(m.size, m.parsed, m.cached, m.dead_lettered)
 
     def set_transport(self, *, connected: bool | None = None, assigned: set[tuple[str, int]] | None = None) -> None:
         if connected is not None:

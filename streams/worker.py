@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-import faust
 import structlog
-from aiohttp import web
 from mode import Service
 
 from schemas.events import ParsedEvent
 from schemas.settings import Settings
-from streams.kafka_app import create_app
 from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
 from streams.topics import ensure_topics_with_retry
@@ -21,15 +21,100 @@ from streams.web import start_web
 log = structlog.get_logger(__name__)
 
 
+class BridgeClient(Protocol):
+    """What the ``POST /parse`` bridge needs of a transport's query client."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def parse(self, query: str, *, timeout: float = 30.0) -> ParsedEvent: ...  # noqa: ASYNC109
+
+
+#: Runs a transport's consumer until ``stop`` is set; ``boot`` is the model-loading task.
+Consume = Callable[[asyncio.Event, "asyncio.Task[None]"], Awaitable[None]]
+
+
+async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, bridge_client: BridgeClient) -> None:
+    """Web endpoints at once, the model loading in the background, the consumer until SIGTERM/SIGINT
+    (it finishes its in-flight batch first). A model that fails to load stops the worker with that error."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+    web = await start_web(runtime)
+    log.info("web.listening", port=settings.web_port)
+    boot = asyncio.create_task(runtime.start(), name="runtime-start")
+
+    def stop_if_boot_failed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker.boot_failed", error=repr(task.exception()))
+            stop.set()
+
+    boot.add_done_callback(stop_if_boot_failed)
+    bridge = asyncio.create_task(_open_bridge(runtime, boot, bridge_client), name="parse-bridge")
+    try:
+        await consume(stop, boot)
+    finally:
+        runtime.bridge = None
+        for task in (bridge, boot):
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if not bridge.cancelled() and bridge.exception() is None and bridge.result():
+            with contextlib.suppress(Exception):
+                await bridge_client.__aexit__(None, None, None)
+        await web.cleanup()
+        await runtime.close()
+        log.info("worker.stopped", worker_id=settings.worker_id)
+    if not boot.cancelled() and boot.exception() is not None:
+        raise boot.exception()  # type: ignore[misc]
+
+
+async def _open_bridge(runtime: WorkerRuntime, boot: asyncio.Task[None], client: BridgeClient) -> bool:
+    """``POST /parse`` once the model is warm; a bridge that cannot connect only disables itself."""
+    await asyncio.shield(boot)
+    try:
+        await client.__aenter__()
+    except Exception as exc:
+        log.warning("bridge.unavailable", error=f"{type(exc).__name__}: {exc}")
+        return False
+
+    async def bridge(query: str, timeout_s: float) -> ParsedEvent:
+        return await client.parse(query, timeout=timeout_s)
+
+    runtime.bridge = bridge
+    return True
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("worker.stopping", signal=sig.name, note="finishing the in-flight batch")
+    stop.set()
+
+
+async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """The default Kafka runner (``streams.kafka_consumer``)."""
+    from producer_tools.client import QueryClient
+    from streams.kafka_consumer import KafkaBatchConsumer
+
+    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
+        await KafkaBatchConsumer(settings, runtime, stop).run()
+
+    await serve(settings, runtime, consume, QueryClient(settings))
+
+
 class RuntimeService(Service):
-    """Starts the web endpoints at once, then loads the model in the background; the agent waits
-    for the model, and /ready stays 503 until it is warm and partitions are assigned."""
+    """The Faust runner's companion: starts the web endpoints at once, then loads the model in the
+    background; the agent waits for the model, and /ready stays 503 until it is warm and partitions
+    are assigned."""
 
     def __init__(self, runtime: WorkerRuntime, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.runtime = runtime
-        self._web: web.AppRunner | None = None
-        self._bridge_client: object | None = None
+        self._web: Any = None
+        self._bridge_client: Any = None
 
     async def on_start(self) -> None:
         self._web = await start_web(self.runtime)
@@ -38,31 +123,42 @@ class RuntimeService(Service):
 
     async def _boot(self) -> None:
         await self.runtime.start()
-        if self.runtime.settings.transport == "kafka":
-            from producer_tools.client import QueryClient
+        from producer_tools.client import QueryClient
 
-            client = QueryClient(self.runtime.settings)
-            await client.start()
-            self._bridge_client = client
+        client = QueryClient(self.runtime.settings)
+        await client.start()
+        self._bridge_client = client
 
-            async def bridge(query: str, timeout_s: float) -> ParsedEvent:
-                return await client.parse(query, timeout=timeout_s)
+        async def bridge(query: str, timeout_s: float) -> ParsedEvent:
+            return await client.parse(query, timeout=timeout_s)
 
-            self.runtime.bridge = bridge
+        self.runtime.bridge = bridge
 
     async def on_stop(self) -> None:
         if self._bridge_client is not None:
             with contextlib.suppress(Exception):
-                await self._bridge_client.stop()  # type: ignore[attr-defined]
+                await self._bridge_client.stop()
         if self._web is not None:
             await self._web.cleanup()
         await self.runtime.close()
 
 
+def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    import faust
+
+    from streams.kafka_app import create_app
+
+    app = create_app(settings, runtime)
+    worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
+                          quiet=True)
+    worker.execute_from_commandline()
+
+
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
     log.info("worker.starting", settings=settings.redacted() if settings.log_level.upper() == "DEBUG" else None,
-             transport=settings.transport, worker_id=settings.worker_id)
+             transport=settings.transport, worker_id=settings.worker_id,
+             kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)
     runtime = WorkerRuntime(settings)
     if settings.transport == "redis":
         from streams.redis_transport import run_redis_worker
@@ -71,7 +167,7 @@ def run_worker(settings: Settings) -> None:
         return
     if settings.create_topics:
         asyncio.run(ensure_topics_with_retry(settings))
-    app = create_app(settings, runtime)
-    worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
-                          quiet=True)
-    worker.execute_from_commandline()
+    if settings.kafka_runner == "faust":
+        run_faust_worker(settings, runtime)
+    else:
+        asyncio.run(run_kafka_worker(settings, runtime))

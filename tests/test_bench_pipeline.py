@@ -42,8 +42,8 @@ def test_pipeline_bench_tiny(tmp_path: Path) -> None:
         assert section["qustream_qps"] > 0 and section["reference_qps"] > 0
         assert section["ratio"] > 0
         assert all(row["qustream_complete"] for row in section["rounds"])
-    assert saved["transport"]["core_step_qps"] > 0
-    assert all(row["qustream_all_cached"] for row in saved["transport"]["rounds"])
+    assert saved["transport"]["faust_qps"] > 0
+    assert all(row["qustream_all_cached"] and row["faust_all_cached"] for row in saved["transport"]["rounds"])
     assert all(row["qustream_uncached"] == saved["model"]["queries_per_round"] for row in saved["model"]["rounds"])
     zipf = saved["zipf"]
     assert zipf["complete"] and zipf["parsed"] == zipf["queries"] > 0

@@ -8,14 +8,18 @@ timeout to every batch.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before Python 3.12
+
+from schemas.events import QueryParse
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +28,23 @@ log = structlog.get_logger(__name__)
 class CachedParse:
     parse: dict[str, Any]
     ungrounded: list[str]
+
+
+#: ``QueryParse`` as a plain dict: every field present, no others (what ``model_dump`` writes),
+#: derived from the model so the two cannot drift.
+ParseDict = TypedDict(  # type: ignore[misc]
+    "ParseDict", {name: field.annotation for name, field in QueryParse.model_fields.items()}
+)
+ParseDict.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
+
+class _Entry(TypedDict):
+    parse: ParseDict
+    ungrounded: list[str]
+
+
+#: One pydantic-core pass from the stored bytes to validated dicts; an entry of another shape is a miss.
+_ENTRY = TypeAdapter(_Entry)
 
 
 @dataclass
@@ -82,15 +103,16 @@ class ParseCache:
             self._mark_down("get", exc)
             return CacheLookup({}, error=True)
         hits: dict[str, CachedParse] = {}
+        validate = _ENTRY.validate_json
         for query, raw in zip(queries, values, strict=True):
             if raw is None:
                 continue
             try:
-                payload = json.loads(raw)
-                hits[query] = CachedParse(payload["parse"], list(payload.get("ungrounded", [])))
-            except (ValueError, KeyError, TypeError):
-                # A corrupt entry is a miss; the fresh parse overwrites it.
+                entry = validate(raw)
+            except ValidationError:
+                # A corrupt entry, or one of another schema, is a miss; the fresh parse overwrites it.
                 continue
+            hits[query] = CachedParse(entry["parse"], entry["ungrounded"])  # type: ignore[arg-type]
         return CacheLookup(hits, error=False)
 
     async def set_many(self, parses: dict[str, CachedParse]) -> bool:
@@ -99,7 +121,7 @@ class ParseCache:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for query, cached in parses.items():
-                    value = json.dumps({"parse": cached.parse, "ungrounded": cached.ungrounded})
+                    value = orjson.dumps({"parse": cached.parse, "ungrounded": cached.ungrounded})
                     pipe.set(self.key(query), value, ex=self._ttl_s)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -8,19 +8,20 @@ import unicodedata
 _WHITESPACE = re.compile(r"\s+")
 
 
-#: ASCII control characters (C0 and DEL) → space; the only control characters ASCII text can hold.
-_ASCII_CONTROL = {code: " " for code in (*range(32), 127)}
+#: ASCII control characters (C0 and DEL): the only control characters ASCII text can hold.
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def strip_control(text: str) -> str:
     """Replace NUL and other control/format characters with spaces (they carry no search meaning)."""
-    if text.isascii():  # the common case, without a per-character Unicode lookup
-        return text.translate(_ASCII_CONTROL)
+    if text.isascii():  # the common case, without a per-character Unicode lookup (or str.translate's)
+        return _ASCII_CONTROL.sub(" ", text)
     return "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
 
 
 def normalize_query(text: str) -> str:
     """NFKC, control characters removed, lowercase, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():  # ASCII text is already in NFKC
+        text = unicodedata.normalize("NFKC", text)
     text = strip_control(text)
     return _WHITESPACE.sub(" ", text).strip().lower()

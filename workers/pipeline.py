@@ -24,11 +24,9 @@ from schemas.events import (
     BatchMetricsEvent,
     DeadLetterReason,
     DeadLetterStage,
-    ParsedEvent,
     QueryInput,
     QueryParse,
-    SourceRef,
-    Timings,
+    encode_parsed_event,
 )
 from schemas.settings import Settings
 from workers.cache import CachedParse, ParseCache
@@ -38,9 +36,10 @@ from workers.normalize import normalize_query, strip_control
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InboundMessage:
-    """One message as any transport delivered it."""
+    """One message as any transport delivered it (not frozen: a frozen dataclass costs a
+    ``object.__setattr__`` per field, per message, on the hot path)."""
 
     value: bytes | None
     key: bytes | None
@@ -51,7 +50,7 @@ class InboundMessage:
     headers: Mapping[str, bytes] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutboundRecord:
     key: bytes | None
     value: bytes
@@ -116,17 +115,11 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
     stripped = text.lstrip()
     if stripped[:1] in ("{", "[", '"'):
         try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PoisonMessage("decode", "JSONDecodeError", f"invalid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise PoisonMessage("validate", "NotAnObject", f"JSON value is a {type(payload).__name__}, not an object")
-        try:
-            event = QueryInput.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "value"
-            raise PoisonMessage("validate", "ValidationError", f"{where}: {first['msg']}") from None
+            # One pass in pydantic-core for the common, valid case; anything it refuses is decoded
+            # again step by step, which says precisely what is wrong.
+            event = QueryInput.model_validate_json(raw)
+        except ValidationError:
+            event = _decode_json_event(text)
     else:
         event = QueryInput(query=text)
     if event.schema_version not in SUPPORTED_INPUT_VERSIONS:
@@ -148,6 +141,21 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
     elif event_time is not None and event_time.tzinfo is None:
         event_time = event_time.replace(tzinfo=UTC)
     return DecodedQuery(message, query_id, query, normalize_query(query), event_time, attempts_of(message))
+
+
+def _decode_json_event(text: str) -> QueryInput:
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PoisonMessage("decode", "JSONDecodeError", f"invalid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise PoisonMessage("validate", "NotAnObject", f"JSON value is a {type(payload).__name__}, not an object")
+    try:
+        return QueryInput.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "value"
+        raise PoisonMessage("validate", "ValidationError", f"{where}: {first['msg']}") from None
 
 
 def dead_letter(
@@ -250,50 +258,49 @@ class ParsePipeline:
         end_to_end: list[float] = []
         served_fresh: set[str] = set()
         cached_count = 0
-        parse_models: dict[str, QueryParse] = {}
         parsed_at = datetime.now(UTC)
         total_ms = (time.perf_counter() - started) * 1000
+        model_id, grounding = self.engine.model_id, self.engine.grounding
         for item in decoded:
-            if item.normalized in failures:
-                reject(item.message, "infer", *failures[item.normalized])
+            query = item.normalized
+            if query in failures:
+                reject(item.message, "infer", *failures[query])
                 continue
-            if item.normalized in invalid:
-                reject(item.message, "output", "ValidationError", invalid[item.normalized])
+            if query in invalid:
+                reject(item.message, "output", "ValidationError", invalid[query])
                 continue
-            cached_parse = results[item.normalized]
-            parse_model = parse_models.get(item.normalized)
+            # Validated already: cache entries when read (another shape is a miss), fresh ones above.
+            ready = results[query]
             # The first message of a freshly inferred query is the uncached one; its in-batch
             # repeats, like cache hits, did not cost a model call.
-            from_model = item.normalized in fresh and item.normalized not in served_fresh
+            from_model = query in fresh and query not in served_fresh
             if from_model:
-                served_fresh.add(item.normalized)
-            queue_ms = (started_at - item.event_time).total_seconds() * 1000 if item.event_time else None
-            try:
-                event = ParsedEvent(
-                    query_id=item.query_id,
-                    query=item.query,
-                    normalized_query=item.normalized,
-                    parse=parse_model or QueryParse.model_validate(cached_parse.parse),
-                    cached=not from_model,
-                    model=self.engine.model_id,
-                    grounding=self.engine.grounding,
-                    ungrounded=cached_parse.ungrounded,
-                    event_ts=item.event_time,
-                    parsed_ts=parsed_at,
-                    source=SourceRef(topic=item.message.topic, partition=item.message.partition,
-                                     offset=item.message.offset),
-                    worker_id=worker_id,
-                    timings=Timings(queue_ms=queue_ms, inference_ms=inference_ms if from_model else 0.0,
-                                    total_ms=total_ms),
-                )
-            except ValidationError as exc:  # e.g. a corrupt cache entry of another schema
-                reject(item.message, "output", "ValidationError", str(exc.errors()[0]["msg"]))
-                continue
-            parse_models[item.normalized] = event.parse  # validated once per distinct query
-            parsed.append(OutboundRecord(item.query_id.encode(), event.model_dump_json().encode()))
+                served_fresh.add(query)
+            event_time = item.event_time
+            message = item.message
+            value = encode_parsed_event(
+                query_id=item.query_id,
+                query=item.query,
+                normalized_query=query,
+                parse=ready.parse,
+                cached=not from_model,
+                model=model_id,
+                grounding=grounding,
+                ungrounded=ready.ungrounded,
+                event_ts=event_time,
+                parsed_ts=parsed_at,
+                source_topic=message.topic,
+                source_partition=message.partition,
+                source_offset=message.offset,
+                worker_id=worker_id,
+                queue_ms=(started_at - event_time).total_seconds() * 1000 if event_time else None,
+                inference_ms=inference_ms if from_model else 0.0,
+                total_ms=total_ms,
+            )
+            parsed.append(OutboundRecord(item.query_id.encode(), value))
             cached_count += 0 if from_model else 1
-            if item.event_time is not None:
-                end_to_end.append((parsed_at - item.event_time).total_seconds())
+            if event_time is not None:
+                end_to_end.append((parsed_at - event_time).total_seconds())
 
         tokens_in = sum(result.tokens_in for result in inferred.values())
         tokens_out = sum(result.tokens_out for result in inferred.values())

@@ -1,0 +1,297 @@
+"""The default Kafka runner: one aiokafka consumer-group loop, batch in, batch out.
+
+consume a micro-batch → core step (``WorkerRuntime.process``) → publish every output and wait for
+the broker's acks (acks=all) → mark the batch's offsets committable → commit every
+``broker_commit_interval_s`` and before partitions are given up.
+
+Why not the Faust agent (still available: ``QUSTREAM_KAFKA_RUNNER=faust``): Faust turns every
+message into an event that travels through its conductor, a channel queue, the stream iterator,
+sensors and per-event acks. On all-cached traffic that machinery costs as much CPU as the whole
+core step (README, "Performance"); this loop hands the fetched batch to the core step as it is,
+and publishes with one producer batch per output partition instead of one ``send`` per record.
+
+Delivery contract (the same as the Faust runner's): at least once. An offset is committed only
+after every output of its batch was acknowledged; a batch whose publish never succeeds is not
+committed and is processed again by whoever owns the partition next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas.settings import Settings
+from streams.kafka_io import make_consumer, make_producer
+from streams.retry import Backoff
+from streams.runtime import WorkerRuntime
+from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+
+log = structlog.get_logger(__name__)
+
+#: How long one fetch waits for a first record; bounds how late a stop request is noticed.
+_POLL_MS = 200
+_LAG_INTERVAL_S = 5.0
+
+
+def to_inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
+    headers = record.headers
+    return InboundMessage(
+        record.value,
+        record.key,
+        record.topic,
+        record.partition,
+        str(record.offset),
+        record.timestamp,
+        {name: value for name, value in headers if value is not None} if headers else {},
+    )
+
+
+class BatchPublisher:
+    """Sends a batch's outputs as one producer batch per (topic, partition) and waits for the acks.
+
+    Records are placed on partitions by aiokafka's ``DefaultPartitioner`` (murmur2 of the key, as
+    the Java client does), exactly where ``producer.send`` would have put them.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._partitioner = DefaultPartitioner()
+        self._partitions: dict[str, list[int]] = {}
+
+    async def publish(self, routed: Iterable[tuple[str, OutboundRecord]]) -> None:
+        producer = self._producer
+        grouped: dict[tuple[str, int], list[OutboundRecord]] = defaultdict(list)
+        for topic, record in routed:
+            partitions = self._partitions.get(topic)
+            if partitions is None:
+                partitions = self._partitions[topic] = sorted(await producer.partitions_for(topic))
+            grouped[topic, self._partitioner(record.key, partitions, partitions)].append(record)
+        acks: list[asyncio.Future[Any]] = []
+        for (topic, partition), records in grouped.items():
+            batch = producer.create_batch()
+            for record in records:
+                if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
+                    if batch.record_count():
+                        acks.append(await producer.send_batch(batch, topic, partition=partition))
+                        batch = producer.create_batch()
+                    if batch.append(key=record.key, value=record.value, timestamp=None,
+                                    headers=record.headers) is None:
+                        # Larger than a whole producer batch: the record goes on its own.
+                        acks.append(await producer.send(topic, record.value, key=record.key, partition=partition,
+                                                        headers=record.headers))
+            if batch.record_count():
+                acks.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*acks)
+
+    def forget_partitions(self) -> None:
+        """After a publish error: the topic's partition count is read again (it may have grown)."""
+        self._partitions.clear()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: KafkaBatchConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._owner.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._owner.partitions_assigned(assigned)
+
+
+class KafkaBatchConsumer:
+    """Consumes the input topic in the ``app_id`` consumer group until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, runtime: WorkerRuntime, stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.stop = stop
+        self.topic = settings.topic_input
+        self.batch_size = settings.batch_size
+        self.linger_s = settings.batch_linger_ms / 1000
+        self.consumer = make_consumer(
+            settings,
+            group_id=settings.app_id,
+            client_id=f"qustream-{settings.worker_id}",
+            max_poll_records=settings.batch_size,
+            session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+            heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000),
+            # A slow uncached batch (split and retried up to its deadline) must not cost the membership.
+            max_poll_interval_ms=int(max(300.0, 4 * settings.batch_deadline_s) * 1000),
+        )
+        # Whole batches are handed over at once, so there is nothing to linger for.
+        self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
+        self.publisher = BatchPublisher(self.producer)
+        # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
+        # batch in flight and commits it before the partitions move.
+        self._batch_lock = asyncio.Lock()
+        self._committable: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+        self._backoff = Backoff()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.runtime.wait_serving()
+        await self._start_clients()
+        lag_reporter = asyncio.create_task(self._report_lag(), name="kafka-lag")
+        try:
+            while not self.stop.is_set():
+                records = await self._fetch()
+                if records:
+                    await self._handle(records)
+                if self._commit_due():
+                    async with self._batch_lock:
+                        await self._commit()
+        finally:
+            lag_reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_reporter
+            async with self._batch_lock:
+                await self._commit()
+            self.runtime.set_transport(assigned=set())
+            await self.consumer.stop()  # leaves the group, so the partitions move at once
+            await self.producer.stop()
+            log.info("kafka.consumer_stopped", group=self.settings.app_id)
+
+    async def _start_clients(self) -> None:
+        """Connect, retrying while the broker is unreachable (a worker may start before Kafka)."""
+        while True:
+            try:
+                await self.producer.start()
+                self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+                await self.consumer.start()
+                self.runtime.set_transport(connected=True)
+                self._backoff.reset()
+                return
+            except KafkaError as exc:
+                self.runtime.set_transport(connected=False)
+                delay = self._backoff.next_delay()
+                log.error("kafka.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 2))
+                await self._sleep(delay)
+                if self.stop.is_set():
+                    raise
+
+    # --- rebalance ----------------------------------------------------------------------------
+
+    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self._batch_lock:  # the batch in flight finishes and is committed first
+            await self._commit()
+        log.info("partitions.revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        mine = {(tp.topic, tp.partition) for tp in assigned if tp.topic == self.topic}
+        self._committable = {tp: offset for tp, offset in self._committable.items() if tp in assigned}
+        self.runtime.set_transport(connected=True, assigned=mine)
+        log.info("partitions.assigned", partitions=sorted(p for _, p in mine))
+
+    # --- one batch ----------------------------------------------------------------------------
+
+    async def _fetch(self) -> list[ConsumerRecord[bytes, bytes]]:
+        """Up to ``batch_size`` records: what is there now, then more until ``batch_linger_ms``."""
+        try:
+            fetched = await self.consumer.getmany(timeout_ms=_POLL_MS, max_records=self.batch_size)
+        except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
+            log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
+            await self._sleep(self._backoff.next_delay())
+            return []
+        records = [record for batch in fetched.values() for record in batch]
+        if not records or self.linger_s <= 0:
+            return records
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger_s
+        while len(records) < self.batch_size and not self.stop.is_set():
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if remaining_ms <= 0:
+                break
+            more = await self.consumer.getmany(timeout_ms=remaining_ms, max_records=self.batch_size - len(records))
+            records.extend(record for batch in more.values() for record in batch)
+        return records
+
+    async def _handle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        async with self._batch_lock:
+            # Records fetched before a rebalance took their partition away are left to the new owner,
+            # which starts from the offsets committed when the partition was revoked.
+            assigned = self.consumer.assignment()
+            mine = [r for r in records if TopicPartition(r.topic, r.partition) in assigned]
+            if not mine:
+                return
+            outcome = await self.runtime.process([to_inbound(record) for record in mine])
+            if not await self._publish(outcome):
+                return  # stopping: not committed, so the batch is processed again
+            self.runtime.record(outcome)
+            for record in mine:
+                self._committable[TopicPartition(record.topic, record.partition)] = record.offset + 1
+
+    async def _publish(self, outcome: BatchOutcome) -> bool:
+        """Every output acknowledged (True), or stop requested while the broker refused (False)."""
+        settings = self.settings
+        routed: list[tuple[str, OutboundRecord]] = [
+            *((settings.topic_parsed, record) for record in outcome.parsed),
+            *((settings.topic_dlq, record) for record in outcome.dead_letters),
+            (settings.topic_metrics, outcome.metrics_record()),
+        ]
+        while True:
+            try:
+                await self.publisher.publish(routed)
+                self.runtime.set_transport(connected=True)
+                self._backoff.reset()
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.runtime.set_transport(connected=False)
+                self.publisher.forget_partitions()
+                if self.stop.is_set():
+                    log.error("publish.abandoned", error=f"{type(exc).__name__}: {exc}",
+                              note="stopping; the batch is not committed and will be processed again")
+                    return False
+                delay = self._backoff.next_delay()
+                log.error("publish.retry", attempt=self._backoff.failures, delay_s=round(delay, 2),
+                          error=f"{type(exc).__name__}: {exc}")
+                await self._sleep(delay)
+
+    # --- offsets ------------------------------------------------------------------------------
+
+    def _commit_due(self) -> bool:
+        return bool(self._committable) and (
+            time.monotonic() - self._last_commit >= self.settings.broker_commit_interval_s
+        )
+
+    async def _commit(self) -> None:
+        """Commit what was published; a failure leaves the batches to be processed again (duplicates,
+        never loss), so it is logged and not retried."""
+        if not self._committable:
+            return
+        offsets, self._committable = self._committable, {}
+        self._last_commit = time.monotonic()
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("kafka.commit_failed", error=f"{type(exc).__name__}: {exc}",
+                        partitions=sorted(tp.partition for tp in offsets))
+
+    async def _report_lag(self) -> None:
+        gauge = self.runtime.metrics.consumer_lag
+        while True:
+            await asyncio.sleep(_LAG_INTERVAL_S)
+            for tp in self.consumer.assignment():
+                highwater = self.consumer.highwater(tp)
+                with contextlib.suppress(Exception):  # a partition moving away mid-report
+                    position = await self.consumer.position(tp)
+                    if highwater is not None:
+                        gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(max(highwater - position, 0))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
