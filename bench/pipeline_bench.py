@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +33,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from bench.stack import Collector, EngineAlone, Passthrough, Process, Services, Worker
+from bench.stack import Collector, EngineAlone, Passthrough, Process, Services, Worker, pinned
 from bench.workload import BenchQuery, expected_distinct, query_pool, zipf_ranks
 from schemas.settings import Settings
 from streams.kafka_io import make_producer
@@ -56,7 +57,8 @@ class Plan:
     batch_size: int = Settings.model_fields["batch_size"].default
     linger_ms: int = Settings.model_fields["batch_linger_ms"].default
     transport_rounds: int = 5
-    transport_messages: int = 20_000
+    # Large enough that the pass-through's drain (≈ 60-80k q/s here) lasts about half a second.
+    transport_messages: int = 40_000
     model_rounds: int = 3
     model_queries: int = 64
     zipf_seconds: float = 90.0
@@ -352,9 +354,13 @@ class PipelineBench:
                      "faust": (faust_settings.topic_input, faust_settings.topic_parsed, faust_worker)}
             wanted = self.scenarios
             if {"transport", "scaling"} & wanted:
-                results["transport"] = await self._transport(main, producer, collector, paths)
-                if self.profile:
-                    results["transport"]["profile"] = await self._profile_cached(main, producer, collector, worker)
+                with pinned([process for _, _, process in paths.values()],
+                            [self.services.broker_pid, os.getpid()]) as cpus:
+                    results["transport"] = await self._transport(main, producer, collector, paths)
+                    results["transport"]["cpus"] = cpus
+                    if self.profile:
+                        results["transport"]["profile"] = await self._profile_cached(main, producer, collector,
+                                                                                     worker)
             passthrough.stop()
             self._stop_worker(faust_worker)
             if {"model", "zipf", "scaling"} & wanted:
@@ -403,8 +409,11 @@ class PipelineBench:
             for which in order:
                 topic, out, process = paths[which]
                 tag = _round_tag()
-                cpu_before = process.cpu_seconds()
-                started = await produce_burst(producer, topic, tag, queries)
+                # Each path drains the same backlog, alone: its own capacity, not the producer's pace.
+                with process.paused():
+                    await produce_burst(producer, topic, tag, queries)
+                    cpu_before = process.cpu_seconds()
+                    started = time.time()
                 complete = await collector.wait(out, tag, len(queries), p.drain_timeout_s)
                 row[f"{which}_cpu_us_per_msg"] = round((process.cpu_seconds() - cpu_before) / len(queries) * 1e6, 1)
                 result = _round_result(collector, out, tag, len(queries), started, complete)
@@ -413,6 +422,7 @@ class PipelineBench:
                     row[f"{which}_all_cached"] = all(e["cached"] for e in events)
                 row[f"{which}_qps"] = round(result.qps, 1)
                 row[f"{which}_complete"] = result.complete
+                collector.forget(out, tag)
             row["ratio"] = round(row["qustream_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
             row["faust_ratio"] = round(row["faust_qps"] / row["reference_qps"], 4) if row["reference_qps"] else 0.0
             rounds.append(row)
@@ -421,7 +431,8 @@ class PipelineBench:
                       f"(Faust runner {row['faust_qps']:.0f} q/s)")
         summary = self._ceiling_summary(
             rounds, TRANSPORT_TARGET, messages=len(queries), batch_size=settings.batch_size,
-            reference="aiokafka consume → produce pass-through process, same broker")
+            reference="aiokafka consume → produce pass-through process, same broker",
+            method="each path drains a backlog of the round's messages produced while it was paused (SIGSTOP)")
         for which in paths:
             summary[f"{which}_cpu_us_per_msg"] = round(_median([r[f"{which}_cpu_us_per_msg"] for r in rounds]), 1)
         # CPU per message of each process: the same comparison with other load on the machine taken out.
@@ -457,6 +468,8 @@ class PipelineBench:
         if not raw.exists():
             return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
         summary = summarize_collapsed(raw.read_text())
+        if os.environ.get("QUSTREAM_BENCH_KEEP_PROFILE"):
+            shutil.copy(raw, os.environ["QUSTREAM_BENCH_KEEP_PROFILE"])
         summary["qps_while_profiled"] = round(result.qps, 1)
         return summary
 

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ class Services:
         }
         return isolated_settings(self.bootstrap, self.redis_url, tag=f"b{name}-", **{**defaults, **overrides})
 
+    @property
+    def broker_pid(self) -> int:
+        return self._tansu.pid
+
     def close(self) -> None:
         stop_process(self._tansu)
         if self._redis is not None:
@@ -101,6 +106,16 @@ class Process:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP while the block runs (a backlog builds up), SIGCONT after; stopped for well under
+        the session timeout, so the consumer group does not notice."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}; log:\n{self.log_tail()}")
@@ -114,6 +129,37 @@ class Process:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def pinned(measured: list[Process], others: list[int]) -> Iterator[dict[str, list[int]]]:
+    """Measured processes on CPU 0, everything else named (broker, this harness) on the other CPUs,
+    for the duration of the block; then all back on every CPU.
+
+    Without it, which processes the scheduler happens to put on one core changes a round's figures
+    by ±30 % on a 2-core machine; with it, each measured path has a core of its own and shares the
+    other with nobody it is compared against. No-op on a single CPU."""
+    every = sorted(os.sched_getaffinity(0))
+    if len(every) < 2:
+        yield {"measured": every, "others": every}
+        return
+    mine, rest = every[:1], every[1:]
+    pids = [(process.pid, mine) for process in measured] + [(pid, rest) for pid in others]
+    try:
+        for pid, cpus in pids:
+            _set_affinity(pid, cpus)
+        yield {"measured": mine, "others": rest}
+    finally:
+        for pid, _ in pids:
+            _set_affinity(pid, every)
+
+
+def _set_affinity(pid: int, cpus: list[int]) -> None:
+    """Every thread of ``pid`` (a process's threads keep their own masks)."""
+    with contextlib.suppress(psutil.Error):
+        for thread in psutil.Process(pid).threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(thread.id, cpus)
 
 
 class Worker(Process):
@@ -212,6 +258,11 @@ class Collector:
     def of_round(self, topic: str, tag: str) -> list[ConsumerRecord[Any, Any]]:
         prefix = tag.encode() + b"-"
         return [r for r in self.records[topic] if r.key and r.key.startswith(prefix)]
+
+    def forget(self, topic: str, tag: str) -> None:
+        """Drop a finished round's records (large rounds would otherwise pile up in memory)."""
+        prefix = tag.encode() + b"-"
+        self.records[topic] = [r for r in self.records[topic] if not (r.key and r.key.startswith(prefix))]
 
     def since(self, topic: str, timestamp_ms: int) -> list[ConsumerRecord[Any, Any]]:
         return [r for r in self.records[topic] if r.timestamp >= timestamp_ms]

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from aiokafka import TopicPartition
 
 from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
@@ -50,12 +51,17 @@ def encode_query(
 
 
 class QueryClient:
+    """Reads the reply topics only while a ``parse`` waits: idle, its partitions are paused, so a
+    client inside a busy worker (the ``POST /parse`` bridge) does not fetch every event it writes."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._producer = make_producer(settings)
         self._consumer = make_consumer(settings, auto_offset_reset="latest")
         self._pending: dict[str, asyncio.Future[ParsedEvent]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._partitions: list[TopicPartition] = []
+        self._listening = asyncio.Lock()
 
     async def __aenter__(self) -> QueryClient:
         await self.start()
@@ -67,7 +73,10 @@ class QueryClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        await assign_all(self._consumer, [self.settings.topic_parsed, self.settings.topic_dlq], from_end=True)
+        self._partitions = await assign_all(
+            self._consumer, [self.settings.topic_parsed, self.settings.topic_dlq], from_end=True
+        )
+        self._consumer.pause(*self._partitions)
         self._reader = asyncio.create_task(self._read_replies(), name="query-client-replies")
 
     async def stop(self) -> None:
@@ -92,12 +101,22 @@ class QueryClient:
         """Send ``query`` and wait for its parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
         query_id = fields.pop("query_id", None) or uuid.uuid4().hex
         future: asyncio.Future[ParsedEvent] = asyncio.get_running_loop().create_future()
-        self._pending[query_id] = future
+        async with self._listening:
+            if not self._pending:
+                # From the end as of now: the reply is written after the query is sent, so it lies
+                # beyond these positions (an end offset that reads low only means a longer read).
+                await self._consumer.seek_to_end(*self._partitions)
+                for tp in self._partitions:
+                    await self._consumer.position(tp)
+                self._consumer.resume(*self._partitions)
+            self._pending[query_id] = future
         try:
             await self.send(query, query_id=query_id, **fields)
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(query_id, None)
+            if not self._pending:
+                self._consumer.pause(*self._partitions)
 
     async def _read_replies(self) -> None:
         while True:

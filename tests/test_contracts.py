@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from schemas.asyncapi import asyncapi_document
 from schemas.events import BatchMetricsEvent, ParsedEvent, QueryParse, SourceRef, Timings
@@ -57,3 +58,64 @@ def test_committed_asyncapi_document_matches_the_models() -> None:
     committed = json.loads((Path(__file__).parent.parent / "docs" / "asyncapi.json").read_text())
     regenerate = "regenerate it: qustream schema asyncapi -o docs/asyncapi.json"
     assert committed == asyncapi_document(Settings(_env_file=None)), regenerate
+
+
+def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
+    import random
+    from datetime import timedelta, timezone
+
+    from schemas.events import encode_parsed_event
+
+    rng = random.Random(11)
+    times = [datetime.now(UTC), datetime(2026, 1, 1, tzinfo=UTC), None,
+             datetime(2026, 5, 6, 7, 8, 9, 120, tzinfo=timezone(timedelta(hours=-5, minutes=-30)))]
+    texts = ["red sofa", 'canapé "rouge" \\ \u2028 😀 ソファ', "x\u0000y", ""]
+    floats = [None, 0.0, 1.0, 0.1, 1e-7, 123456789.123, 1e20, 2.5e-300]
+    for _ in range(300):
+        text, ts, queue = rng.choice(texts), rng.choice(times), rng.choice(floats)
+        parse = QueryParse(item_type=rng.choice([None, "sofa", text]), material=rng.choice([None, "wood"]),
+                           color=rng.choice([None, "red"]), style=rng.choice([None, "modern"]))
+        fields = dict(query_id=f"q{rng.randrange(10**6)}", query=text, normalized_query=text.lower(),
+                      cached=rng.random() < 0.5, model="m/x", grounding="catalog",
+                      ungrounded=rng.choice([[], ["color"], ["material", "style"]]), event_ts=ts,
+                      parsed_ts=rng.choice([t for t in times if t is not None]), worker_id="w-1")
+        partition, offset, inference, total = rng.randrange(64), str(rng.randrange(10**9)), rng.random(), 3.25
+        model_json = ParsedEvent(
+            parse=parse, source=SourceRef(topic="in", partition=partition, offset=offset),
+            timings=Timings(queue_ms=queue, inference_ms=inference, total_ms=total), **fields,
+        ).model_dump_json().encode()
+        fast = encode_parsed_event(parse=parse.model_dump(), source_topic="in", source_partition=partition,
+                                   source_offset=offset, queue_ms=queue, inference_ms=inference, total_ms=total,
+                                   **fields)
+        assert fast == model_json
+
+
+def test_cache_entries_are_validated_like_query_parse() -> None:
+    import orjson
+    from pydantic import ValidationError
+
+    from workers.cache import validate_entry
+
+    full = {"item_type": "sofa", "material": None, "color": "red", "style": None}
+    assert validate_entry(orjson.dumps({"parse": full, "ungrounded": ["color"]})) == {
+        "parse": full, "ungrounded": ["color"]}
+    for parse in ({"item_type": "sofa"}, {**full, "extra": "x"}, {**full, "color": 3}, ["sofa"]):
+        # QueryParse itself accepts a dict with missing fields (they default to null); a cache
+        # entry must carry all of them, as the worker writes it, or it is a miss.
+        with pytest.raises(ValidationError):
+            validate_entry(orjson.dumps({"parse": parse, "ungrounded": []}))
+    for broken in (b"not json", b"[]", orjson.dumps({"parse": full}), orjson.dumps({"parse": full, "ungrounded": [1]})):
+        with pytest.raises(ValidationError):
+            validate_entry(broken)
+    for parse in ({**full, "extra": "x"}, {**full, "color": 3}):
+        with pytest.raises(ValidationError):
+            QueryParse.model_validate(parse)
+
+
+def test_exactly_once_is_refused_for_the_batch_runner() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly_once needs kafka_runner=faust"):
+        Settings(processing_guarantee="exactly_once")
+    assert Settings(processing_guarantee="exactly_once", kafka_runner="faust").kafka_runner == "faust"
+    assert Settings(processing_guarantee="exactly_once", transport="redis").transport == "redis"

@@ -28,9 +28,12 @@ UNIQUE_QUERIES = [
 ]
 
 
-@pytest.fixture
-def pipeline_run(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tuple[Settings, WorkerProcess]]:
-    settings = make_settings(batch_size=16)
+@pytest.fixture(params=["batch", "faust"])
+def pipeline_run(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings], tmp_path: Path
+) -> Iterator[tuple[Settings, WorkerProcess]]:
+    """A worker of each Kafka runner: the default batch loop and the Faust agent."""
+    settings = make_settings(batch_size=16, kafka_runner=request.param)
     run(ensure_topics(settings))
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:

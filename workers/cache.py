@@ -47,6 +47,11 @@ class _Entry(TypedDict):
 _ENTRY = TypeAdapter(_Entry)
 
 
+def validate_entry(raw: bytes) -> _Entry:
+    """A stored entry as validated dicts, or ``ValidationError``."""
+    return _ENTRY.validate_json(raw)
+
+
 @dataclass
 class CacheLookup:
     hits: dict[str, CachedParse]
@@ -103,7 +108,7 @@ class ParseCache:
             self._mark_down("get", exc)
             return CacheLookup({}, error=True)
         hits: dict[str, CachedParse] = {}
-        validate = _ENTRY.validate_json
+        validate = validate_entry
         for query, raw in zip(queries, values, strict=True):
             if raw is None:
                 continue

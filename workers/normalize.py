@@ -5,9 +5,6 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_WHITESPACE = re.compile(r"\s+")
-
-
 #: ASCII control characters (C0 and DEL): the only control characters ASCII text can hold.
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -23,5 +20,5 @@ def normalize_query(text: str) -> str:
     """NFKC, control characters removed, lowercase, whitespace collapsed."""
     if not text.isascii():  # ASCII text is already in NFKC
         text = unicodedata.normalize("NFKC", text)
-    text = strip_control(text)
-    return _WHITESPACE.sub(" ", text).strip().lower()
+    # str.split() splits on exactly what the regex \s matches (str.isspace), and faster.
+    return " ".join(strip_control(text).split()).lower()

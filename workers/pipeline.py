@@ -84,7 +84,8 @@ class DecodedQuery:
     query: str
     normalized: str
     event_time: datetime | None
-    attempts: int
+    #: ``event_time`` as seconds since the epoch: latency arithmetic on floats, not datetimes.
+    event_epoch: float | None
 
 
 def attempts_of(message: InboundMessage) -> int:
@@ -140,7 +141,8 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
         event_time = datetime.fromtimestamp(message.timestamp_ms / 1000, tz=UTC)
     elif event_time is not None and event_time.tzinfo is None:
         event_time = event_time.replace(tzinfo=UTC)
-    return DecodedQuery(message, query_id, query, normalize_query(query), event_time, attempts_of(message))
+    event_epoch = event_time.timestamp() if event_time is not None else None
+    return DecodedQuery(message, query_id, query, normalize_query(query), event_time, event_epoch)
 
 
 def _decode_json_event(text: str) -> QueryInput:
@@ -259,16 +261,19 @@ class ParsePipeline:
         served_fresh: set[str] = set()
         cached_count = 0
         parsed_at = datetime.now(UTC)
+        parsed_epoch, started_epoch = parsed_at.timestamp(), started_at.timestamp()
         total_ms = (time.perf_counter() - started) * 1000
         model_id, grounding = self.engine.model_id, self.engine.grounding
+        refused = failures or invalid
         for item in decoded:
             query = item.normalized
-            if query in failures:
-                reject(item.message, "infer", *failures[query])
-                continue
-            if query in invalid:
-                reject(item.message, "output", "ValidationError", invalid[query])
-                continue
+            if refused:
+                if query in failures:
+                    reject(item.message, "infer", *failures[query])
+                    continue
+                if query in invalid:
+                    reject(item.message, "output", "ValidationError", invalid[query])
+                    continue
             # Validated already: cache entries when read (another shape is a miss), fresh ones above.
             ready = results[query]
             # The first message of a freshly inferred query is the uncached one; its in-batch
@@ -276,7 +281,7 @@ class ParsePipeline:
             from_model = query in fresh and query not in served_fresh
             if from_model:
                 served_fresh.add(query)
-            event_time = item.event_time
+            event_epoch = item.event_epoch
             message = item.message
             value = encode_parsed_event(
                 query_id=item.query_id,
@@ -287,20 +292,20 @@ class ParsePipeline:
                 model=model_id,
                 grounding=grounding,
                 ungrounded=ready.ungrounded,
-                event_ts=event_time,
+                event_ts=item.event_time,
                 parsed_ts=parsed_at,
                 source_topic=message.topic,
                 source_partition=message.partition,
                 source_offset=message.offset,
                 worker_id=worker_id,
-                queue_ms=(started_at - event_time).total_seconds() * 1000 if event_time else None,
+                queue_ms=(started_epoch - event_epoch) * 1000 if event_epoch is not None else None,
                 inference_ms=inference_ms if from_model else 0.0,
                 total_ms=total_ms,
             )
             parsed.append(OutboundRecord(item.query_id.encode(), value))
             cached_count += 0 if from_model else 1
-            if event_time is not None:
-                end_to_end.append((parsed_at - event_time).total_seconds())
+            if event_epoch is not None:
+                end_to_end.append(parsed_epoch - event_epoch)
 
         tokens_in = sum(result.tokens_in for result in inferred.values())
         tokens_out = sum(result.tokens_out for result in inferred.values())

@@ -1,0 +1,124 @@
+"""The default Kafka runner (``streams.kafka_consumer``) on the real broker: where its producer
+batches put records, and partitions moving between two workers without losing a message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas.settings import Settings
+from streams.kafka_consumer import BatchPublisher
+from streams.kafka_io import make_producer
+from streams.local_stack import free_port
+from streams.topics import ensure_topics
+from tests.support import WorkerProcess, read_topic, run
+from workers.cache import CachedParse, ParseCache, redis_client
+from workers.engine import version_for
+from workers.normalize import normalize_query
+from workers.pipeline import OutboundRecord
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_publisher_puts_records_where_producer_send_would(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(partitions=4)
+    topic = settings.topic_parsed
+    await ensure_topics(settings, [topic])
+    producer = make_producer(settings)  # the default 16 KiB batches, so the oversized path is taken too
+    await producer.start()
+    keyed = [OutboundRecord(f"query-{i}".encode(), json.dumps({"n": i}).encode()) for i in range(300)]
+    oversized = OutboundRecord(b"query-big", b"x" * 40_000)
+    keyless = [OutboundRecord(None, b"metrics-%d" % i) for i in range(10)]
+    try:
+        await BatchPublisher(producer).publish([(topic, record) for record in [*keyed, oversized, *keyless]])
+    finally:
+        await producer.stop()
+
+    records = await read_topic(settings, topic, until=len(keyed) + 1 + len(keyless), timeout_s=30)
+    assert len(records) == len(keyed) + 1 + len(keyless)
+    partitioner, partitions = DefaultPartitioner(), [0, 1, 2, 3]
+    for record in records:
+        if record.key is not None:
+            assert record.partition == partitioner(record.key, partitions, partitions), record.key
+    # Per partition, records keep the order they were handed over in.
+    for partition in partitions:
+        numbers = [json.loads(r.value)["n"] for r in records if r.partition == partition and r.key != b"query-big"
+                   and r.key is not None]
+        assert numbers == sorted(numbers)
+    assert {r.value for r in records if r.key is None} == {record.value for record in keyless}
+    assert next(r for r in records if r.key == b"query-big").value == oversized.value
+
+
+def test_partitions_move_between_workers_without_losing_a_message(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Worker A alone, then B joins (rebalance), then A stops (its partitions move to B), all while
+    messages keep coming: every query id comes out parsed, and both workers did part of the work."""
+    settings = make_settings(batch_size=32, partitions=4)
+    run(ensure_topics(settings))
+    total, phases = 3000, (1200, 1000, 800)
+    queries = [f"oak {['desk', 'bed', 'chair', 'table'][i % 4]} no {i}" for i in range(total)]
+    # All cached: the workers never wait for the model, so the test measures the hand-over alone.
+    run(_prewarm(settings, queries))
+
+    worker_a = WorkerProcess(settings, tmp_path / "worker-a.log")
+    settings_b = settings.model_copy(update={"web_port": free_port(), "worker_id": settings.worker_id + "-b"})
+    worker_b: WorkerProcess | None = None
+    try:
+        worker_a.wait_ready()
+        sent = 0
+        run(_produce(settings, queries, sent, sent + phases[0]))
+        sent += phases[0]
+        worker_b = WorkerProcess(settings_b, tmp_path / "worker-b.log")
+        run(_produce(settings, queries, sent, sent + phases[1], pause_s=0.002))
+        sent += phases[1]
+        worker_b.wait_ready()
+        worker_a.stop()  # SIGTERM: finishes and commits its batches, leaves the group
+        run(_produce(settings, queries, sent, total))
+        records = run(read_topic(settings, settings.topic_parsed, until=total, timeout_s=180))
+    finally:
+        worker_a.stop()
+        if worker_b is not None:
+            worker_b.stop()
+
+    events = [json.loads(record.value) for record in records]
+    ids = [event["query_id"] for event in events]
+    missing = {f"m{i}" for i in range(total)} - set(ids)
+    assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:10]}"
+    assert set(ids) == {f"m{i}" for i in range(total)}
+    assert all(event["cached"] for event in events)
+    by_worker = {event["worker_id"] for event in events}
+    assert by_worker == {settings.worker_id, settings_b.worker_id}
+    # At least once, and duplicates only where a partition moved (not a wholesale replay).
+    assert len(ids) - len(set(ids)) < total // 4
+
+
+async def _prewarm(settings: Settings, queries: list[str]) -> None:
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), version=version_for(settings),
+                       ttl_s=600, prefix=settings.cache_prefix)
+    parse = {"item_type": None, "material": "wood", "color": None, "style": None}
+    try:
+        assert await cache.set_many({normalize_query(q): CachedParse(dict(parse), []) for q in queries})
+    finally:
+        await cache.close()
+
+
+async def _produce(settings: Settings, queries: list[str], start: int, end: int, pause_s: float = 0.0) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        pending = []
+        for i in range(start, end):
+            value = json.dumps({"query": queries[i], "query_id": f"m{i}", "ts": time.time()}).encode()
+            pending.append(await producer.send(settings.topic_input, value, key=f"m{i}".encode()))
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
