@@ -47,7 +47,7 @@ class _Entry(TypedDict):
 _ENTRY = TypeAdapter(_Entry)
 
 
-def validate_entry(raw: bytes) -> _Entry:
+def validate_entry(raw: bytes | str) -> _Entry:
     """A stored entry as validated dicts, or ``ValidationError``."""
     return _ENTRY.validate_json(raw)
 
@@ -108,12 +108,11 @@ class ParseCache:
             self._mark_down("get", exc)
             return CacheLookup({}, error=True)
         hits: dict[str, CachedParse] = {}
-        validate = validate_entry
         for query, raw in zip(queries, values, strict=True):
             if raw is None:
                 continue
             try:
-                entry = validate(raw)
+                entry = validate_entry(raw)
             except ValidationError:
                 # A corrupt entry, or one of another schema, is a miss; the fresh parse overwrites it.
                 continue
