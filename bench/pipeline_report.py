@@ -15,13 +15,21 @@ def _pct(value: float) -> str:
     return f"{value:.0%}"
 
 
+def _or_dash(cell: Any, run: dict[str, Any]) -> str:
+    """A run of only some scenarios (``--only``) shows a dash for the others."""
+    try:
+        return str(cell(run))
+    except KeyError:
+        return "–"
+
+
 def summary_table(runs: list[dict[str, Any]]) -> str:
     """One column per run: the figures the issue asks for, and the targets."""
     header = "| figure | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |"
     lines = [header, "|---|" + "---|" * len(runs)]
 
     def row(name: str, cell: Any) -> None:
-        lines.append(f"| {name} | " + " | ".join(cell(r) for r in runs) + " |")
+        lines.append(f"| {name} | " + " | ".join(_or_dash(cell, r) for r in runs) + " |")
 
     row("transport: qustream, all cached (q/s)", lambda r: f"{r['transport']['qustream_qps']:,.0f}")
     row("transport: aiokafka pass-through (q/s)", lambda r: f"{r['transport']['reference_qps']:,.0f}")
@@ -32,8 +40,9 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     row("process CPU per message: qustream / Faust runner / pass-through (µs)",
         lambda r: " / ".join(f"{r['transport'].get(f'{k}_cpu_us_per_msg', float('nan')):.0f}"
                              for k in ("qustream", "faust", "reference")))
-    row("transport ratio by worker CPU per message (pass-through µs / qustream µs)",
-        lambda r: _pct(r["transport"].get("cpu_ratio", 0.0)))
+    row("transport ratio by process CPU per message (pass-through µs / qustream µs)",
+        lambda r: _pct(r["transport"]["cpu_ratio"]))
+    row("transport: spread of the per-round ratios (max − min)", lambda r: _pct(r["transport"]["ratio_spread"]))
     row("model: qustream, none cached (q/s)", lambda r: f"{r['model']['qustream_qps']:.2f}")
     row("model: engine alone (q/s)", lambda r: f"{r['model']['reference_qps']:.2f}")
     row("**model ratio** (target ≥ 85 %)",
@@ -62,7 +71,7 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
 def knobs_table(results: dict[str, Any]) -> str:
     lines = ["| batch size | linger ms | burst q/s (90 % cached) | steady rate q/s | p50 s | p95 s | p99 s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results["knobs"]:
+    for r in results.get("knobs", []):
         lines.append(f"| {r['batch_size']} | {r['batch_linger_ms']} | {r['burst_qps']:.1f} | "
                      f"{r.get('steady_rate_qps', '')} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} |")
     return "\n".join(lines)

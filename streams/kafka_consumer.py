@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 #: How long one fetch waits for a first record; bounds how late a stop request is noticed.
 _POLL_MS = 200
 _LAG_INTERVAL_S = 5.0
+_COMMIT_TIMEOUT_S = 15.0
 
 
 def to_inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
@@ -167,7 +168,9 @@ class KafkaBatchConsumer:
 
     async def run(self) -> None:
         await self.runtime.wait_serving()
-        await self._start_clients()
+        if not await self._start_clients():
+            await self.producer.stop()
+            return
         lag_reporter = asyncio.create_task(self._report_lag(), name="kafka-lag")
         try:
             while not self.stop.is_set():
@@ -191,23 +194,23 @@ class KafkaBatchConsumer:
             await self.producer.stop()
             log.info("kafka.consumer_stopped", group=self.settings.app_id)
 
-    async def _start_clients(self) -> None:
-        """Connect, retrying while the broker is unreachable (a worker may start before Kafka)."""
-        while True:
+    async def _start_clients(self) -> bool:
+        """Connect, retrying while the broker is unreachable (a worker may start before Kafka);
+        False if asked to stop first."""
+        while not self.stop.is_set():
             try:
                 await self.producer.start()
                 self.consumer.subscribe([self.topic], listener=_Rebalance(self))
                 await self.consumer.start()
                 self.runtime.set_transport(connected=True)
                 self._backoff.reset()
-                return
+                return True
             except KafkaError as exc:
                 self.runtime.set_transport(connected=False)
                 delay = self._backoff.next_delay()
                 log.error("kafka.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 2))
                 await self._sleep(delay)
-                if self.stop.is_set():
-                    raise
+        return False
 
     # --- rebalance ----------------------------------------------------------------------------
 
@@ -339,17 +342,24 @@ class KafkaBatchConsumer:
         )
 
     async def _commit(self) -> None:
-        """Commit what was published; a failure leaves the batches to be processed again (duplicates,
-        never loss), so it is logged and not retried."""
+        """Commit what was published. After a rebalance the offsets are no longer ours and are
+        dropped; after a timeout or broker error they are kept for the next commit. Either way a
+        failure costs duplicates, never loss."""
         if not self._committable:
             return
         offsets, self._committable = self._committable, {}
         self._last_commit = time.monotonic()
         try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("kafka.commit_failed", error=f"{type(exc).__name__}: {exc}",
+            # Bounded: aiokafka waits for a coordinator without limit, and a stop must not hang on it.
+            await asyncio.wait_for(self.consumer.commit(offsets), _COMMIT_TIMEOUT_S)
+        except CommitFailedError as exc:
+            log.warning("kafka.commit_failed", error=str(exc), partitions=sorted(tp.partition for tp in offsets))
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("kafka.commit_deferred", error=f"{type(exc).__name__}: {exc}",
                         partitions=sorted(tp.partition for tp in offsets))
+            for tp, offset in offsets.items():
+                if offset > self._committable.get(tp, -1):
+                    self._committable[tp] = offset
 
     async def _report_lag(self) -> None:
         gauge = self.runtime.metrics.consumer_lag

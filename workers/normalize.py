@@ -12,7 +12,8 @@ _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def strip_control(text: str) -> str:
     """Replace NUL and other control/format characters with spaces (they carry no search meaning)."""
     if text.isascii():  # the common case, without a per-character Unicode lookup (or str.translate's)
-        return _ASCII_CONTROL.sub(" ", text)
+        # isprintable: one C pass that is True exactly when an ASCII text holds no control character.
+        return text if text.isprintable() else _ASCII_CONTROL.sub(" ", text)
     return "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
 
 

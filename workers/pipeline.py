@@ -109,20 +109,17 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
         raise PoisonMessage(
             "validate", "MessageTooLarge", f"{len(raw)} bytes > max_message_bytes={settings.max_message_bytes}"
         )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PoisonMessage("decode", "UnicodeDecodeError", f"value is not valid UTF-8: {exc}") from None
-    stripped = text.lstrip()
-    if stripped[:1] in ("{", "[", '"'):
+    event: QueryInput | None = None
+    if raw[:1] == b"{":
+        # The common case in one pydantic-core pass (UTF-8 check, JSON, validation) without
+        # decoding the bytes first; anything it refuses takes the step-by-step path below, which
+        # says precisely what is wrong.
         try:
-            # One pass in pydantic-core for the common, valid case; anything it refuses is decoded
-            # again step by step, which says precisely what is wrong.
             event = QueryInput.model_validate_json(raw)
         except ValidationError:
-            event = _decode_json_event(text)
-    else:
-        event = QueryInput(query=text)
+            event = None
+    if event is None:
+        event = _decode_step_by_step(raw)
     if event.schema_version not in SUPPORTED_INPUT_VERSIONS:
         raise PoisonMessage(
             "validate", "UnsupportedSchemaVersion",
@@ -145,7 +142,15 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
     return DecodedQuery(message, query_id, query, normalize_query(query), event_time, event_epoch)
 
 
-def _decode_json_event(text: str) -> QueryInput:
+def _decode_step_by_step(raw: bytes) -> QueryInput:
+    """UTF-8, then JSON if the value looks like JSON (first character ``{``, ``[`` or ``"``), else
+    the whole value as the query text."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage("decode", "UnicodeDecodeError", f"value is not valid UTF-8: {exc}") from None
+    if text.lstrip()[:1] not in ("{", "[", '"'):
+        return QueryInput(query=text)
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
