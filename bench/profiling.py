@@ -16,7 +16,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core step: build ParsedEvent + JSON, other", ("ParsePipeline.",)),
     ("runtime.record: metrics + progress log", ("WorkerRuntime.record",)),
     ("publish: producer batches per partition", ("BatchPublisher.", "create_app.<locals>.publish")),
-    ("agent: ack per event, to_inbound", ("Stream.ack", "to_inbound")),
+    ("to_inbound (both runners), Faust per-event ack", ("Stream.ack", "to_inbound")),
     ("aiokafka producer: produce requests (socket writes)", ("Sender.", "aiokafka/producer/")),
     ("aiokafka consumer: fetch, unpack records", ("Fetcher", "aiokafka/consumer/")),
     ("batch runner: lock, to_inbound, offsets", ("KafkaBatchConsumer.", "to_inbound (streams/kafka_consumer")),
