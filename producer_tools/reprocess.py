@@ -1,6 +1,6 @@
 """``qustream reprocess --since TIME``: move the worker group back so history is parsed again.
 
-Kafka: the worker group (``Settings.app_id``; Faust commits there for the input topic) gets, per
+Kafka: the worker group (``Settings.app_id``; either Kafka runner commits there for the input topic) gets, per
 partition, the first offset whose timestamp is at or after TIME. The broker's answer
 (offsets_for_times) is checked against the record it points at, and where it is wrong (tansu
 answers offset 0 / timestamp -1) the partition is scanned instead.
@@ -228,7 +228,12 @@ async def _commit_as_member(settings: Settings, offsets: dict[TopicPartition, in
     consumer = await start_kafka_consumer(
         settings, group_id=settings.app_id, session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000), enable_auto_commit=False,
-        partition_assignment_strategy=(_FaustProtocolAssignor,))
+        # The group protocol of the configured runner first (a broker may still list its stopped
+        # members); the other one too, so a group last used by either runner accepts the join.
+        partition_assignment_strategy=(
+            (_FaustProtocolAssignor, RoundRobinPartitionAssignor) if settings.kafka_runner == "faust"
+            else (RoundRobinPartitionAssignor, _FaustProtocolAssignor)
+        ))
     try:
         consumer.subscribe([settings.topic_input])
         deadline = time.monotonic() + settings.broker_session_timeout_s * 2 + 30

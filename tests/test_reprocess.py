@@ -68,7 +68,7 @@ async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
     # tansu keeps listing members that left (measured: still "Stable" 16 s after a clean stop), so with the
     # worker stopped the operator passes --force, as the refusal message says.
     before = await committed(settings)
-    assert sum(offset or 0 for offset in before.values()) == 12  # Faust committed the whole input
+    assert sum(offset or 0 for offset in before.values()) == 12  # the worker committed the whole input
 
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     result = cli(settings, "reprocess", "--since", since, "--json", "--force")
