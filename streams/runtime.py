@@ -55,7 +55,8 @@ class DeferredEngine:
 
 class Progress:
     """One INFO line for the first batch, then one per ``interval_s`` summing the batches since: a
-    line per batch (DEBUG ``batch.done``) would cost more than the batch itself on cached traffic."""
+    line per batch (now DEBUG ``batch.done``) was a large part of the cached path's CPU (one noisy
+    in-process measurement: 64 → 44 µs per message without it)."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         self.interval_s = interval_s
