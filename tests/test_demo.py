@@ -29,5 +29,8 @@ def test_demo_summary_counts_what_came_back(make_settings: Callable[..., Setting
     assert summary.figures["parsed"] == 5
     assert summary.figures["dead-lettered"] == 1
     assert summary.figures["cached"] == 2, "two repeats of 'oak bar stool' come back cached"
-    assert {row["query"] for row in summary.samples} == {"oak bar stool", "grey linen sofa", "walnut desk"}
+    # One sample per distinct query; which spelling of "oak bar stool" is read back first depends on
+    # the order the partitions are read in.
+    assert sorted(row["query"].lower() for row in summary.samples) == ["grey linen sofa", "oak bar stool",
+                                                                        "walnut desk"]
     assert LocalStack(settings).load() == before, "the demo started nothing, so it must stop nothing"
