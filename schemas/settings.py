@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # 64 / 50 ms: the batch-knob benchmark's best throughput at the lowest latency on CPU.
     batch_size: int = Field(64, ge=1, le=4096)
     batch_linger_ms: int = Field(50, ge=0)
+    batch_max_records: int = Field(
+        1024, ge=1, le=65_536,
+        description="Most records one step takes when they hit the cache (never fewer than batch_size); "
+        "steps shrink as the miss rate grows so that about batch_size of them reach the model.",
+    )
     batch_deadline_s: float = Field(120.0, gt=0, description="Per-batch inference deadline before splitting.")
     max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
 

@@ -1,9 +1,10 @@
 """The default Kafka runner: one aiokafka consumer-group loop, batch in, batch out.
 
-consume a micro-batch → core step (``WorkerRuntime.process``) → hand every output to the producer
-(acks=all) → once the broker acknowledged them, mark the batch's offsets committable → commit every
-``broker_commit_interval_s`` and before partitions are given up. Up to ``_MAX_IN_FLIGHT`` batches
-wait for their acks while the next ones are processed; they are settled in order.
+consume a micro-batch (sized by ``WorkerRuntime.step``) → core step (``WorkerRuntime.process``) →
+hand every output to the producer (acks=all) → once the broker acknowledged them, mark the batch's
+offsets committable → commit every ``broker_commit_interval_s`` and before partitions are given up.
+Up to ``_MAX_IN_FLIGHT`` batches wait for their acks while the next ones are processed; they are
+settled in order.
 
 Why not the Faust agent (still available: ``QUSTREAM_KAFKA_RUNNER=faust``): Faust turns every
 message into an event that travels through its conductor, a channel queue, the stream iterator,
@@ -22,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,10 @@ import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.settings import Settings
 from streams.kafka_io import make_consumer, make_producer
+from streams.partitioner import partitions_for_keys
 from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
 from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
@@ -59,46 +60,59 @@ def to_inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
     )
 
 
+#: Records to publish, by topic, in the order they must keep per partition.
+Routed = dict[str, list[OutboundRecord]]
+
+
 class BatchPublisher:
     """Sends a batch's outputs as one producer batch per (topic, partition) and waits for the acks.
 
-    Records are placed on partitions by aiokafka's ``DefaultPartitioner`` (murmur2 of the key, as
-    the Java client does), exactly where ``producer.send`` would have put them.
+    Records are placed on partitions as aiokafka's ``DefaultPartitioner`` (murmur2 of the key, as
+    the Java client does) places them, exactly where ``producer.send`` would have put them.
     """
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
-        self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
 
-    async def publish(self, routed: Iterable[tuple[str, OutboundRecord]]) -> None:
+    async def publish(self, routed: Routed) -> None:
         """Enqueue and wait for every acknowledgement."""
         await asyncio.gather(*await self.enqueue(routed))
 
-    async def enqueue(self, routed: Iterable[tuple[str, OutboundRecord]]) -> list[asyncio.Future[Any]]:
+    async def enqueue(self, routed: Routed) -> list[asyncio.Future[Any]]:
         """Hand the records to the producer, in order per partition; the futures resolve on the acks."""
-        producer = self._producer
-        grouped: dict[tuple[str, int], list[OutboundRecord]] = defaultdict(list)
-        for topic, record in routed:
+        acks: list[asyncio.Future[Any]] = []
+        for topic, records in routed.items():
+            if not records:
+                continue
             partitions = self._partitions.get(topic)
             if partitions is None:
-                partitions = self._partitions[topic] = sorted(await producer.partitions_for(topic))
-            grouped[topic, self._partitioner(record.key, partitions, partitions)].append(record)
+                partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+            by_partition: dict[int, list[OutboundRecord]] = defaultdict(list)
+            for partition, record in zip(partitions_for_keys([r.key for r in records], partitions), records,
+                                         strict=True):
+                by_partition[partition].append(record)
+            for partition, in_order in by_partition.items():
+                acks.extend(await self._send_in_batches(topic, partition, in_order))
+        return acks
+
+    async def _send_in_batches(
+        self, topic: str, partition: int, records: list[OutboundRecord]
+    ) -> list[asyncio.Future[Any]]:
+        producer = self._producer
         acks: list[asyncio.Future[Any]] = []
-        for (topic, partition), records in grouped.items():
-            batch = producer.create_batch()
-            for record in records:
+        batch = producer.create_batch()
+        for record in records:
+            if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
+                if batch.record_count():
+                    acks.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
                 if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
-                    if batch.record_count():
-                        acks.append(await producer.send_batch(batch, topic, partition=partition))
-                        batch = producer.create_batch()
-                    if batch.append(key=record.key, value=record.value, timestamp=None,
-                                    headers=record.headers) is None:
-                        # Larger than a whole producer batch: the record goes on its own.
-                        acks.append(await producer.send(topic, record.value, key=record.key, partition=partition,
-                                                        headers=record.headers))
-            if batch.record_count():
-                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                    # Larger than a whole producer batch: the record goes on its own.
+                    acks.append(await producer.send(topic, record.value, key=record.key, partition=partition,
+                                                    headers=record.headers))
+        if batch.record_count():
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
         return acks
 
     def forget_partitions(self) -> None:
@@ -122,7 +136,7 @@ class _InFlight:
     """A batch whose outputs are with the producer: committable once ``acks`` resolves."""
 
     acks: asyncio.Future[Any] | None  # None: handing the records over failed; settled by retrying
-    routed: list[tuple[str, OutboundRecord]]
+    routed: Routed
     outcome: BatchOutcome
     next_offsets: dict[tuple[str, int], int]
 
@@ -147,7 +161,7 @@ class KafkaBatchConsumer:
             settings,
             group_id=settings.app_id,
             client_id=f"qustream-{settings.worker_id}",
-            max_poll_records=settings.batch_size,
+            max_poll_records=max(settings.batch_size, settings.batch_max_records),
             session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
             heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000),
             # A slow uncached batch (split and retried up to its deadline) must not cost the membership.
@@ -229,11 +243,12 @@ class KafkaBatchConsumer:
     # --- one batch ----------------------------------------------------------------------------
 
     async def _fetch(self) -> list[ConsumerRecord[bytes, bytes]]:
-        """Up to ``batch_size`` records: what is there now, then more until ``batch_linger_ms``."""
+        """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
+        ``batch_size`` came, more until ``batch_linger_ms`` (lingering fills model batches only)."""
         try:
             # With batches in flight, do not wait for input: the loop goes on to settle them.
             poll_ms = 0 if self._in_flight else _POLL_MS
-            fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=self.batch_size)
+            fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=self.runtime.step.limit)
         except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
             log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
             await self._sleep(self._backoff.next_delay())
@@ -304,15 +319,15 @@ class KafkaBatchConsumer:
             self._committable[TopicPartition(topic, partition)] = offset
         return True
 
-    def _route(self, outcome: BatchOutcome) -> list[tuple[str, OutboundRecord]]:
+    def _route(self, outcome: BatchOutcome) -> Routed:
         settings = self.settings
-        return [
-            *((settings.topic_parsed, record) for record in outcome.parsed),
-            *((settings.topic_dlq, record) for record in outcome.dead_letters),
-            (settings.topic_metrics, outcome.metrics_record()),
-        ]
+        return {
+            settings.topic_parsed: outcome.parsed,
+            settings.topic_dlq: outcome.dead_letters,
+            settings.topic_metrics: [outcome.metrics_record()],
+        }
 
-    async def _publish(self, routed: list[tuple[str, OutboundRecord]]) -> bool:
+    async def _publish(self, routed: Routed) -> bool:
         """Every output acknowledged (True), or stop requested while the broker refused (False)."""
         while True:
             try:

@@ -241,9 +241,10 @@ class RedisStreamConsumer:
         return batch
 
     async def _read_new(self) -> list[Delivery]:
-        """Up to ``batch_size`` new entries: block for the first, then top up for at most ``linger``."""
+        """New entries up to the step size (``WorkerRuntime.step``): block for the first, then top up
+        to ``batch_size`` for at most ``linger``."""
         block_ms = max(self.linger_ms, 50)
-        entries = await self._xreadgroup_new(self.batch_size, block_ms)
+        entries = await self._xreadgroup_new(self.runtime.step.limit, block_ms)
         deadline = time.monotonic() + self.linger_ms / 1000
         while entries and len(entries) < self.batch_size and not self.stop.is_set():
             remaining_ms = int((deadline - time.monotonic()) * 1000)

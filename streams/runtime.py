@@ -82,6 +82,34 @@ class Progress:
         self._counts = [0, 0, 0, 0, 0]
 
 
+class StepSizer:
+    """How many records a transport takes in one step, from the miss rate of the steps before.
+
+    A step costs a fixed part (a Redis round trip, a metrics event, one producer batch per output
+    partition, a commit) and a part per record; a cache hit pays only the second, and a step of hits
+    never waits for the model. So a step takes up to ``max_records`` when its records are expected to
+    hit, and about ``batch_size / miss rate`` otherwise: about ``batch_size`` misses per step keeps
+    model batches full and a step's latency that of one model batch.
+    """
+
+    def __init__(self, batch_size: int, max_records: int, smoothing: float = 0.3) -> None:
+        self.batch_size = batch_size
+        self.max_records = max(max_records, batch_size)
+        self.smoothing = smoothing
+        # Until a step says otherwise, expect every record to miss: a cold worker sizes for the model.
+        self.miss_rate = 1.0
+
+    @property
+    def limit(self) -> int:
+        if self.miss_rate * self.max_records <= self.batch_size:
+            return self.max_records
+        return max(self.batch_size, int(self.batch_size / self.miss_rate))
+
+    def observe(self, records: int, misses: int) -> None:
+        if records:
+            self.miss_rate += self.smoothing * (misses / records - self.miss_rate)
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
         self.settings = settings
@@ -97,6 +125,7 @@ class WorkerRuntime:
         self.pipeline_engine: ParseEngine | DeferredEngine
         self.batches_done = 0
         self.progress = Progress()
+        self.step = StepSizer(settings.batch_size, settings.batch_max_records)
 
     @property
     def engine_ready(self) -> bool:
@@ -161,6 +190,7 @@ class WorkerRuntime:
             outcome = await self.pipeline.process(batch)
         finally:
             self.metrics.batches_in_flight.dec()
+        self.step.observe(outcome.metrics.size, outcome.metrics.cache_misses)
         return outcome
 
     def record(self, outcome: BatchOutcome) -> None:

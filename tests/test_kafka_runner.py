@@ -37,7 +37,7 @@ async def test_publisher_puts_records_where_producer_send_would(make_settings: C
     oversized = OutboundRecord(b"query-big", b"x" * 40_000)
     keyless = [OutboundRecord(None, b"metrics-%d" % i) for i in range(10)]
     try:
-        await BatchPublisher(producer).publish([(topic, record) for record in [*keyed, oversized, *keyless]])
+        await BatchPublisher(producer).publish({topic: [*keyed, oversized, *keyless]})
     finally:
         await producer.stop()
 

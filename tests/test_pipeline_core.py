@@ -9,6 +9,7 @@ import pytest
 
 from schemas.events import QueryParse
 from schemas.settings import Settings
+from streams.runtime import StepSizer
 from workers.cache import ParseCache, redis_client
 from workers.engine import ParseResult
 from workers.pipeline import InboundMessage, ParsePipeline, PoisonMessage, decode_message
@@ -99,6 +100,33 @@ async def test_batch_splitting_isolates_one_failing_message_in_32() -> None:
     assert engine.calls.count(32) == 1
     assert sorted(c for c in engine.calls if c < 32) == sorted([16, 16, 8, 8, 4, 4, 2, 2, 1, 1])
     assert outcome.metrics.parsed + outcome.metrics.dead_lettered == outcome.metrics.size == 32
+
+
+async def test_a_step_larger_than_a_model_batch_reaches_the_model_in_batches_of_batch_size() -> None:
+    engine = ExplodingEngine(poison="never")
+    pipeline = ParsePipeline(Settings(batch_size=16), engine, ParseCache(None, version="v", ttl_s=60))
+    batch = [message(f"walnut desk model {i}".encode(), i) for i in range(40)]
+
+    outcome = await pipeline.process(batch)
+
+    assert engine.calls == [16, 16, 8]
+    assert [json.loads(r.value)["normalized_query"] for r in outcome.parsed] == [f"walnut desk model {i}"
+                                                                               for i in range(40)]
+
+
+def test_step_size_follows_the_miss_rate_between_batch_size_and_the_maximum() -> None:
+    step = StepSizer(batch_size=64, max_records=1024)
+    assert step.limit == 64  # nothing observed yet: sized for the model
+    for _ in range(30):
+        step.observe(records=1024, misses=0)
+    assert step.limit == 1024
+    for _ in range(30):
+        step.observe(records=200, misses=50)  # a quarter miss: about 64 misses per step
+    assert 240 <= step.limit <= 272
+    for _ in range(30):
+        step.observe(records=64, misses=64)
+    assert step.limit == 64
+    assert StepSizer(batch_size=128, max_records=32).limit == 128  # never below batch_size
 
 
 async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(

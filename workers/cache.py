@@ -79,7 +79,7 @@ class ParseCache:
         backoff_s: float = 5.0,
     ) -> None:
         self._client = client
-        self._prefix = f"{prefix}:{version}:"
+        self._prefix = f"{prefix}:{version}:".encode()
         self._ttl_s = ttl_s
         self._backoff_s = backoff_s
         self._down_until = 0.0
@@ -92,10 +92,11 @@ class ParseCache:
     def available(self) -> bool:
         return self._client is not None and time.monotonic() >= self._down_until
 
-    def key(self, normalized_query: str) -> str:
-        # Hashed so keys are bounded in length and carry no query text.
+    def key(self, normalized_query: str) -> bytes:
+        # Hashed so keys are bounded in length and carry no query text; bytes, which the client
+        # sends as they are (a str key is encoded again per command).
         digest = hashlib.blake2b(normalized_query.encode("utf-8"), digest_size=16).hexdigest()
-        return self._prefix + digest
+        return self._prefix + digest.encode()
 
     async def get_many(self, queries: list[str]) -> CacheLookup:
         if not queries or self._client is None:

@@ -339,11 +339,14 @@ class ParsePipeline:
     async def _infer_isolating_failures(
         self, queries: list[str]
     ) -> tuple[dict[str, ParseResult], dict[str, tuple[str, str]]]:
-        """Run the model on ``queries``; on an error or deadline, split in halves and retry, down to
-        single queries, so one bad query costs only itself. Returns parses and per-query failures."""
+        """Run the model on ``queries`` in batches of ``batch_size``; on an error or deadline, split
+        in halves and retry, down to single queries, so one bad query costs only itself. Returns
+        parses and per-query failures."""
         results: dict[str, ParseResult] = {}
         failures: dict[str, tuple[str, str]] = {}
-        pending: list[list[str]] = [queries] if queries else []
+        size = self.settings.batch_size
+        # Popped from the end: the first batch runs first.
+        pending = [queries[start : start + size] for start in reversed(range(0, len(queries), size))]
         while pending:
             chunk = pending.pop()
             try:
