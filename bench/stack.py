@@ -132,7 +132,7 @@ class Process:
 
 
 @contextlib.contextmanager
-def pinned(measured: list[Process], others: list[int]) -> Iterator[dict[str, list[int]]]:
+def pinned(measured: list[int], others: list[int]) -> Iterator[dict[str, list[int]]]:
     """Measured processes on CPU 0, everything else named (broker, this harness) on the other CPUs,
     for the duration of the block; then all back on every CPU.
 
@@ -144,7 +144,7 @@ def pinned(measured: list[Process], others: list[int]) -> Iterator[dict[str, lis
         yield {"measured": every, "others": every}
         return
     mine, rest = every[:1], every[1:]
-    pids = [(process.pid, mine) for process in measured] + [(pid, rest) for pid in others]
+    pids = [(pid, mine) for pid in measured] + [(pid, rest) for pid in others]
     try:
         for pid, cpus in pids:
             _set_affinity(pid, cpus)
@@ -285,6 +285,11 @@ class EngineAlone:
         self.version = ""
         self.model_id = ""
         self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     async def start(self, timeout_s: float = 600.0) -> None:
         with self.log_path.open("ab") as log:

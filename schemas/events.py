@@ -81,51 +81,57 @@ class ParsedEvent(BaseModel):
     timings: Timings
 
 
-def encode_parsed_event(
-    *,
-    query_id: str,
-    query: str,
-    normalized_query: str,
-    parse: dict[str, Any],
-    cached: bool,
-    model: str,
-    grounding: str,
-    ungrounded: Sequence[str],
-    event_ts: datetime | None,
-    parsed_ts: datetime,
-    source_topic: str,
-    source_partition: int,
-    source_offset: str,
-    worker_id: str,
-    queue_ms: float | None,
-    inference_ms: float,
-    total_ms: float,
-) -> bytes:
-    """The JSON of a ``ParsedEvent``, byte for byte what ``ParsedEvent(...).model_dump_json()`` writes.
+class ParsedEventEncoder:
+    """Writes the JSON of one batch's ``ParsedEvent``s, byte for byte what ``model_dump_json`` writes.
 
-    The hot path of a cached query: building and validating the model costs about 8 µs per event,
-    this about 2. Callers pass values that are already validated (``parse`` is a dumped
-    ``QueryParse``); ``tests/test_contracts.py`` holds the two outputs equal.
+    The hot path of a cached query. Building and validating the model costs about 8 µs per event; one
+    ``orjson.dumps`` of the whole dict about 3; this about 2: what every event of a batch shares
+    (model, grounding, parsed time, worker, batch time) is encoded once, and each event joins
+    pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
+    already validated (``parse`` is a dumped ``QueryParse``); ``tests/test_contracts.py`` holds the
+    output equal to the model's.
     """
-    return orjson.dumps(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "query_id": query_id,
-            "query": query,
-            "normalized_query": normalized_query,
-            "parse": parse,
-            "cached": cached,
-            "model": model,
-            "grounding": grounding,
-            "ungrounded": list(ungrounded),
-            "event_ts": event_ts,
-            "parsed_ts": parsed_ts,
-            "source": {"topic": source_topic, "partition": source_partition, "offset": source_offset},
-            "worker_id": worker_id,
-            "timings": {"queue_ms": queue_ms, "inference_ms": inference_ms, "total_ms": total_ms},
-        },
-        option=orjson.OPT_UTC_Z,
-    )
+
+    __slots__ = ("_model_grounding", "_parsed_to_topic", "_total", "_worker_to_queue")
+
+    def __init__(self, *, model: str, grounding: str, parsed_ts: datetime, worker_id: str, total_ms: float) -> None:
+        self._model_grounding = b'"model":' + _dumps(model) + b',"grounding":' + _dumps(grounding)
+        self._parsed_to_topic = b',"parsed_ts":' + _dumps(parsed_ts, option=_UTC_Z) + b',"source":{"topic":'
+        self._worker_to_queue = b'},"worker_id":' + _dumps(worker_id) + b',"timings":{"queue_ms":'
+        self._total = b',"total_ms":' + _dumps(total_ms) + b"}}"
+
+    def encode(
+        self,
+        query_id: str,
+        query: str,
+        normalized_query: str,
+        parse: dict[str, Any],
+        cached: bool,
+        ungrounded: Sequence[str],
+        event_ts: datetime | None,
+        source_topic: str,
+        source_partition: int,
+        source_offset: str,
+        queue_ms: float | None,
+        inference_ms: float,
+    ) -> bytes:
+        return b"".join((
+            b'{"schema_version":1,"query_id":', _dumps(query_id),
+            b',"query":', _dumps(query),
+            b',"normalized_query":', _dumps(normalized_query),
+            b',"parse":', _dumps(parse),
+            b',"cached":true,' if cached else b',"cached":false,', self._model_grounding,
+            b',"ungrounded":', _dumps(list(ungrounded)) if ungrounded else b"[]",
+            b',"event_ts":', _dumps(event_ts, option=_UTC_Z), self._parsed_to_topic, _dumps(source_topic),
+            b',"partition":', _dumps(source_partition),
+            b',"offset":', _dumps(source_offset), self._worker_to_queue, _dumps(queue_ms),
+            b',"inference_ms":', _dumps(inference_ms), self._total,
+        ))
+
+
+_dumps = orjson.dumps
+_UTC_Z = orjson.OPT_UTC_Z
+assert SCHEMA_VERSION == 1, "ParsedEventEncoder writes schema_version 1"
 
 
 class BatchMetricsEvent(BaseModel):

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,9 @@ def to_inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
         {name: value for name, value in headers if value is not None} if headers else {},
     )
 
+
+#: Records as fetched, by partition, in offset order.
+Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 #: Records to publish, by topic, in the order they must keep per partition.
 Routed = dict[str, list[OutboundRecord]]
@@ -188,12 +190,12 @@ class KafkaBatchConsumer:
         lag_reporter = asyncio.create_task(self._report_lag(), name="kafka-lag")
         try:
             while not self.stop.is_set():
-                records = await self._fetch()
+                fetched = await self._fetch()
                 async with self._batch_lock:
-                    if records:
-                        await self._handle(records)
+                    if fetched:
+                        await self._handle(fetched)
                     # Idle: settle everything, so a trickle of traffic is committed and counted.
-                    await self._settle(wait=not records)
+                    await self._settle(wait=not fetched)
                     if self._commit_due():
                         await self._commit()
         finally:
@@ -242,7 +244,7 @@ class KafkaBatchConsumer:
 
     # --- one batch ----------------------------------------------------------------------------
 
-    async def _fetch(self) -> list[ConsumerRecord[bytes, bytes]]:
+    async def _fetch(self) -> Fetched:
         """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
         ``batch_size`` came, more until ``batch_linger_ms`` (lingering fills model batches only)."""
         try:
@@ -252,38 +254,38 @@ class KafkaBatchConsumer:
         except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
             log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
             await self._sleep(self._backoff.next_delay())
-            return []
-        records = [record for batch in fetched.values() for record in batch]
-        if not records or self.linger_s <= 0:
-            return records
+            return {}
+        count = sum(len(records) for records in fetched.values())
+        if not count or self.linger_s <= 0:
+            return fetched
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.linger_s
-        while len(records) < self.batch_size and not self.stop.is_set():
+        while count < self.batch_size and not self.stop.is_set():
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.consumer.getmany(timeout_ms=remaining_ms, max_records=self.batch_size - len(records))
-            records.extend(record for batch in more.values() for record in batch)
-        return records
+            more = await self.consumer.getmany(timeout_ms=remaining_ms, max_records=self.batch_size - count)
+            for tp, records in more.items():
+                fetched.setdefault(tp, []).extend(records)
+                count += len(records)
+        return fetched
 
-    async def _handle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    async def _handle(self, fetched: Fetched) -> None:
         """Core step, then hand the outputs to the producer; called with the batch lock held."""
         # Records fetched before a rebalance took their partition away are left to the new owner,
         # which starts from the offsets committed when the partition was revoked.
-        assigned = self.consumer.assignment()  # TopicPartitions: tuples, so (topic, partition) matches
-        mine = [r for r in records if (r.topic, r.partition) in assigned]
+        assigned = self.consumer.assignment()
+        mine = {tp: records for tp, records in fetched.items() if records and tp in assigned}
         if not mine:
             return
-        outcome = await self.runtime.process([to_inbound(record) for record in mine])
+        outcome = await self.runtime.process([to_inbound(record) for records in mine.values() for record in records])
         routed = self._route(outcome)
         try:
             acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))
         except Exception as exc:  # e.g. the broker's metadata is unreachable; retried when settled
             log.warning("publish.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
             acks = None
-        next_offsets: dict[tuple[str, int], int] = {}
-        for record in mine:
-            next_offsets[record.topic, record.partition] = record.offset + 1
+        next_offsets = {(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in mine.items()}
         self._in_flight.append(_InFlight(acks, routed, outcome, next_offsets))
         if len(self._in_flight) > _MAX_IN_FLIGHT:
             await self._settle_oldest()

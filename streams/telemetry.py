@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from workers.pipeline import BatchOutcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram fed a batch of observations at once, exposed like ``Histogram``.
+
+    One value per parsed message: ``Histogram.observe`` takes a lock and a bucket search per value
+    (2.5 µs here, several per cent of a cached message's whole cost); this counts a batch's values
+    into the buckets with one numpy pass.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._upper_bounds = np.asarray(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        if not values:
+            return
+        # A negative latency is clock skew between producer and worker: counted as zero.
+        array = np.maximum(np.asarray(values, dtype=np.float64), 0.0)
+        # A bucket holds values <= its upper bound, as in Histogram.observe.
+        counts = np.bincount(np.searchsorted(self._upper_bounds, array, side="left"),
+                             minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(array.sum())
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        bounds = [*(_format_bound(b) for b in self._upper_bounds.tolist()), "+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(bounds, cumulative, strict=True)), total)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+def _format_bound(bound: float) -> str:
+    """``le`` as ``Histogram`` writes it (``1.0``, ``0.005``)."""
+    return repr(float(bound))
 
 
 class WorkerMetrics:
@@ -25,8 +78,8 @@ class WorkerMetrics:
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.inference_duration = Histogram("qustream_inference_duration_seconds", "Model time per batch.",
                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.end_to_end = Histogram("qustream_end_to_end_latency_seconds", "Event time to parsed event.",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.end_to_end = BatchHistogram("qustream_end_to_end_latency_seconds", "Event time to parsed event.",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.model_load_seconds = Gauge("qustream_model_load_seconds", "Seconds the model took to load.", registry=r)
         self.batches_in_flight = Gauge("qustream_batches_in_flight", "Batches being processed now.", registry=r)
         self.consumer_lag = Gauge("qustream_consumer_lag", "Messages behind the end of the input, per partition.",
@@ -70,6 +123,4 @@ class WorkerMetrics:
         self.batch_duration.observe(m.batch_ms / 1000)
         if m.cache_misses:
             self.inference_duration.observe(m.inference_ms / 1000)
-        observe = self.end_to_end.observe
-        for seconds in outcome.end_to_end_s:
-            observe(seconds if seconds > 0.0 else 0.0)
+        self.end_to_end.observe_many(outcome.end_to_end_s)

@@ -64,10 +64,13 @@ def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
     import random
     from datetime import timedelta, timezone
 
-    from schemas.events import encode_parsed_event
+    from schemas.events import ParsedEventEncoder, QueryInput
 
     rng = random.Random(11)
-    times = [datetime.now(UTC), datetime(2026, 1, 1, tzinfo=UTC), None,
+    # Event times as the input decoder produces them (pydantic's own tzinfo) and as stdlib builds them.
+    decoded = [QueryInput.model_validate_json(f'{{"query": "x", "ts": "{text}"}}').ts
+               for text in ("2026-03-04T05:06:07.891+02:00", "2026-03-04T05:06:07Z", "2026-03-04T05:06:07")]
+    times = [datetime.now(UTC), datetime(2026, 1, 1, tzinfo=UTC), None, *decoded,
              datetime(2026, 5, 6, 7, 8, 9, 120, tzinfo=timezone(timedelta(hours=-5, minutes=-30)))]
     texts = ["red sofa", 'canapé "rouge" \\ \u2028 😀 ソファ', "x\u0000y", ""]
     floats = [None, 0.0, 1.0, 0.1, 1e-7, 123456789.123, 1e20, 2.5e-300]
@@ -75,18 +78,22 @@ def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
         text, ts, queue = rng.choice(texts), rng.choice(times), rng.choice(floats)
         parse = QueryParse(item_type=rng.choice([None, "sofa", text]), material=rng.choice([None, "wood"]),
                            color=rng.choice([None, "red"]), style=rng.choice([None, "modern"]))
+        shared = dict(model=rng.choice(["m/x", 'odd "model" \u00e9']), grounding=rng.choice(["catalog", "span"]),
+                      parsed_ts=rng.choice([t for t in times if t is not None]), worker_id=rng.choice(["w-1", "wé"]),
+                      total_ms=rng.choice([3.25, 0.0, 1e-9, 12345.678]))
         fields = dict(query_id=f"q{rng.randrange(10**6)}", query=text, normalized_query=text.lower(),
-                      cached=rng.random() < 0.5, model="m/x", grounding="catalog",
-                      ungrounded=rng.choice([[], ["color"], ["material", "style"]]), event_ts=ts,
-                      parsed_ts=rng.choice([t for t in times if t is not None]), worker_id="w-1")
-        partition, offset, inference, total = rng.randrange(64), str(rng.randrange(10**9)), rng.random(), 3.25
+                      cached=rng.random() < 0.5, ungrounded=rng.choice([[], ["color"], ["material", "style"]]),
+                      event_ts=ts)
+        partition, offset, inference = rng.randrange(64), str(rng.randrange(10**9)), rng.random()
         model_json = ParsedEvent(
             parse=parse, source=SourceRef(topic="in", partition=partition, offset=offset),
-            timings=Timings(queue_ms=queue, inference_ms=inference, total_ms=total), **fields,
+            timings=Timings(queue_ms=queue, inference_ms=inference, total_ms=shared["total_ms"]),
+            model=shared["model"], grounding=shared["grounding"], parsed_ts=shared["parsed_ts"],
+            worker_id=shared["worker_id"], **fields,
         ).model_dump_json().encode()
-        fast = encode_parsed_event(parse=parse.model_dump(), source_topic="in", source_partition=partition,
-                                   source_offset=offset, queue_ms=queue, inference_ms=inference, total_ms=total,
-                                   **fields)
+        fast = ParsedEventEncoder(**shared).encode(  # type: ignore[arg-type]
+            fields["query_id"], fields["query"], fields["normalized_query"], parse.model_dump(), fields["cached"],
+            fields["ungrounded"], fields["event_ts"], "in", partition, offset, queue, inference)  # type: ignore[arg-type]
         assert fast == model_json
 
 

@@ -24,7 +24,7 @@ from schemas.events import QueryParse
 log = structlog.get_logger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedParse:
     parse: dict[str, Any]
     ungrounded: list[str]

@@ -24,9 +24,9 @@ from schemas.events import (
     BatchMetricsEvent,
     DeadLetterReason,
     DeadLetterStage,
+    ParsedEventEncoder,
     QueryInput,
     QueryParse,
-    encode_parsed_event,
 )
 from schemas.settings import Settings
 from workers.cache import CachedParse, ParseCache
@@ -77,7 +77,7 @@ class PoisonMessage(Exception):
         self.error_class = error_class
 
 
-@dataclass
+@dataclass(slots=True)
 class DecodedQuery:
     message: InboundMessage
     query_id: str
@@ -267,8 +267,10 @@ class ParsePipeline:
         cached_count = 0
         parsed_at = datetime.now(UTC)
         parsed_epoch, started_epoch = parsed_at.timestamp(), started_at.timestamp()
-        total_ms = (time.perf_counter() - started) * 1000
-        model_id, grounding = self.engine.model_id, self.engine.grounding
+        encoder = ParsedEventEncoder(model=self.engine.model_id, grounding=self.engine.grounding,
+                                     parsed_ts=parsed_at, worker_id=worker_id,
+                                     total_ms=(time.perf_counter() - started) * 1000)
+        encode = encoder.encode
         refused = failures or invalid
         for item in decoded:
             query = item.normalized
@@ -286,29 +288,17 @@ class ParsePipeline:
             from_model = query in fresh and query not in served_fresh
             if from_model:
                 served_fresh.add(query)
+            else:
+                cached_count += 1
             event_epoch = item.event_epoch
             message = item.message
-            value = encode_parsed_event(
-                query_id=item.query_id,
-                query=item.query,
-                normalized_query=query,
-                parse=ready.parse,
-                cached=not from_model,
-                model=model_id,
-                grounding=grounding,
-                ungrounded=ready.ungrounded,
-                event_ts=item.event_time,
-                parsed_ts=parsed_at,
-                source_topic=message.topic,
-                source_partition=message.partition,
-                source_offset=message.offset,
-                worker_id=worker_id,
-                queue_ms=(started_epoch - event_epoch) * 1000 if event_epoch is not None else None,
-                inference_ms=inference_ms if from_model else 0.0,
-                total_ms=total_ms,
+            value = encode(
+                item.query_id, item.query, query, ready.parse, not from_model, ready.ungrounded, item.event_time,
+                message.topic, message.partition, message.offset,
+                (started_epoch - event_epoch) * 1000 if event_epoch is not None else None,
+                inference_ms if from_model else 0.0,
             )
             parsed.append(OutboundRecord(item.query_id.encode(), value))
-            cached_count += 0 if from_model else 1
             if event_epoch is not None:
                 end_to_end.append(parsed_epoch - event_epoch)
 
