@@ -16,6 +16,7 @@ qustream alternate round by round so load from other processes on a shared machi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -288,7 +289,7 @@ class PipelineBench:
         knob_queries = 200 + int((p.knob_burst + p.knob_seconds * p.knob_rate) * (1 - p.knob_hit_rate)) + 50
         return (
             p.transport_messages
-            + p.model_queries * (p.model_rounds + 2 + p.scaling_uncached_rounds)
+            + p.model_queries * (p.model_rounds + 2 + 2 * p.scaling_uncached_rounds)
             + p.zipf_universe
             + knob_points * knob_queries
             + 1_000
@@ -377,7 +378,7 @@ class PipelineBench:
             if "zipf" in wanted:
                 results["zipf"] = await self._zipf(main, producer, collector, worker, results["model"]["qustream_qps"])
             if "scaling" in wanted:
-                results["scaling"] = await self._scaling(main, producer, collector, worker, results)
+                results["scaling"] = await self._scaling(main, producer, collector, worker)
         finally:
             if self.engine is not None:
                 await self.engine.stop()
@@ -629,10 +630,12 @@ class PipelineBench:
 
     # --- scaling --------------------------------------------------------------------------------
     async def _scaling(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
-                       first: Worker, results: dict[str, Any]) -> dict[str, Any]:
+                       first: Worker) -> dict[str, Any]:
+        """1 worker, then 2 in the group, measured the same way, unpinned: all-cached backlogs drained
+        (the workers paused while it is produced, as in the transport ceiling), then uncached bursts."""
         p = self.plan
-        self.echo("scaling: a second worker joins the group (4 partitions, 2 cores)")
-        assert self.engine is not None
+        self.echo("scaling: 1 worker, then a second joins the group (4 partitions, 2 cores)")
+        one = await self._scaling_rounds(settings, producer, collector, [first])
         second_settings = settings.model_copy(update={"web_port": _free_port(), "worker_id": settings.worker_id + "-2"})
         second = self._worker("worker-2", second_settings)
         try:
@@ -645,39 +648,45 @@ class PipelineBench:
                     break
                 await asyncio.sleep(0.25)
             await asyncio.sleep(1.0)
-            cached = self._cached_queries
-            cached_rounds = []
-            for _ in range(p.scaling_rounds):
-                tag = _round_tag()
-                started = await produce_burst(producer, settings.topic_input, tag, cached)
-                complete = await collector.wait(settings.topic_parsed, tag, len(cached), p.drain_timeout_s)
-                cached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(cached), started,
-                                                   complete).qps)
-            uncached_rounds = []
-            for _ in range(p.scaling_uncached_rounds):
-                queries = self.pool.take(p.model_queries)
-                tag = _round_tag()
-                started = await produce_burst(producer, settings.topic_input, tag, queries)
-                complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
-                uncached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(queries), started,
-                                                     complete).qps)
+            two = await self._scaling_rounds(settings, producer, collector, [first, second])
         finally:
             self._stop_worker(second)
-        one_cached = results["transport"]["qustream_qps"]
-        one_uncached = results["model"]["qustream_qps"]
-        two_cached, two_uncached = _median(cached_rounds), _median(uncached_rounds)
-        self.echo(f"  cached: 1 worker {one_cached:.0f} q/s, 2 workers {two_cached:.0f} q/s; "
-                  f"uncached: 1 worker {one_uncached:.2f} q/s, 2 workers {two_uncached:.2f} q/s")
-        return {
-            "partitions": settings.partitions,
-            "cores": os.cpu_count(),
-            "cached": {"1": one_cached, "2": round(two_cached, 2), "rounds_2": [round(v, 1) for v in cached_rounds],
-                       "speedup": round(two_cached / one_cached, 3) if one_cached else 0.0},
-            "uncached": {"1": one_uncached, "2": round(two_uncached, 3),
-                         "rounds_2": [round(v, 3) for v in uncached_rounds],
-                         "speedup": round(two_uncached / one_uncached, 3) if one_uncached else 0.0},
-            "note": "1-worker figures are the transport and model scenarios' medians (same worker, same sizes)",
-        }
+        summary: dict[str, Any] = {"partitions": settings.partitions, "cores": os.cpu_count(),
+                                   "torch_threads_per_worker": settings.cpu_threads or os.cpu_count()}
+        for kind in ("cached", "uncached"):
+            single, double = _median(one[kind]), _median(two[kind])
+            summary[kind] = {"1": round(single, 3), "2": round(double, 3),
+                             "rounds_1": [round(v, 3) for v in one[kind]], "rounds_2": [round(v, 3) for v in two[kind]],
+                             "speedup": round(double / single, 3) if single else 0.0}
+            self.echo(f"  {kind}: 1 worker {single:,.2f} q/s, 2 workers {double:,.2f} q/s")
+        summary["method"] = (f"cached: {p.transport_messages} pre-cached queries drained as a backlog; uncached: "
+                             f"{p.model_queries} new queries per burst; no CPU pinning")
+        return summary
+
+    async def _scaling_rounds(self, settings: Settings, producer: AIOKafkaProducer, collector: Collector,
+                              workers: list[Worker]) -> dict[str, list[float]]:
+        p = self.plan
+        cached_rounds = []
+        for _ in range(p.scaling_rounds):
+            tag = _round_tag()
+            with contextlib.ExitStack() as paused:
+                for worker in workers:
+                    paused.enter_context(worker.paused())
+                await produce_burst(producer, settings.topic_input, tag, self._cached_queries)
+                started = time.time()
+            complete = await collector.wait(settings.topic_parsed, tag, len(self._cached_queries), p.drain_timeout_s)
+            cached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(self._cached_queries),
+                                               started, complete).qps)
+            collector.forget(settings.topic_parsed, tag)
+        uncached_rounds = []
+        for _ in range(p.scaling_uncached_rounds):
+            queries = self.pool.take(p.model_queries)
+            tag = _round_tag()
+            started = await produce_burst(producer, settings.topic_input, tag, queries)
+            complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
+            uncached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(queries), started,
+                                                 complete).qps)
+        return {"cached": cached_rounds, "uncached": uncached_rounds}
 
     # --- batch knobs ------------------------------------------------------------------------------
     async def _knobs(self) -> list[dict[str, Any]]:
