@@ -1,4 +1,4 @@
-"""Markdown tables from one or more ``bench/results/pipeline.json`` files, for docs/performance.md.
+"""Markdown tables from one or more ``bench/results/pipeline.json`` files, for README "Performance".
 
     python -m bench.pipeline_report bench/results/pipeline.json [second-run.json]
 """
@@ -44,9 +44,12 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
         lambda r: _pct(r["transport"]["cpu_ratio"]))
     row("transport: spread of the per-round ratios (max − min)", lambda r: _pct(r["transport"]["ratio_spread"]))
     row("model: qustream, none cached (q/s)", lambda r: f"{r['model']['qustream_qps']:.2f}")
+    row("model: worker time outside its model calls (share of a round)",
+        lambda r: f"{r['model']['worker_overhead']:.1%}")
     row("model: engine alone (q/s)", lambda r: f"{r['model']['reference_qps']:.2f}")
     row("**model ratio** (target ≥ 85 %)",
         lambda r: f"**{_pct(r['model']['ratio'])}** ({'met' if r['model']['met'] else 'missed'})")
+    row("model: spread of the per-round ratios (max − min)", lambda r: _pct(r["model"]["ratio_spread"]))
     row("Zipf: offered / delivered (q/s)", lambda r: f"{r['zipf']['offered_qps']} / {r['zipf']['qps']:.2f}")
     row("Zipf: hit rate, all / second half",
         lambda r: f"{_pct(r['zipf']['hit_rate'])} / {_pct(r['zipf']['hit_rate_second_half'])}")
@@ -62,6 +65,7 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
         row(f"scaling {kind}: 1 → 2 workers (q/s)",
             lambda r, k=kind: f"{r['scaling'][k]['1']:,.2f} → {r['scaling'][k]['2']:,.2f} "
                               f"(×{r['scaling'][k]['speedup']:.2f})")
+    row("worker RSS max, whole run (MiB)", lambda r: f"{r['worker_rss']['worker-1']:,.0f}")
     row("load average before → after", lambda r: f"{r['meta']['load_average_before'][0]} → "
         f"{r['meta']['load_average_after'][0]}")
     row("duration (s)", lambda r: f"{r['meta']['duration_s']:.0f}")
