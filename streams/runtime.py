@@ -6,6 +6,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -127,6 +128,8 @@ class WorkerRuntime:
         self.batches_done = 0
         self.progress = Progress()
         self.step = StepSizer(settings.batch_size, settings.batch_max_records)
+        # The model is built, warmed and called on this one thread (see ParsePipeline).
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="qustream-engine")
 
     @property
     def engine_ready(self) -> bool:
@@ -140,17 +143,18 @@ class WorkerRuntime:
         began = time.perf_counter()
         if self.pipeline is None:
             self._open_pipeline()
+        loop = asyncio.get_running_loop()
         if not isinstance(self.pipeline_engine, DeferredEngine):
-            await asyncio.to_thread(self.pipeline_engine.warm_up)
+            await loop.run_in_executor(self.engine_thread, self.pipeline_engine.warm_up)
             self.engine = self.pipeline_engine
         else:
             from workers.engine import build_engine
 
-            engine = await asyncio.to_thread(build_engine, self.settings)
+            engine = await loop.run_in_executor(self.engine_thread, build_engine, self.settings)
             if engine.version != self.pipeline_engine.version:
                 raise RuntimeError(f"engine version {engine.version} != expected {self.pipeline_engine.version}: "
                                    "cache keys would not match the parses")
-            await asyncio.to_thread(engine.warm_up)
+            await loop.run_in_executor(self.engine_thread, engine.warm_up)
             self.pipeline_engine.loaded = engine
             self.engine = engine
         self.metrics.model_load_seconds.set(time.perf_counter() - began)
@@ -176,7 +180,8 @@ class WorkerRuntime:
         client = redis_client(self.settings.redis_url.get_secret_value()) if self.settings.cache_enabled else None
         self.cache = ParseCache(client, version=self.pipeline_engine.version, ttl_s=self.settings.cache_ttl_s,
                                 prefix=self.settings.cache_prefix)
-        self.pipeline = ParsePipeline(self.settings, self.pipeline_engine, self.cache, engine_loaded=self.wait_started)
+        self.pipeline = ParsePipeline(self.settings, self.pipeline_engine, self.cache, engine_loaded=self.wait_started,
+                                      engine_thread=self.engine_thread)
         self._serving.set()
 
     async def wait_started(self) -> None:
@@ -237,3 +242,4 @@ class WorkerRuntime:
     async def close(self) -> None:
         if self.cache is not None:
             await self.cache.close()
+        self.engine_thread.shutdown(wait=False, cancel_futures=True)

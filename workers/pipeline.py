@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -189,10 +190,15 @@ class ParsePipeline:
         engine: ParseEngine,
         cache: ParseCache,
         engine_loaded: Callable[[], Awaitable[object]] | None = None,
+        engine_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.cache = cache
+        # Every model call on one thread, never on the event loop. One thread, not asyncio's pool:
+        # glibc gives each allocating thread an arena that keeps the high-water mark of the batches
+        # it ran, and the engine's state (prefix KV cache, grammar matchers) is not for concurrent use.
+        self.engine_thread = engine_thread or ThreadPoolExecutor(1, thread_name_prefix="qustream-engine")
         # Awaited only when a batch has cache misses: batches of hits and poison are served while
         # the model still loads (a restarted worker catches up on cached traffic at once).
         self._engine_loaded = engine_loaded
@@ -341,7 +347,8 @@ class ParsePipeline:
             chunk = pending.pop()
             try:
                 outputs = await asyncio.wait_for(
-                    asyncio.to_thread(self.engine.parse_batch, chunk), timeout=self.settings.batch_deadline_s
+                    asyncio.get_running_loop().run_in_executor(self.engine_thread, self.engine.parse_batch, chunk),
+                    timeout=self.settings.batch_deadline_s,
                 )
                 if len(outputs) != len(chunk):
                     raise RuntimeError(f"engine returned {len(outputs)} results for {len(chunk)} queries")
