@@ -195,9 +195,9 @@ class ParsePipeline:
         self.settings = settings
         self.engine = engine
         self.cache = cache
-        # Every model call on one thread, never on the event loop. One thread, not asyncio's pool:
-        # glibc gives each allocating thread an arena that keeps the high-water mark of the batches
-        # it ran, and the engine's state (prefix KV cache, grammar matchers) is not for concurrent use.
+        # Every model call on one thread, never on the event loop. One thread, not asyncio's pool: the
+        # engine's state (prefix KV cache, grammar matchers) is not for concurrent use, and a call that
+        # outlives its deadline must not run beside the halves that retry it.
         self.engine_thread = engine_thread or ThreadPoolExecutor(1, thread_name_prefix="qustream-engine")
         # Awaited only when a batch has cache misses: batches of hits and poison are served while
         # the model still loads (a restarted worker catches up on cached traffic at once).
