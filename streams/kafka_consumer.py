@@ -159,6 +159,7 @@ class KafkaBatchConsumer:
         self.topic = settings.topic_input
         self.batch_size = settings.batch_size
         self.linger_s = settings.batch_linger_ms / 1000
+        model_batches_per_step = -(-max(settings.batch_size, settings.batch_max_records) // settings.batch_size)
         self.consumer = make_consumer(
             settings,
             group_id=settings.app_id,
@@ -166,8 +167,10 @@ class KafkaBatchConsumer:
             max_poll_records=max(settings.batch_size, settings.batch_max_records),
             session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
             heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000),
-            # A slow uncached batch (split and retried up to its deadline) must not cost the membership.
-            max_poll_interval_ms=int(max(300.0, 4 * settings.batch_deadline_s) * 1000),
+            # A slow step must not cost the membership: one sized for hits may meet only misses (say,
+            # after a model change emptied the cache) and run all of them, batch_size at a time, each
+            # model batch up to its deadline (split and retried within it).
+            max_poll_interval_ms=int(max(300.0, (model_batches_per_step + 3) * settings.batch_deadline_s) * 1000),
         )
         # Whole batches are handed over at once, so there is nothing to linger for.
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
