@@ -84,10 +84,10 @@ class ParsedEvent(BaseModel):
 class ParsedEventEncoder:
     """Writes the JSON of one batch's ``ParsedEvent``s, byte for byte what ``model_dump_json`` writes.
 
-    The hot path of a cached query. Building and validating the model costs about 8 µs per event; one
-    ``orjson.dumps`` of the whole dict about 3; this about 2: what every event of a batch shares
-    (model, grounding, parsed time, worker, batch time) is encoded once, and each event joins
-    pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
+    The hot path of a cached query. About 30 % cheaper than one ``orjson.dumps`` of the whole event
+    dict (5.7 against 8.0 µs, one side-by-side micro-benchmark on a loaded machine): what every event
+    of a batch shares (model, grounding, parsed time, worker, batch time) is encoded once, and each
+    event joins pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
     already validated (``parse`` is a dumped ``QueryParse``); ``tests/test_contracts.py`` holds the
     output equal to the model's.
     """
@@ -116,7 +116,7 @@ class ParsedEventEncoder:
         inference_ms: float,
     ) -> bytes:
         return b"".join((
-            b'{"schema_version":1,"query_id":', _dumps(query_id),
+            _HEAD, _dumps(query_id),
             b',"query":', _dumps(query),
             b',"normalized_query":', _dumps(normalized_query),
             b',"parse":', _dumps(parse),
@@ -131,7 +131,7 @@ class ParsedEventEncoder:
 
 _dumps = orjson.dumps
 _UTC_Z = orjson.OPT_UTC_Z
-assert SCHEMA_VERSION == 1, "ParsedEventEncoder writes schema_version 1"
+_HEAD = b'{"schema_version":' + _dumps(SCHEMA_VERSION) + b',"query_id":'
 
 
 class BatchMetricsEvent(BaseModel):

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     # --- transport -------------------------------------------------------------------------
     transport: Literal["kafka", "redis"] = "kafka"
-    # batch: an aiokafka consumer-group loop handing whole fetched steps to the core step (about 7x the
+    # batch: an aiokafka consumer-group loop handing whole fetched steps to the core step (7-8x the
     # cached throughput of faust on CPU, README "Performance"); faust: the Faust agent.
     kafka_runner: Literal["batch", "faust"] = "batch"
     kafka_bootstrap: str = "localhost:9092"
