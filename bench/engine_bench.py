@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from schemas.settings import Settings
+from schemas.spec import ParseSpec
 from workers.evaluation import QualityCase, load_quality, null_baseline, schema_valid, score
 
 log = structlog.get_logger(__name__)
@@ -71,16 +72,17 @@ class _RssSampler:
         self._thread.join()
 
 
-def load_bench_queries(path: Path | None) -> tuple[list[str], list[QualityCase] | None]:
-    """Queries from a labelled JSONL (labels enable accuracy), a plain JSONL of {"query"}, or text lines."""
+def load_bench_queries(spec: ParseSpec, path: Path | None) -> tuple[list[str], list[QualityCase] | None]:
+    """Queries from a labelled JSONL of the spec (labels enable accuracy), a plain JSONL of {"query"},
+    or text lines; by default the spec's shipped labelled set."""
     if path is None:
-        cases = load_quality()
+        cases = load_quality(spec)
         return [c.query for c in cases], cases
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if lines and lines[0].lstrip().startswith("{"):
         records = [json.loads(line) for line in lines]
-        if all("item_type" in r for r in records):
-            cases = load_quality(path)
+        if all(set(spec.field_names) & set(r) for r in records):
+            cases = load_quality(spec, path)
             return [c.query for c in cases], cases
         return [str(r["query"]) for r in records], None
     return lines, None
@@ -110,7 +112,7 @@ class _Runner:
     def batches(self) -> list[list[str]]:
         return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
 
-    def run_batch(self, chunk: list[str], rss: _RssSampler) -> None:
+    def run_batch(self, spec: ParseSpec, chunk: list[str], rss: _RssSampler) -> None:
         from workers.baselines import baseline_valid
 
         if self.jump_forward is not None:
@@ -120,16 +122,16 @@ class _Runner:
         results = self.engine.parse_batch(chunk)
         self.latencies.append(time.perf_counter() - t0)
         self.peak_rss = max(self.peak_rss, rss.read())
-        valid = baseline_valid(self.engine) or [schema_valid(r.parse) for r in results]
+        valid = baseline_valid(self.engine) or [schema_valid(spec, r.parse) for r in results]
         for result, ok in zip(results, valid, strict=True):
             self.parses.append(result.parse if ok else None)
             self.flags.append(result.ungrounded)
             self.tokens_out += result.tokens_out
 
-    def result(self, cases: list[QualityCase] | None) -> VariantResult:
+    def result(self, spec: ParseSpec, cases: list[QualityCase] | None) -> VariantResult:
         seconds = sum(self.latencies)
         n = len(self.parses)
-        metrics = score(cases[:n], self.parses, self.flags) if cases else {}
+        metrics = score(spec, cases[:n], self.parses, self.flags) if cases else {}
         return VariantResult(
             name=self.name,
             batch_size=self.batch_size,
@@ -145,7 +147,7 @@ class _Runner:
         )
 
 
-def run_interleaved(runners: list[_Runner], cases: list[QualityCase] | None) -> list[VariantResult]:
+def run_interleaved(spec: ParseSpec, runners: list[_Runner], cases: list[QualityCase] | None) -> list[VariantResult]:
     """Run the variants' batches round-robin, so load from other processes hits all variants alike."""
     for runner in runners:
         if runner.jump_forward is not None:
@@ -156,8 +158,8 @@ def run_interleaved(runners: list[_Runner], cases: list[QualityCase] | None) -> 
         for round_index in range(max(len(p) for p in plans)):
             for runner, plan in zip(runners, plans, strict=True):
                 if round_index < len(plan):
-                    runner.run_batch(plan[round_index], rss)
-    results = [runner.result(cases) for runner in runners]
+                    runner.run_batch(spec, plan[round_index], rss)
+    results = [runner.result(spec, cases) for runner in runners]
     for result in results:
         log.info("bench.variant", **{k: v for k, v in asdict(result).items() if k != "metrics"})
     return results
@@ -171,17 +173,18 @@ def run_engine_bench(
     include_sequential: bool = True,
     include_batched: bool = True,
 ) -> dict[str, Any]:
+    from schemas.vocabulary import Vocabulary
     from workers.baselines import BatchedGenerate, SequentialGenerate
     from workers.engine import ConstrainedEngine
+    from workers.grammar import load_checked_spec
     from workers.model import load_model
 
-    queries, cases = load_bench_queries(queries_path)
+    spec = load_checked_spec(settings.parse_spec)
+    vocabulary = Vocabulary(spec)
+    queries, cases = load_bench_queries(spec, queries_path)
     loaded = load_model(settings)
-    from schemas.vocabulary import Vocabulary
-
-    vocabulary = Vocabulary.load(settings.vocabulary_path)
     # Built first so every variant, baselines included, runs with the same attention implementation.
-    engine = ConstrainedEngine(settings, loaded, vocabulary)
+    engine = ConstrainedEngine(settings, loaded, spec)
     runners: list[_Runner] = []
     if include_sequential:
         sequential = SequentialGenerate(loaded, vocabulary, settings.max_new_tokens)
@@ -193,7 +196,7 @@ def run_engine_bench(
         for jump in (False, True):
             name = "c_engine_jump_forward" if jump else "c_engine"
             runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump))
-    variants = run_interleaved(runners, cases)
+    variants = run_interleaved(spec, runners, cases)
     engine.jump_forward = settings.jump_forward
     ratios: dict[str, float] = {}
     by_name = {(v.name, v.batch_size): v for v in variants}
@@ -212,12 +215,13 @@ def run_engine_bench(
         "dtype": str(loaded.dtype),
         "threads": _threads(),
         "grounding": settings.grounding,
+        "spec": spec.ref,
         "engine_version": engine.version,
         "queries": len(queries),
         "sequential_queries": min(sequential_limit, len(queries)) if include_sequential else 0,
         "variants": [asdict(v) for v in variants],
         "ratios": ratios,
-        "always_null": null_baseline(cases) if cases else {},
+        "always_null": null_baseline(spec, cases) if cases else {},
     }
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.spec import load_spec
 from workers.normalize import normalize_query
 
 _ROOT = Path(__file__).resolve().parent.parent
-_VOCABULARY = _ROOT / "schemas" / "data" / "furniture_vocabulary.json"
-_QUALITY = _ROOT / "tests" / "data" / "quality.jsonl"
+_QUALITY = _ROOT / "tests" / "data" / "quality_furniture.jsonl"
 
 _ITEMS = (
     "sofa", "sectional sofa", "loveseat", "armchair", "accent chair", "recliner", "office chair", "desk chair",
@@ -47,8 +47,7 @@ class BenchQuery:
 
 
 def _values(field: str) -> list[str]:
-    data = json.loads(_VOCABULARY.read_text())
-    return [entry["value"] for entry in data["fields"][field]["values"]]
+    return load_spec("furniture").field(field).canonical_values
 
 
 def _items() -> list[str]:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from producer_tools.transport import RecordSink
+from schemas.spec import load_spec
 
 SAMPLE_QUERIES = Path(__file__).with_name("data") / "sample_queries.jsonl"
-VOCABULARY = Path(__file__).resolve().parent.parent / "schemas" / "data" / "furniture_vocabulary.json"
 
 ITEMS = [
     "sofa", "sectional sofa", "loveseat", "armchair", "accent chair", "recliner", "dining chair", "office chair",
@@ -38,15 +38,11 @@ FEATURES = ["with storage", "with drawers", "for small spaces", "set of 2", "wit
 
 
 def _values(field: str) -> list[str]:
-    """Canonical values and their surface forms of one vocabulary field (what shoppers type)."""
-    try:
-        data = json.loads(VOCABULARY.read_text(encoding="utf-8"))
-    except OSError:
-        return []
+    """Canonical values and their surface forms of one field of the furniture spec (what shoppers type)."""
     out: list[str] = []
-    for entry in data.get("fields", {}).get(field, {}).get("values", []):
-        out.append(entry["value"])
-        out.extend(entry.get("forms", [])[:2])
+    for entry in load_spec("furniture").field(field).values:
+        out.append(entry.value)
+        out.extend(entry.forms[:2])
     return out
 
 

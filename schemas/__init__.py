@@ -2,25 +2,23 @@
 
 from schemas.events import (
     ATTEMPTS_HEADER,
-    PARSE_FIELDS,
     SCHEMA_VERSION,
     BatchMetricsEvent,
     DeadLetterReason,
     ParsedEvent,
     QueryInput,
-    QueryParse,
+    SpecRef,
 )
 from schemas.settings import DEFAULT_MODEL, Settings
 
 __all__ = [
     "ATTEMPTS_HEADER",
     "DEFAULT_MODEL",
-    "PARSE_FIELDS",
     "SCHEMA_VERSION",
     "BatchMetricsEvent",
     "DeadLetterReason",
     "ParsedEvent",
     "QueryInput",
-    "QueryParse",
     "Settings",
+    "SpecRef",
 ]

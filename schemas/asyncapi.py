@@ -16,10 +16,11 @@ from schemas.events import (
     DLQ_HEADER_STAGE,
     DLQ_HEADER_WORKER,
     BatchMetricsEvent,
-    ParsedEvent,
     QueryInput,
 )
+from schemas.export import parsed_event_model
 from schemas.settings import Settings
+from schemas.spec import ParseSpec
 
 
 def _payload(model: type[BaseModel]) -> dict[str, Any]:
@@ -37,7 +38,8 @@ def _components(*models: type[BaseModel]) -> dict[str, Any]:
     return schemas
 
 
-def asyncapi_document(settings: Settings) -> dict[str, Any]:
+def asyncapi_document(settings: Settings, spec: ParseSpec) -> dict[str, Any]:
+    """The document for ``settings``' topics, the parsed topic's payload typed by ``spec``."""
     string = {"type": "string"}
     dlq_headers = {
         "type": "object",
@@ -97,7 +99,7 @@ def asyncapi_document(settings: Settings) -> dict[str, Any]:
     return {
         "asyncapi": "3.0.0",
         "info": {
-            "title": "qustream topics",
+            "title": f"qustream topics (parse spec {spec.name} {spec.version})",
             "version": "1.0.0",
             "description": "Search queries in, structured parses out. Delivery is at-least-once; events are "
                            "idempotent by query_id.",
@@ -121,6 +123,6 @@ def asyncapi_document(settings: Settings) -> dict[str, Any]:
         },
         "components": {
             "messages": messages,
-            "schemas": _components(QueryInput, ParsedEvent, BatchMetricsEvent),
+            "schemas": _components(QueryInput, parsed_event_model(spec), BatchMetricsEvent),
         },
     }

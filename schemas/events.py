@@ -25,29 +25,22 @@ class QueryInput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     query: str = Field(description="The raw search query as the user typed it.")
-    query_id: str | None = Field(None, description="Stable id; derived from topic/partition/offset if absent.")
+    query_id: str | None = Field(
+        None,
+        description="Stable id. If absent: a plain-text value's record key (the Kafka key, the Redis entry's `k`), "
+        "else topic-partition-offset.",
+    )
     ts: datetime | None = Field(None, description="Event time (when the user searched).")
     source: str | None = Field(None, description="Which system produced the query.")
     locale: str | None = Field(None, description="BCP 47 locale of the query, e.g. en-US.")
     schema_version: int = 1
 
 
-class QueryParse(BaseModel):
-    """The structured parse of a furniture query. Every field is nullable: null means 'not said'.
+class SpecRef(BaseModel):
+    """Which parse spec (and version of it) a parse follows: its fields are that spec's fields."""
 
-    ``item_type`` is an open span of the query's own words (singular, lowercase); ``material``,
-    ``color`` and ``style`` are canonical values of the configured catalog vocabulary.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    item_type: str | None = Field(None, description="What the shopper wants, e.g. 'sofa', 'bar stool'.")
-    material: str | None = Field(None, description="Canonical material facet value, e.g. 'wood'.")
-    color: str | None = Field(None, description="Canonical colour facet value, e.g. 'gray'.")
-    style: str | None = Field(None, description="Canonical style facet value, e.g. 'mid-century'.")
-
-
-PARSE_FIELDS: tuple[str, ...] = tuple(QueryParse.model_fields)
+    name: str
+    version: str
 
 
 class Timings(BaseModel):
@@ -69,7 +62,11 @@ class ParsedEvent(BaseModel):
     query_id: str
     query: str
     normalized_query: str
-    parse: QueryParse
+    parse: dict[str, str | None] = Field(
+        description="One key per field of the parse spec named in `spec`; null means the query does not say. "
+        "`qustream schema export` writes the schema of one spec's parse."
+    )
+    spec: SpecRef | None = Field(None, description="The parse spec of `parse`; written by every worker.")
     cached: bool
     model: str
     grounding: str
@@ -88,13 +85,18 @@ class ParsedEventEncoder:
     dict (5.7 against 8.0 µs, one side-by-side micro-benchmark on a loaded machine): what every event
     of a batch shares (model, grounding, parsed time, worker, batch time) is encoded once, and each
     event joins pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
-    already validated (``parse`` is a dumped ``QueryParse``); ``tests/test_contracts.py`` holds the
+    already validated (``parse`` is a dumped parse of the spec's model); ``tests/test_contracts.py`` holds the
     output equal to the model's.
     """
 
-    __slots__ = ("_model_grounding", "_parsed_to_topic", "_total", "_worker_to_queue")
+    __slots__ = ("_cached", "_model_grounding", "_parsed_to_topic", "_total", "_uncached", "_worker_to_queue")
 
-    def __init__(self, *, model: str, grounding: str, parsed_ts: datetime, worker_id: str, total_ms: float) -> None:
+    def __init__(
+        self, *, spec: SpecRef, model: str, grounding: str, parsed_ts: datetime, worker_id: str, total_ms: float
+    ) -> None:
+        spec_json = b',"spec":' + _dumps(spec.model_dump())
+        self._cached = spec_json + b',"cached":true,'
+        self._uncached = spec_json + b',"cached":false,'
         self._model_grounding = b'"model":' + _dumps(model) + b',"grounding":' + _dumps(grounding)
         self._parsed_to_topic = b',"parsed_ts":' + _dumps(parsed_ts, option=_UTC_Z) + b',"source":{"topic":'
         self._worker_to_queue = b'},"worker_id":' + _dumps(worker_id) + b',"timings":{"queue_ms":'
@@ -120,7 +122,7 @@ class ParsedEventEncoder:
             b',"query":', _dumps(query),
             b',"normalized_query":', _dumps(normalized_query),
             b',"parse":', _dumps(parse),
-            b',"cached":true,' if cached else b',"cached":false,', self._model_grounding,
+            self._cached if cached else self._uncached, self._model_grounding,
             b',"ungrounded":', _dumps(list(ungrounded)) if ungrounded else b"[]",
             b',"event_ts":', _dumps(event_ts, option=_UTC_Z), self._parsed_to_topic, _dumps(source_topic),
             b',"partition":', _dumps(source_partition),
@@ -156,6 +158,7 @@ class BatchMetricsEvent(BaseModel):
     tokens_in: int
     tokens_out: int
     model: str
+    spec: SpecRef | None = Field(None, description="The parse spec of the batch's parses; written by every worker.")
 
 
 DeadLetterStage = Literal["decode", "validate", "infer", "output"]

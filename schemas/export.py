@@ -6,18 +6,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
-from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent, QueryInput
+from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent, QueryInput, SpecRef
+from schemas.spec import ParseSpec
 
-#: File stem → (topic role, model). Dead letters keep the original bytes as value; their contract
-#: is the reason carried in ``qustream.*`` headers.
-TOPIC_MODELS: dict[str, tuple[str, type[BaseModel]]] = {
-    "queries.raw": ("input", QueryInput),
-    "queries.parsed": ("parsed", ParsedEvent),
-    "queries.metrics": ("metrics", BatchMetricsEvent),
-    "queries.dlq.headers": ("dlq", DeadLetterReason),
-}
+
+def parsed_event_model(spec: ParseSpec) -> type[ParsedEvent]:
+    """``ParsedEvent`` whose ``parse`` is this spec's parse model: the parsed topic's contract for
+    one spec (the generic model types ``parse`` as a mapping of field names)."""
+    model: type[ParsedEvent] = create_model(
+        "ParsedEvent",
+        __base__=ParsedEvent,
+        parse=(spec.parse_model, Field(description=f"The parse under spec {spec.name!r} version {spec.version}.")),
+        spec=(SpecRef, Field(description="The parse spec of `parse`.")),
+    )
+    return model
+
+
+def topic_models(spec: ParseSpec) -> dict[str, tuple[str, type[BaseModel]]]:
+    """File stem → (topic role, model). Dead letters keep the original bytes as value; their contract
+    is the reason carried in ``qustream.*`` headers."""
+    return {
+        "queries.raw": ("input", QueryInput),
+        "queries.parsed": ("parsed", parsed_event_model(spec)),
+        "queries.metrics": ("metrics", BatchMetricsEvent),
+        "queries.dlq.headers": ("dlq", DeadLetterReason),
+    }
 
 
 def json_schema(model: type[BaseModel], title: str) -> dict[str, Any]:
@@ -27,10 +42,10 @@ def json_schema(model: type[BaseModel], title: str) -> dict[str, Any]:
     return schema
 
 
-def export_json_schemas(directory: Path) -> list[Path]:
+def export_json_schemas(directory: Path, spec: ParseSpec) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, (_, model) in TOPIC_MODELS.items():
+    for stem, (_, model) in topic_models(spec).items():
         path = directory / f"{stem}.schema.json"
         path.write_text(json.dumps(json_schema(model, stem), indent=2) + "\n")
         written.append(path)

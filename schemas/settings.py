@@ -84,7 +84,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU; 0 = number of cores.")
     grounding: Literal["catalog", "span", "free"] = "catalog"
-    vocabulary_path: Path | None = None
+    parse_spec: str = Field(
+        "furniture",
+        description="The parse spec: a built-in name (furniture, ecommerce) or the path of a YAML spec file.",
+    )
     # On: measured 2.5x the queries/s of off at batch 32 on CPU (README, "The parse engine").
     jump_forward: bool = True
     max_new_tokens: int = 48

@@ -1,97 +1,37 @@
-"""The catalog vocabulary file: which parse fields are open spans and which take canonical facet values.
+"""Matching a parse spec's vocabulary fields against queries: surface forms to canonical values.
 
-A deployment swaps in its own catalog's facet values with ``QUSTREAM_VOCABULARY_PATH``; the default
-furniture vocabulary ships in ``schemas/data/furniture_vocabulary.json``.
+Built from the active ``ParseSpec``; the grammar asks it which canonical values a query mentions
+(``candidates``), and normalisation maps any surface form to its canonical value (``canonicalize``).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from functools import cached_property
-from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from schemas.spec import ParseSpec, match_form
 
-from schemas.events import PARSE_FIELDS
-
-DEFAULT_VOCABULARY_PATH = Path(__file__).parent / "data" / "furniture_vocabulary.json"
-
-_SEPARATORS = re.compile(r"[^\w']+|_+")
+__all__ = ["Vocabulary", "match_form"]
 
 
-def match_form(text: str) -> str:
-    """The form used to compare surface forms with queries: lowercase, punctuation and spaces as one space."""
-    return _SEPARATORS.sub(" ", text.lower()).strip()
+class Vocabulary:
+    """Surface-form index over the spec's ``vocabulary`` fields (category and span fields have none)."""
 
-
-class VocabularyEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    value: str = Field(description="Canonical facet value written into the parse, e.g. 'gray'.")
-    forms: list[str] = Field(default_factory=list, description="Other surface forms: 'grey', 'gry'.")
-
-    def surface_forms(self) -> list[str]:
-        """All forms (the canonical value included) in match form, longest first."""
-        forms = {match_form(self.value), *(match_form(f) for f in self.forms)}
-        return sorted((f for f in forms if f), key=len, reverse=True)
-
-
-class FieldSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["span", "vocabulary"]
-    values: list[VocabularyEntry] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _values_match_kind(self) -> FieldSpec:
-        if self.kind == "vocabulary" and not self.values:
-            raise ValueError("a vocabulary field needs at least one value")
-        if self.kind == "span" and self.values:
-            raise ValueError("a span field takes no values")
-        return self
-
-
-class Vocabulary(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    version: str = "1"
-    description: str = ""
-    fields: dict[str, FieldSpec]
-
-    @model_validator(mode="after")
-    def _fields_are_parse_fields(self) -> Vocabulary:
-        unknown = set(self.fields) - set(PARSE_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown parse fields in vocabulary: {sorted(unknown)}")
-        missing = set(PARSE_FIELDS) - set(self.fields)
-        if missing:
-            raise ValueError(f"vocabulary lacks parse fields: {sorted(missing)}")
-        return self
-
-    @classmethod
-    def load(cls, path: Path | None = None) -> Vocabulary:
-        source = path or DEFAULT_VOCABULARY_PATH
-        return cls.model_validate(json.loads(Path(source).read_text(encoding="utf-8")))
-
-    def canonical_json(self) -> str:
-        """Stable serialisation, part of the engine version hash."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    def __init__(self, spec: ParseSpec) -> None:
+        self.spec = spec
 
     @cached_property
     def surface_index(self) -> dict[str, dict[str, str]]:
         """Per vocabulary field: surface form (match form) -> canonical value."""
         index: dict[str, dict[str, str]] = {}
-        for name, spec in self.fields.items():
-            if spec.kind != "vocabulary":
+        for spec_field in self.spec.fields:
+            if spec_field.kind != "vocabulary":
                 continue
             forms: dict[str, str] = {}
-            for entry in spec.values:
-                for form in entry.surface_forms():
+            for entry in spec_field.values:
+                surface = {match_form(entry.value), *(match_form(f) for f in entry.forms)}
+                for form in sorted((f for f in surface if f), key=len, reverse=True):
                     forms.setdefault(form, entry.value)
-            index[name] = forms
+            index[spec_field.name] = forms
         return index
 
     @cached_property

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,15 +14,21 @@ from rich.table import Table
 
 from schemas.settings import Settings
 
+if TYPE_CHECKING:
+    from schemas.spec import ParseSpec
+
 app = typer.Typer(help="qustream: search queries in, structured parses out, over Kafka or Redis Streams.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 model_app = typer.Typer(help="Model preparation.", no_args_is_help=True)
 local_app = typer.Typer(help="A local broker and Redis for development (started only where none answers).",
                         no_args_is_help=True)
 schema_app = typer.Typer(help="Topic contracts as JSON Schema / AsyncAPI.", no_args_is_help=True)
+spec_app = typer.Typer(help="Parse specs: the fields each deployment extracts (QUSTREAM_PARSE_SPEC).",
+                       no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(local_app, name="local")
 app.add_typer(schema_app, name="schema")
+app.add_typer(spec_app, name="spec")
 
 console = Console(stderr=True)
 
@@ -41,8 +47,21 @@ def settings_or_exit() -> Settings:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # The message may hold brackets (a spec's values, a file name): printed without markup.
+    console.print("[red]error:[/red] ", end="")
+    console.print(message, markup=False, highlight=False)
     return typer.Exit(code)
+
+
+def spec_or_exit(ref: str) -> ParseSpec:
+    """The parse spec ``ref`` names, checked; exits 2 with every problem listed when it is unusable."""
+    from schemas.spec import SpecError
+    from workers.grammar import load_checked_spec
+
+    try:
+        return load_checked_spec(ref)
+    except SpecError as exc:
+        raise fail(str(exc), 2) from None
 
 
 @app.command()
@@ -53,7 +72,9 @@ def worker() -> None:
     """
     from streams.worker import run_worker
 
-    run_worker(settings_or_exit())
+    settings = settings_or_exit()
+    spec_or_exit(settings.parse_spec)
+    run_worker(settings)
 
 
 @app.command()
@@ -103,10 +124,12 @@ def local_status() -> None:
 
 @schema_app.command("export")
 def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write the *.schema.json files.")]) -> None:
-    """Write one JSON Schema per topic.  Example: qustream schema export build/schemas"""
+    """Write one JSON Schema per topic, the parsed topic's for the active parse spec.
+    Example: QUSTREAM_PARSE_SPEC=ecommerce qustream schema export build/schemas"""
     from schemas.export import export_json_schemas
 
-    for path in export_json_schemas(directory):
+    settings = settings_or_exit()
+    for path in export_json_schemas(directory, spec_or_exit(settings.parse_spec)):
         print(path)
 
 
@@ -117,11 +140,64 @@ def schema_asyncapi(
     """Write the AsyncAPI 3 document of the four topics.  Example: qustream schema asyncapi -o asyncapi.json"""
     from schemas.asyncapi import asyncapi_document
 
-    text = json.dumps(asyncapi_document(settings_or_exit()), indent=2) + "\n"
+    settings = settings_or_exit()
+    text = json.dumps(asyncapi_document(settings, spec_or_exit(settings.parse_spec)), indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
     else:
         output.write_text(text)
+
+
+@spec_app.command("check")
+def spec_check(
+    spec: Annotated[str, typer.Argument(help="A YAML spec file, or a built-in spec name.")],
+) -> None:
+    """Validate a parse spec: every problem is listed with the field it concerns; exits 2 if any.
+    Example: qustream spec check my_catalog.yaml"""
+    parse_spec = spec_or_exit(spec)
+    kinds = ", ".join(f"{f.name} ({f.kind}{f', {len(f.values)} values' if f.values else ''})"
+                      for f in parse_spec.fields)
+    print(f"ok: {parse_spec.name} version {parse_spec.version}: {kinds}; {len(parse_spec.examples)} examples")
+
+
+@spec_app.command("schema")
+def spec_schema() -> None:
+    """Print the JSON Schema of the spec file format, for editors.  Example: qustream spec schema > spec.schema.json"""
+    from schemas.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+
+
+@spec_app.command("show")
+def spec_show(
+    spec: Annotated[str | None, typer.Argument(help="A spec name or file (default: the active QUSTREAM_PARSE_SPEC).")]
+    = None,
+    values: Annotated[bool, typer.Option(help="Print every vocabulary/category value too.")] = False,
+) -> None:
+    """Print the active parse spec: fields, kinds, values, examples, and the prompt's instruction.
+    Example: QUSTREAM_PARSE_SPEC=ecommerce qustream spec show"""
+    from workers.prompt import instruction
+
+    parse_spec = spec_or_exit(spec or settings_or_exit().parse_spec)
+    out = Console()
+    out.print(f"[bold]{parse_spec.name}[/bold] version {parse_spec.version} (fingerprint {parse_spec.fingerprint}): "
+              f"{parse_spec.description}", highlight=False)
+    table = Table(title="fields")
+    for column in ("field", "kind", "description", "values"):
+        table.add_column(column)
+    for spec_field in parse_spec.fields:
+        listed = spec_field.canonical_values
+        more = "" if values or len(listed) <= 8 else f", … ({len(listed)})"
+        shown = ", ".join(listed if values else listed[:8]) + more
+        table.add_row(spec_field.name, spec_field.kind, spec_field.description, shown)
+    out.print(table)
+    examples = Table(title="examples")
+    examples.add_column("query")
+    examples.add_column("parse")
+    for example in parse_spec.examples:
+        examples.add_row(example.query, json.dumps({k: v for k, v in example.parse.items() if v is not None}))
+    out.print(examples)
+    out.print("[bold]instruction:[/bold] " + instruction(parse_spec), highlight=False, markup=True)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import structlog
 
 from schemas.events import ParsedEvent
 from schemas.settings import Settings
+from schemas.spec import ParseSpec
 from streams.telemetry import WorkerMetrics
 from workers.cache import ParseCache, redis_client
 from workers.engine import ParseEngine, ParseResult
@@ -36,13 +37,14 @@ class DeferredEngine:
     """The engine's identity (model id, grounding, cache version) from settings alone, its compute
     once the model is loaded. The pipeline only calls ``parse_batch`` after ``wait_started``."""
 
-    def __init__(self, settings: Settings) -> None:
-        from workers.engine import version_for
+    def __init__(self, settings: Settings, spec: ParseSpec) -> None:
+        from workers.engine import engine_version
         from workers.model import model_id_for
 
         self.model_id = model_id_for(settings)
         self.grounding: str = settings.grounding
-        self.version = version_for(settings)
+        self.spec = spec
+        self.version = engine_version(self.model_id, spec, settings.grounding)
         self.loaded: ParseEngine | None = None
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:
@@ -114,7 +116,12 @@ class StepSizer:
 
 class WorkerRuntime:
     def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
+        """Loads the parse spec at once: a bad spec stops the worker before it connects to anything
+        (``SpecError`` names the file, the field and the problem)."""
+        from workers.grammar import load_checked_spec
+
         self.settings = settings
+        self.spec = engine.spec if engine is not None else load_checked_spec(settings.parse_spec)
         self.metrics = WorkerMetrics()
         self.engine = engine
         self.pipeline: ParsePipeline | None = None
@@ -164,6 +171,8 @@ class WorkerRuntime:
             "version": package_version(),
             "transport": self.settings.transport,
             "engine_version": self.engine.version,
+            "spec": self.spec.name,
+            "spec_version": self.spec.version,
         })
         # The model, tokenizer and grammar are ~400k long-lived objects: a full collection walks
         # them all (~0.4 s here) whenever enough young objects survive. Frozen, they are never
@@ -176,10 +185,10 @@ class WorkerRuntime:
                  cache=self.cache.enabled if self.cache else False)
 
     def _open_pipeline(self) -> None:
-        self.pipeline_engine = self.engine if self.engine is not None else DeferredEngine(self.settings)
+        self.pipeline_engine = self.engine if self.engine is not None else DeferredEngine(self.settings, self.spec)
         client = redis_client(self.settings.redis_url.get_secret_value()) if self.settings.cache_enabled else None
-        self.cache = ParseCache(client, version=self.pipeline_engine.version, ttl_s=self.settings.cache_ttl_s,
-                                prefix=self.settings.cache_prefix)
+        self.cache = ParseCache(client, spec=self.spec, version=self.pipeline_engine.version,
+                                ttl_s=self.settings.cache_ttl_s, prefix=self.settings.cache_prefix)
         self.pipeline = ParsePipeline(self.settings, self.pipeline_engine, self.cache, engine_loaded=self.wait_started,
                                       engine_thread=self.engine_thread)
         self._serving.set()

@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.events import QueryParse
 from schemas.vocabulary import Vocabulary
 from workers.engine import ParseResult
 from workers.grammar import normalize_parse
@@ -27,7 +26,7 @@ def parse_last_line(text: str, query: str, vocabulary: Vocabulary) -> tuple[dict
         return None, []
     try:
         raw = json.loads(lines[-1])
-        QueryParse.model_validate(raw)
+        vocabulary.spec.parse_model.model_validate(raw)
     except (json.JSONDecodeError, ValidationError, TypeError):
         return None, []
     return normalize_parse(raw, query, vocabulary)
@@ -83,7 +82,7 @@ class _GenerateBaseline:
         return results
 
     def warm_up(self) -> None:
-        self.parse_batch(["grey velvet sofa"])
+        self.parse_batch([example.query for example in self.vocabulary.spec.examples[:1]] or ["warm up"])
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:
         raise NotImplementedError
@@ -97,7 +96,7 @@ class SequentialGenerate(_GenerateBaseline):
         tin: list[int] = []
         tout: list[int] = []
         for query in queries:
-            text, n_in, n_out = self._generate([full_prompt(query)])
+            text, n_in, n_out = self._generate([full_prompt(self.vocabulary.spec, query)])
             texts += text
             tin += n_in
             tout += n_out
@@ -108,7 +107,7 @@ class BatchedGenerate(_GenerateBaseline):
     """(b) One generate() per batch, full prompt per row, left padded, unconstrained."""
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:
-        texts, tin, tout = self._generate([full_prompt(q) for q in queries])
+        texts, tin, tout = self._generate([full_prompt(self.vocabulary.spec, q) for q in queries])
         return self._results(queries, texts, tin, tout)
 
 

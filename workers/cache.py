@@ -7,6 +7,7 @@ timeout to every batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before Python 3.12
 
-from schemas.events import QueryParse
+from schemas.spec import ParseSpec
 
 log = structlog.get_logger(__name__)
 
@@ -30,26 +31,19 @@ class CachedParse:
     ungrounded: list[str]
 
 
-#: ``QueryParse`` as a plain dict: every field present, no others (what ``model_dump`` writes),
-#: derived from the model so the two cannot drift.
-ParseDict = TypedDict(  # type: ignore[misc]
-    "ParseDict", {name: field.annotation for name, field in QueryParse.model_fields.items()}
-)
-ParseDict.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+@functools.cache
+def entry_adapter(fields: tuple[str, ...]) -> TypeAdapter[Any]:
+    """Validates a stored entry in one pydantic-core pass from its bytes: the parse as a plain dict
+    with every field of the spec and no others (what the parse model's ``model_dump`` writes), and the
+    ungrounded field names. An entry of another shape is a miss."""
+    parse_dict = TypedDict("ParseDict", dict.fromkeys(fields, str | None))  # type: ignore[misc]
+    parse_dict.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
 
+    class Entry(TypedDict):
+        parse: parse_dict  # type: ignore[valid-type]
+        ungrounded: list[str]
 
-class _Entry(TypedDict):
-    parse: ParseDict
-    ungrounded: list[str]
-
-
-#: One pydantic-core pass from the stored bytes to validated dicts; an entry of another shape is a miss.
-_ENTRY = TypeAdapter(_Entry)
-
-
-def validate_entry(raw: bytes | str) -> _Entry:
-    """A stored entry as validated dicts, or ``ValidationError``."""
-    return _ENTRY.validate_json(raw)
+    return TypeAdapter(Entry)
 
 
 @dataclass
@@ -73,12 +67,14 @@ class ParseCache:
         self,
         client: Redis | None,
         *,
+        spec: ParseSpec,
         version: str,
         ttl_s: int,
         prefix: str = "qustream:parse",
         backoff_s: float = 5.0,
     ) -> None:
         self._client = client
+        self._entry = entry_adapter(spec.field_names)
         self._prefix = f"{prefix}:{version}:".encode()
         self._ttl_s = ttl_s
         self._backoff_s = backoff_s
@@ -113,11 +109,11 @@ class ParseCache:
             if raw is None:
                 continue
             try:
-                entry = validate_entry(raw)
+                entry = self._entry.validate_json(raw)
             except ValidationError:
                 # A corrupt entry, or one of another schema, is a miss; the fresh parse overwrites it.
                 continue
-            hits[query] = CachedParse(entry["parse"], entry["ungrounded"])  # type: ignore[arg-type]
+            hits[query] = CachedParse(entry["parse"], entry["ungrounded"])
         return CacheLookup(hits, error=False)
 
     async def set_many(self, parses: dict[str, CachedParse]) -> bool:

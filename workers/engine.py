@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from schemas.events import PARSE_FIELDS
 from schemas.settings import Settings
+from schemas.spec import ParseSpec
 from schemas.vocabulary import Vocabulary
-from workers.grammar import Grounding, RowGrammar, build_row_grammar, normalize_parse
-from workers.prompt import FEW_SHOT, prompt_prefix, prompt_suffix
+from workers.grammar import Grounding, RowGrammar, build_row_grammar, load_checked_spec, normalize_parse
+from workers.prompt import prompt_prefix, prompt_suffix
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,9 @@ class ParseResult:
 class ParseEngine(Protocol):
     model_id: str
     grounding: str
-    #: Changes whenever model, prompt, parse schema, vocabulary or grounding mode change;
+    #: The parse spec every result follows.
+    spec: ParseSpec
+    #: Changes whenever model, prompt, parse spec (fields, values, examples) or grounding mode change;
     #: part of every cache key so a change never serves stale parses.
     version: str
 
@@ -73,15 +75,13 @@ class ParseEngine(Protocol):
         ...
 
 
-def engine_version(model_id: str, vocabulary: Vocabulary, grounding: str) -> str:
+def engine_version(model_id: str, spec: ParseSpec, grounding: str) -> str:
     material = json.dumps(
         {
             "format": ENGINE_FORMAT,
             "model": model_id,
-            "prompt": prompt_prefix(),
-            "few_shot": FEW_SHOT,
-            "fields": PARSE_FIELDS,
-            "vocabulary": vocabulary.canonical_json(),
+            "prompt": prompt_prefix(spec),
+            "spec": spec.canonical_json(),
             "grounding": grounding,
         },
         sort_keys=True,
@@ -180,7 +180,7 @@ class ConstrainedEngine:
         self,
         settings: Settings,
         loaded: LoadedModel,
-        vocabulary: Vocabulary,
+        spec: ParseSpec,
         *,
         use_prefix_cache: bool = True,
         min_group: int = 16,
@@ -193,7 +193,8 @@ class ConstrainedEngine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.vocabulary = vocabulary
+        self.spec = spec
+        self.vocabulary = Vocabulary(spec)
         self.model_id = loaded.model_id
         self.grounding: str = settings.grounding
         self._grounding: Grounding = settings.grounding
@@ -201,13 +202,13 @@ class ConstrainedEngine:
         self.use_prefix_cache = use_prefix_cache
         self.min_group = min_group
         self.max_pad_waste = max_pad_waste
-        self.version = engine_version(self.model_id, vocabulary, self.grounding)
+        self.version = engine_version(self.model_id, spec, self.grounding)
         self.last_stats = DecodeStats()
         self._lock = threading.Lock()
         self._vocab_size = int(self.model.config.vocab_size)
         self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
-        self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix())["input_ids"])
+        self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix(spec))["input_ids"])
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._static: StaticDecoder | None = None
         if settings.compile and loaded.device == "cuda":
@@ -232,7 +233,7 @@ class ConstrainedEngine:
 
             with self._lock, torch.inference_mode():
                 self._static.warm_up(self._prefix_cache(), self._pad_id)
-        self.parse_batch(["grey velvet sofa", "oak dining table with 6 chairs", "lamp"])
+        self.parse_batch([example.query for example in self.spec.examples[:3]] or ["warm up"])
         log.info("engine.warm", version=self.version, seconds=round(time.perf_counter() - started, 2))
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:
@@ -403,16 +404,19 @@ def version_for(settings: Settings) -> str:
     worker opens its cache (and serves cache hits) while the model still loads."""
     from workers.model import model_id_for
 
-    return engine_version(model_id_for(settings), Vocabulary.load(settings.vocabulary_path), settings.grounding)
+    return engine_version(model_id_for(settings), load_checked_spec(settings.parse_spec), settings.grounding)
 
 
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> ParseEngine:
-    """Load the model (unless given), the vocabulary, and build the engine for ``settings``."""
+    """Load the parse spec, the model (unless given), and build the engine for ``settings``.
+
+    The spec is loaded first: a bad spec fails at once, before minutes of model loading."""
     from workers.model import load_model
 
+    spec = load_checked_spec(settings.parse_spec)
     if loaded is None:
         loaded = load_model(settings)
-    vocabulary = Vocabulary.load(settings.vocabulary_path)
-    engine = ConstrainedEngine(settings, loaded, vocabulary)
-    log.info("engine.built", model=engine.model_id, grounding=engine.grounding, version=engine.version)
+    engine = ConstrainedEngine(settings, loaded, spec)
+    log.info("engine.built", model=engine.model_id, grounding=engine.grounding, spec=spec.name,
+             spec_version=spec.version, version=engine.version)
     return engine

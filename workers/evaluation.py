@@ -1,4 +1,8 @@
-"""Field-level quality of parses against a labelled query set (``qustream eval``)."""
+"""Field-level quality of parses against a labelled query set (``qustream eval``).
+
+Labelled data is JSONL: ``query`` plus the spec's field names, each a value, a list of acceptable
+values, or null (a missing field counts as null). The same format feeds training.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import ValidationError
 
-from schemas.events import PARSE_FIELDS, QueryParse
+from schemas.spec import ParseSpec
 
-DEFAULT_QUALITY_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "quality.jsonl"
-#: The fields of the headline "all three right" rate; style is reported but is rarer and fuzzier.
-CORE_FIELDS: tuple[str, ...] = ("item_type", "material", "color")
+QUALITY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+def default_quality_path(spec: ParseSpec) -> Path:
+    """The labelled set shipped for a built-in spec: ``tests/data/quality_<spec>.jsonl``."""
+    return QUALITY_DIR / f"quality_{spec.name}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -26,14 +33,14 @@ class QualityCase:
     expected: dict[str, tuple[str, ...]]
 
 
-def load_quality(path: Path | None = None) -> list[QualityCase]:
+def load_quality(spec: ParseSpec, path: Path | None = None) -> list[QualityCase]:
     cases: list[QualityCase] = []
-    for line in (path or DEFAULT_QUALITY_PATH).read_text(encoding="utf-8").splitlines():
+    for line in (path or default_quality_path(spec)).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
         expected: dict[str, tuple[str, ...]] = {}
-        for name in PARSE_FIELDS:
+        for name in spec.field_names:
             value = record.get(name)
             if value is None:
                 expected[name] = ()
@@ -51,44 +58,52 @@ def field_correct(expected: tuple[str, ...], predicted: str | None) -> bool:
     return predicted is not None and predicted.lower() in expected
 
 
-def schema_valid(parse: Any) -> bool:
+def schema_valid(spec: ParseSpec, parse: Any) -> bool:
     try:
-        QueryParse.model_validate(parse)
+        spec.parse_model.model_validate(parse)
     except ValidationError:
         return False
-    return isinstance(parse, dict) and set(parse) == set(PARSE_FIELDS)
+    return isinstance(parse, dict) and set(parse) == set(spec.field_names)
 
 
 def score(
+    spec: ParseSpec,
     cases: Sequence[QualityCase],
     parses: Sequence[dict[str, str | None] | None],
     ungrounded: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, float]:
-    """Accuracy per field, all-three-right, schema-valid, invented-for-absent and ungrounded rates.
+    """Accuracy per field, all-fields-right (and core-fields-right where the spec names core fields),
+    schema-valid, invented-for-absent and ungrounded rates.
 
     A ``None`` parse counts as invalid and wrong on every field.
     """
     n = len(cases)
     if n == 0:
         return {}
-    correct = dict.fromkeys(PARSE_FIELDS, 0)
-    all_three = valid = absent = invented = values = flagged = 0
+    fields = spec.field_names
+    core = spec.headline_fields
+    correct = dict.fromkeys(fields, 0)
+    all_right = core_right = valid = absent = invented = values = flagged = 0
     for index, (case, parse) in enumerate(zip(cases, parses, strict=True)):
-        ok = parse is not None and schema_valid(parse)
+        ok = parse is not None and schema_valid(spec, parse)
         valid += ok
         got: dict[str, str | None] = parse if (ok and parse is not None) else {}
-        for name in PARSE_FIELDS:
-            correct[name] += field_correct(case.expected[name], got.get(name)) if ok else 0
+        right = {name: ok and field_correct(case.expected[name], got.get(name)) for name in fields}
+        for name in fields:
+            correct[name] += right[name]
             if not case.expected[name]:
                 absent += 1
                 invented += ok and got.get(name) is not None
             if got.get(name) is not None:
                 values += 1
-        all_three += ok and all(field_correct(case.expected[f], got.get(f)) for f in CORE_FIELDS)
+        all_right += all(right.values())
+        core_right += all(right[name] for name in core)
         if ungrounded is not None:
             flagged += len(ungrounded[index])
-    metrics = {f"{name}_acc": correct[name] / n for name in PARSE_FIELDS}
-    metrics["all_three_acc"] = all_three / n
+    metrics = {f"{name}_acc": correct[name] / n for name in fields}
+    metrics["all_fields_acc"] = all_right / n
+    if core != fields:
+        metrics["core_fields_acc"] = core_right / n
     metrics["schema_valid"] = valid / n
     metrics["invented_absent"] = invented / absent if absent else 0.0
     metrics["ungrounded"] = flagged / values if values else 0.0
@@ -96,28 +111,31 @@ def score(
     return metrics
 
 
-def null_baseline(cases: Sequence[QualityCase]) -> dict[str, float]:
-    """The trivial 'always null' answer for material and colour (what a parser must beat)."""
+def null_baseline(spec: ParseSpec, cases: Sequence[QualityCase]) -> dict[str, float]:
+    """The trivial 'always null' answer per field (what a parser must beat)."""
     n = len(cases) or 1
-    return {
-        "material_acc": sum(not c.expected["material"] for c in cases) / n,
-        "color_acc": sum(not c.expected["color"] for c in cases) / n,
-        "style_acc": sum(not c.expected["style"] for c in cases) / n,
-    }
+    return {f"{name}_acc": sum(not c.expected[name] for c in cases) / n for name in spec.field_names}
 
 
 def eval_command(
+    spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
+    = None,
     model: Annotated[str | None, typer.Option(help="Model id or folder; default: the configured model.")] = None,
     grounding: Annotated[
         Literal["catalog", "span", "free"] | None, typer.Option(help="Grounding mode; default: configured.")
     ] = None,
-    queries: Annotated[Path, typer.Option(help="Labelled JSONL (query + expected fields).")] = DEFAULT_QUALITY_PATH,
+    queries: Annotated[
+        Path | None, typer.Option(help="Labelled JSONL (query + the spec's fields); default: the spec's shipped set.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Queries per parse_batch call.")] = 32,
     limit: Annotated[int, typer.Option(min=0, help="Only the first N queries (0 = all).")] = 0,
     show_errors: Annotated[bool, typer.Option(help="Print every query with a wrong field.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here as JSON.")] = None,
 ) -> None:
-    """Parse a labelled query set and print field-level accuracy, all-three-right and validity rates."""
+    """Parse a labelled query set and print per-field accuracy, all-fields-right, invented values and validity.
+
+    Example: qustream eval --spec ecommerce --json ecommerce_eval.json
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -125,15 +143,21 @@ def eval_command(
     from workers.engine import build_engine
 
     overrides: dict[str, Any] = {}
+    if spec:
+        overrides["parse_spec"] = spec
     if model:
         overrides["model"] = model
     if grounding:
         overrides["grounding"] = grounding
     settings = Settings(**overrides)
-    cases = load_quality(queries)
+    engine = build_engine(settings)
+    parse_spec = engine.spec
+    path = queries or default_quality_path(parse_spec)
+    if not path.is_file():
+        raise typer.BadParameter(f"no labelled set at {path}; pass --queries", param_hint="--queries")
+    cases = load_quality(parse_spec, path)
     if limit:
         cases = cases[:limit]
-    engine = build_engine(settings)
     engine.warm_up()
     started = time.perf_counter()
     parses: list[dict[str, str | None] | None] = []
@@ -144,10 +168,11 @@ def eval_command(
             parses.append(result.parse)
             flags.append(result.ungrounded)
     seconds = time.perf_counter() - started
-    metrics = score(cases, parses, flags)
-    baseline = null_baseline(cases)
+    metrics = score(parse_spec, cases, parses, flags)
+    baseline = null_baseline(parse_spec, cases)
     console = Console()
-    table = Table(title=f"{engine.model_id} · grounding={engine.grounding} · {len(cases)} queries · {seconds:.1f} s")
+    table = Table(title=f"spec {parse_spec.name} v{parse_spec.version} · {engine.model_id} · "
+                        f"grounding={engine.grounding} · {len(cases)} queries · {seconds:.1f} s")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("always-null", justify="right")
@@ -158,10 +183,12 @@ def eval_command(
     console.print(table)
     if show_errors:
         for case, parse in zip(cases, parses, strict=True):
-            wrong = [f for f in PARSE_FIELDS if not field_correct(case.expected[f], (parse or {}).get(f))]
+            wrong = [f for f in parse_spec.field_names if not field_correct(case.expected[f], (parse or {}).get(f))]
             if wrong:
                 console.print(f"{case.query!r}: got {parse}, expected {dict(case.expected)}", markup=False)
     if json_out:
-        payload = {"model": engine.model_id, "grounding": engine.grounding, "version": engine.version,
-                   "seconds": seconds, "metrics": metrics, "always_null": baseline}
+        payload = {"spec": parse_spec.ref, "model": engine.model_id, "grounding": engine.grounding,
+                   "version": engine.version, "queries": str(path), "seconds": seconds,
+                   "queries_per_s": len(cases) / seconds if seconds else None, "metrics": metrics,
+                   "always_null": baseline}
         json_out.write_text(json.dumps(payload, indent=2))

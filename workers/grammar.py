@@ -5,8 +5,11 @@ The output is always ``json.dumps`` of the parse with the schema's key order, pr
 
 - ``catalog``: a vocabulary field admits null or the canonical values whose surface forms occur in
   the query; a span field admits null or a run of the query's own words.
-- ``span``: every field admits null or a run of the query's words.
-- ``free``: every field admits null or any short string (values absent from the query are flagged).
+- ``span``: span and vocabulary fields admit null or a run of the query's words.
+- ``free``: span and vocabulary fields admit null or any short string (values absent from the query
+  are flagged).
+
+A category field admits null or one label of its closed set in every mode.
 
 Strings are written JSON-escaped into the grammar, so a query containing quotes, backslashes, emoji or
 control characters can never produce malformed JSON.
@@ -20,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.events import PARSE_FIELDS
+from schemas.spec import ParseSpec, SpecError, SpecField, load_spec
 from schemas.vocabulary import Vocabulary, match_form
 
 Grounding = Literal["catalog", "span", "free"]
@@ -71,18 +74,20 @@ def _edge_ok(word: str) -> bool:
     )
 
 
-def query_spans(query: str, max_words: int = MAX_SPAN_WORDS, exclude: frozenset[str] = frozenset()) -> list[str]:
+def query_spans(
+    query: str, max_words: int = MAX_SPAN_WORDS, exclude: frozenset[str] = frozenset(), trim_edges: bool = True
+) -> list[str]:
     """Distinct contiguous runs of up to ``max_words`` query words, in order of first appearance.
 
-    Runs may not start or end with a stopword or a number, nor contain a word of ``exclude`` (in
-    match form: words another field's vocabulary claims, e.g. the "oak" of "oak dining table").
-    Falls back to every run when that leaves nothing.
+    Runs may not contain a word of ``exclude`` (in match form: words another field's vocabulary
+    claims, e.g. the "oak" of "oak dining table") and, with ``trim_edges``, may not start or end with
+    a stopword or a number. Falls back to every run when that leaves nothing.
     """
     words = query_words(query)
     seen: dict[str, None] = {}
     for start in range(len(words)):
         for end in range(start + 1, min(len(words), start + max_words) + 1):
-            if not (_edge_ok(words[start]) and _edge_ok(words[end - 1])):
+            if trim_edges and not (_edge_ok(words[start]) and _edge_ok(words[end - 1])):
                 continue
             if exclude and any(piece in exclude for w in words[start:end] for piece in match_form(w).split()):
                 continue
@@ -120,26 +125,32 @@ class RowGrammar:
     allowed: dict[str, tuple[str, ...] | None]
 
 
-#: Above this many value combinations the catalog grammar lets fields choose independently.
+#: Above this many value combinations a group of vocabulary fields chooses its values independently.
 MAX_COMBINATIONS = 512
+
+
+def allowed_values(
+    spec_field: SpecField, query: str, vocabulary: Vocabulary, grounding: Grounding, claimed: frozenset[str]
+) -> tuple[str, ...] | None:
+    """What one field may take for ``query`` (besides null); None means any short string."""
+    if spec_field.kind == "category":
+        return tuple(spec_field.canonical_values)
+    if grounding == "free":
+        return None
+    if grounding == "catalog" and spec_field.kind == "vocabulary":
+        return tuple(vocabulary.candidates(spec_field.name, query))
+    return tuple(query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges))
 
 
 def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) -> RowGrammar:
     """The grammar of one query's output (see the module docstring for the modes)."""
+    spec = vocabulary.spec
     mentions = vocabulary.matches(query) if grounding == "catalog" else []
     claimed = frozenset(w for _, _, s, e in mentions for w in match_form(query).split()[s:e])
-    allowed: dict[str, tuple[str, ...] | None] = {}
-    for name in PARSE_FIELDS:
-        spec = vocabulary.fields[name]
-        if grounding == "free":
-            allowed[name] = None
-        elif grounding == "catalog" and spec.kind == "vocabulary":
-            allowed[name] = tuple(vocabulary.candidates(name, query))
-        else:
-            allowed[name] = tuple(query_spans(query, exclude=claimed if grounding == "catalog" else frozenset()))
+    allowed = {f.name: allowed_values(f, query, vocabulary, grounding, claimed) for f in spec.fields}
     rules: list[str] = []
-    for index, name in enumerate(PARSE_FIELDS):
-        values = allowed[name]
+    for index, spec_field in enumerate(spec.fields):
+        values = allowed[spec_field.name]
         if values is None:
             rules.append(f'v{index} ::= "null" | "\\"" freechar{{0,{MAX_FREE_CHARS}}} "\\""')
         else:
@@ -147,28 +158,45 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
     if any(v is None for v in allowed.values()):
         # Printable characters other than quote and backslash: a free value never needs escaping.
         rules.append('freechar ::= [^"\\\\\\x00-\\x1f\\x7f]')
-    head = _ebnf_literal(" {" + json.dumps(PARSE_FIELDS[0]) + ": ") + " v0"
-    tail = _exclusive_tail(query, mentions, vocabulary) if grounding == "catalog" else None
-    if tail is None:
-        parts = []
-        for index, name in enumerate(PARSE_FIELDS[1:], start=1):
-            parts.append(_ebnf_literal(", " + json.dumps(name) + ": ") + f" v{index}")
-        tail = " ".join(parts) + " " + _ebnf_literal("}")
-    ebnf = f"root ::= {head} tail\ntail ::= {tail}\n" + "\n".join(rules) + "\n"
+    groups = _exclusive_groups(spec, mentions) if grounding == "catalog" else {}
+    parts: list[str] = []
+    index = 0
+    while index < len(spec.fields):
+        group = groups.get(index)
+        if group is not None:
+            end, alternatives = group
+            parts.append(f"g{index}")
+            rules.append(f"g{index} ::= " + alternatives)
+            index = end
+            continue
+        opener = " {" if index == 0 else ", "
+        parts.append(_ebnf_literal(opener + json.dumps(spec.fields[index].name) + ": ") + f" v{index}")
+        index += 1
+    parts.append(_ebnf_literal("}"))
+    ebnf = "root ::= " + " ".join(parts) + "\n" + "\n".join(rules) + "\n"
     return RowGrammar(ebnf=ebnf, allowed=allowed)
 
 
-def _exclusive_tail(
-    query: str, mentions: list[tuple[str, str, int, int]], vocabulary: Vocabulary
-) -> str | None:
-    """Alternatives for the vocabulary fields in which one mention fills at most one field.
+def _exclusive_groups(spec: ParseSpec, mentions: list[tuple[str, str, int, int]]) -> dict[int, tuple[int, str]]:
+    """Per run of two or more consecutive vocabulary fields (not the first field): alternatives in which
+    one mention fills at most one field. "walnut media console" may give walnut as material or colour,
+    not both. A run with too many combinations to list is left out (its fields choose independently).
+    Returns start index -> (end index, EBNF alternatives)."""
+    groups: dict[int, tuple[int, str]] = {}
+    index = 1
+    while index < len(spec.fields):
+        end = index
+        while end < len(spec.fields) and spec.fields[end].kind == "vocabulary":
+            end += 1
+        if end - index >= 2:
+            alternatives = _combinations([f.name for f in spec.fields[index:end]], mentions)
+            if alternatives is not None:
+                groups[index] = (end, alternatives)
+        index = max(end, index + 1)
+    return groups
 
-    "walnut media console" may give walnut as material or colour, not both. Returns None when the
-    combinations are too many to list (then fields choose independently).
-    """
-    fields = [n for n in PARSE_FIELDS[1:] if vocabulary.fields[n].kind == "vocabulary"]
-    if fields != list(PARSE_FIELDS[1:]):
-        return None
+
+def _combinations(fields: list[str], mentions: list[tuple[str, str, int, int]]) -> str | None:
     options: list[list[tuple[str | None, frozenset[tuple[int, int]]]]] = []
     for name in fields:
         spans: dict[str, set[tuple[int, int]]] = {}
@@ -194,7 +222,7 @@ def _exclusive_tail(
         text = "".join(
             f", {json.dumps(n)}: {json.dumps(v, ensure_ascii=False)}" for n, (v, _) in zip(fields, combo, strict=True)
         )
-        alternatives.append(_ebnf_literal(text + "}"))
+        alternatives.append(_ebnf_literal(text))
     return " | ".join(alternatives)
 
 
@@ -258,22 +286,37 @@ def singular_item(item: str) -> str:
     return " ".join(words)
 
 
+def normalize_value(spec_field: SpecField, value: str, vocabulary: Vocabulary) -> str:
+    """How a chosen value is written into the parse: canonical vocabulary and category values, span
+    values lowercased and singularised as the field asks."""
+    text = " ".join(value.split())
+    if spec_field.kind == "vocabulary":
+        return vocabulary.canonicalize(spec_field.name, text) or text.lower()
+    if spec_field.kind == "category":
+        lowered = text.lower()
+        return next((v for v in spec_field.canonical_values if v.lower() == lowered), text)
+    if "lowercase" in spec_field.normalize:
+        text = text.lower()
+    if "singular" in spec_field.normalize:
+        text = singular_item(text)
+    return text
+
+
 def normalize_parse(
     raw: dict[str, object], query: str, vocabulary: Vocabulary
 ) -> tuple[dict[str, str | None], list[str]]:
-    """Lowercase, singular item types, canonical vocabulary values; also which fields are ungrounded."""
+    """Every field of the spec, normalised; also which span or vocabulary values are not in the query."""
     parse: dict[str, str | None] = {}
     ungrounded: list[str] = []
-    for name in PARSE_FIELDS:
+    for spec_field in vocabulary.spec.fields:
+        name = spec_field.name
         value = raw.get(name)
         if not isinstance(value, str) or not value.strip():
             parse[name] = None
             continue
-        text = " ".join(value.lower().split())
-        spec = vocabulary.fields[name]
-        canonical = vocabulary.canonicalize(name, text) if spec.kind == "vocabulary" else None
-        text = canonical or (text if spec.kind == "vocabulary" else singular_item(text))
-        parse[name] = text
+        parse[name] = normalize_value(spec_field, value, vocabulary)
+        if spec_field.kind == "category":
+            continue
         if not vocabulary.grounded(name, value, query) and not _grounded_words(value, query):
             ungrounded.append(name)
     return parse, ungrounded
@@ -282,3 +325,44 @@ def normalize_parse(
 def _grounded_words(value: str, query: str) -> bool:
     padded = f" {match_form(query)} "
     return f" {match_form(value)} " in padded
+
+
+def check_examples(spec: ParseSpec) -> list[str]:
+    """Problems with the spec's examples, one line each: a span value that is no run of the query's
+    words, a vocabulary value that is not canonical or not mentioned, a label outside the set."""
+    vocabulary = Vocabulary(spec)
+    problems: list[str] = []
+    for index, example in enumerate(spec.examples):
+        where = f"examples[{index}] ({example.query!r})"
+        for name, value in example.parse.items():
+            if value is None:
+                continue
+            spec_field = spec.field(name)
+            if spec_field.kind == "span":
+                runs = query_spans(example.query, spec_field.max_words, trim_edges=False)
+                written = {normalize_value(spec_field, run, vocabulary) for run in runs}
+                if normalize_value(spec_field, value, vocabulary) not in written:
+                    problems.append(f"{where}: field {name!r}: {value!r} is not a run of the query's words")
+                elif normalize_value(spec_field, value, vocabulary) != value:
+                    problems.append(f"{where}: field {name!r}: write {value!r} as the parse does: "
+                                    f"{normalize_value(spec_field, value, vocabulary)!r}")
+            elif spec_field.kind == "vocabulary":
+                canonical = vocabulary.canonicalize(name, value)
+                if canonical is None:
+                    problems.append(f"{where}: field {name!r}: {value!r} is not a value of its vocabulary")
+                elif canonical != value:
+                    problems.append(f"{where}: field {name!r}: write the canonical value {canonical!r}, not {value!r}")
+                elif canonical not in vocabulary.candidates(name, example.query):
+                    problems.append(f"{where}: field {name!r}: no surface form of {value!r} occurs in the query")
+            elif value not in spec_field.canonical_values:
+                problems.append(f"{where}: field {name!r}: {value!r} is not one of {spec_field.canonical_values}")
+    return problems
+
+
+def load_checked_spec(ref: str) -> ParseSpec:
+    """The spec ``ref`` names, its examples checked too; ``SpecError`` lists every problem."""
+    spec = load_spec(ref)
+    problems = check_examples(spec)
+    if problems:
+        raise SpecError(f"parse spec {ref!r}: invalid examples:\n  - " + "\n  - ".join(problems))
+    return spec

@@ -27,7 +27,7 @@ from schemas.events import (
     DeadLetterStage,
     ParsedEventEncoder,
     QueryInput,
-    QueryParse,
+    SpecRef,
 )
 from schemas.settings import Settings
 from workers.cache import CachedParse, ParseCache
@@ -111,6 +111,7 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
             "validate", "MessageTooLarge", f"{len(raw)} bytes > max_message_bytes={settings.max_message_bytes}"
         )
     event: QueryInput | None = None
+    plain_text = False
     if raw[:1] == b"{":
         # The common case in one pydantic-core pass (UTF-8 check, JSON, validation) without
         # decoding the bytes first; anything it refuses takes the step-by-step path below, which
@@ -120,7 +121,7 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
         except ValidationError:
             event = None
     if event is None:
-        event = _decode_step_by_step(raw)
+        event, plain_text = _decode_step_by_step(raw)
     if event.schema_version not in SUPPORTED_INPUT_VERSIONS:
         raise PoisonMessage(
             "validate", "UnsupportedSchemaVersion",
@@ -133,7 +134,9 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
         raise PoisonMessage(
             "validate", "QueryTooLong", f"{len(query)} characters > max_query_chars={settings.max_query_chars}"
         )
-    query_id = event.query_id or f"{message.topic}-{message.partition}-{message.offset}"
+    query_id = event.query_id or _id_from_key(message.key, plain_text) or (
+        f"{message.topic}-{message.partition}-{message.offset}"
+    )
     event_time = event.ts
     if event_time is None and message.timestamp_ms is not None:
         event_time = datetime.fromtimestamp(message.timestamp_ms / 1000, tz=UTC)
@@ -143,15 +146,27 @@ def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
     return DecodedQuery(message, query_id, query, normalize_query(query), event_time, event_epoch)
 
 
-def _decode_step_by_step(raw: bytes) -> QueryInput:
+def _id_from_key(key: bytes | None, plain_text: bool) -> str | None:
+    """A plain-text value's record key is the producer's only handle on its query: it becomes the
+    ``query_id`` (a JSON value names its own ``query_id`` or gets the source position)."""
+    if not plain_text or not key:
+        return None
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _decode_step_by_step(raw: bytes) -> tuple[QueryInput, bool]:
     """UTF-8, then JSON if the value looks like JSON (first character ``{``, ``[`` or ``"``), else
-    the whole value as the query text."""
+    the whole value as the query text; also whether it was plain text."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PoisonMessage("decode", "UnicodeDecodeError", f"value is not valid UTF-8: {exc}") from None
     if text.lstrip()[:1] not in ("{", "[", '"'):
-        return QueryInput(query=text)
+        return QueryInput(query=text), True
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -159,7 +174,7 @@ def _decode_step_by_step(raw: bytes) -> QueryInput:
     if not isinstance(payload, dict):
         raise PoisonMessage("validate", "NotAnObject", f"JSON value is a {type(payload).__name__}, not an object")
     try:
-        return QueryInput.model_validate(payload)
+        return QueryInput.model_validate(payload), False
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "value"
@@ -199,6 +214,7 @@ class ParsePipeline:
         # engine's state (prefix KV cache, grammar matchers) is not for concurrent use, and a call that
         # outlives its deadline must not run beside the halves that retry it.
         self.engine_thread = engine_thread or ThreadPoolExecutor(1, thread_name_prefix="qustream-engine")
+        self._spec_ref = SpecRef(**engine.spec.ref)
         # Awaited only when a batch has cache misses: batches of hits and poison are served while
         # the model still loads (a restarted worker catches up on cached traffic at once).
         self._engine_loaded = engine_loaded
@@ -219,7 +235,7 @@ class ParsePipeline:
             batch_id=uuid.uuid4().hex, worker_id=worker_id, ts=datetime.now(UTC), size=len(batch), valid=0, unique=0,
             cache_hits=0, cache_misses=0, cache_errors=0, cache_available=self.cache.available, parsed=0, cached=0,
             dead_lettered=len(dead), inference_ms=0.0, batch_ms=0.0, tokens_in=0, tokens_out=0,
-            model=self.engine.model_id,
+            model=self.engine.model_id, spec=self._spec_ref,
         )
         return BatchOutcome([], dead, ["output"] * len(dead), metrics, [])
 
@@ -255,12 +271,14 @@ class ParsePipeline:
         inferred, failures = await self._infer_isolating_failures(misses)
         inference_ms = (time.perf_counter() - inference_started) * 1000
 
+        spec = self.engine.spec
+        parse_model = spec.parse_model
         fresh: dict[str, CachedParse] = {}
         results: dict[str, CachedParse] = dict(lookup.hits)
         invalid: dict[str, str] = {}
         for query, result in inferred.items():
             try:
-                parse = QueryParse.model_validate(result.parse).model_dump()
+                parse = parse_model.model_validate(result.parse).model_dump()
             except ValidationError as exc:
                 invalid[query] = f"model output failed the parse schema: {exc.errors()[0]['msg']}"
                 continue
@@ -273,7 +291,7 @@ class ParsePipeline:
         cached_count = 0
         parsed_at = datetime.now(UTC)
         parsed_epoch, started_epoch = parsed_at.timestamp(), started_at.timestamp()
-        encoder = ParsedEventEncoder(model=self.engine.model_id, grounding=self.engine.grounding,
+        encoder = ParsedEventEncoder(spec=self._spec_ref, model=self.engine.model_id, grounding=self.engine.grounding,
                                      parsed_ts=parsed_at, worker_id=worker_id,
                                      total_ms=(time.perf_counter() - started) * 1000)
         encode = encoder.encode
@@ -329,6 +347,7 @@ class ParsePipeline:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             model=self.engine.model_id,
+            spec=self._spec_ref,
         )
         return BatchOutcome(parsed, dead, dead_stages, metrics, end_to_end)
 

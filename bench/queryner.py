@@ -1,0 +1,56 @@
+"""QueryNER (real Amazon shopping queries with span labels) as labelled JSONL for the ``ecommerce`` spec.
+
+QueryNER: Segmentation of E-commerce Queries (Palen-Michel, Liang, Wu, Lignos; LREC-COLING 2024),
+CC BY 4.0. Its entity types map to the spec's fields; each label is written as the parse would write
+it (product types singular, vocabulary values canonical), so ``qustream eval`` compares like with like.
+A labelled span that holds no value of the field's vocabulary ("patterened" as a colour) stays as
+written: no parse can produce it, and it counts against the parser, as it should.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from schemas.spec import ParseSpec
+from schemas.vocabulary import Vocabulary
+from workers.grammar import normalize_value
+
+#: ecommerce field -> QueryNER entity type.
+FIELD_TO_ENTITY = {
+    "product_type": "core_product_type",
+    "brand": "creator",
+    "size": "UoM",
+    "color": "color",
+    "material": "material",
+    "audience": "department",
+}
+
+
+def label_row(row: dict[str, Any], spec: ParseSpec, vocabulary: Vocabulary) -> dict[str, Any]:
+    """One QueryNER row as ``{"query", field: value | [acceptable values] | None}``."""
+    labelled: dict[str, Any] = {"query": row["query"]}
+    for spec_field in spec.fields:
+        spans = row["spans"].get(FIELD_TO_ENTITY.get(spec_field.name, ""), [])
+        values: list[str] = []
+        for span in spans:
+            if spec_field.kind == "vocabulary":
+                found = [value for name, value, _, _ in vocabulary.matches(span) if name == spec_field.name]
+                written = found or [" ".join(span.lower().split())]
+            else:
+                written = [normalize_value(spec_field, span, vocabulary)]
+            values.extend(v for v in written if v not in values)
+        labelled[spec_field.name] = values[0] if len(values) == 1 else (values or None)
+    return labelled
+
+
+def convert(source: Path, spec: ParseSpec, limit: int = 0) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if limit:
+        rows = rows[:limit]
+    missing = sorted(set(spec.field_names) - set(FIELD_TO_ENTITY))
+    if missing:
+        raise ValueError(f"spec {spec.name!r} has fields QueryNER does not label: {missing}")
+    vocabulary = Vocabulary(spec)
+    return [label_row(row, spec, vocabulary) for row in rows]

@@ -1,0 +1,319 @@
+"""Parse specs: the fields a deployment extracts from its queries, declared in a YAML file.
+
+A spec names its domain, lists its fields and shows a few example parses. Everything that depends on
+the fields derives from the active spec (``QUSTREAM_PARSE_SPEC``, a built-in name or a path): the
+parse's pydantic model, the output grammar, the prompt, the cache version, the exported JSON Schema,
+``qustream eval`` scoring, the demo and ``tail`` columns, and the metrics labels.
+
+Field kinds:
+
+- ``span``: null or a run of the query's own words, optionally lowercased and singularised.
+- ``vocabulary``: null or one canonical value whose surface form (the value or a synonym) occurs in
+  the query. Values may sit in a separate file, so a catalog can list thousands of facet values.
+- ``category``: null or one label of a closed set that need not occur in the query (a department,
+  an intent); the model chooses and the grammar restricts it to the set.
+
+Loading checks the structure here; the examples are checked against the grammar's notion of spans
+and vocabulary mentions by ``workers.grammar.check_examples`` when an engine is built or
+``qustream spec check`` runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+BUILTIN_SPEC_DIR = Path(__file__).parent / "specs"
+DEFAULT_SPEC = "furniture"
+
+FieldKind = Literal["span", "vocabulary", "category"]
+Normalisation = Literal["lowercase", "singular"]
+
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+#: Field names that would collide with the parsed event's own keys when flattened by consumers.
+_RESERVED = frozenset({"query", "query_id", "spec", "parse"})
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and every problem with its field."""
+
+
+class SpecValue(BaseModel):
+    """One canonical value and its other surface forms ('gray' with 'grey', 'gry')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: Annotated[str, Field(min_length=1, max_length=80)]
+    forms: list[Annotated[str, Field(min_length=1, max_length=80)]] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_plain_string(cls, data: Any) -> Any:
+        return {"value": data} if isinstance(data, str) else data
+
+
+class SpecField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="JSON key of the field in the parse: lowercase letters, digits, underscores.")
+    kind: FieldKind
+    description: str = Field(min_length=1, description="What the field holds; the prompt and the docs use it.")
+    normalize: list[Normalisation] = Field(
+        default_factory=lambda: ["lowercase"],
+        description="span fields: how a chosen run of words is written ('singular' singularises the head noun).",
+    )
+    trim_edges: bool = Field(
+        True,
+        description="span fields: runs never start or end with a connective, quantity, size word or number "
+        "(right for product names, wrong for sizes such as '32 inch').",
+    )
+    max_words: int = Field(5, ge=1, le=12, description="span fields: longest run of query words offered.")
+    values: list[SpecValue] = Field(
+        default_factory=list, description="vocabulary and category fields: the canonical values."
+    )
+    values_file: str | None = Field(
+        None,
+        description="vocabulary and category fields: more values from a file beside the spec (YAML/JSON list "
+        "of values or {value, forms}; or text, one value a line, its forms after commas).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_key(cls, name: str) -> str:
+        if not _FIELD_NAME.match(name):
+            raise ValueError(f"{name!r} is not a field name (lowercase letters, digits, '_', starting with a letter)")
+        if name in _RESERVED:
+            raise ValueError(f"{name!r} is reserved (an event key); choose another name")
+        return name
+
+    @model_validator(mode="after")
+    def _values_match_kind(self) -> SpecField:
+        if self.kind == "span":
+            if self.values or self.values_file:
+                raise ValueError(f"field {self.name!r}: a span field takes no values")
+            return self
+        if not self.values:
+            raise ValueError(f"field {self.name!r}: a {self.kind} field needs values (or a values_file)")
+        seen: dict[str, str] = {}
+        for entry in self.values:
+            for form in (entry.value, *entry.forms):
+                key = match_form(form)
+                if not key:
+                    raise ValueError(f"field {self.name!r}: value or form {form!r} has no letters or digits")
+                if seen.get(key, entry.value) != entry.value:
+                    raise ValueError(
+                        f"field {self.name!r}: surface form {form!r} belongs to both {seen[key]!r} and {entry.value!r}"
+                    )
+                seen[key] = entry.value
+        return self
+
+    @property
+    def canonical_values(self) -> list[str]:
+        return [entry.value for entry in self.values]
+
+
+class SpecExample(BaseModel):
+    """A query and its parse, shown to the model before every real query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: Annotated[str, Field(min_length=1, max_length=256)]
+    parse: dict[str, str | None]
+
+
+class ParseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    version: Annotated[str, Field(min_length=1, max_length=32)]
+    description: str = Field(min_length=1, description="One line on the domain, e.g. 'furniture and home decor'.")
+    instruction: str | None = Field(
+        None, description="The prompt's first line; by default written from the description and the fields."
+    )
+    fields: list[SpecField] = Field(min_length=1, max_length=16)
+    examples: list[SpecExample] = Field(default_factory=list, max_length=32)
+    core_fields: list[str] | None = Field(
+        None, description="Fields of the headline 'core fields right' rate in `qustream eval` (default: all)."
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParseSpec:
+        names = [f.name for f in self.fields]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"fields: duplicate names {duplicates}")
+        for index, example in enumerate(self.examples):
+            unknown = sorted(set(example.parse) - set(names))
+            if unknown:
+                raise ValueError(f"examples[{index}] ({example.query!r}): unknown fields {unknown}; fields are {names}")
+        unknown_core = sorted(set(self.core_fields or ()) - set(names))
+        if unknown_core:
+            raise ValueError(f"core_fields: unknown fields {unknown_core}")
+        return self
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def field(self, name: str) -> SpecField:
+        for spec_field in self.fields:
+            if spec_field.name == name:
+                return spec_field
+        raise KeyError(name)
+
+    @property
+    def headline_fields(self) -> tuple[str, ...]:
+        return tuple(self.core_fields) if self.core_fields else self.field_names
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """What every parsed event carries: which contract its parse follows."""
+        return {"name": self.name, "version": self.version}
+
+    def canonical_json(self) -> str:
+        """Stable serialisation of everything that can change a parse; hashed into the cache version."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    @cached_property
+    def parse_model(self) -> type[BaseModel]:
+        """The pydantic model of this spec's parse: every field nullable, no other keys.
+
+        Category fields take only their labels (an enum in the JSON Schema). Vocabulary fields are
+        strings: canonical values under catalog grounding, but span and free grounding may write other
+        words, and a catalog of thousands of values would make an unwieldy schema.
+        """
+        definitions: dict[str, Any] = {}
+        for spec_field in self.fields:
+            annotation: Any = str | None
+            if spec_field.kind == "category":
+                annotation = Literal[tuple(spec_field.canonical_values)] | None  # type: ignore[valid-type]
+            definitions[spec_field.name] = (annotation, Field(None, description=spec_field.description))
+        model = create_model(  # type: ignore[call-overload]
+            _model_name(self.name),
+            __config__=ConfigDict(extra="forbid", title=f"{self.name} parse (spec version {self.version})"),
+            __doc__=f"The parse of a query under the '{self.name}' spec: {self.description}. Null means not said.",
+            **definitions,
+        )
+        return model  # type: ignore[no-any-return]
+
+
+def _model_name(spec_name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^a-z0-9]+", spec_name) if part) + "Parse"
+
+
+_SEPARATORS = re.compile(r"[^\w']+|_+")
+
+
+def match_form(text: str) -> str:
+    """The form used to compare surface forms with queries: lowercase, punctuation and spaces as one space."""
+    return _SEPARATORS.sub(" ", text.lower()).strip()
+
+
+# -- loading ----------------------------------------------------------------------------------
+def builtin_specs() -> list[str]:
+    return sorted(path.stem for path in BUILTIN_SPEC_DIR.glob("*.yaml"))
+
+
+def resolve_spec_path(ref: str | Path) -> Path:
+    """A built-in name or a path to a YAML file; an unknown name lists the built-in ones."""
+    text = str(ref).strip()
+    if not text:
+        raise SpecError(f"no parse spec given; built-in specs: {', '.join(builtin_specs())}")
+    looks_like_path = isinstance(ref, Path) or "/" in text or text.endswith((".yaml", ".yml", ".json"))
+    if not looks_like_path:
+        path = BUILTIN_SPEC_DIR / f"{text}.yaml"
+        if not path.is_file():
+            raise SpecError(f"unknown built-in parse spec {text!r}; built-in specs: {', '.join(builtin_specs())} "
+                            "(or give the path of a YAML file)")
+        return path
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise SpecError(f"parse spec file {str(path)!r} does not exist")
+    return path
+
+
+def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
+    """Read, resolve values files and validate a spec; ``SpecError`` lists every problem found."""
+    path = resolve_spec_path(ref)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a mapping with name, version, description, fields, examples")
+    problems: list[str] = []
+    for index, raw_field in enumerate(data.get("fields") or []):
+        if isinstance(raw_field, dict) and raw_field.get("values_file"):
+            try:
+                extra = _read_values(path.parent, raw_field["values_file"])
+                raw_field["values"] = [*(raw_field.get("values") or []), *extra]
+            except SpecError as exc:
+                problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
+    if problems:
+        raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems))
+    return parse_spec_data(data, source=str(path))
+
+
+def parse_spec_data(data: dict[str, Any], source: str = "<spec>") -> ParseSpec:
+    try:
+        return ParseSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: invalid parse spec:\n  - " + "\n  - ".join(_describe(exc, data))) from None
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    """Each error with its location, naming the field by name rather than by index."""
+    lines = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        where = ".".join(str(part) for part in loc) or "spec"
+        if len(loc) >= 2 and loc[0] == "fields" and isinstance(loc[1], int):
+            fields = data.get("fields") or []
+            name = fields[loc[1]].get("name") if loc[1] < len(fields) and isinstance(fields[loc[1]], dict) else None
+            where = f"field {name!r} ({where})" if name else where
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def _read_values(base: Path, name: str) -> list[Any]:
+    path = (base / name).resolve()
+    if not path.is_file():
+        raise SpecError(f"values_file {name!r} not found (looked for {path})")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml", ".json"):
+        values = yaml.safe_load(text)
+        if not isinstance(values, list):
+            raise SpecError(f"values_file {name!r} must hold a list of values")
+        return values
+    entries: list[Any] = []
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if parts and parts[0] and not parts[0].startswith("#"):
+            entries.append({"value": parts[0], "forms": [p for p in parts[1:] if p]})
+    return entries
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the spec file format, for editors (``qustream spec schema``)."""
+    schema = ParseSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qustream parse spec"
+    return schema
