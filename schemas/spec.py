@@ -314,6 +314,9 @@ def _read_values(base: Path, name: str) -> list[Any]:
 def spec_json_schema() -> dict[str, Any]:
     """The JSON Schema of the spec file format, for editors (``qustream spec schema``)."""
     schema = ParseSpec.model_json_schema()
+    # A value may be written as a plain string when it has no other forms.
+    values = schema["$defs"]["SpecField"]["properties"]["values"]
+    values["items"] = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 80}, values["items"]]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "qustream parse spec"
     return schema
