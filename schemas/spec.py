@@ -66,7 +66,7 @@ class SpecField(BaseModel):
     kind: FieldKind
     description: str = Field(min_length=1, description="What the field holds; the prompt and the docs use it.")
     normalize: list[Normalisation] = Field(
-        default_factory=lambda: ["lowercase"],
+        default_factory=lambda: list[Normalisation](["lowercase"]),
         description="span fields: how a chosen run of words is written ('singular' singularises the head noun).",
     )
     trim_edges: bool = Field(
@@ -203,15 +203,15 @@ class ParseSpec(BaseModel):
         for spec_field in self.fields:
             annotation: Any = str | None
             if spec_field.kind == "category":
-                annotation = Literal[tuple(spec_field.canonical_values)] | None  # type: ignore[valid-type]
+                annotation = Literal[tuple(spec_field.canonical_values)] | None
             definitions[spec_field.name] = (annotation, Field(None, description=spec_field.description))
-        model = create_model(  # type: ignore[call-overload]
+        model: type[BaseModel] = create_model(
             _model_name(self.name),
             __config__=ConfigDict(extra="forbid", title=f"{self.name} parse (spec version {self.version})"),
             __doc__=f"The parse of a query under the '{self.name}' spec: {self.description}. Null means not said.",
             **definitions,
         )
-        return model  # type: ignore[no-any-return]
+        return model
 
 
 def _model_name(spec_name: str) -> str:

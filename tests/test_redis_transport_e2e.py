@@ -18,9 +18,10 @@ import redis as redis_sync
 
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.local_stack import free_port
 from streams.redis_codec import decode_entry, encode_entry
-from tests.support import POISON, WorkerProcess
+from tests.support import AUTOPARTS_QUERIES, POISON, WorkerProcess, write_autoparts_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -156,6 +157,28 @@ def test_thousand_queries_with_repeats_and_poison(
                stream(redis, settings.stream_metrics)]
     assert sum(m.size for m in batches) == len(messages) + len(poison) + 1  # + the /parse query
     assert max(m.size for m in batches) <= settings.batch_max_records
+
+
+def test_a_made_up_spec_over_redis_streams(
+    redis_settings: Callable[..., Settings], redis: redis_sync.Redis, tmp_path: Path
+) -> None:
+    spec_path = write_autoparts_spec(tmp_path / "spec")
+    settings = redis_settings(batch_size=16, parse_spec=str(spec_path))
+    spec = load_spec(spec_path)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(STARTUP_S)
+        produce(redis, settings, [(f"part-{i}".encode(), q.encode()) for i, q in enumerate(AUTOPARTS_QUERIES)])
+        wait_until(lambda: settled(redis, settings) >= len(AUTOPARTS_QUERIES), 240, "all parsed", [worker])
+    finally:
+        worker.stop(signal.SIGTERM)
+    events = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_parsed)]
+    assert sorted(e["query_id"] for e in events) == sorted(f"part-{i}" for i in range(len(AUTOPARTS_QUERIES)))
+    for event in events:
+        spec.parse_model.model_validate(event["parse"])
+        assert event["spec"] == spec.ref and list(event["parse"]) == list(spec.field_names)
+    metrics = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_metrics)]
+    assert metrics and all(m["spec"] == spec.ref for m in metrics)
 
 
 def _post(worker: WorkerProcess, path: str, payload: dict[str, object]) -> tuple[int, bytes]:
