@@ -104,8 +104,8 @@ def pipeline(
 
 @app.command("handwritten")
 def handwritten(
-    size: Annotated[list[int] | None, typer.Option("--size", help="Records per step; repeat. Default 64 and 1024.")]
-    = None,
+    size: Annotated[list[int] | None, typer.Option(
+        "--size", help="Records per step; repeat. Default: the worker's batch_size and batch_max_records.")] = None,
     repetitions: Annotated[int, typer.Option(help="Interleaved rounds per pair and size.")] = 31,
     target_ms: Annotated[float, typer.Option(help="Each sample repeats the step until it lasts this long.")] = 20.0,
     only: Annotated[list[str] | None, typer.Option(
@@ -126,9 +126,14 @@ def handwritten(
     from bench.handwritten import run_handwritten_bench
 
     console = Console(stderr=True)
-    report = run_handwritten_bench(tuple(size or [64, 1024]), repetitions, target_ms,
+    from schemas.settings import Settings
+
+    defaults = Settings.model_fields
+    steps = size or [defaults["batch_size"].default, defaults["batch_max_records"].default]
+    report = run_handwritten_bench(tuple(steps), repetitions, target_ms,
                                    tuple(only) if only else None, seed, progress=console.print)
     table = Table(title="hand-written vs library, µs per record: median (p10–p90); ratio hand/library per round")
+    console.print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
     for column in ("pair", "records", "hand-written", "library", "ratio (p10–p90)", "saved µs", "keep"):
         table.add_column(column, justify="left" if column == "pair" else "right")
     for pair in report["pairs"]:
