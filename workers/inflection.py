@@ -15,10 +15,10 @@ import inflect
 
 #: Nouns used in the plural for one thing, or singular nouns that end in "s": never singularised.
 _UNCHANGED = frozenset({
-    # clothes worn as a pair of legs
-    "pants", "trousers", "jeans", "shorts", "leggings", "tights", "pajamas", "pyjamas", "jammies",
-    "overalls", "sweatpants", "capris", "jeggings", "bloomers", "knickers", "briefs", "boxers", "panties",
-    "undies", "chinos", "slacks", "khakis", "joggers", "breeches",
+    # clothes worn as a pair of legs, and clothes themselves
+    "pants", "trousers", "jeans", "shorts", "leggings", "tights", "pajamas", "pyjamas", "jammies", "overalls",
+    "coveralls", "sweatpants", "capris", "jeggings", "bloomers", "knickers", "briefs", "boxers", "panties", "undies",
+    "chinos", "slacks", "khakis", "joggers", "breeches", "clothes",
     # tools and eyewear of two halves
     "scissors", "shears", "pliers", "tongs", "tweezers", "clippers", "nippers", "binoculars", "glasses",
     "sunglasses", "eyeglasses", "goggles", "spectacles", "headphones", "earphones", "earmuffs",
