@@ -40,8 +40,12 @@ CACHED_PATH_US_PER_MESSAGE = 40.0
 MATTERS_SHARE = 0.02
 
 Step = Callable[[], object]
-_QUERIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "queryner" / "train.jsonl"
-_PAIRS_FILE = Path(__file__).resolve().parent.parent / "tests" / "data" / "singular_pairs.jsonl"
+_REPOSITORY = Path(__file__).resolve().parent.parent
+#: QueryNER's train split, in the checkout's shared/ or beside the checkout (worktrees).
+_QUERIES = next((folder / "shared" / "data" / "queryner" / "train.jsonl" for folder in (_REPOSITORY, _REPOSITORY.parent)
+                 if (folder / "shared" / "data" / "queryner" / "train.jsonl").exists()),
+                _REPOSITORY / "shared" / "data" / "queryner" / "train.jsonl")
+_PAIRS_FILE = _REPOSITORY / "tests" / "data" / "singular_pairs.jsonl"
 
 
 @dataclass(frozen=True)
