@@ -19,7 +19,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("to_inbound (both runners), Faust per-event ack", ("Stream.ack", "to_inbound")),
     ("aiokafka producer: produce requests (socket writes)", ("Sender.", "aiokafka/producer/")),
     ("aiokafka consumer: fetch, unpack records", ("Fetcher", "aiokafka/consumer/")),
-    ("batch runner: lock, to_inbound, offsets", ("KafkaBatchConsumer.", "to_inbound (streams/kafka_consumer")),
+    ("batch runner: lock, to_inbound, offsets", ("KafkaBatchConsumer.", "to_inbound (streams/kafka_runner")),
     ("Faust consumer: conductor, events in", ("_drain_messages", "on_message", "Conductor")),
     ("Faust stream / take / agent machinery", ("faust/streams.py", "faust/agents/", "Stream.")),
     ("event loop: waiting in select", ("EpollSelector.select",)),

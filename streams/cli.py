@@ -51,7 +51,7 @@ def worker() -> None:
 
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
-    from streams.worker import run_worker
+    from streams.service import run_worker
 
     run_worker(settings_or_exit())
 

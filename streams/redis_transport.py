@@ -42,7 +42,7 @@ from schemas.settings import Settings
 from streams.redis_codec import decode_entry, encode_entry
 from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
-from workers.pipeline import (
+from workers.core_step import (
     BatchOutcome,
     InboundMessage,
     OutboundRecord,
@@ -502,7 +502,7 @@ def _query_id_of(value: bytes | None) -> str | None:
 async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     """``qustream worker`` with ``QUSTREAM_TRANSPORT=redis``: web endpoints at once, model in the
     background, then the consumer until SIGTERM/SIGINT (the in-flight batch is finished first)."""
-    from streams.worker import serve
+    from streams.service import serve
 
     client = transport_client(settings)
 

@@ -16,8 +16,8 @@ from schemas.events import ParsedEvent
 from schemas.settings import Settings
 from streams.telemetry import WorkerMetrics
 from workers.cache import ParseCache, redis_client
+from workers.core_step import BatchOutcome, InboundMessage, ParsePipeline
 from workers.engine import ParseEngine, ParseResult
-from workers.pipeline import BatchOutcome, InboundMessage, ParsePipeline
 
 log = structlog.get_logger(__name__)
 

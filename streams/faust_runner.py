@@ -27,7 +27,7 @@ from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
 from streams.runtime import WorkerRuntime
-from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord
 
 log = structlog.get_logger(__name__)
 

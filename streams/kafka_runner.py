@@ -36,7 +36,7 @@ from streams.kafka_io import make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
 from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
-from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord
 
 log = structlog.get_logger(__name__)
 

@@ -95,9 +95,9 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 
 async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
-    """The default Kafka runner (``streams.kafka_consumer``)."""
+    """The default Kafka runner (``streams.kafka_runner``)."""
     from producer_tools.client import QueryClient
-    from streams.kafka_consumer import KafkaBatchConsumer
+    from streams.kafka_runner import KafkaBatchConsumer
 
     async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
         await KafkaBatchConsumer(settings, runtime, stop).run()
@@ -146,7 +146,7 @@ class RuntimeService(Service):
 def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     import faust
 
-    from streams.kafka_app import create_app
+    from streams.faust_runner import create_app
 
     app = create_app(settings, runtime)
     worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
