@@ -139,3 +139,8 @@ def chaos(
     Console(stderr=True).print(f"results: {json_out}  logs: {report.logs}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def register(root: typer.Typer) -> None:
+    """Entry point ``qustream.commands``: ``qustream bench ...``."""
+    root.add_typer(app, name="bench")

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas.events import ATTEMPTS_HEADER, DeadLetterReason, DeadLetterStage, ParsedEvent
+from schemas.events import ATTEMPTS_HEADER, DeadLetterStage
 from schemas.settings import Settings
 from streams.redis_codec import decode_entry, encode_entry
 from streams.retry import Backoff
@@ -79,7 +77,8 @@ def transport_client(settings: Settings) -> Redis:
     )
 
 
-def _text(raw: bytes | str) -> str:
+def entry_text(raw: bytes | str) -> str:
+    """Entry ids and names as text, whether or not the client decodes replies."""
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
@@ -207,7 +206,7 @@ class RedisStreamConsumer:
         assert self._history_cursor is not None
         reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: self._history_cursor},
                                                   count=self.batch_size)
-        entries = [(_text(entry_id), fields) for _, items in reply for entry_id, fields in items]
+        entries = [(entry_text(entry_id), fields) for _, items in reply for entry_id, fields in items]
         if not entries:
             self._history_cursor = None
             return []
@@ -222,13 +221,13 @@ class RedisStreamConsumer:
         reply: Any = await self.client.xautoclaim(self.stream, self.group, self.consumer,
                                                   min_idle_time=self.settings.redis_claim_idle_ms,
                                                   start_id=self._claim_cursor, count=self.batch_size)
-        cursor, claimed = _text(reply[0]), reply[1]
-        deleted = [_text(entry_id) for entry_id in (reply[2] if len(reply) > 2 else [])]
+        cursor, claimed = entry_text(reply[0]), reply[1]
+        deleted = [entry_text(entry_id) for entry_id in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
         if cursor == "0-0":  # a full sweep of the pending list is done: rest until the next one
             self._next_claim = time.monotonic() + self.claim_interval_s
             await self._maintain()
-        entries = [(_text(entry_id), fields) for entry_id, fields in claimed]
+        entries = [(entry_text(entry_id), fields) for entry_id, fields in claimed]
         if not entries and not deleted:
             return []
         counts = await self._delivery_counts([entry_id for entry_id, _ in entries])
@@ -259,7 +258,7 @@ class RedisStreamConsumer:
     async def _xreadgroup_new(self, count: int, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
         reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
                                                   block=max(block_ms, 1))
-        return [(_text(entry_id), fields) for _, items in reply or [] for entry_id, fields in items]
+        return [(entry_text(entry_id), fields) for _, items in reply or [] for entry_id, fields in items]
 
     def _delivery(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int, deleted: bool = False) -> Delivery:
         return Delivery(entry_id, to_inbound(self.stream, entry_id, fields), deliveries, deleted)
@@ -272,7 +271,7 @@ class RedisStreamConsumer:
             for entry_id in entry_ids:
                 pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
-        return {_text(row["message_id"]): row for rows in replies for row in rows}
+        return {entry_text(row["message_id"]): row for rows in replies for row in rows}
 
     async def _delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
         rows = await self._pending_rows(entry_ids)
@@ -280,17 +279,17 @@ class RedisStreamConsumer:
 
     async def _owners(self, entry_ids: Sequence[str]) -> dict[str, str]:
         rows = await self._pending_rows(entry_ids)
-        return {entry_id: _text(row["consumer"]) for entry_id, row in rows.items()}
+        return {entry_id: entry_text(row["consumer"]) for entry_id, row in rows.items()}
 
     async def _maintain(self) -> None:
         """Once per claim sweep: report lag, forget long-gone consumers that hold nothing."""
         groups = await self.client.xinfo_groups(self.stream)
         for info in groups:
-            if _text(info["name"]) == self.group and info.get("lag") is not None:
+            if entry_text(info["name"]) == self.group and info.get("lag") is not None:
                 self.runtime.metrics.consumer_lag.labels(topic=self.stream, partition=str(PARTITION)).set(info["lag"])
         forget_after_ms = max(self.settings.redis_claim_idle_ms * FORGET_CONSUMER_FACTOR, FORGET_CONSUMER_MIN_MS)
         for info in await self.client.xinfo_consumers(self.stream, self.group):
-            name = _text(info["name"])
+            name = entry_text(info["name"])
             # Deleting a consumer drops its pending entries, hence only those that hold none.
             if name != self.consumer and int(info["pending"]) == 0 and int(info["idle"]) > forget_after_ms:
                 await self.client.xgroup_delconsumer(self.stream, self.group, name)
@@ -427,89 +426,3 @@ class RedisStreamConsumer:
         ]
         for stream, record in routed:
             pipe.xadd(stream, encode_entry(record.value, record.key, record.headers), maxlen=maxlen, approximate=True)
-
-
-class RedisQueryClient:
-    """Send one query into the input stream and wait for its parse or dead letter (``POST /parse``).
-
-    The replies are matched on ``query_id``. Reading starts at the output streams' last ids taken
-    *before* the query is added, so a fast reply cannot be missed.
-    """
-
-    def __init__(self, settings: Settings, client: Redis | None = None) -> None:
-        self.settings = settings
-        self._own_client = client is None
-        self.client = client if client is not None else transport_client(settings)
-
-    async def __aenter__(self) -> RedisQueryClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_client:
-            await self.client.aclose()
-
-    async def _last_id(self, stream: str) -> str:
-        newest: Any = await self.client.xrevrange(stream, "+", "-", count=1)
-        return _text(newest[0][0]) if newest else "0-0"
-
-    async def send(self, query: str, *, query_id: str | None = None, **fields: Any) -> str:
-        from producer_tools.client import encode_query
-
-        query_id = query_id or uuid.uuid4().hex
-        entry = encode_entry(encode_query(query, query_id=query_id, **fields), query_id.encode())
-        await self.client.xadd(self.settings.stream_input, entry,  # type: ignore[arg-type]
-                               maxlen=self.settings.stream_maxlen, approximate=True)
-        return query_id
-
-    # Same signature as the Kafka QueryClient.parse, so callers can take either client.
-    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:  # noqa: ASYNC109
-        """The parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
-        from producer_tools.client import DeadLetteredError
-
-        query_id = fields.pop("query_id", None) or uuid.uuid4().hex
-        parsed_stream, dlq_stream = self.settings.stream_parsed, self.settings.stream_dlq
-        positions = {parsed_stream: await self._last_id(parsed_stream), dlq_stream: await self._last_id(dlq_stream)}
-        await self.send(query, query_id=query_id, **fields)
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise TimeoutError(f"no parse of {query_id} within {timeout} s")
-            reply: Any = await self.client.xread(positions, count=100, block=min(remaining_ms, 1000))  # type: ignore[arg-type]
-            for raw_stream, items in reply or []:
-                stream = _text(raw_stream)
-                for entry_id, entry in items:
-                    positions[stream] = _text(entry_id)
-                    value, key, headers, _ = decode_entry(entry)
-                    if stream == parsed_stream and key == query_id.encode() and value is not None:
-                        return ParsedEvent.model_validate_json(value)
-                    if stream == dlq_stream and _query_id_of(value) == query_id:
-                        raise DeadLetteredError(DeadLetterReason.from_headers(headers))
-
-
-def _query_id_of(value: bytes | None) -> str | None:
-    try:
-        payload = json.loads(value or b"")
-    except ValueError:
-        return None
-    query_id = payload.get("query_id") if isinstance(payload, dict) else None
-    return query_id if isinstance(query_id, str) else None
-
-
-async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
-    """``qustream worker`` with ``QUSTREAM_TRANSPORT=redis``: web endpoints at once, model in the
-    background, then the consumer until SIGTERM/SIGINT (the in-flight batch is finished first)."""
-    from streams.service import serve
-
-    client = transport_client(settings)
-
-    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
-        await RedisStreamConsumer(settings, runtime, client, stop, boot).run()
-
-    try:
-        await serve(settings, runtime, consume, RedisQueryClient(settings))
-    finally:
-        await client.aclose()

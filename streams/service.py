@@ -94,10 +94,26 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
+async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """``QUSTREAM_TRANSPORT=redis``: the Redis Streams consumer (``streams.redis_transport``)."""
+    from streams.query_client import RedisQueryClient
+    from streams.redis_transport import RedisStreamConsumer, transport_client
+
+    client = transport_client(settings)
+
+    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
+        await RedisStreamConsumer(settings, runtime, client, stop, boot).run()
+
+    try:
+        await serve(settings, runtime, consume, RedisQueryClient(settings))
+    finally:
+        await client.aclose()
+
+
 async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     """The default Kafka runner (``streams.kafka_runner``)."""
-    from producer_tools.client import QueryClient
     from streams.kafka_runner import KafkaBatchConsumer
+    from streams.query_client import QueryClient
 
     async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
         await KafkaBatchConsumer(settings, runtime, stop).run()
@@ -123,7 +139,7 @@ class RuntimeService(Service):
 
     async def _boot(self) -> None:
         await self.runtime.start()
-        from producer_tools.client import QueryClient
+        from streams.query_client import QueryClient
 
         client = QueryClient(self.runtime.settings)
         await client.start()
@@ -161,8 +177,6 @@ def run_worker(settings: Settings) -> None:
              kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)
     runtime = WorkerRuntime(settings)
     if settings.transport == "redis":
-        from streams.redis_transport import run_redis_worker
-
         asyncio.run(run_redis_worker(settings, runtime))
         return
     if settings.create_topics:
