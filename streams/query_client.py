@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer, make_producer
-from streams.redis_codec import decode_entry, encode_entry
-from streams.redis_transport import entry_text, transport_client
+from streams.redis_codec import decode_entry, encode_entry, entry_text
+from streams.redis_transport import transport_client
 
 log = structlog.get_logger(__name__)
 

@@ -112,11 +112,11 @@ async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
 
 async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     """The default Kafka runner (``streams.kafka_runner``)."""
-    from streams.kafka_runner import KafkaBatchConsumer
+    from streams.kafka_runner import KafkaBatchRunner
     from streams.query_client import QueryClient
 
     async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
-        await KafkaBatchConsumer(settings, runtime, stop).run()
+        await KafkaBatchRunner(settings, runtime, stop).run()
 
     await serve(settings, runtime, consume, QueryClient(settings))
 
