@@ -69,7 +69,11 @@ def route(outcome: BatchOutcome, names: OutputNames) -> Routed:
 
 
 class Delivery(Protocol[InputsT]):
-    """"Publish these outputs, wait for the acknowledgement, then ack or commit these inputs"."""
+    """Publish these outputs, wait for the acknowledgement, then ack or commit these inputs.
+
+    ``InputsT`` is what acknowledging means on the transport: the next offset per partition (Kafka
+    batch runner), the events (Faust), the entry ids (Redis Streams).
+    """
 
     async def deliver(self, outcome: BatchOutcome, inputs: InputsT) -> bool:
         """Hand ``outcome``'s outputs to the broker; once they are acknowledged, ack or commit
