@@ -223,3 +223,8 @@ def queryner(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     print(f"{len(rows)} labelled queries -> {out}")
+
+
+def register(root: typer.Typer) -> None:
+    """Entry point ``qustream.commands``: ``qustream bench ...``."""
+    root.add_typer(app, name="bench")

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
-from producer_tools.client import DeadLetteredError
+from streams.query_client import DeadLetteredError
 from streams.runtime import WorkerRuntime, package_version
 
 ENDPOINTS = {

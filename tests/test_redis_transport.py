@@ -18,13 +18,13 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producer_tools.client import DeadLetteredError
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.local_stack import free_port
+from streams.query_client import DeadLetteredError, RedisQueryClient
 from streams.redis_codec import decode_entry, encode_entry
-from streams.redis_transport import RedisQueryClient, RedisStreamConsumer, transport_client
+from streams.redis_transport import RedisStreamConsumer, transport_client
 from streams.runtime import WorkerRuntime
 from workers.engine import ParseResult
 

@@ -57,7 +57,7 @@ def test_worker_end_to_end_latency_matches_histogram_observe_over_steps() -> Non
 
     from schemas.events import BatchMetricsEvent
     from streams.telemetry import WorkerMetrics
-    from workers.pipeline import BatchOutcome
+    from workers.core_step import BatchOutcome
 
     rng = random.Random(9)
     metrics = WorkerMetrics()

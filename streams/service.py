@@ -94,13 +94,29 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
-    """The default Kafka runner (``streams.kafka_consumer``)."""
-    from producer_tools.client import QueryClient
-    from streams.kafka_consumer import KafkaBatchConsumer
+async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """``QUSTREAM_TRANSPORT=redis``: the Redis Streams consumer (``streams.redis_transport``)."""
+    from streams.query_client import RedisQueryClient
+    from streams.redis_transport import RedisStreamConsumer, transport_client
+
+    client = transport_client(settings)
 
     async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
-        await KafkaBatchConsumer(settings, runtime, stop).run()
+        await RedisStreamConsumer(settings, runtime, client, stop, boot).run()
+
+    try:
+        await serve(settings, runtime, consume, RedisQueryClient(settings))
+    finally:
+        await client.aclose()
+
+
+async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """The default Kafka runner (``streams.kafka_runner``)."""
+    from streams.kafka_runner import KafkaBatchRunner
+    from streams.query_client import QueryClient
+
+    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
+        await KafkaBatchRunner(settings, runtime, stop).run()
 
     await serve(settings, runtime, consume, QueryClient(settings))
 
@@ -123,7 +139,7 @@ class RuntimeService(Service):
 
     async def _boot(self) -> None:
         await self.runtime.start()
-        from producer_tools.client import QueryClient
+        from streams.query_client import QueryClient
 
         client = QueryClient(self.runtime.settings)
         await client.start()
@@ -146,7 +162,7 @@ class RuntimeService(Service):
 def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     import faust
 
-    from streams.kafka_app import create_app
+    from streams.faust_runner import create_app
 
     app = create_app(settings, runtime)
     worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
@@ -161,8 +177,6 @@ def run_worker(settings: Settings) -> None:
              kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)
     runtime = WorkerRuntime(settings)
     if settings.transport == "redis":
-        from streams.redis_transport import run_redis_worker
-
         asyncio.run(run_redis_worker(settings, runtime))
         return
     if settings.create_topics:
