@@ -158,7 +158,9 @@ class BatchMetricsEvent(BaseModel):
     model: str
 
 
-DeadLetterStage = Literal["decode", "validate", "infer", "output"]
+#: Where a message was refused. ``deliveries``: delivered more than ``max_deliveries`` times without
+#: an outcome (it most likely kills the worker), so it is not processed again.
+DeadLetterStage = Literal["decode", "validate", "infer", "output", "deliveries"]
 
 
 class DeadLetterReason(BaseModel):

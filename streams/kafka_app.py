@@ -26,6 +26,7 @@ import structlog
 from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
+from streams.deliveries import KafkaDeliveryCounter
 from streams.runtime import WorkerRuntime
 from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     )
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     linger_s = max(settings.batch_linger_ms, 1) / 1000
+    deliveries = KafkaDeliveryCounter(settings)
 
     async def publish(outcome: BatchOutcome) -> None:
         """Send every output and wait for the broker's acks (acks=all) before the batch is acked."""
@@ -127,7 +129,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
         async for events in batches:
-            outcome = await runtime.process([to_inbound(event) for event in events])
+            outcome = await deliveries.process(runtime, [to_inbound(event) for event in events])
             await publish(outcome)
             for event in events:
                 await stream.ack(event)

@@ -32,6 +32,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.settings import Settings
+from streams.deliveries import KafkaDeliveryCounter
 from streams.kafka_io import make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
 from streams.retry import Backoff
@@ -175,6 +176,7 @@ class KafkaBatchConsumer:
         # Whole batches are handed over at once, so there is nothing to linger for.
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
         self.publisher = BatchPublisher(self.producer)
+        self.deliveries = KafkaDeliveryCounter(settings)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()
@@ -211,6 +213,7 @@ class KafkaBatchConsumer:
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once
             await self.producer.stop()
+            await self.deliveries.close()
             log.info("kafka.consumer_stopped", group=self.settings.app_id)
 
     async def _start_clients(self) -> bool:
@@ -281,7 +284,8 @@ class KafkaBatchConsumer:
         mine = {tp: records for tp, records in fetched.items() if records and tp in assigned}
         if not mine:
             return
-        outcome = await self.runtime.process([to_inbound(record) for records in mine.values() for record in records])
+        outcome = await self.deliveries.process(self.runtime, [to_inbound(record) for records in mine.values()
+                                                               for record in records])
         routed = self._route(outcome)
         try:
             acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))

@@ -9,8 +9,10 @@ Guarantees and why the code is shaped this way:
   held by consumers that went away are taken over with ``XAUTOCLAIM`` once idle longer than
   ``redis_claim_idle_ms``, on start and periodically.
 - Poison that crashes the process. History reads and claims increment an entry's delivery
-  count; an entry delivered more than ``redis_max_deliveries`` times is dead-lettered with
-  class ``MaxDeliveriesExceeded`` instead of being handed to the model again.
+  count, which the core step sees as ``InboundMessage.deliveries``: an entry delivered more than
+  ``max_deliveries`` times is dead-lettered (stage ``deliveries``) instead of being processed
+  again. Entries read again after a crash (own history, claims) are taken one at a time, so the
+  count grows only for the entry that kills the worker, not for those that shared its batch.
 - Long batches keep their entries. While a batch is in the model its entries' idle time is reset
   (``XCLAIM ... JUSTID``, which leaves the delivery count alone), so a peer does not claim and
   redo a batch that is merely slow.
@@ -26,7 +28,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -37,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas.events import ATTEMPTS_HEADER, DeadLetterReason, DeadLetterStage, ParsedEvent
+from schemas.events import DeadLetterReason, DeadLetterStage, ParsedEvent
 from schemas.settings import Settings
 from streams.redis_codec import decode_entry, encode_entry
 from streams.retry import Backoff
@@ -46,9 +48,7 @@ from workers.pipeline import (
     BatchOutcome,
     InboundMessage,
     OutboundRecord,
-    attempts_of,
     dead_letter,
-    decode_message,
 )
 
 log = structlog.get_logger(__name__)
@@ -205,8 +205,9 @@ class RedisStreamConsumer:
 
     async def _read_own_pending(self) -> list[Delivery]:
         assert self._history_cursor is not None
+        # One at a time (a crash left them here): see the module docstring on poison.
         reply: Any = await self.client.xreadgroup(self.group, self.consumer, {self.stream: self._history_cursor},
-                                                  count=self.batch_size)
+                                                  count=1)
         entries = [(_text(entry_id), fields) for _, items in reply for entry_id, fields in items]
         if not entries:
             self._history_cursor = None
@@ -221,7 +222,7 @@ class RedisStreamConsumer:
     async def _claim_idle(self) -> list[Delivery]:
         reply: Any = await self.client.xautoclaim(self.stream, self.group, self.consumer,
                                                   min_idle_time=self.settings.redis_claim_idle_ms,
-                                                  start_id=self._claim_cursor, count=self.batch_size)
+                                                  start_id=self._claim_cursor, count=1)
         cursor, claimed = _text(reply[0]), reply[1]
         deleted = [_text(entry_id) for entry_id in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
@@ -262,7 +263,9 @@ class RedisStreamConsumer:
         return [(_text(entry_id), fields) for _, items in reply or [] for entry_id, fields in items]
 
     def _delivery(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int, deleted: bool = False) -> Delivery:
-        return Delivery(entry_id, to_inbound(self.stream, entry_id, fields), deliveries, deleted)
+        message = to_inbound(self.stream, entry_id, fields)
+        message.deliveries = deliveries
+        return Delivery(entry_id, message, deliveries, deleted)
 
     async def _pending_rows(self, entry_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The group's pending-list rows (consumer, times_delivered) of ``entry_ids``; absent = acked."""
@@ -306,12 +309,6 @@ class RedisStreamConsumer:
             if delivery.deleted:
                 refused.append(self._refuse(delivery, "decode", "EntryDeleted",
                                             "entry was trimmed or deleted from the stream before it was processed"))
-            elif delivery.deliveries > self.settings.redis_max_deliveries:
-                refused.append(self._refuse(
-                    delivery, self._crash_stage(delivery.message), "MaxDeliveriesExceeded",
-                    f"delivered {delivery.deliveries} times > redis_max_deliveries="
-                    f"{self.settings.redis_max_deliveries}; the worker likely died processing it",
-                ))
             else:
                 regular.append(delivery.message)
         async with self._keep_lease(entry_ids):
@@ -325,21 +322,9 @@ class RedisStreamConsumer:
         if await self._publish(outcome, entry_ids):
             self.runtime.record(outcome)
 
-    def _crash_stage(self, message: InboundMessage) -> DeadLetterStage:
-        """``decode`` when the entry would not even decode, else ``infer``: the model step is where a
-        decodable query can take the process down."""
-        try:
-            decode_message(message, self.settings)
-        except Exception:  # PoisonMessage, or a decoder bug: either way it never reached the model
-            return "decode"
-        return "infer"
-
     def _refuse(self, delivery: Delivery, stage: DeadLetterStage, error_class: str,
                 reason: str) -> tuple[OutboundRecord, DeadLetterStage]:
         message = delivery.message
-        # attempts counts passes through a worker: earlier redrives plus this group's deliveries.
-        attempts = attempts_of(message) - 1 + delivery.deliveries
-        message = replace(message, headers={**message.headers, ATTEMPTS_HEADER: str(attempts).encode()})
         log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
                     topic=message.topic, offset=message.offset, deliveries=delivery.deliveries)
         return dead_letter(message, stage, error_class, reason, self.settings.worker_id), stage
