@@ -158,6 +158,8 @@ class KafkaDeliveryCounter:
         return merge_outcomes(outcomes)
 
     async def close(self) -> None:
+        if self._pending_clears:  # a clean stop leaves nothing to expire
+            await self._run([])
         if self._own_client:
             await self.client.aclose()
 
