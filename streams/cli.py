@@ -51,9 +51,13 @@ def worker() -> None:
 
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
+    from streams.broker_checks import BrokerRefusedSetting
     from streams.worker import run_worker
 
-    run_worker(settings_or_exit())
+    try:
+        run_worker(settings_or_exit())
+    except BrokerRefusedSetting as exc:
+        raise fail(str(exc), 2) from exc
 
 
 @app.command()
