@@ -161,7 +161,9 @@ class BatchMetricsEvent(BaseModel):
     spec: SpecRef | None = Field(None, description="The parse spec of the batch's parses; written by every worker.")
 
 
-DeadLetterStage = Literal["decode", "validate", "infer", "output"]
+#: Where a message was refused. ``deliveries``: delivered more than ``max_deliveries`` times without
+#: an outcome (it most likely kills the worker), so it is not processed again.
+DeadLetterStage = Literal["decode", "validate", "infer", "output", "deliveries"]
 
 
 class DeadLetterReason(BaseModel):

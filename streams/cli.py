@@ -84,11 +84,15 @@ def worker() -> None:
 
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
+    from streams.broker_checks import BrokerRefusedSetting
     from streams.service import run_worker
 
     settings = settings_or_exit()
     spec_or_exit(settings.parse_spec)
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except BrokerRefusedSetting as exc:
+        raise fail(str(exc), 2) from exc
 
 
 @app.command()

@@ -26,6 +26,7 @@ import structlog
 from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
+from streams.deliveries import KafkaDeliveryCounter
 from streams.delivery import OutputNames, Retrying, Routed, route
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
@@ -126,6 +127,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     )
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     linger_s = max(settings.batch_linger_ms, 1) / 1000
+    deliveries = KafkaDeliveryCounter(settings)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
@@ -134,7 +136,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
         delivery = FaustDelivery(app, stream, runtime)
         async for events in batches:
-            outcome = await runtime.process([inbound_from_faust(event) for event in events])
+            outcome = await deliveries.process(runtime, [inbound_from_faust(event) for event in events])
             await delivery.deliver(outcome, events)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.settings import Settings
+from streams.deliveries import KafkaDeliveryCounter
 from streams.delivery import CommitTracker, OutputNames, Retrying, Routed, route
 from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
@@ -262,6 +263,7 @@ class KafkaBatchRunner:
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
         self.retrying = Retrying(runtime, stop)
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
+        self.deliveries = KafkaDeliveryCounter(settings)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()
@@ -293,6 +295,7 @@ class KafkaBatchRunner:
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once
             await self.producer.stop()
+            await self.deliveries.close()
             log.info("kafka.consumer_stopped", group=self.settings.app_id)
 
     async def _start_clients(self) -> bool:
@@ -360,7 +363,8 @@ class KafkaBatchRunner:
         mine = {tp: records for tp, records in fetched.items() if records and tp in assigned}
         if not mine:
             return
-        outcome = await self.runtime.process(
+        outcome = await self.deliveries.process(
+            self.runtime,
             [inbound_from_kafka(record) for records in mine.values() for record in records]
         )
         await self.delivery.deliver(outcome, {tp: records[-1].offset + 1 for tp, records in mine.items()})

@@ -9,8 +9,10 @@ Guarantees and why the code is shaped this way:
   held by consumers that went away are taken over with ``XAUTOCLAIM`` once idle longer than
   ``redis_claim_idle_ms``, on start and periodically.
 - Poison that crashes the process. History reads and claims increment an entry's delivery
-  count; an entry delivered more than ``redis_max_deliveries`` times is dead-lettered with
-  class ``MaxDeliveriesExceeded`` instead of being handed to the model again.
+  count, which the core step sees as ``InboundMessage.deliveries``: an entry delivered more than
+  ``max_deliveries`` times is dead-lettered (stage ``deliveries``) instead of being processed
+  again. Entries read again after a crash (own history, claims) are taken one at a time, so the
+  count grows only for the entry that kills the worker, not for those that shared its batch.
 - Long batches keep their entries. While a batch is in the model its entries' idle time is reset
   (``XCLAIM ... JUSTID``, which leaves the delivery count alone), so a peer does not claim and
   redo a batch that is merely slow.
@@ -26,7 +28,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -37,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas.events import ATTEMPTS_HEADER, DeadLetterStage
+from schemas.events import DeadLetterStage
 from schemas.settings import Settings
 from streams.delivery import OutputNames, Retrying, route
 from streams.redis_codec import PARTITION, encode_entry, entry_text, inbound_from_entry
@@ -46,9 +48,7 @@ from workers.core_step import (
     BatchOutcome,
     InboundMessage,
     OutboundRecord,
-    attempts_of,
     dead_letter,
-    decode_message,
 )
 
 log = structlog.get_logger(__name__)
@@ -297,12 +297,6 @@ class RedisStreamConsumer:
             if received.deleted:
                 refused.append(self._refuse(received, "decode", "EntryDeleted",
                                             "entry was trimmed or deleted from the stream before it was processed"))
-            elif received.deliveries > self.settings.redis_max_deliveries:
-                refused.append(self._refuse(
-                    received, self._crash_stage(received.message), "MaxDeliveriesExceeded",
-                    f"delivered {received.deliveries} times > redis_max_deliveries="
-                    f"{self.settings.redis_max_deliveries}; the worker likely died processing it",
-                ))
             else:
                 regular.append(received.message)
         async with self._keep_lease(entry_ids):
@@ -327,7 +321,8 @@ class RedisStreamConsumer:
         return await self._read_new()
 
     async def _read_own_pending(self) -> list[Received]:
-        entries = await self.reader.read_pending(self.batch_size)
+        # One at a time (a crash left them here): see the module docstring on poison.
+        entries = await self.reader.read_pending(1)
         if not entries:
             return []
         counts = await self._delivery_counts([entry_id for _, entry_id, _ in entries])
@@ -339,7 +334,7 @@ class RedisStreamConsumer:
     async def _claim_idle(self) -> list[Received]:
         reply: Any = await self.client.xautoclaim(self.stream, self.group, self.consumer,
                                                   min_idle_time=self.settings.redis_claim_idle_ms,
-                                                  start_id=self._claim_cursor, count=self.batch_size)
+                                                  start_id=self._claim_cursor, count=1)
         cursor, claimed = entry_text(reply[0]), reply[1]
         deleted = [entry_text(entry_id) for entry_id in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
@@ -374,7 +369,9 @@ class RedisStreamConsumer:
         return [self._received(entry_id, fields, 1) for _, entry_id, fields in entries]
 
     def _received(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int, deleted: bool = False) -> Received:
-        return Received(entry_id, inbound_from_entry(self.stream, entry_id, fields), deliveries, deleted)
+        message = inbound_from_entry(self.stream, entry_id, fields)
+        message.deliveries = deliveries
+        return Received(entry_id, message, deliveries, deleted)
 
     async def _delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
         rows = await pending_rows(self.client, self.stream, self.group, entry_ids)
@@ -396,21 +393,9 @@ class RedisStreamConsumer:
 
     # --- refusals and leases ---------------------------------------------------------------------
 
-    def _crash_stage(self, message: InboundMessage) -> DeadLetterStage:
-        """``decode`` when the entry would not even decode, else ``infer``: the model step is where a
-        decodable query can take the process down."""
-        try:
-            decode_message(message, self.settings)
-        except Exception:  # PoisonMessage, or a decoder bug: either way it never reached the model
-            return "decode"
-        return "infer"
-
     def _refuse(self, received: Received, stage: DeadLetterStage, error_class: str,
                 reason: str) -> tuple[OutboundRecord, DeadLetterStage]:
         message = received.message
-        # attempts counts passes through a worker: earlier redrives plus this group's deliveries.
-        attempts = attempts_of(message) - 1 + received.deliveries
-        message = replace(message, headers={**message.headers, ATTEMPTS_HEADER: str(attempts).encode()})
         log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
                     topic=message.topic, offset=message.offset, deliveries=received.deliveries)
         return dead_letter(message, stage, error_class, reason, self.settings.worker_id), stage

@@ -13,6 +13,7 @@ from mode import Service
 
 from schemas.events import ParsedEvent
 from schemas.settings import Settings
+from streams.broker_checks import check_broker_accepts_settings
 from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
 from streams.topics import ensure_topics_with_retry
@@ -181,6 +182,7 @@ def run_worker(settings: Settings) -> None:
         return
     if settings.create_topics:
         asyncio.run(ensure_topics_with_retry(settings))
+    asyncio.run(check_broker_accepts_settings(settings))
     if settings.kafka_runner == "faust":
         run_faust_worker(settings, runtime)
     else:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from typing import get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from schemas.events import DeadLetterStage
 from workers.core_step import BatchOutcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -89,7 +91,7 @@ class WorkerMetrics:
         self.info = Info("qustream_worker", "Worker build and model.", registry=r)
         for outcome in ("inferred", "cached", "dead_lettered"):
             self.messages.labels(outcome=outcome)
-        for stage in ("decode", "validate", "infer", "output"):
+        for stage in get_args(DeadLetterStage):
             self.dead_letters.labels(stage=stage)
         for result in ("hit", "miss", "error"):
             self.cache_requests.labels(result=result)

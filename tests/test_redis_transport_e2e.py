@@ -244,7 +244,7 @@ def test_entry_that_kills_the_worker_each_time_is_dead_lettered(
 ) -> None:
     # The worker keeps its name across restarts (a StatefulSet pod, a systemd unit), so each restart
     # re-reads its own pending entry and the delivery count grows by one.
-    settings = redis_settings(batch_size=4, redis_max_deliveries=2, redis_claim_idle_ms=600_000)
+    settings = redis_settings(batch_size=4, max_deliveries=2, redis_claim_idle_ms=600_000)
     [entry_id] = produce(redis, settings, [(b"deadly", json.dumps({"query": "teal marble side table",
                                                                      "query_id": "deadly"}).encode())])
     workers: list[WorkerProcess] = []
@@ -273,5 +273,5 @@ def test_entry_that_kills_the_worker_each_time_is_dead_lettered(
     reason = DeadLetterReason.from_headers(headers)
     assert (value, key) == (json.dumps({"query": "teal marble side table", "query_id": "deadly"}).encode(), b"deadly")
     assert (reason.stage, reason.error_class, reason.attempts, reason.source_offset) == (
-        "infer", "MaxDeliveriesExceeded", 3, entry_id)
+        "deliveries", "MaxDeliveriesExceeded", 3, entry_id)
     assert "delivered 3 times" in reason.message
