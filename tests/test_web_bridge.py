@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from schemas.events import ParsedEvent
 from schemas.settings import Settings
-from streams.redis_transport import RedisQueryClient
+from streams.query_client import RedisQueryClient
 from streams.runtime import WorkerRuntime
 from streams.web import build_web_app
 
