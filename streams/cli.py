@@ -260,8 +260,10 @@ def _register_commands() -> None:
     from bench.cli import app as bench_app
     from producer_tools.cli import register as register_producer_tools
     from workers.evaluation import eval_command
+    from workers.training import train_command
 
     app.command("eval")(eval_command)
+    app.command("train")(train_command)
     app.add_typer(bench_app, name="bench")
     register_producer_tools(app)  # replay, load, tail, dlq, reprocess
 

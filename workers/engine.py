@@ -275,6 +275,29 @@ class ConstrainedEngine:
             self.last_stats.seconds = time.perf_counter() - started
             return results
 
+    def teacher_forcing(self, query: str, output: str) -> tuple[list[int], list[int]] | None:
+        """The tokens this engine feeds after the prompt prefix while it writes ``output`` for ``query``
+        (the row's suffix, forced text as ``_force`` encodes it, and each chosen token as the
+        tokenizer splits the rest of ``output``), and the indices of the chosen ones: what training
+        teaches, so training and serving cannot drift. None when the grammar cannot write ``output``."""
+        row = self._new_row(0, query)
+        fed = list(row.feed)
+        chosen: list[int] = []
+        while not row.done:
+            written = self.tokenizer.decode(row.out_ids)
+            if not output.startswith(written) or len(output) == len(written):
+                return None
+            token = self._encode(output[len(written) :])[0]
+            if not row.matcher.accept_token(token):
+                return None
+            row.out_ids.append(token)
+            chosen.append(len(fed))
+            fed.append(token)
+            if row.matcher.is_completed():
+                break
+            fed.extend(self._force(row))
+        return (fed, chosen) if self.tokenizer.decode(row.out_ids) == output else None
+
     # ----------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
