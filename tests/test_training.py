@@ -120,7 +120,8 @@ def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dic
     assert not data.problems and len(data.rows) == len(GOOD)
     text = loaded.tokenizer.decode(list(data.rows[0].ids))
     assert text.startswith(" womens leather boots\nJSON: {\"product_type\": \"boots\"")
-    assert '"material": "leather"' in text and '"audience": "women"' in text
+    # The audience's value is forced once its opening quote is chosen: the engine never feeds it.
+    assert text.endswith('"material": "leather", "audience": "')
 
 
 def test_a_worker_serves_the_trained_folder(trained: tuple[Path, dict[str, Any]],
@@ -191,6 +192,6 @@ def test_train_command_refuses_data_without_usable_rows(tiny_folder: Path, tmp_p
     data.write_text("\n".join(line for line, _ in BAD) + "\n")
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--spec",
                                       "ecommerce", "--model", str(tiny_folder), "--max-steps", "1"],
-                                env={"QUSTREAM_DEVICE": "cpu"})
+                                env={"QUSTREAM_DEVICE": "cpu", "COLUMNS": "400"})
     assert result.exit_code != 0
     assert "skipped: invalid JSON" in result.output and "0 usable rows" in result.output

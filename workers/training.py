@@ -385,7 +385,7 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     method = choose_method(loaded.model, options.method)
     trained = make_trainable(loaded, method, options)
     parameters = [p for p in trained.parameters() if p.requires_grad]
-    learning_rate = options.learning_rate or (1e-3 if method == "lora" else 5e-5)
+    learning_rate = options.learning_rate or (1e-3 if method == "lora" else 1e-4)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     warmup = 20
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -451,9 +451,9 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
-                state.losses.append((state.step, float(loss)))
+                state.losses.append((state.step, loss.item()))
                 state.seconds += time.perf_counter() - step_started
-                progress.update(task, completed=state.step, loss=f"{float(loss):.3f}")
+                progress.update(task, completed=state.step, loss=f"{state.losses[-1][1]:.3f}")
                 if options.eval_every and state.step % options.eval_every == 0:
                     if run_eval():
                         stopped = "early stopping"
@@ -555,7 +555,7 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seeds the held-out split, the data order and the initialisation.")] = 0,
     resume: Annotated[bool, typer.Option(help=f"Go on from {CHECKPOINT} in --out.")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    learning_rate: Annotated[float | None, typer.Option(help="Default: 5e-5 full, 1e-3 LoRA.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: 1e-4 full, 1e-3 LoRA.")] = None,
     method: Annotated[Method, typer.Option(help="full fine-tuning, LoRA, or auto (LoRA above 400M parameters).")]
     = "auto",
     train_layers: Annotated[int, typer.Option(min=0, help="full: train the top N decoder layers (0 = all).")] = 0,
