@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from producer_tools.label import provenance_path
+from producer_tools.label import parsed_event_item, provenance_path
 from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.cli import app
@@ -25,7 +25,15 @@ from tests.support import WorkerProcess, read_topic, run
 from workers.engine import ConstrainedEngine, build_engine, engine_version
 from workers.evaluation import load_quality
 from workers.model import MODEL_CARD, load_model
-from workers.training import CHART, REPORT, TrainOptions, load_training_data, train
+from workers.training import (
+    CHART,
+    REPORT,
+    TrainingError,
+    TrainOptions,
+    load_training_data,
+    parameter_count,
+    train,
+)
 
 ECOMMERCE = load_spec("ecommerce")
 GOOD = [
@@ -195,3 +203,46 @@ def test_train_command_refuses_data_without_usable_rows(tiny_folder: Path, tmp_p
                                 env={"QUSTREAM_DEVICE": "cpu", "COLUMNS": "400"})
     assert result.exit_code != 0
     assert "skipped: invalid JSON" in result.output and "0 usable rows" in result.output
+
+
+def test_resume_goes_on_from_the_checkpoint(tiny_folder: Path, tmp_path: Path) -> None:
+    data = write_data(tmp_path / "labels.jsonl", bad=False)
+    options = TrainOptions(data=data, out=tmp_path / "model", max_steps=2, batch_size=4, learning_rate=3e-3,
+                           held_out=2, eval_every=1, patience=100, progress=False)
+    first = train(tiny_settings(tiny_folder), options)
+    options.max_steps, options.resume = 4, True
+    resumed = train(tiny_settings(tiny_folder), options)
+    assert [step for step, _ in resumed["losses"]] == [1, 2, 3, 4]
+    assert resumed["losses"][:2] == first["losses"]
+    assert [e["step"] for e in resumed["evals"]] == [0, 1, 2, 3, 4]
+    # Another run's checkpoint (other data) is refused, not silently mixed in.
+    options.data = write_data(tmp_path / "other.jsonl")
+    with pytest.raises(TrainingError, match="another run"):
+        train(tiny_settings(tiny_folder), options)
+
+
+def test_lora_adapters_are_merged_into_a_plain_folder(tiny_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
+                           max_steps=2, batch_size=8, method="lora", lora_rank=4, held_out=2, progress=False)
+    report = train(tiny_settings(tiny_folder), options)
+    assert report["method"] == "lora" and report["trainable_parameters"] < report["parameters"] / 10
+    saved = AutoModelForCausalLM.from_pretrained(options.out)
+    assert not [name for name, _ in saved.named_parameters() if "lora" in name]
+    base = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    assert parameter_count(saved) == parameter_count(base)
+
+
+def test_label_takes_the_parsed_topics_events_made_under_the_spec() -> None:
+    event = {"query": "Red Cotton T Shirt", "parse": {"product_type": "t shirt", "color": "red"},
+             "spec": ECOMMERCE.ref}
+    item = parsed_event_item(ECOMMERCE, {"topic": "queries.parsed", "partition": 0, "offset": 7, "value": event})
+    assert item.where == "queries.parsed[0]@7" and item.record is not None
+    assert item.record["color"] == "red" and "material" in item.record
+    other = parsed_event_item(ECOMMERCE, {"topic": "t", "partition": 0, "offset": 8,
+                                          "value": {**event, "spec": {"name": "furniture", "version": "1"}}})
+    assert other.record == {"query": "Red Cotton T Shirt"}  # another contract's parse is no label here
+    broken = parsed_event_item(ECOMMERCE, {"topic": "t", "partition": 0, "offset": 9, "value": "not json"})
+    assert broken.record is None and broken.problem
