@@ -386,7 +386,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     trained = make_trainable(loaded, method, options)
     parameters = [p for p in trained.parameters() if p.requires_grad]
     learning_rate = options.learning_rate or (1e-3 if method == "lora" else 1e-4)
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    # The fused kernel: the per-tensor loop torch picks by default on CPU was a visible share of a step.
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0, fused=True)
     warmup = 20
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     runner = StepRunner(engine)
