@@ -400,6 +400,20 @@ class WorkerSupervisor:
 # --- the output monitor --------------------------------------------------------------------------
 
 
+
+async def _close_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer in whatever state a broker restart left it. After a fetch timed out,
+    aiokafka's ``stop`` re-raises the cancellation of its own fetch task (aio-libs/aiokafka#647);
+    that one is swallowed, a cancellation of this task is not."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:  # the broker is away: nothing left to close cleanly
+        pass
+
 class OutputMonitor:
     """Follows the parsed and dead-letter topics from the beginning; survives broker restarts."""
 
@@ -456,8 +470,7 @@ class OutputMonitor:
                 # The broker restart is one of the faults: reopen from where we were.
                 self.errors += 1
                 if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await consumer.stop()
+                    await _close_consumer(consumer)
                     consumer = None
                 await asyncio.sleep(0.2)
                 continue
@@ -474,8 +487,7 @@ class OutputMonitor:
             if self.all_done_s is None and len(self.done) == len(self.expected):
                 self.all_done_s = received
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await _close_consumer(consumer)
 
     def first_output_after(self, t: float, *, new_only: bool = False) -> float | None:
         """When a consumer first saw a record the worker created after ``t`` (so not one already in

@@ -113,7 +113,7 @@ class _Runner:
         return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
 
     def run_batch(self, spec: ParseSpec, chunk: list[str], rss: _RssSampler) -> None:
-        from workers.baselines import baseline_valid
+        from bench.baselines import baseline_valid
 
         if self.jump_forward is not None:
             self.engine.jump_forward = self.jump_forward
@@ -173,8 +173,8 @@ def run_engine_bench(
     include_sequential: bool = True,
     include_batched: bool = True,
 ) -> dict[str, Any]:
+    from bench.baselines import BatchedGenerate, SequentialGenerate
     from schemas.vocabulary import Vocabulary
-    from workers.baselines import BatchedGenerate, SequentialGenerate
     from workers.engine import ConstrainedEngine
     from workers.grammar import load_checked_spec
     from workers.model import load_model

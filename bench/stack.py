@@ -27,7 +27,6 @@ from streams.kafka_io import assign_all, make_consumer
 from streams.local_stack import (
     StartedProcess,
     free_port,
-    isolated_settings,
     port_open,
     redis_command,
     spawn,
@@ -36,6 +35,37 @@ from streams.local_stack import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def isolated_settings(bootstrap: str, redis_url: str, *, tag: str = "t", **overrides: Any) -> Settings:
+    """Settings with topics, streams, group, cache prefix and web port of their own, tuned for tansu
+    (no idempotent producer, short session timeout): several runs share one broker without colliding."""
+    run = f"{tag}{uuid.uuid4().hex[:8]}"
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "redis_url": redis_url,
+        "topic_input": f"{run}.raw",
+        "topic_parsed": f"{run}.parsed",
+        "topic_metrics": f"{run}.metrics",
+        "topic_dlq": f"{run}.dlq",
+        "stream_input": f"{run}:raw",
+        "stream_parsed": f"{run}:parsed",
+        "stream_metrics": f"{run}:metrics",
+        "stream_dlq": f"{run}:dlq",
+        "app_id": f"qustream-{run}",
+        "cache_prefix": f"qustream-{run}",
+        "worker_id": f"worker-{run}",
+        "partitions": 2,
+        "producer_idempotence": False,  # tansu has no InitProducerId
+        "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
+        "broker_heartbeat_s": 1.0,
+        "batch_linger_ms": 100,
+        "web_port": free_port(),
+        "log_level": "INFO",
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)
 
 
 class Services:

@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas.settings import Settings
+from streams.cli import fail, settings_or_exit, spec_or_exit
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -483,7 +484,63 @@ def label_command(
         raise typer.Exit(1)
 
 
+def produce_command(
+    file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],
+    topic: Annotated[str | None, typer.Option(help="Topic (default: the input topic).")] = None,
+) -> None:
+    """Produce queries to the input topic.  Example: echo 'red velvet sofa' | qustream produce -"""
+    from producer_tools.produce import produce_lines, read_lines
+
+    settings = settings_or_exit()
+    try:
+        sent = asyncio.run(produce_lines(settings, read_lines(file), source=file, topic=topic))
+    except Exception as exc:
+        raise fail(f"could not produce to {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
+    console.print(f"produced {sent} messages")
+
+
+def demo_command(
+    queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
+    transport: Annotated[str | None, typer.Option(help="kafka or redis (default: QUSTREAM_TRANSPORT).")] = None,
+    spec: Annotated[str | None, typer.Option(help="Parse spec: built-in name or YAML path (default: "
+                                                  "QUSTREAM_PARSE_SPEC); built-in specs replay their own sample.")]
+    = None,
+) -> None:
+    """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
+    summary; stops what it started.  Example: qustream demo  (or: qustream demo --spec ecommerce --transport redis)"""
+    from producer_tools.demo import run_demo
+
+    settings = settings_or_exit()
+    if transport is not None:
+        if transport not in ("kafka", "redis"):
+            raise fail(f"--transport must be kafka or redis, not {transport!r}", 2)
+        settings = settings.model_copy(update={"transport": transport})
+    if spec is not None:
+        settings = settings.model_copy(update={"parse_spec": spec})
+    parse_spec = spec_or_exit(settings.parse_spec)
+    summary = run_demo(settings, queries, timeout)
+    table = Table(title="qustream demo")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.figures.items():
+        table.add_row(name, str(value))
+    Console().print(table)
+    samples = Table(title=f"sample parses (spec {parse_spec.name} {parse_spec.version})")
+    for column in ("query", *parse_spec.field_names, "cached"):
+        samples.add_column(column)
+    for row in summary.samples:
+        parse = row["parse"]
+        samples.add_row(row["query"], *(str(parse.get(name)) for name in parse_spec.field_names), str(row["cached"]))
+    Console().print(samples)
+    if not summary.ok:
+        raise fail("the demo did not see every message come back", 1)
+
+
 def register(app: typer.Typer) -> None:
+    """Entry point ``qustream.commands``: the tools' commands on the ``qustream`` command line."""
+    app.command("produce")(produce_command)
+    app.command("demo")(demo_command)
     app.command("replay")(replay_command)
     app.command("load")(load_command)
     app.command("tail")(tail_command)

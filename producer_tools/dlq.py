@@ -33,6 +33,7 @@ from producer_tools.transport import (
     drain,
     open_sink,
     open_source,
+    position_of,
     redis_connect,
     resolve_name,
     start_kafka_consumer,
@@ -108,7 +109,7 @@ class RedriveCheckpoint:
                 await client.hset(checkpoint_name(self.settings), bucket, upto[0].offset)
             finally:
                 await client.aclose()
-        self.cache[bucket] = {p: record.position for p, record in upto.items()}
+        self.cache[bucket] = {p: position_of(record) for p, record in upto.items()}
 
 
 @dataclass
@@ -154,7 +155,7 @@ async def inspect(settings: Settings, samples: int = 3, idle_s: float = 1.5) -> 
         bucket.count += 1
         bucket.attempts[reason.attempts] += 1
         handled = await checkpoint.handled(key, partitions)
-        if record.partition in handled and record.position <= handled[record.partition]:
+        if record.partition in handled and position_of(record) <= handled[record.partition]:
             bucket.redriven_before += 1
         if len(bucket.samples) < samples:
             bucket.samples.append({"offset": f"{record.partition}:{record.offset}", "message": reason.message[:200],
@@ -204,7 +205,7 @@ async def redrive(
     partitions = {record.partition for record in records}
     last_scanned: dict[int, Record] = {}
     for record in records:
-        if record.partition not in last_scanned or record.position > last_scanned[record.partition].position:
+        if record.partition not in last_scanned or position_of(record) > position_of(last_scanned[record.partition]):
             last_scanned[record.partition] = record
     checkpoint = RedriveCheckpoint(settings)
     plan: list[tuple[Record, DeadLetterReason]] = []
@@ -217,7 +218,7 @@ async def redrive(
         key = bucket_of(reason)
         touched.add(key)
         handled = await checkpoint.handled(key, partitions)
-        if record.partition in handled and record.position <= handled[record.partition]:
+        if record.partition in handled and position_of(record) <= handled[record.partition]:
             report.already_redriven += 1
             continue
         if reason.attempts >= settings.max_attempts:

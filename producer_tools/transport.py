@@ -5,8 +5,10 @@
 - ``RecordSource``: ``poll()`` records of topics/streams from the start, the end or a group's
   checkpoint, and ``commit()`` them to that group.
 
-Records look the same whatever the transport: a Redis entry is decoded with ``streams.redis_codec``
-and reported as partition 0 with its entry id as offset.
+Records are the worker's own ``InboundMessage``, converted by the worker's conversions
+(``streams.kafka_io.inbound_from_kafka``, ``streams.redis_codec.inbound_from_entry``: a Redis entry
+is partition 0 with its entry id as offset), and a Redis group is read as the worker reads it
+(``streams.redis_transport.GroupReader``).
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.settings import Settings, mask_url
-from streams.kafka_io import make_consumer, make_producer
-from streams.redis_codec import decode_entry, encode_entry
+from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
+from streams.redis_codec import encode_entry, entry_text, inbound_from_entry
+from streams.redis_transport import GroupReader
+from workers.core_step import InboundMessage
 
 #: Seconds a tool waits for the broker or Redis before it gives up with a clear message.
 CONNECT_TIMEOUT_S = float(os.environ.get("QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "10"))
@@ -37,20 +40,13 @@ class TransportUnavailable(RuntimeError):
     """The broker or Redis did not answer within the connect timeout."""
 
 
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: str
-    key: bytes | None
-    value: bytes | None
-    headers: Mapping[str, bytes] = field(default_factory=dict)
-    timestamp_ms: int | None = None
+#: A record read by a tool: the same type, and the same conversion, as the worker's input.
+Record = InboundMessage
 
-    @property
-    def position(self) -> tuple[int, ...]:
-        """Orderable position within its partition: (offset,) on Kafka, (ms, seq) of a Redis entry id."""
-        return tuple(int(part) for part in self.offset.split("-"))
+
+def position_of(record: Record) -> tuple[int, ...]:
+    """Orderable position within its partition: (offset,) on Kafka, (ms, seq) of a Redis entry id."""
+    return tuple(int(part) for part in record.offset.split("-"))
 
 
 class RecordSink(Protocol):
@@ -237,18 +233,6 @@ async def open_sink(settings: Settings, name: str = "input") -> AsyncIterator[Re
 # --- sources ----------------------------------------------------------------------------------
 
 
-def _kafka_record(record: Any) -> Record:
-    return Record(
-        topic=record.topic,
-        partition=record.partition,
-        offset=str(record.offset),
-        key=record.key,
-        value=record.value,
-        headers={name: raw for name, raw in (record.headers or ()) if raw is not None},
-        timestamp_ms=record.timestamp,
-    )
-
-
 class KafkaSource:
     """Every partition of the named topics, assigned by hand.
 
@@ -291,7 +275,7 @@ class KafkaSource:
 
     async def poll(self, timeout_ms: int = 500, max_records: int = 500) -> list[Record]:
         batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        return [_kafka_record(record) for records in batches.values() for record in records]
+        return [inbound_from_kafka(record) for records in batches.values() for record in records]
 
     async def commit(self, records: Iterable[Record]) -> None:
         if self.group is None:
@@ -313,7 +297,7 @@ class RedisSource:
         self.group = group
         self.consumer_name = consumer_name
         self._last: dict[str, str] = {}
-        self._pending_first = True
+        self._reader = GroupReader(client, group, consumer_name, names) if group is not None else None
 
     async def start(self, *, from_end: bool) -> None:
         import redis.exceptions
@@ -334,32 +318,19 @@ class RedisSource:
                     raise
 
     async def poll(self, timeout_ms: int = 500, max_records: int = 500) -> list[Record]:
-        if self.group is None:
-            reply = await self.client.xread(self._last, count=max_records, block=max(timeout_ms, 1))
-        else:
+        if self._reader is not None:
             # First our own delivered-but-unacknowledged entries (an earlier run stopped), then new ones.
-            start = "0" if self._pending_first else ">"
-            reply = await self.client.xreadgroup(
-                self.group, self.consumer_name, dict.fromkeys(self.names, start), count=max_records,
-                block=None if self._pending_first else max(timeout_ms, 1),
-            )
-            if self._pending_first and not any(entries for _, entries in reply or ()):
-                self._pending_first = False
-                return await self.poll(timeout_ms, max_records)
+            entries = await self._reader.read_pending(max_records) or await self._reader.read_new(
+                max_records, timeout_ms)
+            # An entry trimmed away while pending has no fields left to read.
+            return [inbound_from_entry(name, entry_id, fields) for name, entry_id, fields in entries if fields]
+        reply = await self.client.xread(self._last, count=max_records, block=max(timeout_ms, 1))
         records: list[Record] = []
-        for raw_name, entries in reply or ():
-            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
-            for raw_id, fields in entries:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                if self.group is None:
-                    self._last[name] = entry_id
-                if fields is None:  # trimmed away while pending
-                    continue
-                value, key, headers, timestamp_ms = decode_entry(fields)
-                records.append(Record(name, 0, entry_id, key, value, headers, timestamp_ms))
-        if self._pending_first and self.group is not None:
-            # Pending entries are re-read from "0" until acked; move on once we handed them out.
-            self._pending_first = False
+        for raw_name, items in reply or ():
+            name = entry_text(raw_name)
+            for raw_id, fields in items:
+                entry_id = self._last[name] = entry_text(raw_id)
+                records.append(inbound_from_entry(name, entry_id, fields))
         return records
 
     async def commit(self, records: Iterable[Record]) -> None:

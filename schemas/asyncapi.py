@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
@@ -16,6 +16,7 @@ from schemas.events import (
     DLQ_HEADER_STAGE,
     DLQ_HEADER_WORKER,
     BatchMetricsEvent,
+    DeadLetterStage,
     QueryInput,
 )
 from schemas.export import parsed_event_model
@@ -44,7 +45,7 @@ def asyncapi_document(settings: Settings, spec: ParseSpec) -> dict[str, Any]:
     dlq_headers = {
         "type": "object",
         "properties": {
-            DLQ_HEADER_STAGE: {"type": "string", "enum": ["decode", "validate", "infer", "output"]},
+            DLQ_HEADER_STAGE: {"type": "string", "enum": list(get_args(DeadLetterStage))},
             DLQ_HEADER_CLASS: {**string, "description": "Error class, e.g. JSONDecodeError, QueryTooLong."},
             DLQ_HEADER_MESSAGE: {**string, "description": "Human-readable reason (at most 1,000 characters)."},
             DLQ_HEADER_SOURCE_TOPIC: string,

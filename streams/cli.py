@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,7 +17,18 @@ from schemas.settings import Settings
 if TYPE_CHECKING:
     from schemas.spec import ParseSpec
 
-app = typer.Typer(help="qustream: search queries in, structured parses out, over Kafka or Redis Streams.",
+
+class _CommandLine(typer.Typer):
+    """The ``qustream`` command line; the commands of the packages above ``streams`` join it when it runs."""
+
+    plugins_registered = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        register_plugin_commands(sys.argv[1:])
+        return super().__call__(*args, **kwargs)
+
+
+app = _CommandLine(help="qustream: search queries in, structured parses out, over Kafka or Redis Streams.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 model_app = typer.Typer(help="Model preparation.", no_args_is_help=True)
 local_app = typer.Typer(help="A local broker and Redis for development (started only where none answers).",
@@ -31,6 +42,9 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(spec_app, name="spec")
 
 console = Console(stderr=True)
+
+#: Entry-point group through which the packages above ``streams`` add their commands.
+COMMANDS_GROUP = "qustream.commands"
 
 
 def settings_or_exit() -> Settings:
@@ -70,11 +84,15 @@ def worker() -> None:
 
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
-    from streams.worker import run_worker
+    from streams.broker_checks import BrokerRefusedSetting
+    from streams.service import run_worker
 
     settings = settings_or_exit()
     spec_or_exit(settings.parse_spec)
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except BrokerRefusedSetting as exc:
+        raise fail(str(exc), 2) from exc
 
 
 @app.command()
@@ -200,75 +218,35 @@ def spec_show(
     out.print("[bold]instruction:[/bold] " + instruction(parse_spec), highlight=False, markup=True)
 
 
-@app.command()
-def produce(
-    file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],
-    topic: Annotated[str | None, typer.Option(help="Topic (default: the input topic).")] = None,
-) -> None:
-    """Produce queries to the input topic.  Example: echo 'red velvet sofa' | qustream produce -"""
-    from producer_tools.produce import produce_lines, read_lines
-
-    settings = settings_or_exit()
-    try:
-        sent = asyncio.run(produce_lines(settings, read_lines(file), source=file, topic=topic))
-    except Exception as exc:
-        raise fail(f"could not produce to {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
-    console.print(f"produced {sent} messages")
-
-
-@app.command()
-def demo(
-    queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
-    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
-    transport: Annotated[str | None, typer.Option(help="kafka or redis (default: QUSTREAM_TRANSPORT).")] = None,
-    spec: Annotated[str | None, typer.Option(help="Parse spec: built-in name or YAML path (default: "
-                                                  "QUSTREAM_PARSE_SPEC); built-in specs replay their own sample.")]
-    = None,
-) -> None:
-    """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
-    summary; stops what it started.  Example: qustream demo  (or: qustream demo --spec ecommerce --transport redis)"""
-    from producer_tools.demo import run_demo
-
-    settings = settings_or_exit()
-    if transport is not None:
-        if transport not in ("kafka", "redis"):
-            raise fail(f"--transport must be kafka or redis, not {transport!r}", 2)
-        settings = settings.model_copy(update={"transport": transport})
-    if spec is not None:
-        settings = settings.model_copy(update={"parse_spec": spec})
-    parse_spec = spec_or_exit(settings.parse_spec)
-    summary = run_demo(settings, queries, timeout)
-    table = Table(title="qustream demo")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in summary.figures.items():
-        table.add_row(name, str(value))
-    Console().print(table)
-    samples = Table(title=f"sample parses (spec {parse_spec.name} {parse_spec.version})")
-    for column in ("query", *parse_spec.field_names, "cached"):
-        samples.add_column(column)
-    for row in summary.samples:
-        parse = row["parse"]
-        samples.add_row(row["query"], *(str(parse.get(name)) for name in parse_spec.field_names), str(row["cached"]))
-    Console().print(samples)
-    if not summary.ok:
-        raise fail("the demo did not see every message come back", 1)
-
-
-def _register_commands() -> None:
-    """Commands defined next to the code they drive (tools, evaluation, benchmarks)."""
-    from bench.cli import app as bench_app
-    from producer_tools.cli import register as register_producer_tools
+def _register_eval() -> None:
     from workers.evaluation import eval_command
     from workers.training import train_command
 
     app.command("eval")(eval_command)
     app.command("train")(train_command)
-    app.add_typer(bench_app, name="bench")
-    register_producer_tools(app)  # replay, load, tail, dlq, reprocess
 
 
-_register_commands()
+_register_eval()
+
+
+def register_plugin_commands(argv: list[str]) -> None:
+    """Add the commands of the packages above this one (producer tools, benchmarks), found through the
+    ``qustream.commands`` entry points (pyproject.toml) so that this package never imports them.
+
+    Skipped when the command line names a command of this module: ``qustream worker`` does not
+    import the benchmarks or the tools."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if app.plugins_registered or command in _own_commands():
+        return
+    for entry_point in entry_points(group=COMMANDS_GROUP):
+        entry_point.load()(app)
+    app.plugins_registered = True
+
+
+def _own_commands() -> set[str]:
+    commands = {info.name or (info.callback.__name__ if info.callback else "") for info in app.registered_commands}
+    return commands | {info.name or "" for info in app.registered_groups}
+
 
 if __name__ == "__main__":
     app()

@@ -1,12 +1,28 @@
-"""aiokafka clients built from settings, shared by the worker's tools and the HTTP bridge."""
+"""aiokafka clients built from settings, and the one conversion of an aiokafka record into an
+``InboundMessage``; shared by the batch runner, the producer tools and the HTTP bridge."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from schemas.settings import Settings
+from workers.core_step import InboundMessage
+
+
+def inbound_from_kafka(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
+    """A fetched record as the core step takes it (headers without a value are dropped)."""
+    headers = record.headers
+    return InboundMessage(
+        record.value,
+        record.key,
+        record.topic,
+        record.partition,
+        str(record.offset),
+        record.timestamp,
+        {name: value for name, value in headers if value is not None} if headers else {},
+    )
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:

@@ -18,10 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from schemas.settings import Settings
@@ -173,37 +171,6 @@ class LocalStack:
             "redis": {"address": f"{redis[0]}:{redis[1]}", "answers": port_open(*redis)},
             "started_by_qustream": [asdict(p) for p in self.load()],
         }
-
-
-def isolated_settings(bootstrap: str, redis_url: str, *, tag: str = "t", **overrides: Any) -> Settings:
-    """Settings with topics, streams, group, cache prefix and web port of their own, tuned for tansu
-    (no idempotent producer, short session timeout): several runs share one broker without colliding."""
-    run = f"{tag}{uuid.uuid4().hex[:8]}"
-    values: dict[str, Any] = {
-        "kafka_bootstrap": bootstrap,
-        "redis_url": redis_url,
-        "topic_input": f"{run}.raw",
-        "topic_parsed": f"{run}.parsed",
-        "topic_metrics": f"{run}.metrics",
-        "topic_dlq": f"{run}.dlq",
-        "stream_input": f"{run}:raw",
-        "stream_parsed": f"{run}:parsed",
-        "stream_metrics": f"{run}:metrics",
-        "stream_dlq": f"{run}:dlq",
-        "app_id": f"qustream-{run}",
-        "cache_prefix": f"qustream-{run}",
-        "worker_id": f"worker-{run}",
-        "partitions": 2,
-        "producer_idempotence": False,  # tansu has no InitProducerId
-        "broker_session_timeout_s": 6.0,  # tansu holds group joins for session_timeout / 2
-        "broker_heartbeat_s": 1.0,
-        "batch_linger_ms": 100,
-        "web_port": free_port(),
-        "log_level": "INFO",
-        "log_format": "json",
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 class WorkerProcess:

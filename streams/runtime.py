@@ -17,8 +17,8 @@ from schemas.settings import Settings
 from schemas.spec import ParseSpec
 from streams.telemetry import WorkerMetrics
 from workers.cache import ParseCache, redis_client
+from workers.core_step import BatchOutcome, InboundMessage, ParsePipeline
 from workers.engine import ParseEngine, ParseResult
-from workers.pipeline import BatchOutcome, InboundMessage, ParsePipeline
 
 log = structlog.get_logger(__name__)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from typing import get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.pipeline import BatchOutcome
+from schemas.events import DeadLetterStage
+from workers.core_step import BatchOutcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -19,9 +21,10 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class BatchHistogram(Collector):
     """A Prometheus histogram fed a batch of observations at once, exposed like ``Histogram``.
 
-    One value per parsed message: ``Histogram.observe`` takes a lock and a bucket search per value
-    (2.5 µs here, several per cent of a cached message's whole cost); this counts a batch's values
-    into the buckets with one numpy pass.
+    One value per parsed message: ``Histogram.observe`` takes a lock and a bucket search per value;
+    this counts a batch's values into the buckets with one numpy pass and one lock. Kept on the
+    figures of ``qustream bench handwritten`` (``docs/performance-handwritten.md``);
+    ``tests/test_telemetry.py`` holds the exposition equal to ``Histogram``'s.
     """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
@@ -88,7 +91,7 @@ class WorkerMetrics:
         self.info = Info("qustream_worker", "Worker build and model.", registry=r)
         for outcome in ("inferred", "cached", "dead_lettered"):
             self.messages.labels(outcome=outcome)
-        for stage in ("decode", "validate", "infer", "output"):
+        for stage in get_args(DeadLetterStage):
             self.dead_letters.labels(stage=stage)
         for result in ("hit", "miss", "error"):
             self.cache_requests.labels(result=result)

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
-from producer_tools.client import DeadLetteredError
+from streams.query_client import DeadLetteredError
 from streams.runtime import WorkerRuntime, package_version
 
 ENDPOINTS = {
@@ -24,6 +24,12 @@ ENDPOINTS = {
 class ParseRequest(BaseModel):
     query: str = Field(min_length=1)
     timeout_s: float | None = Field(None, gt=0, le=300)
+
+
+def invalid_request(status: int, error_type: str, message: str) -> web.Response:
+    """A 4xx in the shape pydantic's validation errors have, so clients read one shape."""
+    detail = [{"type": error_type, "loc": [], "msg": message}]
+    return web.json_response({"error": "invalid request", "detail": detail}, status=status)
 
 
 def build_web_app(runtime: WorkerRuntime) -> web.Application:
@@ -42,10 +48,17 @@ def build_web_app(runtime: WorkerRuntime) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def parse(request: web.Request) -> web.Response:
+        raw = await request.read()
         try:
-            body = ParseRequest.model_validate_json(await request.read())
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return invalid_request(400, "unicode_decode", f"the body is not valid UTF-8: {exc}")
+        try:
+            body = ParseRequest.model_validate_json(raw)
         except ValidationError as exc:
-            return web.json_response({"error": "invalid request", "detail": json.loads(exc.json())}, status=422)
+            # Without the input: it is the client's own bytes, and JSON cannot carry all of them.
+            detail = json.loads(exc.json(include_url=False, include_input=False))
+            return web.json_response({"error": "invalid request", "detail": detail}, status=422)
         if runtime.bridge is None:
             return web.json_response({"error": "the stream bridge is not running"}, status=503)
         timeout = body.timeout_s or runtime.settings.parse_timeout_s

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from bench.stack import isolated_settings
 from schemas.settings import Settings
 from streams.local_stack import (
     StartedProcess,
     free_port,
-    isolated_settings,
     port_open,
     redis_command,
     spawn,

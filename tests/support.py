@@ -12,7 +12,8 @@ from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer
 from streams.local_stack import WorkerProcess
 
-__all__ = ["AUTOPARTS_QUERIES", "POISON", "REPO", "WorkerProcess", "read_topic", "run", "write_autoparts_spec"]
+__all__ = ["AUTOPARTS_QUERIES", "ECOMMERCE_QUERIES", "POISON", "REPO", "WorkerProcess", "read_topic", "run",
+           "write_autoparts_spec"]
 
 #: The issue's five poison messages: name → (value bytes, expected dead-letter stage); both transports use them.
 POISON: dict[str, tuple[bytes, str]] = {
@@ -55,6 +56,9 @@ examples:
 AUTOPARTS_POSITIONS = "front, frt\nrear, back\nleft, driver side, lh\nright, passenger side, rh\n"
 AUTOPARTS_QUERIES = ["front brake rotors", "rear wiper blade", "alternator for ford f150", "left headlight assembly",
                      "catalytic converter", "water pump", "rear brake pads", "front strut mount"]
+
+ECOMMERCE_QUERIES = ["armani exchange white belts", "womens high waisted workout shorts", "samsung 55 inch tv",
+                     "kids rain boots size 12", "stainless steel water bottle", "mens leather wallet"]
 
 
 def write_autoparts_spec(folder: Path) -> Path:

@@ -25,8 +25,8 @@ def test_workload_is_distinct_and_deterministic() -> None:
 
 
 def test_profile_summary_buckets() -> None:
-    text = ("main;run (asyncio/base_events.py:1);ParsePipeline.process (workers/pipeline.py:179);"
-            "decode_message (workers/pipeline.py:100) 3\nmain;select (selectors.py:468) 1\n")
+    text = ("main;run (asyncio/base_events.py:1);ParsePipeline.process (workers/core_step.py:179);"
+            "decode_message (workers/core_step.py:100) 3\nmain;select (selectors.py:468) 1\n")
     summary = summarize_collapsed(text)
     assert summary["samples"] == 4
     assert summary["buckets"]["core step: decode input (pydantic QueryInput, normalize)"] == 0.75

@@ -62,7 +62,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
 }
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "outcome": frozenset({"inferred", "cached", "dead_lettered"}),
-    "stage": frozenset({"decode", "validate", "infer", "output"}),
+    "stage": frozenset({"decode", "validate", "infer", "output", "deliveries"}),
     "result": frozenset({"hit", "miss", "error"}),
     "direction": frozenset({"in", "out"}),
 }

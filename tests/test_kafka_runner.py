@@ -1,4 +1,4 @@
-"""The default Kafka runner (``streams.kafka_consumer``) on the real broker: where its producer
+"""The default Kafka runner (``streams.kafka_runner``) on the real broker: where its producer
 batches put records, and partitions moving between two workers without losing a message."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.settings import Settings
-from streams.kafka_consumer import BatchPublisher
 from streams.kafka_io import assign_all, make_consumer, make_producer
+from streams.kafka_runner import BatchPublisher
 from streams.local_stack import free_port
 from streams.topics import ensure_topics
 from tests.support import WorkerProcess, read_topic, run
 from workers.cache import CachedParse, ParseCache, redis_client
+from workers.core_step import OutboundRecord
 from workers.engine import version_for
 from workers.normalize import normalize_query
-from workers.pipeline import OutboundRecord
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.runtime import StepSizer
 from workers.cache import ParseCache, redis_client
+from workers.core_step import InboundMessage, ParsePipeline, PoisonMessage, decode_message
 from workers.engine import ParseResult
-from workers.pipeline import InboundMessage, ParsePipeline, PoisonMessage, decode_message
 
 
 def message(value: bytes | None, offset: int = 0, headers: dict[str, bytes] | None = None) -> InboundMessage:

@@ -16,7 +16,15 @@ from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics
-from tests.support import AUTOPARTS_QUERIES, POISON, WorkerProcess, read_topic, run, write_autoparts_spec
+from tests.support import (
+    AUTOPARTS_QUERIES,
+    ECOMMERCE_QUERIES,
+    POISON,
+    WorkerProcess,
+    read_topic,
+    run,
+    write_autoparts_spec,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -126,9 +134,6 @@ def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerPro
     consumer.close()
     assert seen == len(messages)
 
-
-ECOMMERCE_QUERIES = ["armani exchange white belts", "womens high waisted workout shorts", "samsung 55 inch tv",
-                     "kids rain boots size 12", "stainless steel water bottle", "mens leather wallet"]
 
 
 @pytest.mark.parametrize("spec_name", ["ecommerce", "autoparts"])

@@ -18,13 +18,13 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producer_tools.client import DeadLetteredError
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.local_stack import free_port
+from streams.query_client import DeadLetteredError, RedisQueryClient
 from streams.redis_codec import decode_entry, encode_entry
-from streams.redis_transport import RedisQueryClient, RedisStreamConsumer, transport_client
+from streams.redis_transport import RedisStreamConsumer, transport_client
 from streams.runtime import WorkerRuntime
 from workers.engine import ParseResult
 
@@ -238,7 +238,7 @@ async def test_entries_of_a_dead_consumer_are_claimed(settings: Settings, redis:
 
 
 async def test_entry_delivered_too_often_is_dead_lettered(settings: Settings, redis: Redis) -> None:
-    settings = settings.model_copy(update={"redis_claim_idle_ms": 200, "redis_max_deliveries": 3})
+    settings = settings.model_copy(update={"redis_claim_idle_ms": 200, "max_deliveries": 3})
     crasher, _healthy, undecodable = await add(
         redis, settings, [query("crasher", "cursed ottoman"), query("healthy", "oak desk"), b'{"query": "ottom'])
     await crash_read(redis, settings, "crash-1")
@@ -258,9 +258,9 @@ async def test_entry_delivered_too_often_is_dead_lettered(settings: Settings, re
     assert set(refused) == {crasher, undecodable}
     value, reason = refused[crasher]
     assert value == query("crasher", "cursed ottoman")
-    assert (reason.stage, reason.error_class, reason.attempts) == ("infer", "MaxDeliveriesExceeded", 4)
+    assert (reason.stage, reason.error_class, reason.attempts) == ("deliveries", "MaxDeliveriesExceeded", 4)
     assert "delivered 4 times" in reason.message and reason.worker_id == settings.worker_id
-    assert refused[undecodable][1].stage == "decode"
+    assert refused[undecodable][1].stage == "deliveries"
     batches = await metrics(redis, settings)
     assert sum(m.size for m in batches) == 3 and sum(m.dead_lettered for m in batches) == 2
 

@@ -21,7 +21,7 @@ from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.local_stack import free_port
 from streams.redis_codec import decode_entry, encode_entry
-from tests.support import AUTOPARTS_QUERIES, POISON, WorkerProcess, write_autoparts_spec
+from tests.support import AUTOPARTS_QUERIES, ECOMMERCE_QUERIES, POISON, WorkerProcess, write_autoparts_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -159,21 +159,24 @@ def test_thousand_queries_with_repeats_and_poison(
     assert max(m.size for m in batches) <= settings.batch_max_records
 
 
-def test_a_made_up_spec_over_redis_streams(
-    redis_settings: Callable[..., Settings], redis: redis_sync.Redis, tmp_path: Path
+@pytest.mark.parametrize("spec_name", ["ecommerce", "autoparts"])
+def test_other_specs_over_redis_streams(
+    redis_settings: Callable[..., Settings], redis: redis_sync.Redis, tmp_path: Path, spec_name: str
 ) -> None:
-    spec_path = write_autoparts_spec(tmp_path / "spec")
-    settings = redis_settings(batch_size=16, parse_spec=str(spec_path))
-    spec = load_spec(spec_path)
+    """The built-in general-retail spec and a made-up third domain; plain-text values keep their key as id."""
+    spec_ref = "ecommerce" if spec_name == "ecommerce" else str(write_autoparts_spec(tmp_path / "spec"))
+    queries = ECOMMERCE_QUERIES if spec_name == "ecommerce" else AUTOPARTS_QUERIES
+    settings = redis_settings(batch_size=16, parse_spec=spec_ref)
+    spec = load_spec(spec_ref)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.wait_ready(STARTUP_S)
-        produce(redis, settings, [(f"part-{i}".encode(), q.encode()) for i, q in enumerate(AUTOPARTS_QUERIES)])
-        wait_until(lambda: settled(redis, settings) >= len(AUTOPARTS_QUERIES), 240, "all parsed", [worker])
+        produce(redis, settings, [(f"search-{i}".encode(), q.encode()) for i, q in enumerate(queries)])
+        wait_until(lambda: settled(redis, settings) >= len(queries), 240, "all parsed", [worker])
     finally:
         worker.stop(signal.SIGTERM)
     events = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_parsed)]
-    assert sorted(e["query_id"] for e in events) == sorted(f"part-{i}" for i in range(len(AUTOPARTS_QUERIES)))
+    assert sorted(e["query_id"] for e in events) == sorted(f"search-{i}" for i in range(len(queries)))
     for event in events:
         spec.parse_model.model_validate(event["parse"])
         assert event["spec"] == spec.ref and list(event["parse"]) == list(spec.field_names)
@@ -241,7 +244,7 @@ def test_entry_that_kills_the_worker_each_time_is_dead_lettered(
 ) -> None:
     # The worker keeps its name across restarts (a StatefulSet pod, a systemd unit), so each restart
     # re-reads its own pending entry and the delivery count grows by one.
-    settings = redis_settings(batch_size=4, redis_max_deliveries=2, redis_claim_idle_ms=600_000)
+    settings = redis_settings(batch_size=4, max_deliveries=2, redis_claim_idle_ms=600_000)
     [entry_id] = produce(redis, settings, [(b"deadly", json.dumps({"query": "teal marble side table",
                                                                      "query_id": "deadly"}).encode())])
     workers: list[WorkerProcess] = []
@@ -270,5 +273,5 @@ def test_entry_that_kills_the_worker_each_time_is_dead_lettered(
     reason = DeadLetterReason.from_headers(headers)
     assert (value, key) == (json.dumps({"query": "teal marble side table", "query_id": "deadly"}).encode(), b"deadly")
     assert (reason.stage, reason.error_class, reason.attempts, reason.source_offset) == (
-        "infer", "MaxDeliveriesExceeded", 3, entry_id)
+        "deliveries", "MaxDeliveriesExceeded", 3, entry_id)
     assert "delivered 3 times" in reason.message

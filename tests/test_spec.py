@@ -21,10 +21,10 @@ from schemas.vocabulary import Vocabulary
 from tests.engine_fixtures import tiny_loaded
 from tests.support import AUTOPARTS_QUERIES, REPO, write_autoparts_spec
 from workers.cache import ParseCache, redis_client
+from workers.core_step import InboundMessage, ParsePipeline
 from workers.engine import ConstrainedEngine, ParseResult, engine_version
 from workers.grammar import build_row_grammar, load_checked_spec
 from workers.model import LoadedModel
-from workers.pipeline import InboundMessage, ParsePipeline
 
 __all__ = ["tiny_loaded"]
 

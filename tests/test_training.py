@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from producer_tools.label import parsed_event_item, provenance_path
 from schemas.settings import Settings
 from schemas.spec import load_spec
-from streams.cli import app
+from streams.cli import app, register_plugin_commands
 from streams.topics import ensure_topics
 from tests.engine_fixtures import build_tiny_model, default_model_dir
 from tests.support import WorkerProcess, read_topic, run
@@ -36,6 +36,7 @@ from workers.training import (
 )
 
 ECOMMERCE = load_spec("ecommerce")
+register_plugin_commands([])  # `qustream label` comes from producer_tools' entry point, as on the command line
 GOOD = [
     {"query": "womens leather boots", "product_type": "boot", "audience": "women", "material": "leather"},
     {"query": "samsung 55 inch tv", "product_type": "tv", "brand": "samsung", "size": "55 inch"},

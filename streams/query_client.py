@@ -1,8 +1,9 @@
-"""``QueryClient``: send queries and await their parses over the topics (request/response by query_id).
+"""Send queries and await their parses (request/response by query_id): ``QueryClient`` over the
+Kafka topics, ``RedisQueryClient`` over the Redis streams.
 
-Used by other services, by the worker's ``POST /parse`` bridge and by the tests. The reply is
-matched on ``query_id`` (the correlation id) in the parsed topic, or in the dead-letter topic when
-the query was refused.
+Used by other services, by the worker's ``POST /parse`` bridge, by the producer tools and by the
+tests. The reply is matched on ``query_id`` (the correlation id) in the parsed topic, or in the
+dead-letter topic when the query was refused.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aiokafka import TopicPartition
+from redis.asyncio import Redis
 
 from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer, make_producer
+from streams.redis_codec import decode_entry, encode_entry, entry_text
+from streams.redis_transport import transport_client
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +35,16 @@ class DeadLetteredError(Exception):
     def __init__(self, reason: DeadLetterReason) -> None:
         super().__init__(f"{reason.stage}: {reason.error_class}: {reason.message}")
         self.reason = reason
+
+
+def query_id_of(value: bytes | None) -> str | None:
+    """The ``query_id`` of a query as sent (dead letters carry the original bytes), if it has one."""
+    try:
+        payload = json.loads(value or b"")
+    except ValueError:
+        return None
+    query_id = payload.get("query_id") if isinstance(payload, dict) else None
+    return query_id if isinstance(query_id, str) else None
 
 
 def encode_query(
@@ -147,10 +162,64 @@ class QueryClient:
             future.set_exception(exc)
 
     def _resolve_dead_letter(self, value: bytes | None, headers: dict[str, bytes]) -> None:
-        try:
-            query_id = json.loads(value or b"").get("query_id")
-        except (ValueError, AttributeError):
-            return
-        future = self._pending.get(query_id) if isinstance(query_id, str) else None
+        query_id = query_id_of(value)
+        future = self._pending.get(query_id) if query_id is not None else None
         if future is not None and not future.done():
             future.set_exception(DeadLetteredError(DeadLetterReason.from_headers(headers)))
+
+
+class RedisQueryClient:
+    """Send one query into the input stream and wait for its parse or dead letter (``POST /parse``).
+
+    The replies are matched on ``query_id``. Reading starts at the output streams' last ids taken
+    *before* the query is added, so a fast reply cannot be missed.
+    """
+
+    def __init__(self, settings: Settings, client: Redis | None = None) -> None:
+        self.settings = settings
+        self._own_client = client is None
+        self.client = client if client is not None else transport_client(settings)
+
+    async def __aenter__(self) -> RedisQueryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_client:
+            await self.client.aclose()
+
+    async def _last_id(self, stream: str) -> str:
+        newest: Any = await self.client.xrevrange(stream, "+", "-", count=1)
+        return entry_text(newest[0][0]) if newest else "0-0"
+
+    async def send(self, query: str, *, query_id: str | None = None, **fields: Any) -> str:
+        query_id = query_id or uuid.uuid4().hex
+        entry = encode_entry(encode_query(query, query_id=query_id, **fields), query_id.encode())
+        await self.client.xadd(self.settings.stream_input, entry,  # type: ignore[arg-type]
+                               maxlen=self.settings.stream_maxlen, approximate=True)
+        return query_id
+
+    # Same signature as the Kafka QueryClient.parse, so callers can take either client.
+    async def parse(self, query: str, *, timeout: float = 30.0, **fields: Any) -> ParsedEvent:  # noqa: ASYNC109
+        """The parsed event; ``TimeoutError`` or ``DeadLetteredError`` otherwise."""
+        query_id = fields.pop("query_id", None) or uuid.uuid4().hex
+        parsed_stream, dlq_stream = self.settings.stream_parsed, self.settings.stream_dlq
+        positions = {parsed_stream: await self._last_id(parsed_stream), dlq_stream: await self._last_id(dlq_stream)}
+        await self.send(query, query_id=query_id, **fields)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise TimeoutError(f"no parse of {query_id} within {timeout} s")
+            reply: Any = await self.client.xread(positions, count=100, block=min(remaining_ms, 1000))  # type: ignore[arg-type]
+            for raw_stream, items in reply or []:
+                stream = entry_text(raw_stream)
+                for entry_id, entry in items:
+                    positions[stream] = entry_text(entry_id)
+                    value, key, headers, _ = decode_entry(entry)
+                    if stream == parsed_stream and key == query_id.encode() and value is not None:
+                        return ParsedEvent.model_validate_json(value)
+                    if stream == dlq_stream and query_id_of(value) == query_id:
+                        raise DeadLetteredError(DeadLetterReason.from_headers(headers))

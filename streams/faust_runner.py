@@ -7,7 +7,8 @@ Why it is shaped this way (from faust-streaming's issue tracker):
 - ``concurrency=1``: more than one instance per agent can commit past unprocessed messages; scale
   with partitions and worker processes instead.
 - The body never raises: the core step turns every bad message into a dead letter, and a failed
-  publish is retried until it succeeds or the worker stops (then the batch is redone elsewhere).
+  publish is retried (``streams.delivery``) until it succeeds or Faust cancels the agent on stop
+  (then the batch is not acked and is redone elsewhere).
 - ``value_serializer='raw'``: bytes in, validated by pydantic in the core step, so a poison message
   cannot crash Faust's deserializer.
 """
@@ -15,7 +16,6 @@ Why it is shaped this way (from faust-streaming's issue tracker):
 from __future__ import annotations
 
 import asyncio
-import random
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,8 +26,10 @@ import structlog
 from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
+from streams.deliveries import KafkaDeliveryCounter
+from streams.delivery import OutputNames, Retrying, Routed, route
 from streams.runtime import WorkerRuntime
-from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+from workers.core_step import BatchOutcome, InboundMessage
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +55,8 @@ def _headers(raw: Any) -> dict[str, bytes]:
     return {key: value for key, value in items if value is not None}
 
 
-def to_inbound(event: EventT) -> InboundMessage:
+def inbound_from_faust(event: EventT) -> InboundMessage:
+    """A Faust event as the core step takes it."""
     message = event.message
     timestamp = message.timestamp
     return InboundMessage(
@@ -65,6 +68,37 @@ def to_inbound(event: EventT) -> InboundMessage:
         timestamp_ms=int(timestamp * 1000) if timestamp else None,
         headers=_headers(message.headers),
     )
+
+
+class FaustDelivery:
+    """The Faust runner's ``Delivery``: inputs are the batch's events, acked on the stream (Faust
+    commits acked offsets) once the broker acknowledged every output (acks=all)."""
+
+    def __init__(self, app: faust.App, stream: StreamT[Any], runtime: WorkerRuntime) -> None:
+        self.app = app
+        self.stream = stream
+        self.runtime = runtime
+        self.names = OutputNames.kafka(runtime.settings)
+        # No stop event: Faust stops the agent by cancelling it, which ends a retry at once.
+        self.retrying = Retrying(runtime, stop=None)
+
+    async def deliver(self, outcome: BatchOutcome, inputs: list[EventT]) -> bool:
+        routed = route(outcome, self.names)
+        if not await self.retrying.publish(lambda: self._publish(routed)):
+            return False
+        for event in inputs:
+            await self.stream.ack(event)
+        self.runtime.record(outcome)
+        return True
+
+    async def _publish(self, routed: Routed) -> None:
+        producer = self.app.producer
+        pending = [
+            await producer.send(topic, record.key, record.value, None, None, record.headers)
+            for topic, records in routed.items()
+            for record in records
+        ]
+        await asyncio.gather(*pending)
 
 
 def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
@@ -93,45 +127,17 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     )
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     linger_s = max(settings.batch_linger_ms, 1) / 1000
-
-    async def publish(outcome: BatchOutcome) -> None:
-        """Send every output and wait for the broker's acks (acks=all) before the batch is acked."""
-        routed: list[tuple[str, OutboundRecord]] = [
-            *((settings.topic_parsed, record) for record in outcome.parsed),
-            *((settings.topic_dlq, record) for record in outcome.dead_letters),
-            (settings.topic_metrics, outcome.metrics_record()),
-        ]
-        attempt = 0
-        while True:
-            try:
-                pending = [
-                    await app.producer.send(topic, record.key, record.value, None, None, record.headers)
-                    for topic, record in routed
-                ]
-                await asyncio.gather(*pending)
-                runtime.set_transport(connected=True)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
-                runtime.set_transport(connected=False)
-                log.error("publish.retry", attempt=attempt, delay_s=round(delay, 2),
-                          error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
+    deliveries = KafkaDeliveryCounter(settings)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
         await runtime.wait_serving()
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
+        delivery = FaustDelivery(app, stream, runtime)
         async for events in batches:
-            outcome = await runtime.process([to_inbound(event) for event in events])
-            await publish(outcome)
-            for event in events:
-                await stream.ack(event)
-            runtime.record(outcome)
+            outcome = await deliveries.process(runtime, [inbound_from_faust(event) for event in events])
+            await delivery.deliver(outcome, events)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:

@@ -1,10 +1,10 @@
 """The default Kafka runner: one aiokafka consumer-group loop, batch in, batch out.
 
 consume a micro-batch (sized by ``WorkerRuntime.step``) → core step (``WorkerRuntime.process``) →
-hand every output to the producer (acks=all) → once the broker acknowledged them, mark the batch's
-offsets committable → commit every ``broker_commit_interval_s`` and before partitions are given up.
-Up to ``_MAX_IN_FLIGHT`` batches wait for their acks while the next ones are processed; they are
-settled in order.
+``KafkaDelivery.deliver``: hand every output to the producer (acks=all) → once the broker
+acknowledged them, mark the batch's offsets committable → commit every ``broker_commit_interval_s``
+and before partitions are given up. Up to ``_MAX_IN_FLIGHT`` batches wait for their acks while the
+next ones are processed; they are settled in order. Retries and the stop rule: ``streams.delivery``.
 
 Why not the Faust agent (still available: ``QUSTREAM_KAFKA_RUNNER=faust``): Faust turns every
 message into an event that travels through its conductor, a channel queue, the stream iterator,
@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.settings import Settings
-from streams.kafka_io import make_consumer, make_producer
+from streams.deliveries import KafkaDeliveryCounter
+from streams.delivery import CommitTracker, OutputNames, Retrying, Routed, route
+from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
-from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
-from workers.pipeline import BatchOutcome, InboundMessage, OutboundRecord
+from workers.core_step import BatchOutcome, OutboundRecord
 
 log = structlog.get_logger(__name__)
 
@@ -45,25 +46,8 @@ _POLL_MS = 200
 _LAG_INTERVAL_S = 5.0
 _COMMIT_TIMEOUT_S = 15.0
 
-
-def to_inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
-    headers = record.headers
-    return InboundMessage(
-        record.value,
-        record.key,
-        record.topic,
-        record.partition,
-        str(record.offset),
-        record.timestamp,
-        {name: value for name, value in headers if value is not None} if headers else {},
-    )
-
-
 #: Records as fetched, by partition, in offset order.
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-
-#: Records to publish, by topic, in the order they must keep per partition.
-Routed = dict[str, list[OutboundRecord]]
 
 
 class BatchPublisher:
@@ -122,8 +106,127 @@ class BatchPublisher:
         self._partitions.clear()
 
 
+@dataclass
+class _InFlight:
+    """A batch whose outputs are with the producer: committable once ``acks`` resolves."""
+
+    acks: asyncio.Future[Any] | None  # None: handing the records over failed; settled by retrying
+    routed: Routed
+    outcome: BatchOutcome
+    next_offsets: dict[TopicPartition, int]
+
+
+#: Batches whose acks may be outstanding while the next ones are processed: the broker round trip of
+#: one batch overlaps the core step of the next instead of idling the loop (its gain alone was not
+#: measurable through this machine's noise; the runner as a whole is measured in README "Performance").
+_MAX_IN_FLIGHT = 4
+
+
+class KafkaDelivery:
+    """The batch runner's ``Delivery``: inputs are the next offset of each partition in the batch.
+
+    ``deliver`` hands the outputs to the producer and returns; the batch is settled (acks awaited,
+    republished on failure, counted, its offsets noted committable) in order, when more than
+    ``_MAX_IN_FLIGHT`` wait or when the runner calls ``settle``. ``checkpoint`` settles everything
+    and commits: before partitions move and on stop.
+    """
+
+    def __init__(self, settings: Settings, runtime: WorkerRuntime, consumer: AIOKafkaConsumer,
+                 producer: AIOKafkaProducer, retrying: Retrying) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.consumer = consumer
+        self.publisher = BatchPublisher(producer)
+        self.retrying = retrying
+        self.names = OutputNames.kafka(settings)
+        self.offsets: CommitTracker[TopicPartition] = CommitTracker()
+        self._in_flight: deque[_InFlight] = deque()
+        self._last_commit = time.monotonic()
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self._in_flight)
+
+    async def deliver(self, outcome: BatchOutcome, inputs: dict[TopicPartition, int]) -> bool:
+        routed = route(outcome, self.names)
+        try:
+            acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))
+        except Exception as exc:  # e.g. the broker's metadata is unreachable; retried when settled
+            log.warning("publish.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
+            acks = None
+        self._in_flight.append(_InFlight(acks, routed, outcome, inputs))
+        if len(self._in_flight) > _MAX_IN_FLIGHT:
+            return await self._settle_oldest()
+        return True
+
+    async def settle(self, *, wait: bool) -> None:
+        """Settle the acknowledged batches in order (all of them when ``wait``)."""
+        while self._in_flight:
+            head = self._in_flight[0].acks
+            if not wait and head is not None and not head.done():
+                return
+            if not await self._settle_oldest():
+                return
+
+    async def checkpoint(self) -> None:
+        """Every batch settled, then every committable offset committed."""
+        await self.settle(wait=True)
+        await self.commit()
+
+    async def _settle_oldest(self) -> bool:
+        """Wait for the oldest batch's acks (republishing on failure), then count it and note its
+        offsets. False when stopping left it unpublished: it and every later batch stay uncommitted."""
+        batch = self._in_flight.popleft()
+        try:
+            if batch.acks is None:
+                raise RuntimeError("records were not handed to the producer")
+            await batch.acks
+            published = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("publish.failed", error=f"{type(exc).__name__}: {exc}", note="republishing the batch")
+            published = await self.retrying.publish(lambda: self._republish(batch.routed))
+        if not published:
+            self._in_flight.clear()  # not committed: processed again by the partition's next owner
+            return False
+        self.runtime.record(batch.outcome)
+        self.offsets.published(batch.next_offsets)
+        return True
+
+    async def _republish(self, routed: Routed) -> None:
+        try:
+            await self.publisher.publish(routed)
+        except Exception:
+            self.publisher.forget_partitions()
+            raise
+
+    def commit_due(self) -> bool:
+        return bool(self.offsets) and (
+            time.monotonic() - self._last_commit >= self.settings.broker_commit_interval_s
+        )
+
+    async def commit(self) -> None:
+        """Commit what was published. After a rebalance the offsets are no longer ours and are
+        dropped; after a timeout or broker error they are kept for the next commit. Either way a
+        failure costs duplicates, never loss."""
+        if not self.offsets:
+            return
+        offsets = self.offsets.take()
+        self._last_commit = time.monotonic()
+        try:
+            # Bounded: aiokafka waits for a coordinator without limit, and a stop must not hang on it.
+            await asyncio.wait_for(self.consumer.commit(offsets), _COMMIT_TIMEOUT_S)
+        except CommitFailedError as exc:
+            log.warning("kafka.commit_failed", error=str(exc), partitions=sorted(tp.partition for tp in offsets))
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("kafka.commit_deferred", error=f"{type(exc).__name__}: {exc}",
+                        partitions=sorted(tp.partition for tp in offsets))
+            self.offsets.restore(offsets)
+
+
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, owner: KafkaBatchConsumer) -> None:
+    def __init__(self, owner: KafkaBatchRunner) -> None:
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -133,23 +236,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self._owner.partitions_assigned(assigned)
 
 
-@dataclass
-class _InFlight:
-    """A batch whose outputs are with the producer: committable once ``acks`` resolves."""
-
-    acks: asyncio.Future[Any] | None  # None: handing the records over failed; settled by retrying
-    routed: Routed
-    outcome: BatchOutcome
-    next_offsets: dict[tuple[str, int], int]
-
-
-#: Batches whose acks may be outstanding while the next ones are processed: the broker round trip of
-#: one batch overlaps the core step of the next instead of idling the loop (its gain alone was not
-#: measurable through this machine's noise; the runner as a whole is measured in README "Performance").
-_MAX_IN_FLIGHT = 4
-
-
-class KafkaBatchConsumer:
+class KafkaBatchRunner:
     """Consumes the input topic in the ``app_id`` consumer group until ``stop`` is set."""
 
     def __init__(self, settings: Settings, runtime: WorkerRuntime, stop: asyncio.Event) -> None:
@@ -174,14 +261,12 @@ class KafkaBatchConsumer:
         )
         # Whole batches are handed over at once, so there is nothing to linger for.
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
-        self.publisher = BatchPublisher(self.producer)
+        self.retrying = Retrying(runtime, stop)
+        self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
+        self.deliveries = KafkaDeliveryCounter(settings)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()
-        self._in_flight: deque[_InFlight] = deque()
-        self._committable: dict[TopicPartition, int] = {}
-        self._last_commit = time.monotonic()
-        self._backoff = Backoff()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -196,21 +281,21 @@ class KafkaBatchConsumer:
                 fetched = await self._fetch()
                 async with self._batch_lock:
                     if fetched:
-                        await self._handle(fetched)
+                        await self._step(fetched)
                     # Idle: settle everything, so a trickle of traffic is committed and counted.
-                    await self._settle(wait=not fetched)
-                    if self._commit_due():
-                        await self._commit()
+                    await self.delivery.settle(wait=not fetched)
+                    if self.delivery.commit_due():
+                        await self.delivery.commit()
         finally:
             lag_reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag_reporter
             async with self._batch_lock:
-                await self._settle(wait=True)
-                await self._commit()
+                await self.delivery.checkpoint()
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once
             await self.producer.stop()
+            await self.deliveries.close()
             log.info("kafka.consumer_stopped", group=self.settings.app_id)
 
     async def _start_clients(self) -> bool:
@@ -221,42 +306,39 @@ class KafkaBatchConsumer:
                 await self.producer.start()
                 self.consumer.subscribe([self.topic], listener=_Rebalance(self))
                 await self.consumer.start()
-                self.runtime.set_transport(connected=True)
-                self._backoff.reset()
+                self.retrying.succeeded()
                 return True
             except KafkaError as exc:
-                self.runtime.set_transport(connected=False)
-                delay = self._backoff.next_delay()
+                delay = self.retrying.failed()
                 log.error("kafka.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 2))
-                await self._sleep(delay)
+                await self.retrying.pause(delay)
         return False
 
     # --- rebalance ----------------------------------------------------------------------------
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._batch_lock:  # the batches in flight finish and are committed first
-            await self._settle(wait=True)
-            await self._commit()
+            await self.delivery.checkpoint()
         log.info("partitions.revoked", partitions=sorted(tp.partition for tp in revoked))
 
     def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         mine = {(tp.topic, tp.partition) for tp in assigned if tp.topic == self.topic}
-        self._committable = {tp: offset for tp, offset in self._committable.items() if tp in assigned}
+        self.delivery.offsets.retain(assigned)
         self.runtime.set_transport(connected=True, assigned=mine)
         log.info("partitions.assigned", partitions=sorted(p for _, p in mine))
 
-    # --- one batch ----------------------------------------------------------------------------
+    # --- one step -----------------------------------------------------------------------------
 
     async def _fetch(self) -> Fetched:
         """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
         ``batch_size`` came, more until ``batch_linger_ms`` (lingering fills model batches only)."""
         try:
             # With batches in flight, do not wait for input: the loop goes on to settle them.
-            poll_ms = 0 if self._in_flight else _POLL_MS
+            poll_ms = 0 if self.delivery.in_flight else _POLL_MS
             fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=self.runtime.step.limit)
         except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
             log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
-            await self._sleep(self._backoff.next_delay())
+            await self.retrying.pause(self.retrying.delay())
             return {}
         count = sum(len(records) for records in fetched.values())
         if not count or self.linger_s <= 0:
@@ -273,113 +355,19 @@ class KafkaBatchConsumer:
                 count += len(records)
         return fetched
 
-    async def _handle(self, fetched: Fetched) -> None:
-        """Core step, then hand the outputs to the producer; called with the batch lock held."""
+    async def _step(self, fetched: Fetched) -> None:
+        """Core step, then delivery; called with the batch lock held."""
         # Records fetched before a rebalance took their partition away are left to the new owner,
         # which starts from the offsets committed when the partition was revoked.
         assigned = self.consumer.assignment()
         mine = {tp: records for tp, records in fetched.items() if records and tp in assigned}
         if not mine:
             return
-        outcome = await self.runtime.process([to_inbound(record) for records in mine.values() for record in records])
-        routed = self._route(outcome)
-        try:
-            acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))
-        except Exception as exc:  # e.g. the broker's metadata is unreachable; retried when settled
-            log.warning("publish.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
-            acks = None
-        next_offsets = {(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in mine.items()}
-        self._in_flight.append(_InFlight(acks, routed, outcome, next_offsets))
-        if len(self._in_flight) > _MAX_IN_FLIGHT:
-            await self._settle_oldest()
-
-    async def _settle(self, *, wait: bool) -> None:
-        """Settle the acknowledged batches in order (all of them when ``wait``)."""
-        while self._in_flight:
-            head = self._in_flight[0].acks
-            if not wait and head is not None and not head.done():
-                return
-            if not await self._settle_oldest():
-                return
-
-    async def _settle_oldest(self) -> bool:
-        """Wait for the oldest batch's acks (republishing on failure), then count it and note its
-        offsets. False when stopping left it unpublished: it and every later batch stay uncommitted."""
-        batch = self._in_flight.popleft()
-        try:
-            if batch.acks is None:
-                raise RuntimeError("records were not handed to the producer")
-            await batch.acks
-            published = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("publish.failed", error=f"{type(exc).__name__}: {exc}", note="republishing the batch")
-            published = await self._publish(batch.routed)
-        if not published:
-            self._in_flight.clear()  # not committed: processed again by the partition's next owner
-            return False
-        self.runtime.record(batch.outcome)
-        for (topic, partition), offset in batch.next_offsets.items():
-            self._committable[TopicPartition(topic, partition)] = offset
-        return True
-
-    def _route(self, outcome: BatchOutcome) -> Routed:
-        settings = self.settings
-        return {
-            settings.topic_parsed: outcome.parsed,
-            settings.topic_dlq: outcome.dead_letters,
-            settings.topic_metrics: [outcome.metrics_record()],
-        }
-
-    async def _publish(self, routed: Routed) -> bool:
-        """Every output acknowledged (True), or stop requested while the broker refused (False)."""
-        while True:
-            try:
-                await self.publisher.publish(routed)
-                self.runtime.set_transport(connected=True)
-                self._backoff.reset()
-                return True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.runtime.set_transport(connected=False)
-                self.publisher.forget_partitions()
-                if self.stop.is_set():
-                    log.error("publish.abandoned", error=f"{type(exc).__name__}: {exc}",
-                              note="stopping; the batch is not committed and will be processed again")
-                    return False
-                delay = self._backoff.next_delay()
-                log.error("publish.retry", attempt=self._backoff.failures, delay_s=round(delay, 2),
-                          error=f"{type(exc).__name__}: {exc}")
-                await self._sleep(delay)
-
-    # --- offsets ------------------------------------------------------------------------------
-
-    def _commit_due(self) -> bool:
-        return bool(self._committable) and (
-            time.monotonic() - self._last_commit >= self.settings.broker_commit_interval_s
+        outcome = await self.deliveries.process(
+            self.runtime,
+            [inbound_from_kafka(record) for records in mine.values() for record in records]
         )
-
-    async def _commit(self) -> None:
-        """Commit what was published. After a rebalance the offsets are no longer ours and are
-        dropped; after a timeout or broker error they are kept for the next commit. Either way a
-        failure costs duplicates, never loss."""
-        if not self._committable:
-            return
-        offsets, self._committable = self._committable, {}
-        self._last_commit = time.monotonic()
-        try:
-            # Bounded: aiokafka waits for a coordinator without limit, and a stop must not hang on it.
-            await asyncio.wait_for(self.consumer.commit(offsets), _COMMIT_TIMEOUT_S)
-        except CommitFailedError as exc:
-            log.warning("kafka.commit_failed", error=str(exc), partitions=sorted(tp.partition for tp in offsets))
-        except (KafkaError, TimeoutError) as exc:
-            log.warning("kafka.commit_deferred", error=f"{type(exc).__name__}: {exc}",
-                        partitions=sorted(tp.partition for tp in offsets))
-            for tp, offset in offsets.items():
-                if offset > self._committable.get(tp, -1):
-                    self._committable[tp] = offset
+        await self.delivery.deliver(outcome, {tp: records[-1].offset + 1 for tp, records in mine.items()})
 
     async def _report_lag(self) -> None:
         gauge = self.runtime.metrics.consumer_lag
@@ -391,7 +379,3 @@ class KafkaBatchConsumer:
                     position = await self.consumer.position(tp)
                     if highwater is not None:
                         gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(max(highwater - position, 0))
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,6 +37,12 @@ from workers.normalize import normalize_query, strip_control
 
 log = structlog.get_logger(__name__)
 
+#: Test-only: a query text at which the worker process exits at once, as a native crash or an
+#: out-of-memory kill would take it down (the end-to-end tests of ``max_deliveries`` use it).
+EXIT_ON_QUERY_ENV = "QUSTREAM_TEST_EXIT_ON_QUERY"
+#: The exit status of that deliberate crash, so a test can tell it from any other failure.
+EXIT_ON_QUERY_STATUS = 86
+
 
 @dataclass(slots=True)
 class InboundMessage:
@@ -49,6 +56,9 @@ class InboundMessage:
     offset: str
     timestamp_ms: int | None = None
     headers: Mapping[str, bytes] = field(default_factory=dict)
+    #: How many times this consumer group was handed the message, this time included (Redis: the
+    #: entry's delivery count; Kafka: ``streams.deliveries``). Past ``max_deliveries`` it is refused.
+    deliveries: int = 1
 
 
 @dataclass(slots=True)
@@ -90,11 +100,13 @@ class DecodedQuery:
 
 
 def attempts_of(message: InboundMessage) -> int:
+    """Passes through a worker: earlier redrives (the header) plus this group's deliveries."""
     raw = message.headers.get(ATTEMPTS_HEADER)
     try:
-        return max(1, int(raw)) if raw is not None else 1
+        redriven = max(1, int(raw)) if raw is not None else 1
     except ValueError:
-        return 1
+        redriven = 1
+    return redriven - 1 + message.deliveries
 
 
 def decode_message(message: InboundMessage, settings: Settings) -> DecodedQuery:
@@ -218,6 +230,7 @@ class ParsePipeline:
         # Awaited only when a batch has cache misses: batches of hits and poison are served while
         # the model still loads (a restarted worker catches up on cached traffic at once).
         self._engine_loaded = engine_loaded
+        self._exit_on_query = os.environ.get(EXIT_ON_QUERY_ENV) or None
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         """Never raises: an unexpected error dead-letters the batch rather than stalling the partition."""
@@ -253,13 +266,21 @@ class ParsePipeline:
                         topic=message.topic, partition=message.partition, offset=message.offset)
 
         decoded: list[DecodedQuery] = []
+        max_deliveries = self.settings.max_deliveries
         for message in batch:
+            if message.deliveries > max_deliveries:
+                reject(message, "deliveries", "MaxDeliveriesExceeded",
+                       f"delivered {message.deliveries} times > max_deliveries={max_deliveries}; "
+                       "the worker most likely died processing it")
+                continue
             try:
                 decoded.append(decode_message(message, self.settings))
             except PoisonMessage as poison:
                 reject(message, poison.stage, poison.error_class, str(poison))
             except Exception as exc:  # a decoder bug must not stall the partition
                 reject(message, "decode", type(exc).__name__, str(exc))
+        if self._exit_on_query is not None:
+            _exit_if_asked(decoded, self._exit_on_query)
 
         unique = list(dict.fromkeys(item.normalized for item in decoded))
         lookup = await self.cache.get_many(unique)
@@ -384,6 +405,14 @@ class ParsePipeline:
                 continue
             results.update(zip(chunk, outputs, strict=True))
         return results, failures
+
+
+def _exit_if_asked(decoded: Sequence[DecodedQuery], query: str) -> None:
+    """Test-only (``QUSTREAM_TEST_EXIT_ON_QUERY``): die like a native crash, without cleanup."""
+    for item in decoded:
+        if item.query == query:
+            log.error("test.exit_on_query", offset=item.message.offset, deliveries=item.message.deliveries)
+            os._exit(EXIT_ON_QUERY_STATUS)
 
 
 def _release_device_memory(exc: BaseException) -> None:

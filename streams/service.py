@@ -13,6 +13,7 @@ from mode import Service
 
 from schemas.events import ParsedEvent
 from schemas.settings import Settings
+from streams.broker_checks import check_broker_accepts_settings
 from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
 from streams.topics import ensure_topics_with_retry
@@ -94,13 +95,29 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
-    """The default Kafka runner (``streams.kafka_consumer``)."""
-    from producer_tools.client import QueryClient
-    from streams.kafka_consumer import KafkaBatchConsumer
+async def run_redis_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """``QUSTREAM_TRANSPORT=redis``: the Redis Streams consumer (``streams.redis_transport``)."""
+    from streams.query_client import RedisQueryClient
+    from streams.redis_transport import RedisStreamConsumer, transport_client
+
+    client = transport_client(settings)
 
     async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
-        await KafkaBatchConsumer(settings, runtime, stop).run()
+        await RedisStreamConsumer(settings, runtime, client, stop, boot).run()
+
+    try:
+        await serve(settings, runtime, consume, RedisQueryClient(settings))
+    finally:
+        await client.aclose()
+
+
+async def run_kafka_worker(settings: Settings, runtime: WorkerRuntime) -> None:
+    """The default Kafka runner (``streams.kafka_runner``)."""
+    from streams.kafka_runner import KafkaBatchRunner
+    from streams.query_client import QueryClient
+
+    async def consume(stop: asyncio.Event, boot: asyncio.Task[None]) -> None:
+        await KafkaBatchRunner(settings, runtime, stop).run()
 
     await serve(settings, runtime, consume, QueryClient(settings))
 
@@ -123,7 +140,7 @@ class RuntimeService(Service):
 
     async def _boot(self) -> None:
         await self.runtime.start()
-        from producer_tools.client import QueryClient
+        from streams.query_client import QueryClient
 
         client = QueryClient(self.runtime.settings)
         await client.start()
@@ -146,7 +163,7 @@ class RuntimeService(Service):
 def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     import faust
 
-    from streams.kafka_app import create_app
+    from streams.faust_runner import create_app
 
     app = create_app(settings, runtime)
     worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
@@ -161,12 +178,11 @@ def run_worker(settings: Settings) -> None:
              kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)
     runtime = WorkerRuntime(settings)
     if settings.transport == "redis":
-        from streams.redis_transport import run_redis_worker
-
         asyncio.run(run_redis_worker(settings, runtime))
         return
     if settings.create_topics:
         asyncio.run(ensure_topics_with_retry(settings))
+    asyncio.run(check_broker_accepts_settings(settings))
     if settings.kafka_runner == "faust":
         run_faust_worker(settings, runtime)
     else:

@@ -1,0 +1,83 @@
+"""The delivery layer's shared policies: one retry rule, one stop rule, the commit tracker.
+
+The transports' deliveries themselves run against the real broker and Redis in
+test_kafka_runner.py, test_pipeline_kafka.py and test_redis_transport.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from schemas.settings import Settings
+from streams.delivery import CommitTracker, Retrying
+from streams.runtime import WorkerRuntime
+
+
+class FlakyPublish:
+    """Fails ``failures`` times, then succeeds; counts the attempts."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts = 0
+
+    async def __call__(self) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise ConnectionError(f"refused (attempt {self.attempts})")
+
+
+async def test_a_failed_publish_is_retried_until_it_lands() -> None:
+    runtime = WorkerRuntime(Settings())
+    publish = FlakyPublish(failures=2)
+    assert await Retrying(runtime, asyncio.Event()).publish(publish)
+    assert publish.attempts == 3
+    assert runtime.transport_connected
+
+
+async def test_a_stopping_worker_gives_the_batch_up_after_the_grace() -> None:
+    runtime = WorkerRuntime(Settings())
+    stop = asyncio.Event()
+    stop.set()
+    publish = FlakyPublish(failures=10**9)
+    assert not await Retrying(runtime, stop, grace_s=0.5).publish(publish)
+    assert publish.attempts >= 1
+    assert not runtime.transport_connected
+
+
+async def test_only_the_retried_errors_are_retried() -> None:
+    publish = FlakyPublish(failures=1)
+    retrying = Retrying(WorkerRuntime(Settings()), asyncio.Event())
+    try:
+        await retrying.publish(publish, retry_on=(TimeoutError,))
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("a ConnectionError outside retry_on must propagate")
+    assert publish.attempts == 1
+
+
+async def test_after_failure_can_settle_without_another_attempt() -> None:
+    publish = FlakyPublish(failures=1)
+    seen: list[BaseException] = []
+
+    async def applied_anyway(exc: BaseException) -> bool | None:
+        seen.append(exc)
+        return True
+
+    assert await Retrying(WorkerRuntime(Settings()), asyncio.Event()).publish(publish, after_failure=applied_anyway)
+    assert publish.attempts == 1
+    assert [type(exc) for exc in seen] == [ConnectionError]
+
+
+def test_commit_tracker_keeps_the_newest_position_and_only_assigned_partitions() -> None:
+    tracker: CommitTracker[int] = CommitTracker()
+    assert not tracker
+    tracker.published({0: 10, 1: 5})
+    failed = tracker.take()
+    assert failed == {0: 10, 1: 5} and not tracker
+    tracker.published({0: 12})
+    tracker.restore(failed)  # partition 0 moved on meanwhile: 12 stays
+    assert tracker.take() == {0: 12, 1: 5}
+    tracker.published({0: 13, 1: 6})
+    tracker.retain([1])
+    assert tracker.take() == {1: 6}
