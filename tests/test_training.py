@@ -22,7 +22,7 @@ from streams.cli import app, register_plugin_commands
 from streams.topics import ensure_topics
 from tests.engine_fixtures import build_tiny_model, default_model_dir
 from tests.support import WorkerProcess, read_topic, run
-from workers.engine import ConstrainedEngine, build_engine, engine_version
+from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
 from workers.evaluation import load_quality
 from workers.model import MODEL_CARD, load_model
 from workers.training import (
@@ -108,6 +108,7 @@ def test_training_lowers_the_loss_and_saves_a_model_card(trained: tuple[Path, di
     engine = build_engine(tiny_settings(folder))
     assert isinstance(engine, ConstrainedEngine) and not engine.few_shot
     assert engine.version != engine_version(str(folder), ECOMMERCE, "catalog")
+    assert version_for(tiny_settings(folder)) == engine.version  # what the worker opens its cache with
     base = build_engine(tiny_settings(tiny_folder))
     assert isinstance(base, ConstrainedEngine) and base.few_shot
     assert len(engine._prefix_ids) < len(base._prefix_ids)
