@@ -200,6 +200,48 @@ def chaos(
         raise typer.Exit(1)
 
 
+@app.command("train")
+def train_bench(
+    train_data: Annotated[Path, typer.Option(help="Labelled JSONL to train on (e.g. `bench queryner --split train`).",
+                                             exists=True, dir_okay=False)],
+    eval_data: Annotated[Path, typer.Option(help="Labelled JSONL both models are scored on.", exists=True,
+                                            dir_okay=False)] = Path("tests/data/quality_ecommerce.jsonl"),
+    spec: Annotated[str, typer.Option(help="Parse spec (built-in name or YAML path).")] = "ecommerce",
+    out: Annotated[Path, typer.Option(help="Folder for report.json, the training report and its chart.")]
+    = Path("bench/results/train_ecommerce"),
+    model_out: Annotated[Path | None, typer.Option(help="Folder for the trained model (default: "
+                                                        "<model cache>/models/student-<spec>).")] = None,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="Training time budget.")] = 40.0,
+    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    train_layers: Annotated[int, typer.Option(min=0, help="Top decoder layers trained (0 = all).")] = 0,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: `qustream train`'s.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    held_out: Annotated[int, typer.Option(min=1, help="Training rows held out for early stopping.")] = 200,
+    eval_every: Annotated[int, typer.Option(min=0, help="Held-out evaluation every N steps (0 = each epoch).")]
+    = 100,
+    eval_limit: Annotated[int, typer.Option(min=0, help="Score only the first N --eval-data queries (0 = all).")]
+    = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
+
+    Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce
+    --train-data ../shared/data/queryner/ecommerce_train.jsonl --eval-data tests/data/quality_ecommerce.jsonl
+    --max-minutes 40 --out bench/results/train_ecommerce/
+    """
+    from bench.train_bench import print_report, run_train_bench
+    from schemas.settings import Settings
+    from schemas.spec import load_spec
+    from workers.training import TrainOptions
+
+    folder = model_out or Settings().model_cache_dir / "models" / f"student-{load_spec(spec).name}"
+    options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
+                           train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
+                           held_out=held_out, eval_every=eval_every, seed=seed)
+    report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit)
+    print_report(report)
+
+
 @app.command("queryner")
 def queryner(
     split: Annotated[str, typer.Option(help="train or validation (the test split is held out on purpose).")]

@@ -1,4 +1,4 @@
-"""Typer commands of the producer tools: replay, load, tail, dlq inspect|redrive, reprocess.
+"""Typer commands of the producer tools: replay, load, tail, dlq inspect|redrive, reprocess, label.
 
 ``register(app)`` adds them to the ``qustream`` CLI (streams/cli.py). Every command reads the same
 ``QUSTREAM_*`` settings as the worker, works on Kafka or Redis Streams (``QUSTREAM_TRANSPORT``), and
@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -401,6 +402,88 @@ def reprocess_command(
                       "or their next commit undoes this")
 
 
+# --- label ------------------------------------------------------------------------------------
+
+
+def label_command(
+    files: Annotated[list[Path] | None, typer.Argument(help="Log files as `qustream replay` reads them (.jsonl, "
+                                                            ".csv, .tsv, text, optionally .gz).",
+                                                       exists=True, dir_okay=False, readable=True)] = None,
+    out: Annotated[Path, typer.Option(help="Labelled JSONL to write (provenance goes beside it).")]
+    = Path("labels.jsonl"),
+    topic: Annotated[str | None, typer.Option(help="Read the queries from this topic instead (parsed), from the "
+                                                   "beginning until it is quiet.")] = None,
+    spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="Teacher: a transformers causal LM id or folder. Without it, "
+                                                   "the input's own labels are used.")] = None,
+    grounding: Annotated[str | None, typer.Option(help="Teacher's grounding: catalog, span or free (larger "
+                                                       "models); default: configured.")] = None,
+    log_format: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, csv, tsv or text.")]
+    = "auto",
+    query_field: Annotated[str, typer.Option(help="Field/column holding the query.")] = "query",
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per teacher batch.")] = 32,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N queries read (0 = all).")] = 0,
+    idle_timeout: Annotated[float, typer.Option(help="--topic: stop after this many quiet seconds.")] = 5.0,
+) -> None:
+    """Label queries for `qustream train`: from gold labels in the input or with a teacher model.
+
+    Rows that fail the spec's checks are reported with file:line (or topic[partition]@offset) and left out.
+
+    Example: qustream label queries.jsonl.gz --model Qwen/Qwen2.5-1.5B-Instruct --grounding span --out labels.jsonl
+    """
+    from producer_tools.label import label, log_items, now, parsed_event_item, write_provenance
+    from producer_tools.replay import ReplayOptions
+    from workers.grammar import load_checked_spec
+
+    if bool(files) == bool(topic):
+        raise typer.BadParameter("give log files or --topic, not both (nor neither)")
+    if log_format not in ("auto", "jsonl", "csv", "tsv", "text"):
+        raise typer.BadParameter(f"--format {log_format!r}: auto, jsonl, csv, tsv or text")
+    if grounding not in (None, "catalog", "span", "free"):
+        raise typer.BadParameter(f"--grounding {grounding!r}: catalog, span or free")
+    overrides: dict[str, Any] = {key: value for key, value in
+                                 (("parse_spec", spec), ("model", model), ("grounding", grounding)) if value}
+    settings = _settings().model_copy(update=overrides)
+    parse_spec = load_checked_spec(settings.parse_spec)
+    started, clock = now()
+    source: dict[str, Any]
+    if files:
+        options = ReplayOptions(format=log_format, query_field=query_field)  # type: ignore[arg-type]
+        names = [str(path) for path in files]
+        items: Any = log_items(names, parse_spec, options)
+        source = {"files": names}
+    else:
+        assert topic is not None
+        from producer_tools.tail import follow
+
+        async def collect(stop: asyncio.Event) -> list[Any]:
+            stream = follow(settings, topic, from_beginning=True, idle_timeout_s=idle_timeout,
+                            max_messages=limit or None)
+            return [parsed_event_item(parse_spec, item) async for item in _until(stream, stop)]
+
+        items = _run(settings, collect)
+        source = {"topic": topic}
+    teacher = None
+    if model:
+        from workers.engine import build_engine
+
+        teacher = build_engine(settings)
+    with _progress("label", None, True) as advance:
+        summary = label(items, parse_spec, out, teacher=teacher, batch_size=batch_size, limit=limit,
+                        progress=advance)
+    provenance = write_provenance(out, parse_spec, settings, source, teacher, summary, started,
+                                  time.perf_counter() - clock)
+    for where, reason in summary.skipped[:20]:
+        console.print(f"{where}: skipped: {reason}", markup=False, highlight=False)
+    if len(summary.skipped) > 20:
+        console.print(f"... and {len(summary.skipped) - 20} more skipped (listed in {provenance})")
+    console.print(f"{summary.written} labelled queries -> {out} ({summary.read} read, {summary.repeats} repeats, "
+                  f"{len(summary.skipped)} skipped); provenance: {provenance}", markup=False, highlight=False)
+    if summary.written == 0:
+        raise typer.Exit(1)
+
+
 def produce_command(
     file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],
     topic: Annotated[str | None, typer.Option(help="Topic (default: the input topic).")] = None,
@@ -463,3 +546,4 @@ def register(app: typer.Typer) -> None:
     app.command("tail")(tail_command)
     app.add_typer(dlq_app, name="dlq")
     app.command("reprocess")(reprocess_command)
+    app.command("label")(label_command)

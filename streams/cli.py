@@ -220,8 +220,10 @@ def spec_show(
 
 def _register_eval() -> None:
     from workers.evaluation import eval_command
+    from workers.training import train_command
 
     app.command("eval")(eval_command)
+    app.command("train")(train_command)
 
 
 _register_eval()

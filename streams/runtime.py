@@ -39,12 +39,12 @@ class DeferredEngine:
 
     def __init__(self, settings: Settings, spec: ParseSpec) -> None:
         from workers.engine import engine_version
-        from workers.model import model_id_for
+        from workers.model import card_for, model_id_for
 
         self.model_id = model_id_for(settings)
         self.grounding: str = settings.grounding
         self.spec = spec
-        self.version = engine_version(self.model_id, spec, settings.grounding)
+        self.version = engine_version(self.model_id, spec, settings.grounding, card_for(settings))
         self.loaded: ParseEngine | None = None
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:

@@ -75,14 +75,31 @@ class ParseEngine(Protocol):
         ...
 
 
-def engine_version(model_id: str, spec: ParseSpec, grounding: str) -> str:
+def uses_few_shot(spec: ParseSpec, card: dict[str, Any] | None) -> bool:
+    """Whether the prompt shows the spec's examples: yes, unless the model's card (``qustream train``)
+    says it was trained for this spec without them. A model trained for another spec keeps them."""
+    if card is None or card.get("few_shot", True):
+        return True
+    trained_for = card.get("spec") or {}
+    if trained_for.get("name") != spec.name:
+        log.warning("engine.card_spec_mismatch", trained_for=trained_for, spec=spec.name)
+        return True
+    if trained_for.get("fingerprint") != spec.fingerprint:
+        log.warning("engine.card_spec_changed", trained_for=trained_for, fingerprint=spec.fingerprint)
+    return False
+
+
+def engine_version(model_id: str, spec: ParseSpec, grounding: str, card: dict[str, Any] | None = None) -> str:
+    """``card`` (the model folder's ``qustream.json``) carries a digest of the trained weights, so
+    retraining into the same folder changes the version too."""
     material = json.dumps(
         {
             "format": ENGINE_FORMAT,
             "model": model_id,
-            "prompt": prompt_prefix(spec),
+            "prompt": prompt_prefix(spec, uses_few_shot(spec, card)),
             "spec": spec.canonical_json(),
             "grounding": grounding,
+            "card": card,
         },
         sort_keys=True,
         ensure_ascii=False,
@@ -202,13 +219,14 @@ class ConstrainedEngine:
         self.use_prefix_cache = use_prefix_cache
         self.min_group = min_group
         self.max_pad_waste = max_pad_waste
-        self.version = engine_version(self.model_id, spec, self.grounding)
+        self.few_shot = uses_few_shot(spec, loaded.card)
+        self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
         self._lock = threading.Lock()
         self._vocab_size = int(self.model.config.vocab_size)
         self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
-        self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix(spec))["input_ids"])
+        self._prefix_ids: list[int] = list(self.tokenizer(prompt_prefix(spec, self.few_shot))["input_ids"])
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._static: StaticDecoder | None = None
         if settings.compile and loaded.device == "cuda":
@@ -236,6 +254,10 @@ class ConstrainedEngine:
         self.parse_batch([example.query for example in self.spec.examples[:3]] or ["warm up"])
         log.info("engine.warm", version=self.version, seconds=round(time.perf_counter() - started, 2))
 
+    def weights_changed(self) -> None:
+        """Forget the prefix's keys/values (training evaluates an engine on a model it updates)."""
+        self._prefix_kv = None
+
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:
         if not queries:
             return []
@@ -252,6 +274,29 @@ class ConstrainedEngine:
             results = [self._result(r) for r in rows]
             self.last_stats.seconds = time.perf_counter() - started
             return results
+
+    def teacher_forcing(self, query: str, output: str) -> tuple[list[int], list[int]] | None:
+        """The tokens this engine feeds after the prompt prefix while it writes ``output`` for ``query``
+        (the row's suffix, forced text as ``_force`` encodes it, and each chosen token as the
+        tokenizer splits the rest of ``output``), and the indices of the chosen ones: what training
+        teaches, so training and serving cannot drift. None when the grammar cannot write ``output``."""
+        row = self._new_row(0, query)
+        fed = list(row.feed)
+        chosen: list[int] = []
+        while not row.done:
+            written = self.tokenizer.decode(row.out_ids)
+            if not output.startswith(written) or len(output) == len(written):
+                return None
+            token = self._encode(output[len(written) :])[0]
+            if not row.matcher.accept_token(token):
+                return None
+            row.out_ids.append(token)
+            chosen.append(len(fed))
+            fed.append(token)
+            if row.matcher.is_completed():
+                break
+            fed.extend(self._force(row))
+        return (fed, chosen) if self.tokenizer.decode(row.out_ids) == output else None
 
     # ----------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -402,9 +447,10 @@ class ConstrainedEngine:
 def version_for(settings: Settings) -> str:
     """The version an engine built from ``settings`` will have, without loading the model: the
     worker opens its cache (and serves cache hits) while the model still loads."""
-    from workers.model import model_id_for
+    from workers.model import card_for, model_id_for
 
-    return engine_version(model_id_for(settings), load_checked_spec(settings.parse_spec), settings.grounding)
+    spec = load_checked_spec(settings.parse_spec)
+    return engine_version(model_id_for(settings), spec, settings.grounding, card_for(settings))
 
 
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> ParseEngine:

@@ -11,12 +11,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
 
 from schemas.spec import ParseSpec
+
+if TYPE_CHECKING:
+    from workers.engine import ParseEngine
 
 QUALITY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -33,23 +36,38 @@ class QualityCase:
     expected: dict[str, tuple[str, ...]]
 
 
+def quality_case(spec: ParseSpec, record: dict[str, Any]) -> QualityCase:
+    """One labelled record as a case to score."""
+    expected: dict[str, tuple[str, ...]] = {}
+    for name in spec.field_names:
+        value = record.get(name)
+        if value is None:
+            expected[name] = ()
+        elif isinstance(value, list):
+            expected[name] = tuple(str(v).lower() for v in value)
+        else:
+            expected[name] = (str(value).lower(),)
+    return QualityCase(query=record["query"], expected=expected)
+
+
 def load_quality(spec: ParseSpec, path: Path | None = None) -> list[QualityCase]:
-    cases: list[QualityCase] = []
-    for line in (path or default_quality_path(spec)).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        expected: dict[str, tuple[str, ...]] = {}
-        for name in spec.field_names:
-            value = record.get(name)
-            if value is None:
-                expected[name] = ()
-            elif isinstance(value, list):
-                expected[name] = tuple(str(v).lower() for v in value)
-            else:
-                expected[name] = (str(value).lower(),)
-        cases.append(QualityCase(query=record["query"], expected=expected))
-    return cases
+    lines = (path or default_quality_path(spec)).read_text(encoding="utf-8").splitlines()
+    return [quality_case(spec, json.loads(line)) for line in lines if line.strip()]
+
+
+def parse_cases(
+    engine: ParseEngine, cases: Sequence[QualityCase], batch_size: int = 32
+) -> tuple[list[dict[str, str | None] | None], list[list[str]], float]:
+    """The engine's parses of the cases' queries, their ungrounded flags, and the seconds it took."""
+    started = time.perf_counter()
+    parses: list[dict[str, str | None] | None] = []
+    flags: list[list[str]] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = [c.query for c in cases[start : start + batch_size]]
+        for result in engine.parse_batch(chunk):
+            parses.append(result.parse)
+            flags.append(result.ungrounded)
+    return parses, flags, time.perf_counter() - started
 
 
 def field_correct(expected: tuple[str, ...], predicted: str | None) -> bool:
@@ -159,15 +177,7 @@ def eval_command(
     if limit:
         cases = cases[:limit]
     engine.warm_up()
-    started = time.perf_counter()
-    parses: list[dict[str, str | None] | None] = []
-    flags: list[list[str]] = []
-    for start in range(0, len(cases), batch_size):
-        chunk = [c.query for c in cases[start : start + batch_size]]
-        for result in engine.parse_batch(chunk):
-            parses.append(result.parse)
-            flags.append(result.ungrounded)
-    seconds = time.perf_counter() - started
+    parses, flags, seconds = parse_cases(engine, cases, batch_size)
     metrics = score(parse_spec, cases, parses, flags)
     baseline = null_baseline(parse_spec, cases)
     console = Console()

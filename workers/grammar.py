@@ -268,9 +268,30 @@ def _grounded_words(value: str, query: str) -> bool:
     return f" {match_form(value)} " in padded
 
 
+def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocabulary) -> str | None:
+    """Why a labelled value cannot be a parse of ``query`` (None when it can): a span value that is no
+    run of the query's words, a vocabulary value outside the vocabulary or not mentioned, a label
+    outside the set. Spec examples and training data are checked with it."""
+    name = spec_field.name
+    if spec_field.kind == "span":
+        runs = query_spans(query, spec_field.max_words, trim_edges=False)
+        if normalize_value(spec_field, value, vocabulary) not in {normalize_value(spec_field, r, vocabulary)
+                                                                  for r in runs}:
+            return f"field {name!r}: {value!r} is not a run of the query's words"
+    elif spec_field.kind == "vocabulary":
+        canonical = vocabulary.canonicalize(name, value)
+        if canonical is None:
+            return f"field {name!r}: {value!r} is not a value of its vocabulary"
+        if canonical not in vocabulary.candidates(name, query):
+            return f"field {name!r}: no surface form of {value!r} occurs in the query"
+    elif normalize_value(spec_field, value, vocabulary) not in spec_field.canonical_values:
+        return f"field {name!r}: {value!r} is not one of {spec_field.canonical_values}"
+    return None
+
+
 def check_examples(spec: ParseSpec) -> list[str]:
-    """Problems with the spec's examples, one line each: a span value that is no run of the query's
-    words, a vocabulary value that is not canonical or not mentioned, a label outside the set."""
+    """Problems with the spec's examples, one line each: those of ``check_value``, and values not
+    written as the parse writes them (singular, canonical)."""
     vocabulary = Vocabulary(spec)
     problems: list[str] = []
     for index, example in enumerate(spec.examples):
@@ -279,23 +300,16 @@ def check_examples(spec: ParseSpec) -> list[str]:
             if value is None:
                 continue
             spec_field = spec.field(name)
-            if spec_field.kind == "span":
-                runs = query_spans(example.query, spec_field.max_words, trim_edges=False)
-                written = {normalize_value(spec_field, run, vocabulary) for run in runs}
-                if normalize_value(spec_field, value, vocabulary) not in written:
-                    problems.append(f"{where}: field {name!r}: {value!r} is not a run of the query's words")
-                elif normalize_value(spec_field, value, vocabulary) != value:
-                    problems.append(f"{where}: field {name!r}: write {value!r} as the parse does: "
-                                    f"{normalize_value(spec_field, value, vocabulary)!r}")
-            elif spec_field.kind == "vocabulary":
-                canonical = vocabulary.canonicalize(name, value)
-                if canonical is None:
-                    problems.append(f"{where}: field {name!r}: {value!r} is not a value of its vocabulary")
-                elif canonical != value:
-                    problems.append(f"{where}: field {name!r}: write the canonical value {canonical!r}, not {value!r}")
-                elif canonical not in vocabulary.candidates(name, example.query):
-                    problems.append(f"{where}: field {name!r}: no surface form of {value!r} occurs in the query")
-            elif value not in spec_field.canonical_values:
+            problem = check_value(spec_field, value, example.query, vocabulary)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
+            elif spec_field.kind == "span" and normalize_value(spec_field, value, vocabulary) != value:
+                problems.append(f"{where}: field {name!r}: write {value!r} as the parse does: "
+                                f"{normalize_value(spec_field, value, vocabulary)!r}")
+            elif spec_field.kind == "vocabulary" and vocabulary.canonicalize(name, value) != value:
+                problems.append(f"{where}: field {name!r}: write the canonical value "
+                                f"{vocabulary.canonicalize(name, value)!r}, not {value!r}")
+            elif spec_field.kind == "category" and value not in spec_field.canonical_values:
                 problems.append(f"{where}: field {name!r}: {value!r} is not one of {spec_field.canonical_values}")
     return problems
 

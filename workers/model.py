@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,9 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_FOLDER = "smollm2-135m-instruct"
 #: Written last by ``prepare_default_model``; a folder without it is an interrupted conversion.
 READY_MARKER = ".qustream-ready"
+#: Written by ``qustream train`` into the model folder it saves: which spec the model was trained
+#: for, whether its prompt keeps the few-shot examples, and a digest of its weights.
+MODEL_CARD = "qustream.json"
 
 
 @dataclass
@@ -37,6 +41,27 @@ class LoadedModel:
     device: str
     dtype: Any
     load_seconds: float
+    #: The folder's ``qustream.json`` (a model trained by ``qustream train``), else None.
+    card: dict[str, Any] | None = None
+
+
+def read_model_card(model_path: str) -> dict[str, Any] | None:
+    """The ``qustream.json`` a training run left in a model folder; None for a hub id or a plain folder."""
+    path = Path(model_path) / MODEL_CARD
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable model card: {exc}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: a model card is a JSON object")
+    return card
+
+
+def card_for(settings: Settings) -> dict[str, Any] | None:
+    """The configured model's card, read without loading the model (the bundled default has none)."""
+    return None if settings.model == DEFAULT_MODEL else read_model_card(settings.model)
 
 
 def bundled_model_dir(cache_dir: Path) -> Path:
@@ -172,4 +197,4 @@ def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel
     model_id = model_id_for(settings)
     seconds = time.perf_counter() - started
     log.info("model.loaded", model=model_id, device=device, dtype=str(dtype), seconds=round(seconds, 2))
-    return LoadedModel(model, tokenizer, model_id, device, dtype, seconds)
+    return LoadedModel(model, tokenizer, model_id, device, dtype, seconds, card=read_model_card(path))

@@ -37,10 +37,12 @@ def format_parse(spec: ParseSpec, parse: dict[str, str | None]) -> str:
     return " " + json.dumps({name: parse.get(name) for name in spec.field_names}, ensure_ascii=False)
 
 
-def prompt_prefix(spec: ParseSpec) -> str:
-    """The shared part of every prompt, ending with the last ``Query:`` marker (no trailing space)."""
+def prompt_prefix(spec: ParseSpec, few_shot: bool = True) -> str:
+    """The shared part of every prompt, ending with the last ``Query:`` marker (no trailing space).
+
+    ``few_shot=False`` leaves the examples out: a model fine-tuned on the spec does not need them."""
     lines = [instruction(spec), ""]
-    for example in spec.examples:
+    for example in spec.examples if few_shot else ():
         lines.append(f"{QUERY_MARKER} {example.query}{ANSWER_MARKER}{format_parse(spec, example.parse)}")
         lines.append("")
     return "\n".join(lines) + QUERY_MARKER
@@ -51,5 +53,5 @@ def prompt_suffix(query: str) -> str:
     return f" {query}{ANSWER_MARKER}"
 
 
-def full_prompt(spec: ParseSpec, query: str) -> str:
-    return prompt_prefix(spec) + prompt_suffix(query)
+def full_prompt(spec: ParseSpec, query: str, few_shot: bool = True) -> str:
+    return prompt_prefix(spec, few_shot) + prompt_suffix(query)

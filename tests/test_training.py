@@ -1,0 +1,250 @@
+"""`qustream train` and `qustream label` on a tiny randomly initialised model (the real tokenizer).
+
+The same code path as the real run: labelled rows become the engine's own token stream, a few
+training steps lower the loss, the saved folder is a plain transformers folder with its card, and a
+`qustream worker` subprocess serves it end to end. Bad rows are reported line by line and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from producer_tools.label import parsed_event_item, provenance_path
+from schemas.settings import Settings
+from schemas.spec import load_spec
+from streams.cli import app, register_plugin_commands
+from streams.topics import ensure_topics
+from tests.engine_fixtures import build_tiny_model, default_model_dir
+from tests.support import WorkerProcess, read_topic, run
+from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
+from workers.evaluation import load_quality
+from workers.model import MODEL_CARD, load_model
+from workers.training import (
+    CHART,
+    REPORT,
+    TrainingError,
+    TrainOptions,
+    load_training_data,
+    parameter_count,
+    train,
+)
+
+ECOMMERCE = load_spec("ecommerce")
+register_plugin_commands([])  # `qustream label` comes from producer_tools' entry point, as on the command line
+GOOD = [
+    {"query": "womens leather boots", "product_type": "boot", "audience": "women", "material": "leather"},
+    {"query": "samsung 55 inch tv", "product_type": "tv", "brand": "samsung", "size": "55 inch"},
+    {"query": "red cotton t shirt", "product_type": "t shirt", "color": "red", "material": "cotton"},
+    {"query": "kids rain jacket", "product_type": "rain jacket", "audience": "kids"},
+    {"query": "stainless steel water bottle", "product_type": "water bottle", "material": "stainless steel"},
+    {"query": "nike running shoes men", "product_type": "running shoe", "brand": "nike", "audience": "men"},
+    {"query": "black wool blanket", "product_type": "blanket", "color": "black", "material": "wool"},
+    {"query": "apple watch band", "product_type": "watch band", "brand": "apple"},
+    {"query": "baby girl dress", "product_type": "dress", "audience": ["baby", "girls"]},
+    {"query": "queen size bed sheets", "product_type": "bed sheet", "size": "queen size"},
+]
+#: Line (1-based, after the good rows) -> the reason's telling words.
+BAD: list[tuple[str, str]] = [
+    ('{"query": "oak desk"', "invalid JSON"),
+    ('{"product_type": "desk"}', "no 'query'"),
+    ('{"query": "oak desk", "product_type": "desk", "style": "modern"}', "unknown fields ['style']"),
+    ('{"query": "plaid scarf", "product_type": "scarf", "color": "plaid"}', "'plaid' is not a value of its vocabulary"),
+    ('{"query": "blue jeans", "product_type": "jeans", "color": "red"}', "no surface form of 'red' occurs"),
+    ('{"query": "running shoes", "product_type": "sandal"}', "'sandal' is not a run of the query's words"),
+    ('{"query": "mens socks", "product_type": "sock", "brand": 7}', "expected a value, a list"),
+    ('["a list"]', "not an object"),
+]
+
+
+def write_data(path: Path, bad: bool = True) -> Path:
+    lines = [json.dumps(row) for row in GOOD] + ([line for line, _ in BAD] if bad else [])
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = default_model_dir()
+    if source is None:
+        pytest.skip("default model not prepared (its tokenizer is needed)")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"), source)
+
+
+def tiny_settings(folder: Path, **overrides: Any) -> Settings:
+    return Settings(model=str(folder), device="cpu", cpu_threads=2, parse_spec="ecommerce", **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A few steps on the same batch (10 good rows, 2 held out): the loss must fall."""
+    work = tmp_path_factory.mktemp("trained")
+    data = write_data(work / "labels.jsonl")
+    options = TrainOptions(data=data, out=work / "model", max_steps=12, max_epochs=20, batch_size=8,
+                           learning_rate=3e-3, held_out=2, patience=100, progress=False)
+    return options.out, train(tiny_settings(tiny_folder), options)
+
+
+def test_training_lowers_the_loss_and_saves_a_model_card(trained: tuple[Path, dict[str, Any]],
+                                                         tiny_folder: Path) -> None:
+    folder, report = trained
+    losses = [loss for _, loss in report["losses"]]
+    assert len(losses) == 12 and report["stopped"] == "max steps"
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    assert report["train_rows"] == 8 and report["held_out_rows"] == 2
+    assert [e["step"] for e in report["evals"]][:2] == [0, 1]  # the base model, then every epoch (one batch)
+    assert report["peak_rss_mb"] > 0 and report["method"] == "full"
+    assert {"product_type_acc", "all_fields_acc", "invented_absent"} <= set(report["best"])
+    assert (folder / REPORT).is_file() and (folder / CHART).stat().st_size > 0
+    card = json.loads((folder / MODEL_CARD).read_text())
+    assert card["spec"] == {**ECOMMERCE.ref, "fingerprint": ECOMMERCE.fingerprint}
+    assert card["few_shot"] is False and card["weights"]
+    # The engine reads the card: no examples in the prompt, and a version of its own.
+    engine = build_engine(tiny_settings(folder))
+    assert isinstance(engine, ConstrainedEngine) and not engine.few_shot
+    assert engine.version != engine_version(str(folder), ECOMMERCE, "catalog")
+    assert version_for(tiny_settings(folder)) == engine.version  # what the worker opens its cache with
+    base = build_engine(tiny_settings(tiny_folder))
+    assert isinstance(base, ConstrainedEngine) and base.few_shot
+    assert len(engine._prefix_ids) < len(base._prefix_ids)
+    assert [r.parse.keys() for r in engine.parse_batch(["blue jeans"])] == [dict.fromkeys(ECOMMERCE.field_names).keys()]
+
+
+def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dict[str, Any]],
+                                                       tiny_folder: Path, tmp_path: Path) -> None:
+    _, report = trained
+    expected = [(len(GOOD) + index + 1, words) for index, (_, words) in enumerate(BAD)]
+    assert [row["line"] for row in report["skipped"]] == [line for line, _ in expected]
+    for row, (_, words) in zip(report["skipped"], expected, strict=True):
+        assert words in row["reason"], row
+    # What is kept is the engine's own token stream: decoding it gives the prompt suffix and the output.
+    settings = tiny_settings(tiny_folder)
+    loaded = load_model(settings)
+    engine = ConstrainedEngine(settings, loaded, ECOMMERCE)
+    data = load_training_data(engine, write_data(tmp_path / "labels.jsonl", bad=False))
+    assert not data.problems and len(data.rows) == len(GOOD)
+    text = loaded.tokenizer.decode(list(data.rows[0].ids))
+    assert text.startswith(" womens leather boots\nJSON: {\"product_type\": \"boots\"")
+    # The audience's value is forced once its opening quote is chosen: the engine never feeds it.
+    assert text.endswith('"material": "leather", "audience": "')
+
+
+def test_a_worker_serves_the_trained_folder(trained: tuple[Path, dict[str, Any]],
+                                            make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    folder, _ = trained
+    settings = make_settings(batch_size=8, parse_spec="ecommerce", model=str(folder), device="cpu")
+    run(ensure_topics(settings))
+    queries = ["mens leather wallet", "blue cotton socks", "samsung tv"]
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        from tests.test_pipeline_kafka import produce
+
+        run(produce(settings, [(f"t{i}".encode(), q.encode()) for i, q in enumerate(queries)]))
+        records = run(read_topic(settings, settings.topic_parsed, until=len(queries), timeout_s=120))
+    finally:
+        worker.stop()
+    events = [json.loads(record.value) for record in records]
+    assert sorted(e["query"] for e in events) == sorted(queries)
+    for event in events:
+        assert event["model"] == str(folder) and event["spec"] == ECOMMERCE.ref
+        ECOMMERCE.parse_model.model_validate(event["parse"])
+
+
+def test_label_from_gold_labels_in_a_log(tmp_path: Path) -> None:
+    log = write_data(tmp_path / "log.jsonl")
+    with log.open("a") as handle:
+        handle.write(json.dumps(GOOD[0]) + "\n")  # a repeat is written once
+    out = tmp_path / "labels.jsonl"
+    result = CliRunner().invoke(app, ["label", str(log), "--out", str(out), "--spec", "ecommerce"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # Other keys of a log line are the log's own (locale, source...), not labels: "style" is dropped.
+    assert [row["query"] for row in rows] == [row["query"] for row in GOOD] + ["oak desk"]
+    assert rows[1] == {"query": "samsung 55 inch tv", "product_type": "tv", "brand": "samsung", "size": "55 inch",
+                       "color": None, "material": None, "audience": None}
+    provenance = json.loads(provenance_path(out).read_text())
+    assert provenance["labels"] == "gold" and provenance["teacher"] is None
+    assert provenance["spec"]["name"] == "ecommerce" and provenance["spec"]["fingerprint"] == ECOMMERCE.fingerprint
+    assert provenance["count"] == len(GOOD) + 1 and provenance["repeats"] == 1
+    # The invalid-JSON line is the replay reader's bad line; the others fail the training check.
+    assert {row["where"] for row in provenance["skipped_rows"]} == {f"{log}:{len(GOOD) + i + 1}"
+                                                                    for i in range(len(BAD)) if i != 2}
+    assert load_quality(ECOMMERCE, out)  # and `qustream eval` reads it
+
+
+def test_label_with_a_teacher(tiny_folder: Path, tmp_path: Path) -> None:
+    log = tmp_path / "queries.csv"
+    log.write_text("query,locale\n" + "".join(f"{row['query']},en\n" for row in GOOD))
+    out = tmp_path / "teacher.jsonl"
+    result = CliRunner().invoke(app, ["label", str(log), "--out", str(out), "--spec", "ecommerce",
+                                      "--model", str(tiny_folder), "--grounding", "catalog"],
+                                env={"QUSTREAM_DEVICE": "cpu"})
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(GOOD) and all(list(row) == ["query", *ECOMMERCE.field_names] for row in rows)
+    provenance = json.loads(provenance_path(out).read_text())
+    assert provenance["teacher"]["model"] == str(tiny_folder) and provenance["grounding"] == "catalog"
+    assert provenance["labels"] == "teacher" and provenance["teacher"]["engine_version"]
+    # Teacher labels are training data: the training loader takes every row.
+    settings = tiny_settings(tiny_folder)
+    engine = ConstrainedEngine(settings, load_model(settings), ECOMMERCE)
+    assert load_training_data(engine, out).problems == []
+
+
+def test_train_command_refuses_data_without_usable_rows(tiny_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(line for line, _ in BAD) + "\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--spec",
+                                      "ecommerce", "--model", str(tiny_folder), "--max-steps", "1"],
+                                env={"QUSTREAM_DEVICE": "cpu", "COLUMNS": "400"})
+    assert result.exit_code != 0
+    assert "skipped: invalid JSON" in result.output and "0 usable rows" in result.output
+
+
+def test_resume_goes_on_from_the_checkpoint(tiny_folder: Path, tmp_path: Path) -> None:
+    data = write_data(tmp_path / "labels.jsonl", bad=False)
+    options = TrainOptions(data=data, out=tmp_path / "model", max_steps=2, batch_size=4, learning_rate=3e-3,
+                           held_out=2, eval_every=1, patience=100, progress=False)
+    first = train(tiny_settings(tiny_folder), options)
+    options.max_steps, options.resume = 4, True
+    resumed = train(tiny_settings(tiny_folder), options)
+    assert [step for step, _ in resumed["losses"]] == [1, 2, 3, 4]
+    assert resumed["losses"][:2] == first["losses"]
+    assert [e["step"] for e in resumed["evals"]] == [0, 1, 2, 3, 4]
+    # Another run's checkpoint (other data) is refused, not silently mixed in.
+    options.data = write_data(tmp_path / "other.jsonl")
+    with pytest.raises(TrainingError, match="another run"):
+        train(tiny_settings(tiny_folder), options)
+
+
+def test_lora_adapters_are_merged_into_a_plain_folder(tiny_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
+                           max_steps=2, batch_size=8, method="lora", lora_rank=4, held_out=2, progress=False)
+    report = train(tiny_settings(tiny_folder), options)
+    assert report["method"] == "lora" and report["trainable_parameters"] < report["parameters"] / 10
+    saved = AutoModelForCausalLM.from_pretrained(options.out)
+    assert not [name for name, _ in saved.named_parameters() if "lora" in name]
+    base = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    assert parameter_count(saved) == parameter_count(base)
+
+
+def test_label_takes_the_parsed_topics_events_made_under_the_spec() -> None:
+    event = {"query": "Red Cotton T Shirt", "parse": {"product_type": "t shirt", "color": "red"},
+             "spec": ECOMMERCE.ref}
+    item = parsed_event_item(ECOMMERCE, {"topic": "queries.parsed", "partition": 0, "offset": 7, "value": event})
+    assert item.where == "queries.parsed[0]@7" and item.record is not None
+    assert item.record["color"] == "red" and "material" in item.record
+    other = parsed_event_item(ECOMMERCE, {"topic": "t", "partition": 0, "offset": 8,
+                                          "value": {**event, "spec": {"name": "furniture", "version": "1"}}})
+    assert other.record == {"query": "Red Cotton T Shirt"}  # another contract's parse is no label here
+    broken = parsed_event_item(ECOMMERCE, {"topic": "t", "partition": 0, "offset": 9, "value": "not json"})
+    assert broken.record is None and broken.problem

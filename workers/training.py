@@ -1,0 +1,595 @@
+"""Fine-tuning the parser on labelled queries (``qustream train``).
+
+What the model is taught is exactly what the engine decodes. Each labelled row is turned into the
+engine's own token stream by ``ConstrainedEngine.teacher_forcing``: the prompt prefix (with or without
+the spec's examples), the row's suffix, then the output as the engine writes it, forced text encoded
+as the engine encodes it. The loss covers only the tokens the grammar leaves to the model (the first
+token of each value, the words of a span, the choice of null); keys and punctuation are forced at
+serving time, so learning them would cost compute and teach nothing.
+
+Choices that make a CPU run affordable:
+
+- **No few-shot examples** by default (``--few-shot`` keeps them): the ecommerce prompt shrinks from
+  about 500 tokens to the 70-token instruction. The saved ``qustream.json`` tells the engine to
+  build the same short prompt, which also makes serving faster.
+- **The shared prefix is computed once per step**, without gradient, at batch size 1, and its
+  keys/values are shared by every row of the batch: each row then costs only its query and output.
+- **The output layer runs only where the loss is taken**; the input embeddings (tied to it in small
+  models) stay frozen.
+- **Full fine-tuning of the top ``--train-layers`` decoder layers** for small models (autograd keeps
+  no activations below the first trainable layer), **LoRA** (peft, merged before saving) for large ones.
+
+Rows that cannot be learned (bad JSON, no query, unknown fields, values outside the vocabulary or
+category set, spans that are not words of the query, values the engine's grammar cannot write) are
+reported with their line number and reason, and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import structlog
+import typer
+
+from schemas.settings import Settings
+from schemas.spec import ParseSpec
+from schemas.vocabulary import Vocabulary
+from workers.evaluation import QualityCase, parse_cases, quality_case, score
+from workers.grammar import build_row_grammar, check_value, normalize_value
+from workers.model import MODEL_CARD
+from workers.normalize import normalize_query
+from workers.prompt import format_parse
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.engine import ConstrainedEngine
+    from workers.model import LoadedModel
+
+log = structlog.get_logger(__name__)
+
+Method = Literal["auto", "full", "lora"]
+#: Above this many parameters ``--method auto`` trains LoRA adapters instead of the weights.
+LORA_ABOVE_PARAMS = 400_000_000
+CHECKPOINT = "checkpoint.pt"
+REPORT = "training_report.json"
+CHART = "training.png"
+#: Metric that decides the best evaluation and early stopping.
+SELECT_BY = "all_fields_acc"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on (no usable rows, a checkpoint of another run)."""
+
+
+# -- data ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingRow:
+    line: int
+    #: The labelled record (query normalised as the worker normalises it); held-out rows are scored on it.
+    record: dict[str, Any]
+    #: What the engine feeds after the prompt prefix: the suffix and the output tokens.
+    ids: tuple[int, ...]
+    #: Indices into ``ids`` of the tokens the model chooses (the loss is taken there only).
+    chosen: tuple[int, ...]
+
+
+@dataclass
+class TrainingData:
+    rows: list[TrainingRow]
+    #: (line number, reason) for every line that was skipped.
+    problems: list[tuple[int, str]]
+
+
+class BadRow(ValueError):
+    pass
+
+
+def _label_values(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise BadRow(f"field {name!r}: expected a value, a list of acceptable values, or null; got {value!r}")
+    return values
+
+
+def check_record(spec: ParseSpec, vocabulary: Vocabulary, record: Any) -> dict[str, Any]:
+    """A labelled record checked against the spec: ``query`` (normalised) plus every field.
+
+    Raises ``BadRow`` with the reason when the record cannot be training data."""
+    if not isinstance(record, dict):
+        raise BadRow(f"a JSON {type(record).__name__}, not an object")
+    query = record.get("query")
+    if not isinstance(query, str) or not normalize_query(query):
+        raise BadRow("no 'query' (a non-empty string)")
+    unknown = sorted(set(record) - {"query", *spec.field_names})
+    if unknown:
+        raise BadRow(f"unknown fields {unknown}; the spec {spec.name!r} has {list(spec.field_names)}")
+    query = normalize_query(query)
+    checked: dict[str, Any] = {"query": query}
+    for spec_field in spec.fields:
+        values = _label_values(record.get(spec_field.name), spec_field.name)
+        for value in values:
+            problem = check_value(spec_field, value, query, vocabulary)
+            if problem is not None:
+                raise BadRow(problem)
+        checked[spec_field.name] = values[0] if len(values) == 1 else (values or None)
+    return checked
+
+
+def grammar_output(engine: ConstrainedEngine, record: dict[str, Any]) -> str:
+    """The output text the engine must write for a checked record: per field, the value its grammar
+    offers for this query (a run of the query's words, a canonical value) that normalises to the label."""
+    spec = engine.spec
+    allowed = build_row_grammar(record["query"], engine.vocabulary, engine._grounding).allowed
+    raw: dict[str, str | None] = {}
+    for spec_field in spec.fields:
+        labels = _label_values(record.get(spec_field.name), spec_field.name)
+        if not labels:
+            raw[spec_field.name] = None
+            continue
+        offered = allowed[spec_field.name]
+        if offered is None:  # free grounding: any short string
+            raw[spec_field.name] = labels[0]
+            continue
+        wanted = {normalize_value(spec_field, label, engine.vocabulary) for label in labels}
+        written = [v for v in offered if normalize_value(spec_field, v, engine.vocabulary) in wanted]
+        if not written:
+            raise BadRow(f"field {spec_field.name!r}: the grammar offers no value written {labels[0]!r} for this "
+                         f"query under {engine.grounding} grounding")
+        raw[spec_field.name] = next((v for v in written if v in labels), written[0])
+    return format_parse(spec, raw)
+
+
+def load_training_data(engine: ConstrainedEngine, path: Path) -> TrainingData:
+    """Every usable row of a labelled JSONL file in the engine's token stream; the rest reported."""
+    rows: list[TrainingRow] = []
+    problems: list[tuple[int, str]] = []
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadRow(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+                checked = check_record(engine.spec, engine.vocabulary, record)
+                output = grammar_output(engine, checked)
+                taught = engine.teacher_forcing(checked["query"], output)
+                if taught is None:
+                    raise BadRow(f"the engine's grammar rejects the output {output.strip()!r}")
+            except BadRow as exc:
+                problems.append((number, str(exc)))
+                continue
+            ids, chosen = taught
+            if chosen:  # a row whose whole output is forced teaches nothing
+                rows.append(TrainingRow(number, checked, tuple(ids), tuple(chosen)))
+    return TrainingData(rows, problems)
+
+
+def split_rows(rows: list[TrainingRow], held_out: int, seed: int) -> tuple[list[TrainingRow], list[TrainingRow]]:
+    """(train, held-out): a seeded shuffle, the same for the same data and seed."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held_out = min(held_out, len(rows) // 5)
+    held = sorted(order[:held_out])
+    kept = sorted(order[held_out:])
+    return [rows[i] for i in kept], [rows[i] for i in held]
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(count))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+# -- model -----------------------------------------------------------------------------------------
+@dataclass
+class TrainOptions:
+    data: Path
+    out: Path
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    max_epochs: int = 3
+    seed: int = 0
+    resume: bool = False
+    batch_size: int = 16
+    learning_rate: float | None = None
+    method: Method = "auto"
+    #: Full fine-tuning: the top N decoder layers (0 = all).
+    train_layers: int = 0
+    lora_rank: int = 16
+    few_shot: bool = False
+    held_out: int = 200
+    #: Evaluate every N steps (0 = at the end of each epoch).
+    eval_every: int = 0
+    #: Stop after this many evaluations without a better held-out score.
+    patience: int = 3
+    progress: bool = True
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def choose_method(model: Any, method: Method) -> Literal["full", "lora"]:
+    if method != "auto":
+        return method
+    return "lora" if parameter_count(model) > LORA_ABOVE_PARAMS else "full"
+
+
+def make_trainable(loaded: LoadedModel, method: Literal["full", "lora"], options: TrainOptions) -> Any:
+    """Freeze what is not trained; returns the module whose trainable parameters are optimised."""
+    model = loaded.model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
+                            target_modules="all-linear", task_type="CAUSAL_LM")
+        # Injects the adapters into ``model``'s own modules, so the engine's reference sees them.
+        return get_peft_model(model, config)
+    decoder = model.get_decoder()
+    layers = list(decoder.layers)
+    top = layers if options.train_layers <= 0 else layers[-options.train_layers :]
+    for module in [*top, decoder.norm]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    return model
+
+
+def trainable_state(module: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def restore_state(module: Any, state: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+
+class StepRunner:
+    """One training step: shared prefix without gradient, rows from their suffix, loss on chosen tokens."""
+
+    def __init__(self, engine: ConstrainedEngine) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.prefix_ids: list[int] = engine._prefix_ids
+        self.pad_id = engine._pad_id
+
+    def loss(self, rows: list[TrainingRow]) -> torch.Tensor:
+        import torch
+        from transformers import DynamicCache
+
+        decoder = self.model.get_decoder()
+        device = self.engine.loaded.device
+        with torch.no_grad():
+            prefix = decoder(input_ids=torch.tensor([self.prefix_ids], device=device), use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in prefix.past_key_values.layers]
+        batch = len(rows)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                             for k, v in layers])
+        width = max(len(row.ids) for row in rows)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, len(self.prefix_ids) + width), dtype=torch.long)
+        mask[:, : len(self.prefix_ids)] = 1
+        for i, row in enumerate(rows):
+            ids[i, : len(row.ids)] = torch.tensor(row.ids)
+            mask[i, len(self.prefix_ids) : len(self.prefix_ids) + len(row.ids)] = 1
+        positions = torch.arange(len(self.prefix_ids), len(self.prefix_ids) + width).expand(batch, -1)
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         past_key_values=cache, use_cache=True).last_hidden_state
+        row_index = torch.tensor([i for i, row in enumerate(rows) for _ in row.chosen], device=device)
+        position = torch.tensor([p for row in rows for p in row.chosen], device=device)
+        # The token at position p is predicted from the hidden state at p - 1 (p >= 1: the suffix comes first).
+        logits = self.model.get_output_embeddings()(hidden[row_index, position - 1]).float()
+        return torch.nn.functional.cross_entropy(logits, ids.to(device)[row_index, position])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(engine: ConstrainedEngine, cases: list[QualityCase], batch_size: int = 32) -> dict[str, float]:
+    """The held-out score with the same engine and scorer as ``qustream eval``, on the current weights."""
+    engine.weights_changed()
+    engine.model.eval()
+    try:
+        parses, flags, seconds = parse_cases(engine, cases, batch_size)
+    finally:
+        engine.model.train()
+        engine.weights_changed()
+    metrics = score(engine.spec, cases, parses, flags)
+    metrics["queries_per_s"] = len(cases) / seconds if seconds else 0.0
+    return metrics
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    #: Batches of the current epoch already trained (where ``--resume`` goes on).
+    batch_in_epoch: int = 0
+    seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0
+    best_score: float = -1.0
+    evals_since_best: int = 0
+
+
+def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method: str, data: Path) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed."""
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
+    return {"model": settings.model, "spec": spec.fingerprint, "grounding": settings.grounding, "method": method,
+            "train_layers": options.train_layers, "lora_rank": options.lora_rank, "few_shot": options.few_shot,
+            "data": digest, "seed": options.seed, "held_out": options.held_out, "batch_size": options.batch_size}
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_card(spec: ParseSpec, few_shot: bool, base_model: str, grounding: str) -> dict[str, Any]:
+    return {"spec": {"name": spec.name, "version": spec.version, "fingerprint": spec.fingerprint},
+            "few_shot": few_shot, "base_model": base_model, "grounding": grounding}
+
+
+def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
+    """Fine-tune the configured model on ``options.data`` and save it to ``options.out``; returns the report."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from workers.engine import ConstrainedEngine
+    from workers.grammar import load_checked_spec
+    from workers.model import load_model
+
+    started = time.perf_counter()
+    console = Console(stderr=True)
+    torch.manual_seed(options.seed)
+    spec = load_checked_spec(settings.parse_spec)
+    loaded = load_model(settings)
+    loaded.card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
+    engine = ConstrainedEngine(settings, loaded, spec)
+    data = load_training_data(engine, options.data)
+    for number, reason in data.problems[:20]:
+        console.print(f"{options.data}:{number}: skipped: {reason}", markup=False, highlight=False)
+    if len(data.problems) > 20:
+        console.print(f"... and {len(data.problems) - 20} more skipped lines (all listed in {REPORT})")
+    if len(data.rows) < 2:
+        raise TrainingError(f"{options.data}: {len(data.rows)} usable rows; nothing to train on")
+    train_rows, held_rows = split_rows(data.rows, options.held_out, options.seed)
+    held_cases = [quality_case(spec, row.record) for row in held_rows]
+    method = choose_method(loaded.model, options.method)
+    trained = make_trainable(loaded, method, options)
+    parameters = [p for p in trained.parameters() if p.requires_grad]
+    learning_rate = options.learning_rate or (1e-3 if method == "lora" else 1e-4)
+    # The fused kernel: the per-tensor loop torch picks by default on CPU was a visible share of a step.
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0, fused=True)
+    warmup = 20
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    runner = StepRunner(engine)
+    identity = _identity(settings, spec, options, method, options.data)
+    options.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = options.out / CHECKPOINT
+    state = TrainState()
+    best = trainable_state(trained)
+    if options.resume and checkpoint_path.is_file():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        if saved["identity"] != identity:
+            raise TrainingError(f"{checkpoint_path} belongs to another run: {saved['identity']} != {identity}")
+        restore_state(trained, saved["weights"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["state"])
+        best = saved["best"]
+        console.print(f"resumed from {checkpoint_path} at step {state.step}")
+
+    def checkpoint() -> None:
+        payload = {"identity": identity, "weights": trainable_state(trained), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": asdict(state), "best": best}
+        torch.save(payload, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+    def run_eval() -> bool:
+        """Evaluate, keep the best weights; True when early stopping says stop."""
+        nonlocal best
+        metrics = evaluate(engine, held_cases)
+        state.evals.append({"step": state.step, "epoch": state.epoch, "metrics": metrics})
+        if metrics[SELECT_BY] > state.best_score:
+            state.best_score, state.best_step, state.evals_since_best = metrics[SELECT_BY], state.step, 0
+            best = trainable_state(trained)
+        else:
+            state.evals_since_best += 1
+        checkpoint()
+        return state.evals_since_best >= options.patience
+
+    batches_per_epoch = math.ceil(len(train_rows) / options.batch_size)
+    planned = options.max_steps or batches_per_epoch * options.max_epochs
+    deadline = time.monotonic() + options.max_minutes * 60 if options.max_minutes else math.inf
+    trained.train()
+    stopped = "epochs"
+    if not state.evals:
+        run_eval()  # the starting point: the base model with the training prompt
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("held-out {task.fields[score]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not options.progress) as progress:
+        task = progress.add_task("train", total=planned, completed=state.step, loss="-",
+                                 score=f"{state.best_score:.1%}")
+        while stopped == "epochs" and state.epoch < options.max_epochs:
+            order = epoch_order(len(train_rows), options.seed, state.epoch)
+            while state.batch_in_epoch < batches_per_epoch:
+                step_started = time.perf_counter()
+                start = state.batch_in_epoch * options.batch_size
+                batch = [train_rows[i] for i in order[start : start + options.batch_size]]
+                loss = runner.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.losses.append((state.step, loss.item()))
+                state.seconds += time.perf_counter() - step_started
+                progress.update(task, completed=state.step, loss=f"{state.losses[-1][1]:.3f}")
+                if options.eval_every and state.step % options.eval_every == 0:
+                    if run_eval():
+                        stopped = "early stopping"
+                    progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
+                if stopped == "epochs" and options.max_steps and state.step >= options.max_steps:
+                    stopped = "max steps"
+                if stopped == "epochs" and time.monotonic() >= deadline:
+                    stopped = "time budget"
+                if stopped != "epochs":
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not options.eval_every:
+                    if run_eval():
+                        stopped = "early stopping"
+                    progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
+    if state.evals[-1]["step"] != state.step:
+        run_eval()
+    report = _save(loaded, trained, method, best, spec, options, settings)
+    report.update(
+        spec=spec.ref | {"fingerprint": spec.fingerprint}, base_model=loaded.model_id, method=method,
+        grounding=settings.grounding, few_shot=options.few_shot, learning_rate=learning_rate,
+        parameters=parameter_count(loaded.model), trainable_parameters=sum(p.numel() for p in parameters),
+        rows=len(data.rows), train_rows=len(train_rows), held_out_rows=len(held_rows),
+        chosen_tokens_per_row=sum(len(r.chosen) for r in train_rows) / len(train_rows),
+        tokens_per_row=sum(len(r.ids) for r in train_rows) / len(train_rows),
+        prefix_tokens=len(runner.prefix_ids), skipped=[{"line": n, "reason": r} for n, r in data.problems],
+        options={k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        stopped=stopped, steps=state.step, epochs=state.step / batches_per_epoch, train_seconds=state.seconds,
+        seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(), best_step=state.best_step,
+        best=next(e["metrics"] for e in state.evals if e["step"] == state.best_step), evals=state.evals,
+        losses=state.losses,
+    )
+    (options.out / REPORT).write_text(json.dumps(report, indent=2))
+    plot_training(report, options.out / CHART)
+    return report
+
+
+def _save(loaded: LoadedModel, trained: Any, method: str, best: dict[str, Any], spec: ParseSpec,
+          options: TrainOptions, settings: Settings) -> dict[str, Any]:
+    """The best weights as a plain transformers folder (LoRA merged) with its ``qustream.json``."""
+    from workers.attention import use_default_sdpa
+
+    restore_state(trained, best)
+    model = trained.merge_and_unload() if method == "lora" else loaded.model
+    use_default_sdpa(model)
+    model.save_pretrained(options.out)
+    loaded.tokenizer.save_pretrained(options.out)
+    card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
+    card.update(trained_at=datetime.now(UTC).isoformat(timespec="seconds"), weights=_weights_digest(options.out))
+    (options.out / MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return {"model_folder": str(options.out), "card": card}
+
+
+def plot_training(report: dict[str, Any], path: Path) -> None:
+    """Loss per step and held-out accuracy per evaluation, one chart (matplotlib, the ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("training.no_chart", reason="matplotlib not installed (pip install qustream[bench])")
+        return
+    figure, loss_axis = plt.subplots(figsize=(8, 4.5))
+    if report["losses"]:
+        steps, losses = zip(*report["losses"], strict=True)
+        loss_axis.plot(steps, losses, color="tab:blue", alpha=0.6, label="training loss (chosen tokens)")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    accuracy_axis = loss_axis.twinx()
+    eval_steps = [e["step"] for e in report["evals"]]
+    first_field = next(iter(report["best"]))  # score() lists the per-field accuracies first
+    for key, color in ((SELECT_BY, "tab:green"), (first_field, "tab:orange"), ("invented_absent", "tab:red")):
+        accuracy_axis.plot(eval_steps, [e["metrics"].get(key, 0.0) for e in report["evals"]], marker="o",
+                           color=color, label=f"held-out {key}")
+    accuracy_axis.set_ylabel("held-out rate")
+    accuracy_axis.set_ylim(0, 1)
+    figure.legend(loc="upper center", ncol=2, fontsize=8)
+    figure.suptitle(f"{report['base_model']} on {report['spec']['name']} v{report['spec']['version']} "
+                    f"({report['method']}, {report['steps']} steps)", fontsize=10, y=0.02)
+    figure.tight_layout(rect=(0, 0.04, 1, 0.9))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# -- command ---------------------------------------------------------------------------------------
+def train_command(
+    data: Annotated[Path, typer.Option(help="Labelled JSONL (query + the spec's fields), e.g. from `qustream label`.",
+                                       exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="Folder to save the model in (serve it with QUSTREAM_MODEL=<folder>).")],
+    spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="Base model id or folder; default: the configured model.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(min=0.1, help="Stop after this much time (then save).")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Passes over the training rows at most.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seeds the held-out split, the data order and the initialisation.")] = 0,
+    resume: Annotated[bool, typer.Option(help=f"Go on from {CHECKPOINT} in --out.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: 1e-4 full, 1e-3 LoRA.")] = None,
+    method: Annotated[Method, typer.Option(help="full fine-tuning, LoRA, or auto (LoRA above 400M parameters).")]
+    = "auto",
+    train_layers: Annotated[int, typer.Option(min=0, help="full: train the top N decoder layers (0 = all).")] = 0,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
+    few_shot: Annotated[bool, typer.Option(help="Keep the spec's examples in the prompt (slower to train and serve).")]
+    = False,
+    held_out: Annotated[int, typer.Option(min=1, help="Rows held out for evaluation (at most a fifth).")] = 200,
+    eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (0 = each epoch).")] = 0,
+    patience: Annotated[int, typer.Option(min=1, help="Evaluations without improvement before stopping.")] = 3,
+) -> None:
+    """Fine-tune the parser on labelled queries, in the engine's exact prompt and output format.
+
+    Example: qustream train --spec ecommerce --data labels.jsonl --out models/ecommerce --max-minutes 40
+    """
+    from rich.console import Console
+
+    overrides: dict[str, Any] = {}
+    if spec:
+        overrides["parse_spec"] = spec
+    if model:
+        overrides["model"] = model
+    options = TrainOptions(data=data, out=out, max_minutes=max_minutes, max_steps=max_steps, max_epochs=max_epochs,
+                           seed=seed, resume=resume, batch_size=batch_size, learning_rate=learning_rate,
+                           method=method, train_layers=train_layers, lora_rank=lora_rank, few_shot=few_shot,
+                           held_out=held_out, eval_every=eval_every, patience=patience)
+    try:
+        report = train(Settings(**overrides), options)
+    except TrainingError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data") from None
+    best = report["best"]
+    Console().print(
+        f"saved {report['model_folder']} ({report['method']}, {report['steps']} steps, {report['stopped']}, "
+        f"{report['train_seconds']:.0f} s training, peak RSS {report['peak_rss_mb']:.0f} MB); held-out at step "
+        f"{report['best_step']}: all fields {best['all_fields_acc']:.1%}, invented {best['invented_absent']:.1%}; "
+        f"{len(report['skipped'])} lines skipped. Serve it with QUSTREAM_MODEL={report['model_folder']}"
+    )
