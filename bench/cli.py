@@ -226,7 +226,7 @@ def train_bench(
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
     Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce
-    --train-data ../shared/data/queryner/ecommerce_train.jsonl --eval-data tests/data/quality_ecommerce.jsonl
+    --train-data /tmp/queryner_train_ecommerce.jsonl --eval-data tests/data/quality_ecommerce.jsonl
     --max-minutes 40 --out bench/results/train_ecommerce/
     """
     from bench.train_bench import print_report, run_train_bench

@@ -5,8 +5,8 @@ all-fields-right, engine queries/s, training time and peak RSS.
 The full run (QueryNER train split, 40 minutes of training on the 2-core CPU, then both models on
 the whole validation split):
 
-    qustream bench queryner --split train --out ../shared/data/queryner/ecommerce_train.jsonl
-    qustream bench train --spec ecommerce --train-data ../shared/data/queryner/ecommerce_train.jsonl \\
+    qustream bench queryner --split train --out /tmp/queryner_train_ecommerce.jsonl
+    qustream bench train --spec ecommerce --train-data /tmp/queryner_train_ecommerce.jsonl \\
         --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --out bench/results/train_ecommerce/
 
 The model folder goes to ``--model-out`` (default: under the model cache, not into the repository);
