@@ -154,7 +154,8 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
         if values is None:
             rules.append(f'v{index} ::= "null" | "\\"" freechar{{0,{MAX_FREE_CHARS}}} "\\""')
         else:
-            rules.append(f"v{index} ::= " + " | ".join(['"null"', *(_json_string_literal(v) for v in values)]))
+            null = [] if values and _fills_unshared(spec_field, mentions) else ['"null"']
+            rules.append(f"v{index} ::= " + " | ".join([*null, *(_json_string_literal(v) for v in values)]))
     if any(v is None for v in allowed.values()):
         # Printable characters other than quote and backslash: a free value never needs escaping.
         rules.append('freechar ::= [^"\\\\\\x00-\\x1f\\x7f]')
@@ -189,14 +190,31 @@ def _exclusive_groups(spec: ParseSpec, mentions: list[tuple[str, str, int, int]]
         while end < len(spec.fields) and spec.fields[end].kind == "vocabulary":
             end += 1
         if end - index >= 2:
-            alternatives = _combinations([f.name for f in spec.fields[index:end]], mentions)
+            alternatives = _combinations(spec.fields[index:end], mentions)
             if alternatives is not None:
                 groups[index] = (end, alternatives)
         index = max(end, index + 1)
     return groups
 
 
-def _combinations(fields: list[str], mentions: list[tuple[str, str, int, int]]) -> str | None:
+def _fills_unshared(spec_field: SpecField, mentions: list[tuple[str, str, int, int]]) -> bool:
+    """Whether a ``fill: mentioned`` field must take a value: one of its mentions is claimed by no other field."""
+    if spec_field.fill != "mentioned":
+        return False
+    own = {(s, e) for name, _, s, e in mentions if name == spec_field.name}
+    others = {(s, e) for name, _, s, e in mentions if name != spec_field.name}
+    return bool(own - others)
+
+
+def _combinations(spec_fields: list[SpecField], mentions: list[tuple[str, str, int, int]]) -> str | None:
+    """EBNF alternatives for consecutive vocabulary fields: each mention fills at most one field, and a
+    ``fill: mentioned`` field is null only when every one of its mentions went to another field."""
+    fields = [f.name for f in spec_fields]
+    fill_spans = {
+        f.name: frozenset((s, e) for name, _, s, e in mentions if name == f.name)
+        for f in spec_fields
+        if f.fill == "mentioned"
+    }
     options: list[list[tuple[str | None, frozenset[tuple[int, int]]]]] = []
     for name in fields:
         spans: dict[str, set[tuple[int, int]]] = {}
@@ -218,6 +236,9 @@ def _combinations(fields: list[str], mentions: list[tuple[str, str, int, int]]) 
                 clash = True
             used |= spans_of_value
         if clash:
+            continue
+        unfilled = (n for n, (v, _) in zip(fields, combo, strict=True) if v is None and n in fill_spans)
+        if any(fill_spans[n] - used for n in unfilled):
             continue
         text = "".join(
             f", {json.dumps(n)}: {json.dumps(v, ensure_ascii=False)}" for n, (v, _) in zip(fields, combo, strict=True)
