@@ -76,6 +76,11 @@ class SpecField(BaseModel):
         "(right for product names, wrong for sizes such as '32 inch').",
     )
     max_words: int = Field(5, ge=1, le=12, description="span fields: longest run of query words offered.")
+    stop_at: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        default_factory=list,
+        description="span fields: words that end the part of the query a run is taken from, unless the query "
+        "starts with one ('for', 'with': the product of 'case for iphone' is 'case', not 'iphone').",
+    )
     fill: FillRule = Field(
         "model",
         description="vocabulary fields: 'model' lets the model choose a mentioned value or null; 'mentioned' "
@@ -104,6 +109,8 @@ class SpecField(BaseModel):
     def _values_match_kind(self) -> SpecField:
         if self.fill != "model" and self.kind != "vocabulary":
             raise ValueError(f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields only")
+        if self.stop_at and self.kind != "span":
+            raise ValueError(f"field {self.name!r}: stop_at applies to span fields only")
         if self.kind == "span":
             if self.values or self.values_file:
                 raise ValueError(f"field {self.name!r}: a span field takes no values")

@@ -75,15 +75,33 @@ def _edge_ok(word: str) -> bool:
 
 
 def query_spans(
-    query: str, max_words: int = MAX_SPAN_WORDS, exclude: frozenset[str] = frozenset(), trim_edges: bool = True
+    query: str,
+    max_words: int = MAX_SPAN_WORDS,
+    exclude: frozenset[str] = frozenset(),
+    trim_edges: bool = True,
+    stop_at: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Distinct contiguous runs of up to ``max_words`` query words, in order of first appearance.
 
-    Runs may not contain a word of ``exclude`` (in match form: words another field's vocabulary
-    claims, e.g. the "oak" of "oak dining table") and, with ``trim_edges``, may not start or end with
-    a stopword or a number. Falls back to every run when that leaves nothing.
+    Runs come from the words before the first word of ``stop_at`` (lowercase, not the query's first
+    word) when those words hold an acceptable run, else from the whole query. They may not contain a
+    word of ``exclude`` (in match form: words another field's vocabulary claims, e.g. the "oak" of
+    "oak dining table") and, with ``trim_edges``, may not start or end with a stopword or a number.
+    Falls back to every run when that leaves nothing.
     """
     words = query_words(query)
+    stop = next((i for i, word in enumerate(words) if i and word.lower() in stop_at), None)
+    if stop is not None:
+        before = _runs(words[:stop], max_words, exclude, trim_edges)
+        if before:
+            return before
+    runs = _runs(words, max_words, exclude, trim_edges)
+    if not runs and (exclude or words):
+        runs = _runs(words, max_words, frozenset(), trim_edges=False)
+    return runs
+
+
+def _runs(words: list[str], max_words: int, exclude: frozenset[str], trim_edges: bool) -> list[str]:
     seen: dict[str, None] = {}
     for start in range(len(words)):
         for end in range(start + 1, min(len(words), start + max_words) + 1):
@@ -92,10 +110,6 @@ def query_spans(
             if exclude and any(piece in exclude for w in words[start:end] for piece in match_form(w).split()):
                 continue
             seen.setdefault(" ".join(words[start:end]), None)
-    if not seen and (exclude or words):
-        for start in range(len(words)):
-            for end in range(start + 1, min(len(words), start + max_words) + 1):
-                seen.setdefault(" ".join(words[start:end]), None)
     return list(seen)
 
 
@@ -139,7 +153,9 @@ def allowed_values(
         return None
     if grounding == "catalog" and spec_field.kind == "vocabulary":
         return tuple(vocabulary.candidates(spec_field.name, query))
-    return tuple(query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges))
+    return tuple(
+        query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
+    )
 
 
 def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) -> RowGrammar:
@@ -360,7 +376,9 @@ def check_examples(spec: ParseSpec) -> list[str]:
                 continue
             spec_field = spec.field(name)
             if spec_field.kind == "span":
-                runs = query_spans(example.query, spec_field.max_words, trim_edges=False)
+                runs = query_spans(
+                    example.query, spec_field.max_words, trim_edges=False, stop_at=frozenset(spec_field.stop_at)
+                )
                 written = {normalize_value(spec_field, run, vocabulary) for run in runs}
                 if normalize_value(spec_field, value, vocabulary) not in written:
                     problems.append(f"{where}: field {name!r}: {value!r} is not a run of the query's words")
