@@ -1,4 +1,4 @@
-"""The ``fill: mentioned`` option of vocabulary fields: validation and the grammar it produces."""
+"""Spec field options that shape the grammar: ``fill: mentioned`` (vocabulary) and ``stop_at`` (span)."""
 
 from __future__ import annotations
 
@@ -95,3 +95,16 @@ def test_words_two_fields_claim_are_left_to_the_model() -> None:
 def test_without_fill_the_model_may_still_write_null() -> None:
     spec = make_spec(ITEM, {**COLOUR, "fill": "model"}, {**FINISH, "fill": "model"})
     assert accepts(spec, "red matte mug", ' {"item": "mug", "colour": null, "finish": null}')
+
+
+def test_stop_at_takes_runs_from_the_words_before_a_connective() -> None:
+    spec = make_spec({**ITEM, "stop_at": ["for", "with"]})
+    allowed = build_row_grammar("phone case for iphone with stand", Vocabulary(spec), "catalog").allowed["item"]
+    assert allowed is not None
+    assert "phone case" in allowed
+    assert not any("iphone" in run or "stand" in run for run in allowed)
+    # A query that starts with the word, or has nothing usable before it, keeps the whole query.
+    assert "mom" in (build_row_grammar("for mom", Vocabulary(spec), "catalog").allowed["item"] or ())
+    assert "kids" in (build_row_grammar("2 for kids", Vocabulary(spec), "catalog").allowed["item"] or ())
+    with pytest.raises(SpecError, match=r"field 'colour'.*span fields only"):
+        make_spec({**COLOUR, "stop_at": ["for"]})
