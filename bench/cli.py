@@ -108,6 +108,59 @@ def pipeline(
     print_summary(results)
 
 
+@app.command("handwritten")
+def handwritten(
+    size: Annotated[list[int] | None, typer.Option(
+        "--size", help="Records per step; repeat. Default: the worker's batch_size and batch_max_records.")] = None,
+    repetitions: Annotated[int, typer.Option(help="Interleaved rounds per pair and size.")] = 31,
+    target_ms: Annotated[float, typer.Option(help="Each sample repeats the step until it lasts this long.")] = 20.0,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Only these pairs (repeat): partitioner, histogram, encoder_orjson, encoder_pydantic, "
+                       "backoff, singulariser.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the inputs.")] = 7,
+    json_out: Annotated[Path, typer.Option("--json", help="Write the results here.")]
+    = Path("bench/results/handwritten.json"),
+) -> None:
+    """Each hand-written replacement of a library against that library, alone and interleaved, at the
+    record counts of one step: median and spread per record of each side, and their ratio.
+
+    Example: qustream bench handwritten
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.handwritten import run_handwritten_bench
+
+    console = Console(stderr=True)
+    from schemas.settings import Settings
+
+    defaults = Settings.model_fields
+    steps = size or [defaults["batch_size"].default, defaults["batch_max_records"].default]
+    report = run_handwritten_bench(tuple(steps), repetitions, target_ms,
+                                   tuple(only) if only else None, seed, progress=console.print)
+    table = Table(title="hand-written vs library, µs per record: median (p10–p90); ratio hand/library per round")
+    console.print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
+    for column in ("pair", "records", "hand-written", "library", "ratio (p10–p90)", "saved µs", "keep"):
+        table.add_column(column, justify="left" if column == "pair" else "right")
+    for pair in report["pairs"]:
+        for result in pair["results"]:
+            hand, lib, ratio = result["handwritten"], result["library"], result["ratio"]
+            table.add_row(
+                pair["name"], str(result["records"]),
+                f"{hand['median_us']:.3f} ({hand['p10_us']:.3f}–{hand['p90_us']:.3f})",
+                f"{lib['median_us']:.3f} ({lib['p10_us']:.3f}–{lib['p90_us']:.3f})",
+                f"{ratio['median']:.2f} ({ratio['p10']:.2f}–{ratio['p90']:.2f})",
+                f"{result['saving_us_per_record']:.3f}", "yes" if pair["keep_handwritten"] else "no")
+    Console(width=160).print(table)
+    if "singular_accuracy" in report:
+        accuracy = report["singular_accuracy"]
+        Console().print(f"singulariser, hand-checked pairs right: rule-based {accuracy['handwritten_right']}, "
+                        f"inflect {accuracy['library_right']} of {accuracy['pairs']}")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"results: {json_out}")
+
+
 @app.command("chaos")
 def chaos(
     messages: Annotated[int, typer.Option(help="Queries to produce (distinct ids chaos-0 … chaos-N-1).")] = 20_000,

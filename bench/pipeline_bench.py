@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaProducer
 from bench.stack import Collector, EngineAlone, Passthrough, Process, Services, Worker, pinned
 from bench.workload import BenchQuery, expected_distinct, query_pool, zipf_ranks
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics, topic_names
 from workers.cache import CachedParse, ParseCache, redis_client
@@ -144,8 +145,8 @@ def _spread(values: Sequence[float]) -> float:
 
 async def prewarm_cache(settings: Settings, version: str, queries: Sequence[BenchQuery]) -> None:
     """Write entries the way the worker would, so the worker's lookups hit."""
-    cache = ParseCache(redis_client(settings.redis_url.get_secret_value(), timeout_s=10.0), version=version,
-                       ttl_s=3600, prefix=settings.cache_prefix)
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value(), timeout_s=10.0),
+                       spec=load_spec(settings.parse_spec), version=version, ttl_s=3600, prefix=settings.cache_prefix)
     try:
         items = list(queries)
         for start in range(0, len(items), 2000):

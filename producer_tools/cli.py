@@ -228,12 +228,14 @@ def tail_command(
 
     Example: qustream tail dlq --from-beginning --max 10 --format table
     """
-    from producer_tools.tail import TABLE_COLUMNS, follow, table_kind, table_row
+    from producer_tools.tail import follow, table_columns, table_kind, table_row
+    from schemas.spec import load_spec
 
     if output not in ("json", "table"):
         raise typer.BadParameter("--format: json or table")
     settings = _settings()
     kind = table_kind(settings, topic)
+    fields = load_spec(settings.parse_spec).field_names if kind == "parsed" else ()
 
     async def run(stop: asyncio.Event) -> None:
         stream = follow(settings, topic, from_beginning=from_beginning, max_messages=max_messages,
@@ -247,7 +249,7 @@ def tail_command(
 
         def render() -> Table:
             table = Table(title=f"{topic} ({len(recent)} latest)")
-            for column in TABLE_COLUMNS[kind]:
+            for column in table_columns(kind, fields):
                 table.add_column(column, overflow="fold")
             for row in recent:
                 table.add_row(*row)
@@ -255,7 +257,7 @@ def tail_command(
 
         with Live(render(), console=Console(), refresh_per_second=4) as live:
             async for item in _until(stream, stop):
-                recent.append(table_row(kind, item))
+                recent.append(table_row(kind, item, fields))
                 del recent[:-rows]
                 live.update(render())
 

@@ -22,7 +22,13 @@ from streams.local_stack import LocalStack, WorkerProcess, free_port, port_open
 log = structlog.get_logger(__name__)
 console = Console(stderr=True)
 
-SAMPLE_QUERIES = Path(__file__).with_name("data") / "sample_queries.jsonl"
+SAMPLE_DIR = Path(__file__).with_name("data")
+
+
+def sample_queries(spec_name: str) -> Path:
+    """The bundled sample log of a built-in spec's domain (furniture for any other spec)."""
+    path = SAMPLE_DIR / f"sample_queries_{spec_name}.jsonl"
+    return path if path.is_file() else SAMPLE_DIR / "sample_queries_furniture.jsonl"
 
 
 @dataclass
@@ -83,7 +89,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
         worker = WorkerProcess(settings, log_path)
         console.print(f"worker started (log: {log_path}); waiting for /ready…")
         worker.wait_ready(timeout_s=300)
-        lines = demo_lines(queries or SAMPLE_QUERIES, uuid.uuid4().hex[:8])
+        lines = demo_lines(queries or sample_queries(settings.parse_spec), uuid.uuid4().hex[:8])
         return asyncio.run(_replay_and_collect(settings, lines, timeout_s))
     finally:
         if worker is not None:
@@ -143,5 +149,5 @@ async def _replay_and_collect(settings: Settings, lines: list[str], timeout_s: f
         if event["normalized_query"] in seen or len(samples) >= 12:
             continue
         seen.add(event["normalized_query"])
-        samples.append({"query": event["query"], **event["parse"], "cached": event["cached"]})
+        samples.append({"query": event["query"], "parse": event["parse"], "cached": event["cached"]})
     return DemoSummary(figures, samples, ok=len(parsed) + len(dead) == len(lines))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from producer_tools.transport import Record, open_source, resolve_name
@@ -75,14 +75,16 @@ async def follow(
             await source.commit(done)
 
 
-def table_row(kind: str, item: dict[str, Any]) -> list[str]:
-    """Columns of the live table for one record; ``kind`` is parsed, metrics, dlq or other."""
+def table_row(kind: str, item: dict[str, Any], fields: Sequence[str] = ()) -> list[str]:
+    """Columns of the live table for one record; ``kind`` is parsed, metrics, dlq or other, and
+    ``fields`` the parse spec's fields (the parsed topic's columns)."""
     value = item.get("value")
     if kind == "parsed" and isinstance(value, dict):
         parse = value.get("parse") or {}
+        spec = value.get("spec") or {}
         return [str(value.get("query_id", ""))[:20], str(value.get("query", ""))[:40],
-                *(str(parse.get(f) or "") for f in ("item_type", "material", "color", "style")),
-                "yes" if value.get("cached") else "no"]
+                *(str(parse.get(f) or "") for f in fields),
+                "yes" if value.get("cached") else "no", f"{spec.get('name', '')} {spec.get('version', '')}".strip()]
     if kind == "metrics" and isinstance(value, dict):
         return [str(value.get(f, "")) for f in ("worker_id", "size", "parsed", "cached", "dead_lettered",
                                                 "cache_hits", "inference_ms", "batch_ms")]
@@ -95,8 +97,13 @@ def table_row(kind: str, item: dict[str, Any]) -> list[str]:
     return [str(item.get("partition")), str(item.get("offset")), str(item.get("key") or ""), shown[:80]]
 
 
+def table_columns(kind: str, fields: Sequence[str] = ()) -> list[str]:
+    if kind == "parsed":
+        return ["query_id", "query", *fields, "cached", "spec"]
+    return TABLE_COLUMNS[kind]
+
+
 TABLE_COLUMNS = {
-    "parsed": ["query_id", "query", "item_type", "material", "color", "style", "cached"],
     "metrics": ["worker", "size", "parsed", "cached", "dead", "cache_hits", "inference_ms", "batch_ms"],
     "dlq": ["offset", "stage", "class", "attempts", "message", "value"],
     "other": ["partition", "offset", "key", "value"],

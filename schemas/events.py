@@ -81,12 +81,12 @@ class ParsedEvent(BaseModel):
 class ParsedEventEncoder:
     """Writes the JSON of one batch's ``ParsedEvent``s, byte for byte what ``model_dump_json`` writes.
 
-    The hot path of a cached query. About 30 % cheaper than one ``orjson.dumps`` of the whole event
-    dict (5.7 against 8.0 µs, one side-by-side micro-benchmark on a loaded machine): what every event
-    of a batch shares (model, grounding, parsed time, worker, batch time) is encoded once, and each
-    event joins pre-encoded pieces with one small ``dumps`` per field that varies. Callers pass values that are
-    already validated (``parse`` is a dumped parse of the spec's model); ``tests/test_contracts.py`` holds the
-    output equal to the model's.
+    The hot path of a cached query: what every event of a batch shares (model, grounding, parsed time,
+    worker, batch time) is encoded once, and each event joins pre-encoded pieces with one small
+    ``dumps`` per field that varies. Kept over one ``orjson.dumps`` of the event dict on the figures
+    of ``qustream bench handwritten`` at a cached step (``docs/performance-handwritten.md``). Callers
+    pass values that are already validated (``parse`` is a dumped parse of the spec's model);
+    ``tests/test_contracts.py`` holds the output equal to the model's and to that ``orjson.dumps``.
     """
 
     __slots__ = ("_cached", "_model_grounding", "_parsed_to_topic", "_total", "_uncached", "_worker_to_queue")

@@ -67,7 +67,7 @@ class SpecField(BaseModel):
     kind: FieldKind
     description: str = Field(min_length=1, description="What the field holds; the prompt and the docs use it.")
     normalize: list[Normalisation] = Field(
-        default_factory=lambda: ["lowercase"],
+        default_factory=lambda: list[Normalisation](["lowercase"]),
         description="span fields: how a chosen run of words is written ('singular' singularises the head noun).",
     )
     trim_edges: bool = Field(
@@ -219,15 +219,15 @@ class ParseSpec(BaseModel):
         for spec_field in self.fields:
             annotation: Any = str | None
             if spec_field.kind == "category":
-                annotation = Literal[tuple(spec_field.canonical_values)] | None  # type: ignore[valid-type]
+                annotation = Literal[tuple(spec_field.canonical_values)] | None
             definitions[spec_field.name] = (annotation, Field(None, description=spec_field.description))
-        model = create_model(  # type: ignore[call-overload]
+        model: type[BaseModel] = create_model(
             _model_name(self.name),
             __config__=ConfigDict(extra="forbid", title=f"{self.name} parse (spec version {self.version})"),
             __doc__=f"The parse of a query under the '{self.name}' spec: {self.description}. Null means not said.",
             **definitions,
         )
-        return model  # type: ignore[no-any-return]
+        return model
 
 
 def _model_name(spec_name: str) -> str:
@@ -330,6 +330,9 @@ def _read_values(base: Path, name: str) -> list[Any]:
 def spec_json_schema() -> dict[str, Any]:
     """The JSON Schema of the spec file format, for editors (``qustream spec schema``)."""
     schema = ParseSpec.model_json_schema()
+    # A value may be written as a plain string when it has no other forms.
+    values = schema["$defs"]["SpecField"]["properties"]["values"]
+    values["items"] = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 80}, values["items"]]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "qustream parse spec"
     return schema

@@ -49,7 +49,7 @@ def settings_or_exit() -> Settings:
 def fail(message: str, code: int = 1) -> typer.Exit:
     # The message may hold brackets (a spec's values, a file name): printed without markup.
     console.print("[red]error:[/red] ", end="")
-    console.print(message, markup=False, highlight=False)
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -221,9 +221,12 @@ def demo(
     queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
     timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
     transport: Annotated[str | None, typer.Option(help="kafka or redis (default: QUSTREAM_TRANSPORT).")] = None,
+    spec: Annotated[str | None, typer.Option(help="Parse spec: built-in name or YAML path (default: "
+                                                  "QUSTREAM_PARSE_SPEC); built-in specs replay their own sample.")]
+    = None,
 ) -> None:
     """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
-    summary; stops what it started.  Example: qustream demo  (or: qustream demo --transport redis)"""
+    summary; stops what it started.  Example: qustream demo  (or: qustream demo --spec ecommerce --transport redis)"""
     from producer_tools.demo import run_demo
 
     settings = settings_or_exit()
@@ -231,6 +234,9 @@ def demo(
         if transport not in ("kafka", "redis"):
             raise fail(f"--transport must be kafka or redis, not {transport!r}", 2)
         settings = settings.model_copy(update={"transport": transport})
+    if spec is not None:
+        settings = settings.model_copy(update={"parse_spec": spec})
+    parse_spec = spec_or_exit(settings.parse_spec)
     summary = run_demo(settings, queries, timeout)
     table = Table(title="qustream demo")
     table.add_column("metric")
@@ -238,12 +244,12 @@ def demo(
     for name, value in summary.figures.items():
         table.add_row(name, str(value))
     Console().print(table)
-    samples = Table(title="sample parses")
-    for column in ("query", "item_type", "material", "color", "style", "cached"):
+    samples = Table(title=f"sample parses (spec {parse_spec.name} {parse_spec.version})")
+    for column in ("query", *parse_spec.field_names, "cached"):
         samples.add_column(column)
     for row in summary.samples:
-        samples.add_row(*(str(row.get(column)) for column in ("query", "item_type", "material", "color", "style",
-                                                               "cached")))
+        parse = row["parse"]
+        samples.add_row(row["query"], *(str(parse.get(name)) for name in parse_spec.field_names), str(row["cached"]))
     Console().print(samples)
     if not summary.ok:
         raise fail("the demo did not see every message come back", 1)

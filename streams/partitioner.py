@@ -1,11 +1,11 @@
 """Kafka's default partitioner (murmur2 of the key, as the Java client and aiokafka place keyed
 records), computed for a whole batch of keys at once.
 
-aiokafka's ``murmur2`` is a pure-Python loop: about 3.4 µs for a 14-byte key on this project's CPU
-machine, close to a tenth of the cached path's cost per message. The same arithmetic on numpy
-arrays, one column of 4-byte words at a time over all keys of one length, measured 0.3-0.4 µs per
-key at a thousand keys (14- and 36-byte keys; 0.8-2.2 µs at 64 keys). ``tests/test_partitioner.py``
-holds it equal to aiokafka's.
+aiokafka's ``murmur2`` is a pure-Python loop per key; this is the same arithmetic on numpy arrays,
+one column of 4-byte words at a time over all keys of one length. Kept because ``qustream bench
+handwritten`` shows it cheaper per published record by a share of the cached path that matters
+(figures in ``docs/performance-handwritten.md``); ``tests/test_partitioner.py`` holds it equal to
+aiokafka's ``DefaultPartitioner``.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class BatchHistogram(Collector):
     """A Prometheus histogram fed a batch of observations at once, exposed like ``Histogram``.
 
-    One value per parsed message: ``Histogram.observe`` takes a lock and a bucket search per value
-    (2.5 µs here, several per cent of a cached message's whole cost); this counts a batch's values
-    into the buckets with one numpy pass.
+    One value per parsed message: ``Histogram.observe`` takes a lock and a bucket search per value;
+    this counts a batch's values into the buckets with one numpy pass and one lock. Kept on the
+    figures of ``qustream bench handwritten`` (``docs/performance-handwritten.md``);
+    ``tests/test_telemetry.py`` holds the exposition equal to ``Histogram``'s.
     """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:

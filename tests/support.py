@@ -12,7 +12,8 @@ from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer
 from streams.local_stack import WorkerProcess
 
-__all__ = ["POISON", "REPO", "WorkerProcess", "read_topic", "run"]
+__all__ = ["AUTOPARTS_QUERIES", "ECOMMERCE_QUERIES", "POISON", "REPO", "WorkerProcess", "read_topic", "run",
+           "write_autoparts_spec"]
 
 #: The issue's five poison messages: name → (value bytes, expected dead-letter stage); both transports use them.
 POISON: dict[str, tuple[bytes, str]] = {
@@ -24,6 +25,48 @@ POISON: dict[str, tuple[bytes, str]] = {
 }
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: A third, made-up domain that no built-in spec covers: a span, a vocabulary kept in its own file,
+#: and a category the model chooses from a closed set that need not occur in the query.
+AUTOPARTS_SPEC = """
+name: autoparts
+version: "2026.12"
+description: car and truck parts
+fields:
+  - name: part
+    kind: span
+    description: The part wanted, e.g. 'brake pad'.
+    normalize: [lowercase, singular]
+  - name: position
+    kind: vocabulary
+    description: Where on the vehicle the part goes.
+    values_file: positions.txt
+  - name: system
+    kind: category
+    description: The vehicle system the part belongs to.
+    values: [brakes, engine, suspension, electrical, exhaust, cooling, body]
+examples:
+  - query: front brake pads for honda civic
+    parse: {part: brake pad, position: front, system: brakes}
+  - query: rear shock absorbers
+    parse: {part: shock absorber, position: rear, system: suspension}
+  - query: radiator hose
+    parse: {part: radiator hose, system: cooling}
+"""
+AUTOPARTS_POSITIONS = "front, frt\nrear, back\nleft, driver side, lh\nright, passenger side, rh\n"
+AUTOPARTS_QUERIES = ["front brake rotors", "rear wiper blade", "alternator for ford f150", "left headlight assembly",
+                     "catalytic converter", "water pump", "rear brake pads", "front strut mount"]
+
+ECOMMERCE_QUERIES = ["armani exchange white belts", "womens high waisted workout shorts", "samsung 55 inch tv",
+                     "kids rain boots size 12", "stainless steel water bottle", "mens leather wallet"]
+
+
+def write_autoparts_spec(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "positions.txt").write_text(AUTOPARTS_POSITIONS)
+    path = folder / "autoparts.yaml"
+    path.write_text(AUTOPARTS_SPEC)
+    return path
 
 
 async def read_topic(settings: Settings, topic: str, *, until: int, timeout_s: float) -> list[Any]:

@@ -10,44 +10,71 @@ import jsonschema
 import pytest
 
 from schemas.asyncapi import asyncapi_document
-from schemas.events import BatchMetricsEvent, ParsedEvent, QueryParse, SourceRef, Timings
-from schemas.export import TOPIC_MODELS, export_json_schemas
+from schemas.events import BatchMetricsEvent, ParsedEvent, SourceRef, SpecRef, Timings
+from schemas.export import export_json_schemas, topic_models
 from schemas.settings import Settings
+from schemas.spec import ParseSpec, load_spec
 
 DATA = Path(__file__).parent / "data"
+FURNITURE = load_spec("furniture")
 
 
-def sample_parsed_event() -> ParsedEvent:
+def furniture_parse(**values: str | None) -> dict[str, str | None]:
+    return FURNITURE.parse_model(**values).model_dump()
+
+
+def sample_parsed_event(spec: ParseSpec = FURNITURE, **parse: str | None) -> ParsedEvent:
     return ParsedEvent(
         query_id="q1", query="Red Sofa", normalized_query="red sofa",
-        parse=QueryParse(item_type="sofa", color="red"), cached=False, model="m", grounding="catalog",
+        parse=spec.parse_model(**(parse or {spec.fields[0].name: "sofa"})).model_dump(),
+        spec=SpecRef(**spec.ref), cached=False, model="m", grounding="catalog",
         event_ts=datetime.now(UTC), parsed_ts=datetime.now(UTC), source=SourceRef(topic="t", partition=0, offset="5"),
         worker_id="w", timings=Timings(queue_ms=1.0, inference_ms=2.0, total_ms=3.0),
     )
 
 
-def test_exported_json_schemas_accept_real_events_and_reject_broken_ones(tmp_path: Path) -> None:
-    paths = {p.name: p for p in export_json_schemas(tmp_path)}
-    assert set(paths) == {f"{stem}.schema.json" for stem in TOPIC_MODELS}
+@pytest.mark.parametrize("spec_name", ["furniture", "ecommerce"])
+def test_exported_json_schemas_accept_real_events_and_reject_broken_ones(tmp_path: Path, spec_name: str) -> None:
+    spec = load_spec(spec_name)
+    paths = {p.name: p for p in export_json_schemas(tmp_path, spec)}
+    assert set(paths) == {f"{stem}.schema.json" for stem in topic_models(spec)}
     parsed_schema = json.loads(paths["queries.parsed.schema.json"].read_text())
-    event = json.loads(sample_parsed_event().model_dump_json())
+    first = spec.fields[0].name
+    event = json.loads(sample_parsed_event(spec).model_dump_json())
     jsonschema.validate(event, parsed_schema)
-    broken = {**event, "parse": {**event["parse"], "price": 5}}
-    try:
-        jsonschema.validate(broken, parsed_schema)
-    except jsonschema.ValidationError:
-        pass
-    else:
-        raise AssertionError("an unknown parse field must be rejected")
+    assert set(parsed_schema["$defs"][spec.parse_model.__name__]["properties"]) == set(spec.field_names)
+    other = "ecommerce" if spec_name == "furniture" else "furniture"
+    for broken in (
+        {**event, "parse": {**event["parse"], "price": 5}},  # a field the spec does not have
+        {**event, "parse": {**event["parse"], first: 5}},  # not a string
+        {**event, "parse": json.loads(sample_parsed_event(load_spec(other)).model_dump_json())["parse"]},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, parsed_schema)
+
+
+def test_category_fields_are_enums_in_the_parse_contract() -> None:
+    spec = ParseSpec.model_validate({
+        "name": "parts", "version": "2", "description": "auto parts",
+        "fields": [{"name": "part", "kind": "span", "description": "the part"},
+                   {"name": "system", "kind": "category", "description": "vehicle system",
+                    "values": ["brakes", "engine", "suspension"]}],
+    })
+    schema = spec.parse_model.model_json_schema()
+    assert schema["properties"]["system"]["anyOf"][0]["enum"] == ["brakes", "engine", "suspension"]
+    assert spec.parse_model(part="pad", system="brakes").model_dump() == {"part": "pad", "system": "brakes"}
+    with pytest.raises(ValueError):
+        spec.parse_model(part="pad", system="exhaust")
 
 
 def test_asyncapi_document_is_valid_asyncapi_3() -> None:
     settings = Settings(topic_parsed="custom.parsed")
-    document = asyncapi_document(settings)
+    document = asyncapi_document(settings, FURNITURE)
     spec = json.loads((DATA / "asyncapi-3.0.0.schema.json").read_text())
     jsonschema.Draft7Validator(spec).validate(document)
     assert document["channels"]["parsed"]["address"] == "custom.parsed"
-    assert set(document["components"]["schemas"]) >= {"ParsedEvent", "QueryInput", "BatchMetricsEvent", "QueryParse"}
+    assert set(document["components"]["schemas"]) >= {"ParsedEvent", "QueryInput", "BatchMetricsEvent",
+                                                      "FurnitureParse", "SpecRef"}
     headers = document["components"]["messages"]["DeadLetter"]["headers"]["properties"]
     assert "qustream.error.stage" in headers and "qustream.attempts" in headers
     metrics_fields = set(document["components"]["schemas"]["BatchMetricsEvent"]["properties"])
@@ -57,7 +84,7 @@ def test_asyncapi_document_is_valid_asyncapi_3() -> None:
 def test_committed_asyncapi_document_matches_the_models() -> None:
     committed = json.loads((Path(__file__).parent.parent / "docs" / "asyncapi.json").read_text())
     regenerate = "regenerate it: qustream schema asyncapi -o docs/asyncapi.json"
-    assert committed == asyncapi_document(Settings(_env_file=None)), regenerate
+    assert committed == asyncapi_document(Settings(_env_file=None), FURNITURE), regenerate
 
 
 def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
@@ -76,8 +103,9 @@ def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
     floats = [None, 0.0, 1.0, 0.1, 1e-7, 123456789.123, 1e20, 2.5e-300]
     for _ in range(300):
         text, ts, queue = rng.choice(texts), rng.choice(times), rng.choice(floats)
-        parse = QueryParse(item_type=rng.choice([None, "sofa", text]), material=rng.choice([None, "wood"]),
-                           color=rng.choice([None, "red"]), style=rng.choice([None, "modern"]))
+        parse = furniture_parse(item_type=rng.choice([None, "sofa", text]), material=rng.choice([None, "wood"]),
+                                color=rng.choice([None, "red"]), style=rng.choice([None, "modern"]))
+        spec = SpecRef(name=rng.choice(["furniture", "ecommerce"]), version=rng.choice(["1", "2026.1"]))
         shared = dict(model=rng.choice(["m/x", 'odd "model" \u00e9']), grounding=rng.choice(["catalog", "span"]),
                       parsed_ts=rng.choice([t for t in times if t is not None]), worker_id=rng.choice(["w-1", "wé"]),
                       total_ms=rng.choice([3.25, 0.0, 1e-9, 12345.678]))
@@ -86,28 +114,73 @@ def test_fast_parsed_event_encoding_is_byte_identical_to_the_model() -> None:
                       event_ts=ts)
         partition, offset, inference = rng.randrange(64), str(rng.randrange(10**9)), rng.random()
         model_json = ParsedEvent(
-            parse=parse, source=SourceRef(topic="in", partition=partition, offset=offset),
+            parse=parse, spec=spec, source=SourceRef(topic="in", partition=partition, offset=offset),
             timings=Timings(queue_ms=queue, inference_ms=inference, total_ms=shared["total_ms"]),
             model=shared["model"], grounding=shared["grounding"], parsed_ts=shared["parsed_ts"],
             worker_id=shared["worker_id"], **fields,
         ).model_dump_json().encode()
-        fast = ParsedEventEncoder(**shared).encode(  # type: ignore[arg-type]
-            fields["query_id"], fields["query"], fields["normalized_query"], parse.model_dump(), fields["cached"],
+        fast = ParsedEventEncoder(spec=spec, **shared).encode(  # type: ignore[arg-type]
+            fields["query_id"], fields["query"], fields["normalized_query"], parse, fields["cached"],
             fields["ungrounded"], fields["event_ts"], "in", partition, offset, queue, inference)  # type: ignore[arg-type]
         assert fast == model_json
 
 
-def test_cache_entries_are_validated_like_query_parse() -> None:
+def test_parsed_event_encoding_of_real_queries_equals_orjson_and_the_model() -> None:
+    """A step of real shopping queries, as the worker encodes them: the same bytes as one
+    ``orjson.dumps`` of the event dict (the library it replaces) and as ``model_dump_json``."""
+    import random
+    from datetime import timedelta
+
+    import orjson
+
+    from schemas.events import SCHEMA_VERSION, ParsedEventEncoder
+
+    rng = random.Random(3)
+    rows = [json.loads(line) for name in ("quality_furniture.jsonl", "singular_pairs.jsonl")
+            for line in (DATA / name).read_text().splitlines()]
+    parsed_at = datetime.now(UTC)
+    shared = dict(model="Qwen/Qwen2.5-0.5B-Instruct", grounding="span", parsed_ts=parsed_at, worker_id="worker-7",
+                  total_ms=12.5)
+    spec = SpecRef(**FURNITURE.ref)
+    encode = ParsedEventEncoder(spec=spec, **shared).encode  # type: ignore[arg-type]
+    for offset, row in enumerate(rows):
+        query = row["query"]
+        labels = {name: value for name, value in row.items() if isinstance(value, str)}  # a few list two styles
+        parse = furniture_parse(item_type=labels.get("item_type") or labels.get("singular"),
+                                material=labels.get("material"), color=labels.get("color"), style=labels.get("style"))
+        ungrounded = rng.choice([[], ["color"]])
+        cached = rng.random() < 0.8
+        event_ts = parsed_at - timedelta(milliseconds=rng.uniform(1, 900))
+        queue_ms = (parsed_at - event_ts).total_seconds() * 1000
+        inference_ms = 0.0 if cached else rng.uniform(50, 900)
+        normalized = " ".join(query.lower().split())
+        fields = dict(query_id=f"load-1764650000-{offset}", query=query, normalized_query=normalized, parse=parse,
+                      cached=cached, ungrounded=ungrounded, event_ts=event_ts)
+        source = {"topic": "queries", "partition": offset % 12, "offset": str(offset)}
+        timings = {"queue_ms": queue_ms, "inference_ms": inference_ms, "total_ms": shared["total_ms"]}
+        event = {"schema_version": SCHEMA_VERSION, **fields, "spec": spec.model_dump(), "model": shared["model"],
+                 "grounding": shared["grounding"],
+                 "parsed_ts": parsed_at, "source": source, "worker_id": shared["worker_id"], "timings": timings}
+        event = {name: event[name] for name in ParsedEvent.model_fields}  # the contract's field order
+        written = encode(fields["query_id"], query, fields["normalized_query"], parse, cached, ungrounded, event_ts,
+                         "queries", source["partition"], source["offset"], queue_ms, inference_ms)
+        assert written == orjson.dumps(event, option=orjson.OPT_UTC_Z)
+        assert written == ParsedEvent.model_validate(event).model_dump_json().encode()
+
+
+def test_cache_entries_are_validated_like_the_spec_parse() -> None:
     import orjson
     from pydantic import ValidationError
 
-    from workers.cache import validate_entry
+    from workers.cache import entry_adapter
+
+    validate_entry = entry_adapter(FURNITURE.field_names).validate_json
 
     full = {"item_type": "sofa", "material": None, "color": "red", "style": None}
     assert validate_entry(orjson.dumps({"parse": full, "ungrounded": ["color"]})) == {
         "parse": full, "ungrounded": ["color"]}
     for parse in ({"item_type": "sofa"}, {**full, "extra": "x"}, {**full, "color": 3}, ["sofa"]):
-        # QueryParse itself accepts a dict with missing fields (they default to null); a cache
+        # The parse model itself accepts a dict with missing fields (they default to null); a cache
         # entry must carry all of them, as the worker writes it, or it is a miss.
         with pytest.raises(ValidationError):
             validate_entry(orjson.dumps({"parse": parse, "ungrounded": []}))
@@ -116,7 +189,7 @@ def test_cache_entries_are_validated_like_query_parse() -> None:
             validate_entry(broken)
     for parse in ({**full, "extra": "x"}, {**full, "color": 3}):
         with pytest.raises(ValidationError):
-            QueryParse.model_validate(parse)
+            FURNITURE.parse_model.model_validate(parse)
 
 
 def test_exactly_once_is_refused_for_the_batch_runner() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
+from pathlib import Path
 
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
@@ -30,3 +32,20 @@ def test_partitions_for_keys_matches_the_default_partitioner() -> None:
                 assert partition in partitions
             else:
                 assert partition == partitioner(key, partitions, partitions), key
+
+
+def test_real_query_keys_land_where_the_default_partitioner_puts_them() -> None:
+    """Keys as the worker writes them: producers' ids, ids derived from topic-partition-offset, UUIDs,
+    and real shopping queries (some producers key by the query text), non-ASCII included."""
+    data = Path(__file__).parent / "data"
+    queries = [json.loads(line)["query"] for name in ("quality.jsonl", "singular_pairs.jsonl")
+               for line in (data / name).read_text().splitlines()]
+    queries += ["canapé d'angle gris", "ソファ ベッド", "sofá cama 😀"]
+    keys = [query.encode() for query in queries]
+    keys += [f"load-1764650000-{index}".encode() for index in range(0, 5000, 7)]
+    keys += [f"queries-{partition}-{offset}".encode() for partition in range(12) for offset in (0, 9, 123456789)]
+    keys += [str(uuid.uuid4()).encode() for _ in range(100)]
+    partitioner = DefaultPartitioner()
+    for partitions in ([0, 1, 2], list(range(12)), list(range(64))):
+        expected = [partitioner(key, partitions, partitions) for key in keys]
+        assert partitions_for_keys(list(keys), partitions) == expected

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from schemas.events import QueryParse
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.runtime import StepSizer
 from workers.cache import ParseCache, redis_client
 from workers.engine import ParseResult
@@ -58,7 +58,24 @@ def test_odd_but_valid_queries_decode(value: bytes, query: str, normalized: str)
     decoded = decode_message(message(value, offset=7), Settings())
     assert decoded.query == query
     assert decoded.normalized == normalized
-    assert decoded.query_id == "in-0-7"
+    # A plain-text value's record key is its query id; a JSON value without query_id gets its position.
+    assert decoded.query_id == ("in-0-7" if value.startswith(b"{") else "k")
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "query_id"),
+    [
+        (b"oak desk", b"search-123", "search-123"),  # plain text: the producer's key is its handle
+        (b"oak desk", None, "in-0-7"),
+        (b"oak desk", b"", "in-0-7"),
+        (b"oak desk", b"\xff\xfe", "in-0-7"),  # a key that is no text is not an id
+        (b'{"query": "oak desk"}', b"search-123", "in-0-7"),  # JSON names its own id or has none
+        (b'{"query": "oak desk", "query_id": "q9"}', b"search-123", "q9"),
+    ],
+)
+def test_query_id_rule(value: bytes, key: bytes | None, query_id: str) -> None:
+    decoded = decode_message(InboundMessage(value=value, key=key, topic="in", partition=0, offset="7"), Settings())
+    assert decoded.query_id == query_id
 
 
 class ExplodingEngine:
@@ -67,6 +84,7 @@ class ExplodingEngine:
     model_id = "test-engine"
     grounding = "catalog"
     version = "test"
+    spec = load_spec("furniture")
 
     def __init__(self, poison: str) -> None:
         self.poison = poison
@@ -86,7 +104,7 @@ class ExplodingEngine:
 async def test_batch_splitting_isolates_one_failing_message_in_32() -> None:
     queries = [f"query number {i} chair" for i in range(32)]
     engine = ExplodingEngine(poison=queries[19])
-    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, version="v", ttl_s=60))
+    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=ExplodingEngine.spec, version="v", ttl_s=60))
     batch = [message(json.dumps({"query": q, "query_id": f"id{i}"}).encode(), i) for i, q in enumerate(queries)]
 
     outcome = await pipeline.process(batch)
@@ -104,7 +122,8 @@ async def test_batch_splitting_isolates_one_failing_message_in_32() -> None:
 
 async def test_a_step_larger_than_a_model_batch_reaches_the_model_in_batches_of_batch_size() -> None:
     engine = ExplodingEngine(poison="never")
-    pipeline = ParsePipeline(Settings(batch_size=16), engine, ParseCache(None, version="v", ttl_s=60))
+    cache = ParseCache(None, spec=ExplodingEngine.spec, version="v", ttl_s=60)
+    pipeline = ParsePipeline(Settings(batch_size=16), engine, cache)
     batch = [message(f"walnut desk model {i}".encode(), i) for i in range(40)]
 
     outcome = await pipeline.process(batch)
@@ -134,7 +153,7 @@ async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(
 ) -> None:
     settings = make_settings()
     engine = ExplodingEngine(poison="never")
-    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), version="v1", ttl_s=60,
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
                        prefix=settings.cache_prefix)
     pipeline = ParsePipeline(settings, engine, cache)
     batch = [message(b"oak table", 0), message(b"Oak  TABLE", 1), message(b"pine bed", 2)]
@@ -148,13 +167,14 @@ async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(
     assert second.metrics.cache_hits == 2
     await cache.close()
 
-    unreachable = ParseCache(redis_client("redis://127.0.0.1:1/0", timeout_s=0.2), version="v1", ttl_s=60)
+    unreachable = ParseCache(redis_client("redis://127.0.0.1:1/0", timeout_s=0.2), spec=engine.spec, version="v1",
+                             ttl_s=60)
     degraded = await ParsePipeline(settings, engine, unreachable).process(batch)
     assert len(degraded.parsed) == 3
     assert degraded.metrics.cache_available is False
     assert degraded.metrics.cache_errors == 1
     for record in degraded.parsed:
-        QueryParse.model_validate(json.loads(record.value)["parse"])
+        engine.spec.parse_model.model_validate(json.loads(record.value)["parse"])
 
 
 class BrokenCache(ParseCache):
@@ -163,7 +183,8 @@ class BrokenCache(ParseCache):
 
 
 async def test_an_unexpected_error_dead_letters_the_batch_instead_of_raising() -> None:
-    pipeline = ParsePipeline(Settings(), ExplodingEngine("never"), BrokenCache(None, version="v", ttl_s=1))
+    broken = BrokenCache(None, spec=ExplodingEngine.spec, version="v", ttl_s=1)
+    pipeline = ParsePipeline(Settings(), ExplodingEngine("never"), broken)
     outcome = await pipeline.process([message(b"oak table", 0), message(b"pine bed", 1)])
     assert outcome.parsed == []
     assert [record.value for record in outcome.dead_letters] == [b"oak table", b"pine bed"]

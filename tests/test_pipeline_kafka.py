@@ -10,12 +10,21 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from schemas.events import DeadLetterReason, ParsedEvent, QueryParse
+from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.export import export_json_schemas
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics
-from tests.support import POISON, WorkerProcess, read_topic, run
+from tests.support import (
+    AUTOPARTS_QUERIES,
+    ECOMMERCE_QUERIES,
+    POISON,
+    WorkerProcess,
+    read_topic,
+    run,
+    write_autoparts_spec,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -69,8 +78,10 @@ def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerPro
     events = [ParsedEvent.model_validate_json(record.value) for record in parsed_records]
     assert sorted(e.query_id for e in events) == sorted(f"q{i}" for i in range(len(queries)))
     assert all(record.key == e.query_id.encode() for record, e in zip(parsed_records, events, strict=True))
+    furniture = load_spec("furniture")
     for event in events:
-        QueryParse.model_validate(event.parse.model_dump())
+        furniture.parse_model.model_validate(event.parse)
+        assert event.spec is not None and event.spec.model_dump() == furniture.ref
         assert event.query == queries[int(event.query_id[1:])]
     # Each distinct query is inferred once; every repeat comes back cached.
     uncached = [e.normalized_query for e in events if not e.cached]
@@ -104,7 +115,8 @@ def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerPro
     # A client that is not the project's own decodes every event against the exported JSON Schema.
     from confluent_kafka import Consumer, TopicPartition
 
-    schema_path = next(p for p in export_json_schemas(tmp_path / "schemas") if p.name.startswith("queries.parsed"))
+    schema_path = next(p for p in export_json_schemas(tmp_path / "schemas", furniture)
+                       if p.name.startswith("queries.parsed"))
     schema = json.loads(schema_path.read_text())
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "schema-check",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
@@ -121,3 +133,42 @@ def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerPro
         seen += 1
     consumer.close()
     assert seen == len(messages)
+
+
+
+@pytest.mark.parametrize("spec_name", ["ecommerce", "autoparts"])
+def test_other_specs_end_to_end(make_settings: Callable[..., Settings], tmp_path: Path, spec_name: str) -> None:
+    """The built-in general-retail spec and a made-up third domain, with plain-text values whose record
+    key is the producer's query id."""
+    spec_ref = "ecommerce" if spec_name == "ecommerce" else str(write_autoparts_spec(tmp_path / "spec"))
+    queries = ECOMMERCE_QUERIES if spec_name == "ecommerce" else AUTOPARTS_QUERIES
+    settings = make_settings(batch_size=16, parse_spec=spec_ref)
+    spec = load_spec(spec_ref)
+    run(ensure_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        messages = [(f"search-{i}".encode(), query.encode()) for i, query in enumerate(queries)]
+        run(produce(settings, [*messages, (b"poison", b'{"query": ""}')]))
+        records = run(read_topic(settings, settings.topic_parsed, until=len(messages), timeout_s=240))
+        dead = run(read_topic(settings, settings.topic_dlq, until=1, timeout_s=30))
+    finally:
+        worker.stop()
+    exported = export_json_schemas(tmp_path / "schemas", spec)
+    schema_path = next(p for p in exported if p.name.startswith("queries.parsed"))
+    schema = json.loads(schema_path.read_text())
+    events = {record.key.decode(): json.loads(record.value) for record in records}
+    assert set(events) == {f"search-{i}" for i in range(len(queries))}, "plain-text values keep their key as id"
+    for key, event in events.items():
+        jsonschema.validate(event, schema)
+        assert event["query_id"] == key and event["query"] == queries[int(key.split("-")[1])]
+        assert event["spec"] == spec.ref and list(event["parse"]) == list(spec.field_names)
+    assert [record.key for record in dead] == [b"poison"]
+    if spec_name == "ecommerce":
+        by_query = {event["query"]: event["parse"] for event in events.values()}
+        assert by_query["stainless steel water bottle"]["material"] == "stainless steel"
+        assert by_query["samsung 55 inch tv"]["product_type"] == "tv"
+    else:
+        systems = {event["parse"]["system"] for event in events.values()}
+        assert systems <= {None, *spec.field("system").canonical_values}
+        assert {event["parse"]["position"] for event in events.values()} <= {None, "front", "rear", "left", "right"}

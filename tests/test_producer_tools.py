@@ -99,11 +99,16 @@ async def test_tail_json_dlq_reasons_and_group_resume(make_settings: Callable[..
     table = cli(settings, "tail", "parsed", "--from-beginning", "--max", "5", "--format", "table")
     assert table.returncode == 0, table.stderr
     assert "sofa 4" in table.stdout and "item_type" in table.stdout
+    # The columns are the active parse spec's fields.
+    other = cli(settings.model_copy(update={"parse_spec": "ecommerce"}), "tail", "parsed", "--from-beginning",
+                "--max", "5", "--format", "table")
+    assert other.returncode == 0, other.stderr
+    assert "product_type" in other.stdout and "item_type" not in other.stdout
 
 
-@pytest.mark.parametrize("command", [["replay", "producer_tools/data/sample_queries.jsonl"], ["load", "--count", "5"],
-                                     ["tail", "parsed"], ["dlq", "inspect"], ["dlq", "redrive"],
-                                     ["reprocess", "--since", "1h"]])
+@pytest.mark.parametrize("command", [["replay", "producer_tools/data/sample_queries_furniture.jsonl"],
+                                     ["load", "--count", "5"], ["tail", "parsed"], ["dlq", "inspect"],
+                                     ["dlq", "redrive"], ["reprocess", "--since", "1h"]])
 def test_unreachable_broker_fails_fast(make_settings: Callable[..., Settings], command: list[str]) -> None:
     settings = make_settings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
     started = time.monotonic()

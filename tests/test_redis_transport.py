@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from producer_tools.client import DeadLetteredError
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.local_stack import free_port
 from streams.redis_codec import decode_entry, encode_entry
 from streams.redis_transport import RedisQueryClient, RedisStreamConsumer, transport_client
@@ -34,6 +35,7 @@ class FakeEngine:
     model_id = "fake-engine"
     grounding = "catalog"
     version = "fake-v1"
+    spec = load_spec("furniture")
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
@@ -182,7 +184,7 @@ async def test_batches_are_parsed_published_and_acked(settings: Settings, redis:
     assert sorted(e.query_id for e in events) == sorted(f"q{i}" for i in range(60))
     for event in events:
         assert event.query == texts[int(event.query_id[1:])]
-        assert event.parse.item_type == event.query.split()[-1]
+        assert event.parse["item_type"] == event.query.split()[-1]
         assert event.source.topic == settings.stream_input and event.source.offset in ids
     parsed_keys = [key for _, _, key, _ in await entries(redis, settings.stream_parsed)]
     assert sorted(key or b"" for key in parsed_keys) == sorted(e.query_id.encode() for e in events)
@@ -315,7 +317,7 @@ async def test_parse_bridge(settings: Settings, redis: Redis) -> None:
             await client.parse("oak desk", timeout=0.5)
         async with consumer(settings):
             event = await client.parse("Red Wooden  Sofa", timeout=20)
-            assert event.query == "Red Wooden  Sofa" and event.parse.item_type == "sofa"
+            assert event.query == "Red Wooden  Sofa" and event.parse["item_type"] == "sofa"
             with pytest.raises(DeadLetteredError) as refused:
                 await client.parse("   ", timeout=20)
             assert refused.value.reason.error_class == "EmptyQuery"

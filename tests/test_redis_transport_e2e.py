@@ -18,9 +18,10 @@ import redis as redis_sync
 
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.local_stack import free_port
 from streams.redis_codec import decode_entry, encode_entry
-from tests.support import POISON, WorkerProcess
+from tests.support import AUTOPARTS_QUERIES, ECOMMERCE_QUERIES, POISON, WorkerProcess, write_autoparts_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -156,6 +157,31 @@ def test_thousand_queries_with_repeats_and_poison(
                stream(redis, settings.stream_metrics)]
     assert sum(m.size for m in batches) == len(messages) + len(poison) + 1  # + the /parse query
     assert max(m.size for m in batches) <= settings.batch_max_records
+
+
+@pytest.mark.parametrize("spec_name", ["ecommerce", "autoparts"])
+def test_other_specs_over_redis_streams(
+    redis_settings: Callable[..., Settings], redis: redis_sync.Redis, tmp_path: Path, spec_name: str
+) -> None:
+    """The built-in general-retail spec and a made-up third domain; plain-text values keep their key as id."""
+    spec_ref = "ecommerce" if spec_name == "ecommerce" else str(write_autoparts_spec(tmp_path / "spec"))
+    queries = ECOMMERCE_QUERIES if spec_name == "ecommerce" else AUTOPARTS_QUERIES
+    settings = redis_settings(batch_size=16, parse_spec=spec_ref)
+    spec = load_spec(spec_ref)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(STARTUP_S)
+        produce(redis, settings, [(f"search-{i}".encode(), q.encode()) for i, q in enumerate(queries)])
+        wait_until(lambda: settled(redis, settings) >= len(queries), 240, "all parsed", [worker])
+    finally:
+        worker.stop(signal.SIGTERM)
+    events = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_parsed)]
+    assert sorted(e["query_id"] for e in events) == sorted(f"search-{i}" for i in range(len(queries)))
+    for event in events:
+        spec.parse_model.model_validate(event["parse"])
+        assert event["spec"] == spec.ref and list(event["parse"]) == list(spec.field_names)
+    metrics = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_metrics)]
+    assert metrics and all(m["spec"] == spec.ref for m in metrics)
 
 
 def _post(worker: WorkerProcess, path: str, payload: dict[str, object]) -> tuple[int, bytes]:

@@ -169,7 +169,7 @@ async def test_resume_after_interrupt_sends_no_line_twice(
 async def test_sample_log_over_redis_streams(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     """The bundled sample: 5 poison lines skipped with their line numbers; same tool over Redis."""
     settings = make_settings(transport="redis")
-    sample = REPO / "producer_tools" / "data" / "sample_queries.jsonl"
+    sample = REPO / "producer_tools" / "data" / "sample_queries_furniture.jsonl"
     total = sum(1 for line in sample.read_text().splitlines() if line.strip())
     summary = await replay_to(settings, [str(sample)], checkpoint=tmp_path / "c.json")
     assert summary.bad == 5

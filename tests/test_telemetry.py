@@ -47,3 +47,44 @@ def test_negative_latencies_count_as_zero() -> None:
     samples = _samples(registry)
     assert samples['n_seconds_bucket{le="0.5"}'] == 1
     assert samples["n_seconds_sum"] == pytest.approx(0.7)
+
+
+def test_worker_end_to_end_latency_matches_histogram_observe_over_steps() -> None:
+    """Latencies as the pipeline computes them (parsed time minus event time, epochs of real
+    datetimes, a producer clock ahead of the worker's now and then), fed a step at a time through
+    ``WorkerMetrics.observe``, expose what ``Histogram.observe`` per value would."""
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.events import BatchMetricsEvent
+    from streams.telemetry import WorkerMetrics
+    from workers.pipeline import BatchOutcome
+
+    rng = random.Random(9)
+    metrics = WorkerMetrics()
+    reference_registry = CollectorRegistry()
+    reference = Histogram("qustream_end_to_end_latency_seconds", "Event time to parsed event.",
+                          buckets=_LATENCY_BUCKETS, registry=reference_registry)
+    parsed_at = datetime(2026, 12, 2, 5, 0, tzinfo=UTC)
+    for step_size in (64, 1024, 1, 64, 300):
+        parsed_epoch = parsed_at.timestamp()
+        latencies = []
+        for _ in range(step_size):
+            event_time = parsed_at - timedelta(milliseconds=rng.choice([rng.uniform(-50, 0), rng.uniform(0, 400),
+                                                                        rng.uniform(0, 600_000)]))
+            latencies.append(parsed_epoch - event_time.timestamp())
+        for latency in latencies:
+            reference.observe(max(latency, 0.0))
+        step = BatchMetricsEvent(
+            batch_id="b", worker_id="w", ts=parsed_at, size=step_size, valid=step_size, unique=step_size,
+            cache_hits=step_size, cache_misses=0, cache_errors=0, cache_available=True, parsed=step_size,
+            cached=step_size, dead_lettered=0, inference_ms=0.0, batch_ms=1.0, tokens_in=0, tokens_out=0, model="m")
+        metrics.observe(BatchOutcome([], [], [], step, latencies))
+        parsed_at += timedelta(seconds=1)
+
+    expected = _samples(reference_registry)
+    got = {name: value for name, value in _samples(metrics.registry).items()
+           if name.startswith("qustream_end_to_end_latency_seconds")}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+    assert got['qustream_end_to_end_latency_seconds_bucket{le="0.005"}'] > 0  # the skewed ones, counted as zero

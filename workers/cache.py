@@ -40,7 +40,7 @@ def entry_adapter(fields: tuple[str, ...]) -> TypeAdapter[Any]:
     parse_dict.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
 
     class Entry(TypedDict):
-        parse: parse_dict  # type: ignore[valid-type]
+        parse: parse_dict
         ungrounded: list[str]
 
     return TypeAdapter(Entry)

@@ -25,6 +25,7 @@ from typing import Literal
 
 from schemas.spec import ParseSpec, SpecError, SpecField, load_spec
 from schemas.vocabulary import Vocabulary, match_form
+from workers.inflection import singular_phrase
 
 Grounding = Literal["catalog", "span", "free"]
 
@@ -263,66 +264,6 @@ def _combinations(spec_fields: list[SpecField], mentions: list[tuple[str, str, i
     return " | ".join(alternatives)
 
 
-_PLURAL_RULES: tuple[tuple[str, str], ...] = (
-    ("ies", "y"),
-    ("ves", "f"),
-    ("ches", "ch"),
-    ("shes", "sh"),
-    ("sses", "ss"),
-    ("xes", "x"),
-    ("zes", "z"),
-)
-_NOT_PLURAL = ("ss", "us", "is", "ous")
-_PLURAL_EXCEPTIONS = {
-    "shelves": "shelf",
-    "knives": "knife",
-    "leaves": "leaf",
-    "dresses": "dress",
-    "mattresses": "mattress",
-    "glasses": "glass",
-    "cushions": "cushion",
-    "series": "series",
-    "drawers": "drawer",
-    "loveseats": "loveseat",
-    "stools": "stool",
-    "chaises": "chaise",
-    "vases": "vase",
-    "bases": "base",
-    "cases": "case",
-    "houses": "house",
-    "pieces": "piece",
-    "ottomans": "ottoman",
-    "tvs": "tv",
-}
-
-
-def singular(word: str) -> str:
-    """Singular of an English furniture noun (rule-based; good for catalog nouns, not for all English)."""
-    if word in _PLURAL_EXCEPTIONS:
-        return _PLURAL_EXCEPTIONS[word]
-    if len(word) <= 3 or not word.endswith("s") or word.endswith(_NOT_PLURAL):
-        return word
-    for suffix, replacement in _PLURAL_RULES:
-        if word.endswith(suffix) and len(word) > len(suffix) + 1:
-            if suffix == "ves" and word.endswith(("oves", "aves")):
-                return word[:-1]
-            return word[: -len(suffix)] + replacement
-    return word[:-1]
-
-
-def singular_item(item: str) -> str:
-    """Singularize the head noun of an item type: 'bar stools' -> 'bar stool', 'chairs and a half' kept."""
-    words = item.split()
-    if not words:
-        return item
-    if len(words) > 2 and words[1] in ("and", "with", "for", "of"):
-        # "chairs and a half" -> "chair and a half"; the first word is the head noun.
-        words[0] = singular(words[0])
-    else:
-        words[-1] = singular(words[-1])
-    return " ".join(words)
-
-
 def normalize_value(spec_field: SpecField, value: str, vocabulary: Vocabulary) -> str:
     """How a chosen value is written into the parse: canonical vocabulary and category values, span
     values lowercased and singularised as the field asks."""
@@ -335,7 +276,7 @@ def normalize_value(spec_field: SpecField, value: str, vocabulary: Vocabulary) -
     if "lowercase" in spec_field.normalize:
         text = text.lower()
     if "singular" in spec_field.normalize:
-        text = singular_item(text)
+        text = singular_phrase(text)
     return text
 
 
