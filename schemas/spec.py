@@ -35,6 +35,7 @@ DEFAULT_SPEC = "furniture"
 
 FieldKind = Literal["span", "vocabulary", "category"]
 Normalisation = Literal["lowercase", "singular"]
+FillRule = Literal["model", "mentioned"]
 
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 #: Field names that would collide with the parsed event's own keys when flattened by consumers.
@@ -75,6 +76,17 @@ class SpecField(BaseModel):
         "(right for product names, wrong for sizes such as '32 inch').",
     )
     max_words: int = Field(5, ge=1, le=12, description="span fields: longest run of query words offered.")
+    stop_at: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        default_factory=list,
+        description="span fields: words that end the part of the query a run is taken from, unless the query "
+        "starts with one ('for', 'with': the product of 'case for iphone' is 'case', not 'iphone').",
+    )
+    fill: FillRule = Field(
+        "model",
+        description="vocabulary fields: 'model' lets the model choose a mentioned value or null; 'mentioned' "
+        "takes a mentioned value whenever no other field claims those words, without asking the model "
+        "(for unambiguous words such as 'womens'; the model still chooses among several mentions).",
+    )
     values: list[SpecValue] = Field(
         default_factory=list, description="vocabulary and category fields: the canonical values."
     )
@@ -95,6 +107,10 @@ class SpecField(BaseModel):
 
     @model_validator(mode="after")
     def _values_match_kind(self) -> SpecField:
+        if self.fill != "model" and self.kind != "vocabulary":
+            raise ValueError(f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields only")
+        if self.stop_at and self.kind != "span":
+            raise ValueError(f"field {self.name!r}: stop_at applies to span fields only")
         if self.kind == "span":
             if self.values or self.values_file:
                 raise ValueError(f"field {self.name!r}: a span field takes no values")

@@ -76,15 +76,33 @@ def _edge_ok(word: str) -> bool:
 
 
 def query_spans(
-    query: str, max_words: int = MAX_SPAN_WORDS, exclude: frozenset[str] = frozenset(), trim_edges: bool = True
+    query: str,
+    max_words: int = MAX_SPAN_WORDS,
+    exclude: frozenset[str] = frozenset(),
+    trim_edges: bool = True,
+    stop_at: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Distinct contiguous runs of up to ``max_words`` query words, in order of first appearance.
 
-    Runs may not contain a word of ``exclude`` (in match form: words another field's vocabulary
-    claims, e.g. the "oak" of "oak dining table") and, with ``trim_edges``, may not start or end with
-    a stopword or a number. Falls back to every run when that leaves nothing.
+    Runs come from the words before the first word of ``stop_at`` (lowercase, not the query's first
+    word) when those words hold an acceptable run, else from the whole query. They may not contain a
+    word of ``exclude`` (in match form: words another field's vocabulary claims, e.g. the "oak" of
+    "oak dining table") and, with ``trim_edges``, may not start or end with a stopword or a number.
+    Falls back to every run when that leaves nothing.
     """
     words = query_words(query)
+    stop = next((i for i, word in enumerate(words) if i and word.lower() in stop_at), None)
+    if stop is not None:
+        before = _runs(words[:stop], max_words, exclude, trim_edges)
+        if before:
+            return before
+    runs = _runs(words, max_words, exclude, trim_edges)
+    if not runs and (exclude or words):
+        runs = _runs(words, max_words, frozenset(), trim_edges=False)
+    return runs
+
+
+def _runs(words: list[str], max_words: int, exclude: frozenset[str], trim_edges: bool) -> list[str]:
     seen: dict[str, None] = {}
     for start in range(len(words)):
         for end in range(start + 1, min(len(words), start + max_words) + 1):
@@ -93,10 +111,6 @@ def query_spans(
             if exclude and any(piece in exclude for w in words[start:end] for piece in match_form(w).split()):
                 continue
             seen.setdefault(" ".join(words[start:end]), None)
-    if not seen and (exclude or words):
-        for start in range(len(words)):
-            for end in range(start + 1, min(len(words), start + max_words) + 1):
-                seen.setdefault(" ".join(words[start:end]), None)
     return list(seen)
 
 
@@ -140,7 +154,9 @@ def allowed_values(
         return None
     if grounding == "catalog" and spec_field.kind == "vocabulary":
         return tuple(vocabulary.candidates(spec_field.name, query))
-    return tuple(query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges))
+    return tuple(
+        query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
+    )
 
 
 def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) -> RowGrammar:
@@ -155,7 +171,8 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
         if values is None:
             rules.append(f'v{index} ::= "null" | "\\"" freechar{{0,{MAX_FREE_CHARS}}} "\\""')
         else:
-            rules.append(f"v{index} ::= " + " | ".join(['"null"', *(_json_string_literal(v) for v in values)]))
+            null = [] if values and _fills_unshared(spec_field, mentions) else ['"null"']
+            rules.append(f"v{index} ::= " + " | ".join([*null, *(_json_string_literal(v) for v in values)]))
     if any(v is None for v in allowed.values()):
         # Printable characters other than quote and backslash: a free value never needs escaping.
         rules.append('freechar ::= [^"\\\\\\x00-\\x1f\\x7f]')
@@ -190,14 +207,31 @@ def _exclusive_groups(spec: ParseSpec, mentions: list[tuple[str, str, int, int]]
         while end < len(spec.fields) and spec.fields[end].kind == "vocabulary":
             end += 1
         if end - index >= 2:
-            alternatives = _combinations([f.name for f in spec.fields[index:end]], mentions)
+            alternatives = _combinations(spec.fields[index:end], mentions)
             if alternatives is not None:
                 groups[index] = (end, alternatives)
         index = max(end, index + 1)
     return groups
 
 
-def _combinations(fields: list[str], mentions: list[tuple[str, str, int, int]]) -> str | None:
+def _fills_unshared(spec_field: SpecField, mentions: list[tuple[str, str, int, int]]) -> bool:
+    """Whether a ``fill: mentioned`` field must take a value: one of its mentions is claimed by no other field."""
+    if spec_field.fill != "mentioned":
+        return False
+    own = {(s, e) for name, _, s, e in mentions if name == spec_field.name}
+    others = {(s, e) for name, _, s, e in mentions if name != spec_field.name}
+    return bool(own - others)
+
+
+def _combinations(spec_fields: list[SpecField], mentions: list[tuple[str, str, int, int]]) -> str | None:
+    """EBNF alternatives for consecutive vocabulary fields: each mention fills at most one field, and a
+    ``fill: mentioned`` field is null only when every one of its mentions went to another field."""
+    fields = [f.name for f in spec_fields]
+    fill_spans = {
+        f.name: frozenset((s, e) for name, _, s, e in mentions if name == f.name)
+        for f in spec_fields
+        if f.fill == "mentioned"
+    }
     options: list[list[tuple[str | None, frozenset[tuple[int, int]]]]] = []
     for name in fields:
         spans: dict[str, set[tuple[int, int]]] = {}
@@ -219,6 +253,9 @@ def _combinations(fields: list[str], mentions: list[tuple[str, str, int, int]]) 
                 clash = True
             used |= spans_of_value
         if clash:
+            continue
+        unfilled = (n for n, (v, _) in zip(fields, combo, strict=True) if v is None and n in fill_spans)
+        if any(fill_spans[n] - used for n in unfilled):
             continue
         text = "".join(
             f", {json.dumps(n)}: {json.dumps(v, ensure_ascii=False)}" for n, (v, _) in zip(fields, combo, strict=True)
@@ -274,7 +311,7 @@ def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocab
     outside the set. Spec examples and training data are checked with it."""
     name = spec_field.name
     if spec_field.kind == "span":
-        runs = query_spans(query, spec_field.max_words, trim_edges=False)
+        runs = query_spans(query, spec_field.max_words, trim_edges=False, stop_at=frozenset(spec_field.stop_at))
         if normalize_value(spec_field, value, vocabulary) not in {normalize_value(spec_field, r, vocabulary)
                                                                   for r in runs}:
             return f"field {name!r}: {value!r} is not a run of the query's words"
