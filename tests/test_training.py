@@ -130,8 +130,9 @@ def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dic
     assert not data.problems and len(data.rows) == len(GOOD)
     text = loaded.tokenizer.decode(list(data.rows[0].ids))
     assert text.startswith(" womens leather boots\nJSON: {\"product_type\": \"boots\"")
-    # The audience's value is forced once its opening quote is chosen: the engine never feeds it.
-    assert text.endswith('"material": "leather", "audience": "')
+    # Material and audience are forced (``fill: mentioned``), so the model's last decision is the size;
+    # forced text after it is never fed.
+    assert text.endswith('"size": null')
 
 
 def test_a_worker_serves_the_trained_folder(trained: tuple[Path, dict[str, Any]],
