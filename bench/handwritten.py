@@ -115,7 +115,7 @@ def _events(n: int, rng: random.Random) -> tuple[dict[str, Any], list[dict[str, 
     queries, spans = _queryner()
     now = datetime.now(UTC)
     shared = dict(model="Qwen/Qwen2.5-0.5B-Instruct", grounding="span", parsed_ts=now, worker_id="worker-1a2b",
-                  total_ms=3.217)
+                  total_ms=3.217, spec={"name": "furniture", "version": "1"})
     events = []
     for i in range(n):
         query = rng.choice(queries)
@@ -134,13 +134,15 @@ def _events(n: int, rng: random.Random) -> tuple[dict[str, Any], list[dict[str, 
 def _encoders(n: int, rng: random.Random) -> tuple[Step, Step, Step]:
     """ParsedEventEncoder, one orjson.dumps of the event dict, and pydantic's ParsedEvent, over the
     same batch; all three must write the same bytes."""
-    from schemas.events import SCHEMA_VERSION, ParsedEvent, ParsedEventEncoder
+    from schemas.events import SCHEMA_VERSION, ParsedEvent, ParsedEventEncoder, SpecRef
 
     shared, events = _events(n, rng)
+    spec = SpecRef(**shared["spec"])
+    encoder_shared = {**shared, "spec": spec}
     dumps, utc_z = orjson.dumps, orjson.OPT_UTC_Z
 
     def handwritten() -> list[bytes]:
-        encode = ParsedEventEncoder(**shared).encode
+        encode = ParsedEventEncoder(**encoder_shared).encode
         return [encode(e["query_id"], e["query"], e["normalized_query"], e["parse"], e["cached"], e["ungrounded"],
                        e["event_ts"], e["source_topic"], e["source_partition"], e["source_offset"], e["queue_ms"],
                        e["inference_ms"]) for e in events]
@@ -148,7 +150,8 @@ def _encoders(n: int, rng: random.Random) -> tuple[Step, Step, Step]:
     def event_dict(e: dict[str, Any]) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION, "query_id": e["query_id"], "query": e["query"],
-            "normalized_query": e["normalized_query"], "parse": e["parse"], "cached": e["cached"],
+            "normalized_query": e["normalized_query"], "parse": e["parse"], "spec": shared["spec"],
+            "cached": e["cached"],
             "model": shared["model"], "grounding": shared["grounding"], "ungrounded": e["ungrounded"],
             "event_ts": e["event_ts"], "parsed_ts": shared["parsed_ts"],
             "source": {"topic": e["source_topic"], "partition": e["source_partition"], "offset": e["source_offset"]},

@@ -14,6 +14,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.settings import Settings
+from schemas.spec import load_spec
 from streams.kafka_io import assign_all, make_consumer, make_producer
 from streams.kafka_runner import BatchPublisher
 from streams.local_stack import free_port
@@ -120,8 +121,8 @@ async def _read_until_every_id(settings: Settings, wanted: set[str], timeout_s: 
 
 
 async def _prewarm(settings: Settings, queries: list[str]) -> None:
-    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), version=version_for(settings),
-                       ttl_s=600, prefix=settings.cache_prefix)
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=load_spec(settings.parse_spec),
+                       version=version_for(settings), ttl_s=600, prefix=settings.cache_prefix)
     parse = {"item_type": None, "material": "wood", "color": None, "style": None}
     try:
         assert await cache.set_many({normalize_query(q): CachedParse(dict(parse), []) for q in queries})

@@ -38,7 +38,7 @@ def test_real_query_keys_land_where_the_default_partitioner_puts_them() -> None:
     """Keys as the worker writes them: producers' ids, ids derived from topic-partition-offset, UUIDs,
     and real shopping queries (some producers key by the query text), non-ASCII included."""
     data = Path(__file__).parent / "data"
-    queries = [json.loads(line)["query"] for name in ("quality.jsonl", "singular_pairs.jsonl")
+    queries = [json.loads(line)["query"] for name in ("quality_furniture.jsonl", "singular_pairs.jsonl")
                for line in (data / name).read_text().splitlines()]
     queries += ["canapé d'angle gris", "ソファ ベッド", "sofá cama 😀"]
     keys = [query.encode() for query in queries]

@@ -101,7 +101,7 @@ async def test_tail_json_dlq_reasons_and_group_resume(make_settings: Callable[..
     assert "sofa 4" in table.stdout and "item_type" in table.stdout
     # The columns are the active parse spec's fields.
     other = cli(settings.model_copy(update={"parse_spec": "ecommerce"}), "tail", "parsed", "--from-beginning",
-                "--max", "5", "--format", "table")
+                "--max", "5", "--format", "table", extra_env={"COLUMNS": "200"})
     assert other.returncode == 0, other.stderr
     assert "product_type" in other.stdout and "item_type" not in other.stdout
 
