@@ -24,8 +24,8 @@ class Settings(BaseSettings):
 
     # --- transport -------------------------------------------------------------------------
     transport: Literal["kafka", "redis"] = "kafka"
-    # batch: an aiokafka consumer-group loop handing whole fetched steps to the core step (7-8x the
-    # cached throughput of faust on CPU, README "Performance"); faust: the Faust agent.
+    # batch: an aiokafka consumer-group loop handing whole fetched steps to the core step (far less CPU
+    # per cached message than Faust's per-event machinery, docs/performance.md); faust: the Faust agent.
     kafka_runner: Literal["batch", "faust"] = "batch"
     kafka_bootstrap: str = "localhost:9092"
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
 
     # --- batching --------------------------------------------------------------------------
-    # 64 / 50 ms: the batch-knob benchmark's best throughput at the lowest latency on CPU.
+    # The batch-knob benchmark's best throughput at the lowest latency on CPU (docs/performance.md).
     batch_size: int = Field(64, ge=1, le=4096)
     batch_linger_ms: int = Field(50, ge=0)
     batch_max_records: int = Field(
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         "furniture",
         description="The parse spec: a built-in name (furniture, ecommerce) or the path of a YAML spec file.",
     )
-    # On: measured 2.5x the queries/s of off at batch 32 on CPU (README, "The parse engine").
+    # On: faster at every batch size measured on CPU (docs/engine.md, the engine benchmark).
     jump_forward: bool = True
     max_new_tokens: int = 48
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")

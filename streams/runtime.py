@@ -59,8 +59,8 @@ class DeferredEngine:
 
 class Progress:
     """One INFO line for the first batch, then one per ``interval_s`` summing the batches since: a
-    line per batch (now DEBUG ``batch.done``) was a large part of the cached path's CPU (one noisy
-    in-process measurement: 64 → 44 µs per message without it)."""
+    line per batch (now DEBUG ``batch.done``) was a large part of the cached path's CPU
+    (docs/performance.md)."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         self.interval_s = interval_s
@@ -174,8 +174,8 @@ class WorkerRuntime:
             "spec": self.spec.name,
             "spec_version": self.spec.version,
         })
-        # The model, tokenizer and grammar are ~400k long-lived objects: a full collection walks
-        # them all (~0.4 s here) whenever enough young objects survive. Frozen, they are never
+        # The model, tokenizer and grammar are hundreds of thousands of long-lived objects: a full
+        # collection walks them all whenever enough young objects survive (docs/performance.md). Frozen, they are never
         # walked again; the collector only sees what the stream allocates.
         gc.collect()
         gc.freeze()
