@@ -44,12 +44,22 @@ def build_tiny_model(target: Path, source: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+def _saved_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = default_model_dir()
     if source is None:
         pytest.skip("default model not prepared (its tokenizer is needed)")
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), source)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), source)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama with the default model's tokenizer."""
+    return _saved_tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = _saved_tiny_model(tmp_path_factory)
     return load_model(Settings(device="cpu", cpu_threads=2), model_path=str(folder))
 
 

@@ -20,7 +20,7 @@ from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.cli import app, register_plugin_commands
 from streams.topics import ensure_topics
-from tests.engine_fixtures import build_tiny_model, default_model_dir
+from tests.engine_fixtures import tiny_folder
 from tests.support import WorkerProcess, read_topic, run
 from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
 from workers.evaluation import load_quality
@@ -34,6 +34,8 @@ from workers.training import (
     parameter_count,
     train,
 )
+
+__all__ = ["tiny_folder"]
 
 ECOMMERCE = load_spec("ecommerce")
 register_plugin_commands([])  # `qustream label` comes from producer_tools' entry point, as on the command line
@@ -68,12 +70,6 @@ def write_data(path: Path, bad: bool = True) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = default_model_dir()
-    if source is None:
-        pytest.skip("default model not prepared (its tokenizer is needed)")
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"), source)
 
 
 def tiny_settings(folder: Path, **overrides: Any) -> Settings:
