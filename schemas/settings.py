@@ -78,6 +78,17 @@ class Settings(BaseSettings):
         "steps shrink as the miss rate grows so that about batch_size of them reach the model.",
     )
     batch_deadline_s: float = Field(120.0, gt=0, description="Per-batch inference deadline before splitting.")
+    continuous_batching: bool = Field(
+        True,
+        description="Cache hits and dead letters are published as soon as they are known, and misses join the "
+        "model's running batch at its next decoding step, each published when its row finishes. False: "
+        "the step-based runner (a step's outputs all go out after its misses were parsed).",
+    )
+    max_in_flight_messages: int = Field(
+        4096, ge=1,
+        description="Messages fetched but not yet acknowledged or committed, per worker; past it the runner "
+        "stops fetching until outputs are acknowledged (bounded memory under a burst).",
+    )
     max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
 
     # --- input limits ----------------------------------------------------------------------
