@@ -17,7 +17,8 @@ the number of stored ranges that hold its offset.
 - A partition whose range overlaps stored ones had a worker die while holding its messages. Those
   messages run one at a time, each stored as its own range first, so the count grows only for the
   message that kills the worker and not for those that shared its batch.
-- A step whose core step returned is cleared: its ranges are subtracted from every stored one
+- A step whose outputs were all handed to the delivery is cleared (with continuous batching its
+  misses finish after its hits): its ranges are subtracted from every stored one
   (sent with the next step's round trip). A worker killed between the two leaves one extra count on
   messages that were done; the list expires ``COUNT_TTL_S`` after a partition's last step.
 
@@ -27,8 +28,9 @@ answer only stops the counting (logged; messages count as first deliveries), nev
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -36,13 +38,14 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from schemas.settings import Settings
-from streams.runtime import WorkerRuntime
 from workers.cache import redis_client
-from workers.core_step import BatchOutcome, InboundMessage
+from workers.core_step import InboundMessage
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "qustream:deliveries"
+#: Begins the core step on some messages; the future resolves once all their outputs were delivered.
+StartStep = Callable[[Sequence[InboundMessage]], Awaitable["asyncio.Future[None]"]]
 #: How long a partition's ranges outlive its last step: longer than any crash loop is left alone.
 COUNT_TTL_S = 24 * 3600
 #: After Redis failed, steps go uncounted this long before it is tried again, so a down server does
@@ -146,30 +149,35 @@ class KafkaDeliveryCounter:
     def key(self, where: Partition) -> str:
         return f"{KEY_PREFIX}:{self.group}:{where[0]}:{where[1]}"
 
-    async def process(self, runtime: WorkerRuntime, messages: Sequence[InboundMessage]) -> BatchOutcome:
-        """``runtime.process`` on ``messages`` with their delivery counts set; one outcome for all."""
+    async def run(self, messages: Sequence[InboundMessage], start: StartStep) -> None:
+        """``start`` the core step on ``messages`` with their delivery counts set; a step's ranges
+        are cleared once all its parts were delivered."""
         ranges = offset_ranges(messages)
         overlapping = await self._begin(ranges)
         if overlapping is None:  # uncounted: Redis does not answer
-            return await runtime.process(messages)
+            await start(messages)
+            return
         if not overlapping:
-            outcome = await runtime.process(messages)
-            self._ended(ranges.items())
-            return outcome
-        outcomes: list[BatchOutcome] = []
+            self._end_when(await start(messages), list(ranges.items()))
+            return
         first_delivery = [message for message in messages if (message.topic, message.partition) not in overlapping]
         if first_delivery:
-            outcomes.append(await runtime.process(first_delivery))
-            self._ended((where, ranges[where]) for where in ranges if where not in overlapping)
+            self._end_when(await start(first_delivery),
+                           [(where, ranges[where]) for where in ranges if where not in overlapping])
         redelivered = [message for message in messages if (message.topic, message.partition) in overlapping]
         log.warning("deliveries.redelivered", messages=len(redelivered), partitions=sorted(overlapping),
                     note="a worker died holding them: processed one at a time")
         for message in redelivered:
             await self._begin_one(message)
-            outcomes.append(await runtime.process([message]))
+            await (await start([message]))  # to the end, so that only a message that kills the worker counts up
             offset = int(message.offset)
             self._ended([((message.topic, message.partition), (offset, offset))])
-        return merge_outcomes(outcomes)
+
+    def _end_when(self, done: asyncio.Future[None], ranges: list[tuple[Partition, OffsetRange]]) -> None:
+        if done.done():
+            self._ended(ranges)
+        else:
+            done.add_done_callback(lambda _: self._ended(ranges))
 
     async def close(self) -> None:
         if self._pending_clears:  # a clean stop leaves nothing to expire
@@ -228,21 +236,3 @@ class KafkaDeliveryCounter:
                 pipe.evalsha(begin_sha, 1, self.key(where), first, last, self._ttl_ms, "1" if single else "0")
             replies: list[Any] = await pipe.execute()
         return replies
-
-
-def merge_outcomes(outcomes: Sequence[BatchOutcome]) -> BatchOutcome:
-    """Several core steps' outcomes as one: published, counted and committed together."""
-    if len(outcomes) == 1:
-        return outcomes[0]
-    metrics = [outcome.metrics for outcome in outcomes]
-    summed = {name: sum(getattr(m, name) for m in metrics)
-              for name in ("size", "valid", "unique", "cache_hits", "cache_misses", "cache_errors", "parsed",
-                           "cached", "dead_lettered", "tokens_in", "tokens_out")}
-    timed = {name: round(sum(getattr(m, name) for m in metrics), 3) for name in ("inference_ms", "batch_ms")}
-    return BatchOutcome(
-        parsed=[record for outcome in outcomes for record in outcome.parsed],
-        dead_letters=[record for outcome in outcomes for record in outcome.dead_letters],
-        dead_letter_stages=[stage for outcome in outcomes for stage in outcome.dead_letter_stages],
-        metrics=metrics[-1].model_copy(update={**summed, **timed}),
-        end_to_end_s=[seconds for outcome in outcomes for seconds in outcome.end_to_end_s],
-    )

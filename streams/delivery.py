@@ -16,6 +16,8 @@ What the transports share lives here:
   whoever reads them next (at least once: a duplicate, never a loss). Connection loops pace
   themselves with the same policy.
 - ``CommitTracker``: the input positions that may be committed, per partition.
+- ``InFlight``: runs core steps, delivers each part as soon as it is ready, and bounds the messages
+  taken but not yet delivered.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import structlog
@@ -31,7 +34,7 @@ import structlog
 from schemas.settings import Settings
 from streams.retry import Backoff
 from streams.runtime import WorkerRuntime
-from workers.core_step import BatchOutcome, OutboundRecord
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
 
 log = structlog.get_logger(__name__)
 
@@ -169,22 +172,43 @@ class Retrying:
 
 
 class CommitTracker(Generic[PartitionT]):
-    """Per partition, the position up to which inputs may be committed (Kafka: the next offset).
+    """Per partition, the position up to which inputs may be committed: the first input whose outputs
+    are not yet acknowledged, or past the last one when all are (Kafka: the next offset).
 
-    A batch's positions are noted once all its outputs were acknowledged, in batch order, so the
-    committable position never passes an input whose outputs are not on the broker. A finer
-    tracker (per message: hits published before the misses of the same step) keeps this interface
-    and only changes when ``published`` moves a partition forward.
+    Inputs are ``track``ed in fetch order and ``settle``d in any order (a step's cache hits before
+    its misses); the committable position never passes an input whose outputs are not on the broker.
     """
 
     def __init__(self) -> None:
+        self._open: dict[PartitionT, deque[int]] = {}
+        self._settled: dict[PartitionT, set[int]] = {}
         self._committable: dict[PartitionT, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self._committable)
 
-    def published(self, positions: Mapping[PartitionT, int]) -> None:
-        self._committable.update(positions)
+    def track(self, partition: PartitionT, offsets: Iterable[int]) -> None:
+        """Fetched inputs, in offset order."""
+        self._open.setdefault(partition, deque()).extend(offsets)
+
+    def settle(self, partition: PartitionT, offsets: Iterable[int]) -> None:
+        """Inputs whose outputs were acknowledged; ignored for a partition no longer tracked."""
+        waiting = self._open.get(partition)
+        if not waiting:
+            return
+        settled = self._settled.setdefault(partition, set())
+        settled.update(offsets)
+        if len(settled) >= len(waiting) and settled.issuperset(waiting):  # everything fetched is settled
+            self._committable[partition] = waiting[-1] + 1
+            waiting.clear()
+            settled.clear()
+            return
+        moved = None
+        while waiting and waiting[0] in settled:
+            moved = waiting.popleft()
+            settled.discard(moved)
+        if moved is not None:
+            self._committable[partition] = waiting[0] if waiting else moved + 1
 
     def take(self) -> dict[PartitionT, int]:
         """Everything committable now; ``restore`` it if the commit fails."""
@@ -197,6 +221,99 @@ class CommitTracker(Generic[PartitionT]):
             if position > self._committable.get(partition, -1):
                 self._committable[partition] = position
 
+    def forget(self, partitions: Collection[PartitionT]) -> None:
+        """Partitions given up: their inputs are the next owner's to process and commit."""
+        for partition in partitions:
+            self._open.pop(partition, None)
+            self._settled.pop(partition, None)
+            self._committable.pop(partition, None)
+
     def retain(self, assigned: Collection[PartitionT]) -> None:
         """After a rebalance: positions of partitions no longer ours are another owner's to commit."""
-        self._committable = {tp: position for tp, position in self._committable.items() if tp in assigned}
+        self.forget([partition for partition in (*self._open, *self._committable) if partition not in assigned])
+
+
+class InFlight(Generic[InputsT]):
+    """Runs core steps and hands each part to the transport's ``Delivery`` as soon as it is ready: a
+    step's cache hits and dead letters at once, its misses as their rows finish, in a task of their
+    own so that the runner goes on fetching. Counts the messages taken but not yet delivered: past
+    ``limit`` the runner waits (``wait_for_room``) instead of fetching, which bounds memory under a
+    burst."""
+
+    def __init__(self, runtime: WorkerRuntime, delivery: Delivery[InputsT], limit: int) -> None:
+        self.runtime = runtime
+        self.delivery = delivery
+        self.limit = limit
+        self._held = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def room(self) -> int:
+        return max(self.limit - self._held, 0)
+
+    @property
+    def busy(self) -> bool:
+        """Steps whose misses are still being parsed or delivered."""
+        return bool(self._tasks)
+
+    async def wait_for_room(self, timeout_s: float) -> int:
+        """The room left, after waiting up to ``timeout_s`` for some when there is none."""
+        if self._held >= self.limit:
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout_s)
+        return self.room
+
+    async def start(
+        self,
+        messages: Sequence[InboundMessage],
+        inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
+        amend_ready: Callable[[Settled], None] | None = None,
+    ) -> asyncio.Future[None]:
+        """Begin the core step on ``messages`` and deliver its ready part (``amend_ready`` may add the
+        transport's own refusals to it first); the future resolves once every part was delivered."""
+        self._held += len(messages)
+        step = await self.runtime.begin(messages)
+        if amend_ready is not None:
+            before = len(step.ready.messages)
+            amend_ready(step.ready)
+            self._held += len(step.ready.messages) - before
+        if step.ready.messages:  # a step of misses only has nothing to deliver yet
+            await self._deliver(step.ready, inputs_of)
+        if not step.pending:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        task = asyncio.create_task(self._finish(step, inputs_of), name="qustream-step-misses")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Until every started step was delivered (or ``timeout_s`` passed)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    def cancel(self) -> None:
+        """Stop delivering (the runner is cancelled): what was not delivered is processed again."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def _deliver(self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT]) -> None:
+        try:
+            await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
+        finally:
+            self._held -= len(settled.messages)
+            if self._held < self.limit:
+                self._room.set()
+
+    async def _finish(self, step: RunningStep, inputs_of: Callable[[Sequence[InboundMessage]], InputsT]) -> None:
+        try:
+            async for settled in step.remaining():
+                await self._deliver(settled, inputs_of)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a delivery bug must not end the runner; the inputs stay unacknowledged
+            log.exception("step.delivery_failed")

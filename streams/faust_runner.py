@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
 from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import OutputNames, Retrying, Routed, route
+from streams.delivery import InFlight, OutputNames, Retrying, Routed, route
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
 
@@ -134,10 +134,23 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         await runtime.wait_serving()
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
-        delivery = FaustDelivery(app, stream, runtime)
-        async for events in batches:
-            outcome = await deliveries.process(runtime, [inbound_from_faust(event) for event in events])
-            await delivery.deliver(outcome, events)
+        flow = InFlight(runtime, FaustDelivery(app, stream, runtime), settings.max_in_flight_messages)
+        try:
+            async for events in batches:
+                # Faust commits each partition up to its first unacked event, so parts of a step may be
+                # acked in any order (hits before misses).
+                messages = [inbound_from_faust(event) for event in events]
+                event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
+
+                def events_of(settled: Sequence[InboundMessage],
+                              event_of: dict[int, EventT] = event_of) -> list[EventT]:
+                    return [event_of[id(message)] for message in settled]
+
+                await deliveries.run(messages, lambda part: flow.start(part, events_of))
+                while not flow.room:  # backpressure: Faust's own buffer fills, then it pauses fetching
+                    await flow.wait_for_room(1.0)
+        finally:
+            flow.cancel()  # Faust stops an agent by cancelling it: what was not delivered is redone
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:

@@ -1,9 +1,12 @@
 """The default Kafka runner: one aiokafka consumer-group loop, batch in, batch out.
 
-consume a micro-batch (sized by ``WorkerRuntime.step``) → core step (``WorkerRuntime.process``) →
+consume a micro-batch (sized by ``WorkerRuntime.step``) → core step (``WorkerRuntime.begin``) →
 ``KafkaDelivery.deliver``: hand every output to the producer (acks=all) → once the broker
 acknowledged them, mark the batch's offsets committable → commit every ``broker_commit_interval_s``
-and before partitions are given up. Up to ``_MAX_IN_FLIGHT`` batches wait for their acks while the
+and before partitions are given up. With ``continuous_batching`` (the default) a step's cache hits and
+dead letters are delivered at once and its misses as their rows finish (``streams.delivery.InFlight``),
+while the loop fetches on; a partition is committed only up to its first message whose outputs are
+not acknowledged (``CommitTracker``). Up to ``_MAX_IN_FLIGHT`` batches wait for their acks while the
 next ones are processed; they are settled in order. Retries and the stop rule: ``streams.delivery``.
 
 Why not the Faust agent (still available: ``QUSTREAM_KAFKA_RUNNER=faust``): Faust turns every
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +37,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.settings import Settings
 from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import CommitTracker, OutputNames, Retrying, Routed, route
+from streams.delivery import STOP_GRACE_S, CommitTracker, InFlight, OutputNames, Retrying, Routed, route
 from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
 from streams.runtime import WorkerRuntime
-from workers.core_step import BatchOutcome, OutboundRecord
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord
+
+#: The inputs a delivery settles: their offsets, by partition.
+Settles = dict[TopicPartition, list[int]]
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +120,7 @@ class _InFlight:
     acks: asyncio.Future[Any] | None  # None: handing the records over failed; settled by retrying
     routed: Routed
     outcome: BatchOutcome
-    next_offsets: dict[TopicPartition, int]
+    settles: Settles
 
 
 #: Batches whose acks may be outstanding while the next ones are processed: the broker round trip of
@@ -123,7 +130,7 @@ _MAX_IN_FLIGHT = 4
 
 
 class KafkaDelivery:
-    """The batch runner's ``Delivery``: inputs are the next offset of each partition in the batch.
+    """The batch runner's ``Delivery``: inputs are the offsets, by partition, that the outputs settle.
 
     ``deliver`` hands the outputs to the producer and returns; the batch is settled (acks awaited,
     republished on failure, counted, its offsets noted committable) in order, when more than
@@ -147,7 +154,7 @@ class KafkaDelivery:
     def in_flight(self) -> bool:
         return bool(self._in_flight)
 
-    async def deliver(self, outcome: BatchOutcome, inputs: dict[TopicPartition, int]) -> bool:
+    async def deliver(self, outcome: BatchOutcome, inputs: Settles) -> bool:
         routed = route(outcome, self.names)
         try:
             acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))
@@ -191,7 +198,8 @@ class KafkaDelivery:
             self._in_flight.clear()  # not committed: processed again by the partition's next owner
             return False
         self.runtime.record(batch.outcome)
-        self.offsets.published(batch.next_offsets)
+        for tp, offsets in batch.settles.items():
+            self.offsets.settle(tp, offsets)
         return True
 
     async def _republish(self, routed: Routed) -> None:
@@ -264,6 +272,7 @@ class KafkaBatchRunner:
         self.retrying = Retrying(runtime, stop)
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
         self.deliveries = KafkaDeliveryCounter(settings)
+        self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()
@@ -291,6 +300,7 @@ class KafkaBatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await lag_reporter
             async with self._batch_lock:
+                await self.flow.drain(STOP_GRACE_S)  # misses still being parsed
                 await self.delivery.checkpoint()
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once
@@ -318,7 +328,9 @@ class KafkaBatchRunner:
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._batch_lock:  # the batches in flight finish and are committed first
+            await self.flow.drain(self.settings.batch_deadline_s)
             await self.delivery.checkpoint()
+            self.delivery.offsets.forget(revoked)
         log.info("partitions.revoked", partitions=sorted(tp.partition for tp in revoked))
 
     def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -332,10 +344,13 @@ class KafkaBatchRunner:
     async def _fetch(self) -> Fetched:
         """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
         ``batch_size`` came, more until ``batch_linger_ms`` (lingering fills model batches only)."""
+        room = await self.flow.wait_for_room(_POLL_MS / 1000)
+        if not room:  # backpressure: the messages taken are bounded, fetched on once some are delivered
+            return {}
         try:
             # With batches in flight, do not wait for input: the loop goes on to settle them.
             poll_ms = 0 if self.delivery.in_flight else _POLL_MS
-            fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=self.runtime.step.limit)
+            fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=min(self.runtime.step.limit, room))
         except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
             log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
             await self.retrying.pause(self.retrying.delay())
@@ -345,11 +360,12 @@ class KafkaBatchRunner:
             return fetched
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.linger_s
-        while count < self.batch_size and not self.stop.is_set():
+        while count < min(self.batch_size, room) and not self.stop.is_set():
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.consumer.getmany(timeout_ms=remaining_ms, max_records=self.batch_size - count)
+            more = await self.consumer.getmany(timeout_ms=remaining_ms,
+                                               max_records=min(self.batch_size, room) - count)
             for tp, records in more.items():
                 fetched.setdefault(tp, []).extend(records)
                 count += len(records)
@@ -363,11 +379,10 @@ class KafkaBatchRunner:
         mine = {tp: records for tp, records in fetched.items() if records and tp in assigned}
         if not mine:
             return
-        outcome = await self.deliveries.process(
-            self.runtime,
-            [inbound_from_kafka(record) for records in mine.values() for record in records]
-        )
-        await self.delivery.deliver(outcome, {tp: records[-1].offset + 1 for tp, records in mine.items()})
+        for tp, records in mine.items():
+            self.delivery.offsets.track(tp, [record.offset for record in records])
+        messages = [inbound_from_kafka(record) for records in mine.values() for record in records]
+        await self.deliveries.run(messages, lambda part: self.flow.start(part, _settles))
 
     async def _report_lag(self) -> None:
         gauge = self.runtime.metrics.consumer_lag
@@ -379,3 +394,17 @@ class KafkaBatchRunner:
                     position = await self.consumer.position(tp)
                     if highwater is not None:
                         gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(max(highwater - position, 0))
+
+
+def _settles(messages: Sequence[InboundMessage]) -> Settles:
+    """The offsets, by partition, that delivering these messages' outputs settles."""
+    settles: Settles = {}
+    last: tuple[str, int] | None = None
+    offsets: list[int] = []
+    for message in messages:
+        where = (message.topic, message.partition)
+        if where != last:
+            offsets = settles.setdefault(TopicPartition(*where), [])
+            last = where
+        offsets.append(int(message.offset))
+    return settles

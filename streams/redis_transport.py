@@ -25,9 +25,8 @@ The loop is the one every runner has: read a batch → core step → ``RedisDeli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +40,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.events import DeadLetterStage
 from schemas.settings import Settings
-from streams.delivery import OutputNames, Retrying, route
+from streams.delivery import STOP_GRACE_S, InFlight, OutputNames, Retrying, route
 from streams.redis_codec import PARTITION, encode_entry, entry_text, inbound_from_entry
 from streams.runtime import WorkerRuntime
 from workers.core_step import (
     BatchOutcome,
     InboundMessage,
     OutboundRecord,
+    Settled,
     dead_letter,
 )
 
@@ -188,7 +188,8 @@ class RedisDelivery:
                 for record in records:
                     pipe.xadd(stream, encode_entry(record.value, record.key, record.headers),  # type: ignore[arg-type]
                               maxlen=maxlen, approximate=True)
-            pipe.xack(self.stream, self.group, *entry_ids)
+            if entry_ids:
+                pipe.xack(self.stream, self.group, *entry_ids)
             await pipe.execute()
 
     async def _already_settled(self, entry_ids: list[str]) -> bool | None:
@@ -231,6 +232,7 @@ class RedisStreamConsumer:
         self.retrying = Retrying(runtime, stop)
         self.reader = GroupReader(client, self.group, self.consumer, [self.stream])
         self.delivery = RedisDelivery(settings, runtime, client, self.consumer, self.retrying)
+        self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages)
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
 
@@ -283,42 +285,59 @@ class RedisStreamConsumer:
     # --- the loop: read → core step → deliver ---------------------------------------------------
 
     async def _consume(self) -> None:
-        while not self.stop.is_set():
-            batch = await self._next_batch()
-            self.retrying.succeeded()
-            if batch:
-                await self._step(batch)
+        try:
+            while not self.stop.is_set():
+                room = await self.flow.wait_for_room(0.2)
+                if not room:  # backpressure: read on once some outputs are delivered
+                    continue
+                batch, serial = await self._next_batch(room)
+                self.retrying.succeeded()
+                if batch:
+                    done = await self._step(batch)
+                    if serial:  # a crash left them (or a peer's) here: one at a time, to the end
+                        await done
+        finally:
+            await self.flow.drain(STOP_GRACE_S if self.stop.is_set() else 0)
 
-    async def _step(self, batch: list[Received]) -> None:
+    async def _step(self, batch: list[Received]) -> asyncio.Future[None]:
         entry_ids = [received.entry_id for received in batch]
         regular: list[InboundMessage] = []
-        refused: list[tuple[OutboundRecord, DeadLetterStage]] = []
+        refused: list[tuple[Received, OutboundRecord, DeadLetterStage]] = []
         for received in batch:
             if received.deleted:
-                refused.append(self._refuse(received, "decode", "EntryDeleted",
-                                            "entry was trimmed or deleted from the stream before it was processed"))
+                refused.append((received, *self._refuse(
+                    received, "decode", "EntryDeleted",
+                    "entry was trimmed or deleted from the stream before it was processed")))
             else:
                 regular.append(received.message)
-        async with self._keep_lease(entry_ids):
-            # An empty list still yields a metrics event for the refused entries to be counted in.
-            outcome = await self.runtime.process(regular)
-        for record, stage in refused:
-            outcome.dead_letters.append(record)
-            outcome.dead_letter_stages.append(stage)
-        outcome.metrics.size += len(refused)
-        outcome.metrics.dead_lettered += len(refused)
-        await self.delivery.deliver(outcome, entry_ids)
+
+        def add_refusals(ready: Settled) -> None:
+            # An empty step still yields a metrics event for the refused entries to be counted in.
+            outcome = ready.outcome
+            for received, record, stage in refused:
+                outcome.dead_letters.append(record)
+                outcome.dead_letter_stages.append(stage)
+                ready.messages.append(received.message)
+            outcome.metrics.size += len(refused)
+            outcome.metrics.dead_lettered += len(refused)
+
+        # Entries stay ours (renewed against idle claims) until every part of the step is delivered.
+        lease = asyncio.create_task(self._renew_lease(entry_ids), name="redis-lease")
+        done = await self.flow.start(regular, _entry_ids, add_refusals if refused else None)
+        done.add_done_callback(lambda _: lease.cancel())
+        return done
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def _next_batch(self) -> list[Received]:
+    async def _next_batch(self, room: int) -> tuple[list[Received], bool]:
+        """The next entries, and whether they must be processed one step at a time."""
         if self.reader.reading_pending:
             batch = await self._read_own_pending()
             if batch:
-                return batch
+                return batch, True
         if time.monotonic() >= self._next_claim:
-            return await self._claim_idle()
-        return await self._read_new()
+            return await self._claim_idle(), True
+        return await self._read_new(room), False
 
     async def _read_own_pending(self) -> list[Received]:
         # One at a time (a crash left them here): see the module docstring on poison.
@@ -353,16 +372,17 @@ class RedisStreamConsumer:
         batch += [self._received(entry_id, {}, 1, deleted=True) for entry_id in deleted]
         return batch
 
-    async def _read_new(self) -> list[Received]:
-        """New entries up to the step size (``WorkerRuntime.step``): block for the first, then top up
-        to ``batch_size`` for at most ``linger``."""
-        entries = await self.reader.read_new(self.runtime.step.limit, max(self.linger_ms, 50))
+    async def _read_new(self, room: int) -> list[Received]:
+        """New entries up to the step size (``WorkerRuntime.step``) and the room left: block for the
+        first, then top up to ``batch_size`` for at most ``linger``."""
+        entries = await self.reader.read_new(min(self.runtime.step.limit, room), max(self.linger_ms, 50))
         deadline = time.monotonic() + self.linger_ms / 1000
-        while entries and len(entries) < self.batch_size and not self.stop.is_set():
+        target = min(self.batch_size, room)
+        while entries and len(entries) < target and not self.stop.is_set():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.reader.read_new(self.batch_size - len(entries), remaining_ms)
+            more = await self.reader.read_new(target - len(entries), remaining_ms)
             if not more:
                 break
             entries += more
@@ -400,16 +420,6 @@ class RedisStreamConsumer:
                     topic=message.topic, offset=message.offset, deliveries=received.deliveries)
         return dead_letter(message, stage, error_class, reason, self.settings.worker_id), stage
 
-    @contextlib.asynccontextmanager
-    async def _keep_lease(self, entry_ids: list[str]) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._renew_lease(entry_ids), name="redis-lease")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
     async def _renew_lease(self, entry_ids: list[str]) -> None:
         interval = max(self.settings.redis_claim_idle_ms / 3000, 0.05)
         while True:
@@ -423,3 +433,8 @@ class RedisStreamConsumer:
                                              message_ids=list[Any](mine), justid=True)
             except (RedisError, OSError) as exc:
                 log.warning("redis.lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _entry_ids(messages: Sequence[InboundMessage]) -> list[str]:
+    """The entries whose outputs a delivery carries, acknowledged in its transaction."""
+    return [message.offset for message in messages]

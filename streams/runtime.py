@@ -6,7 +6,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -17,7 +17,7 @@ from schemas.settings import Settings
 from schemas.spec import ParseSpec
 from streams.telemetry import WorkerMetrics
 from workers.cache import ParseCache, redis_client
-from workers.core_step import BatchOutcome, InboundMessage, ParsePipeline
+from workers.core_step import BatchOutcome, InboundMessage, ParsePipeline, RunningStep, Settled
 from workers.engine import ParseEngine, ParseResult
 
 log = structlog.get_logger(__name__)
@@ -55,6 +55,14 @@ class DeferredEngine:
     def warm_up(self) -> None:
         if self.loaded is not None:
             self.loaded.warm_up()
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        """Continuous batching (``ConstrainedEngine.submit``) once the model is loaded."""
+        submit = getattr(self.loaded, "submit", None)
+        if submit is None:
+            raise RuntimeError("the model is not loaded yet, or its engine does not decode continuously")
+        future: Future[ParseResult] = submit(query)
+        return future
 
 
 class Progress:
@@ -213,6 +221,17 @@ class WorkerRuntime:
         self.step.observe(outcome.metrics.size, outcome.metrics.cache_misses)
         return outcome
 
+    async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+        """Run the core step on one batch: with ``continuous_batching``, its hits and dead letters at
+        once and its misses as their rows finish; else every output after the misses. Never raises."""
+        if not self.settings.continuous_batching:
+            return RunningStep(Settled(await self.process(batch), list(batch)))
+        await self.wait_serving()
+        assert self.pipeline is not None
+        step = await self.pipeline.begin(batch)
+        self.step.observe(len(batch), len(batch) - len(step.ready.messages))
+        return step
+
     def record(self, outcome: BatchOutcome) -> None:
         """Count a batch once its outputs are published."""
         self.metrics.observe(outcome)
@@ -251,4 +270,7 @@ class WorkerRuntime:
     async def close(self) -> None:
         if self.cache is not None:
             await self.cache.close()
+        close_engine = getattr(self.engine, "close", None)
+        if close_engine is not None:  # the continuous-batching thread
+            close_engine()
         self.engine_thread.shutdown(wait=False, cancel_futures=True)

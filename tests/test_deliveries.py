@@ -3,8 +3,10 @@ the real Redis, through a crash loop simulated by an engine that takes the "proc
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
@@ -17,7 +19,7 @@ from streams.deliveries import KEY_PREFIX, KafkaDeliveryCounter
 from streams.local_stack import free_port
 from streams.runtime import WorkerRuntime
 from workers.cache import ParseCache, redis_client
-from workers.core_step import InboundMessage, ParsePipeline
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, ParsePipeline
 from workers.engine import ParseResult
 
 POISON = "cursed velvet ottoman"
@@ -83,14 +85,41 @@ def counter_settings(redis_url: str) -> Callable[..., Settings]:
                                            **overrides})
 
 
-async def worker_run(settings: Settings, messages: list[InboundMessage]) -> tuple[CrashingEngine, object]:
+@dataclass
+class Delivered:
+    """What one worker's life delivered, over all its steps."""
+
+    outcomes: list[BatchOutcome]
+
+    @property
+    def parsed(self) -> list[OutboundRecord]:
+        return [record for outcome in self.outcomes for record in outcome.parsed]
+
+    @property
+    def dead_letters(self) -> list[OutboundRecord]:
+        return [record for outcome in self.outcomes for record in outcome.dead_letters]
+
+    def total(self, name: str) -> int:
+        return sum(getattr(outcome.metrics, name) for outcome in self.outcomes)
+
+
+async def worker_run(settings: Settings, messages: list[InboundMessage]) -> tuple[CrashingEngine, Delivered | None]:
     """One worker's life: a fresh runtime and counter on ``messages``; a crash ends it."""
     engine = CrashingEngine()
     runtime = WorkerRuntime(settings, engine=engine)  # type: ignore[arg-type]
     await runtime.start()
     counter = KafkaDeliveryCounter(settings)
+    delivered = Delivered([])
+
+    async def start(part: Sequence[InboundMessage]) -> asyncio.Future[None]:
+        delivered.outcomes.append(await runtime.process(part))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     try:
-        return engine, await counter.process(runtime, messages)
+        await counter.run(messages, start)
+        return engine, delivered
     except WorkerDied:
         return engine, None
     finally:
@@ -115,14 +144,13 @@ async def test_kafka_message_that_kills_the_worker_is_dead_lettered_and_the_rest
     engine, outcome = await worker_run(settings, fetched())
     assert outcome is not None and [[q] for q in queries if q != POISON] == engine.batches
 
-    assert sorted(record.key or b"" for record in outcome.parsed) == sorted(  # type: ignore[attr-defined]
+    assert sorted(record.key or b"" for record in outcome.parsed) == sorted(
         f"in-0-{offset}".encode() for offset in (10, 11, 13, 14))
-    [dead] = outcome.dead_letters  # type: ignore[attr-defined]
+    [dead] = outcome.dead_letters
     reason = DeadLetterReason.from_headers(dict(dead.headers))
     assert (reason.stage, reason.error_class, reason.source_offset) == ("deliveries", "MaxDeliveriesExceeded", "12")
     assert "delivered 3 times" in reason.message
-    metrics = outcome.metrics  # type: ignore[attr-defined]
-    assert (metrics.size, metrics.parsed, metrics.dead_lettered) == (5, 4, 1)
+    assert (outcome.total("size"), outcome.total("parsed"), outcome.total("dead_lettered")) == (5, 4, 1)
 
     # Every step ended and the worker stopped cleanly: nothing is left to count against a message.
     assert await redis.lrange(f"{KEY_PREFIX}:{settings.app_id}:in:0", 0, -1) == []
@@ -148,4 +176,4 @@ async def test_counting_stops_but_processing_goes_on_when_redis_is_down(
     messages = [message("oak desk", 0), message("red sofa", 1)]
     engine, outcome = await worker_run(down, messages)
     assert outcome is not None and engine.batches == [["oak desk", "red sofa"]]
-    assert [m.deliveries for m in messages] == [1, 1] and len(outcome.parsed) == 2  # type: ignore[attr-defined]
+    assert [m.deliveries for m in messages] == [1, 1] and len(outcome.parsed) == 2

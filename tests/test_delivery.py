@@ -72,12 +72,38 @@ async def test_after_failure_can_settle_without_another_attempt() -> None:
 def test_commit_tracker_keeps_the_newest_position_and_only_assigned_partitions() -> None:
     tracker: CommitTracker[int] = CommitTracker()
     assert not tracker
-    tracker.published({0: 10, 1: 5})
+    tracker.track(0, range(0, 10))
+    tracker.track(1, range(0, 5))
+    tracker.settle(0, range(0, 10))
+    tracker.settle(1, range(0, 5))
     failed = tracker.take()
     assert failed == {0: 10, 1: 5} and not tracker
-    tracker.published({0: 12})
+    tracker.track(0, [10, 11])
+    tracker.settle(0, [10, 11])
     tracker.restore(failed)  # partition 0 moved on meanwhile: 12 stays
     assert tracker.take() == {0: 12, 1: 5}
-    tracker.published({0: 13, 1: 6})
+    tracker.track(0, [12])
+    tracker.track(1, [5])
+    tracker.settle(0, [12])
+    tracker.settle(1, [5])
     tracker.retain([1])
     assert tracker.take() == {1: 6}
+    tracker.settle(0, [13])  # a partition no longer ours: nothing to commit for it
+    assert not tracker
+
+
+def test_commit_tracker_never_passes_an_input_whose_outputs_are_not_acknowledged() -> None:
+    tracker: CommitTracker[str] = CommitTracker()
+    tracker.track("p", [3, 5, 8, 9, 12])  # offsets need not be contiguous (compaction, markers)
+    tracker.settle("p", [5, 9])  # cache hits of the step, before its misses
+    assert tracker.take() == {}
+    tracker.settle("p", [3])
+    assert tracker.take() == {"p": 8}  # 3 and 5 done; 8 still decoding
+    tracker.settle("p", [12])
+    assert tracker.take() == {}
+    tracker.settle("p", [8])
+    assert tracker.take() == {"p": 13}
+    tracker.track("p", [13, 14])
+    tracker.forget(["p"])
+    tracker.settle("p", [13, 14])
+    assert tracker.take() == {}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 
 from schemas.settings import Settings
 from schemas.spec import load_spec
 from streams.runtime import StepSizer
-from workers.cache import ParseCache, redis_client
+from workers.cache import CachedParse, ParseCache, redis_client
 from workers.core_step import InboundMessage, ParsePipeline, PoisonMessage, decode_message
 from workers.engine import ParseResult
 
@@ -204,3 +206,66 @@ def test_ascii_fast_path_strips_the_same_characters_as_the_unicode_path() -> Non
         expected = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
         assert strip_control(text) == expected
     assert strip_control("sofa\u200b\u0085bed") == "sofa  bed"
+
+
+class HandDrivenEngine(ExplodingEngine):
+    """Decodes continuously (``submit``), finishing each query only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__(poison="never")
+        self.submitted: dict[str, Future[ParseResult]] = {}
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        return self.submitted.setdefault(query, Future())
+
+    def finish(self, query: str) -> None:
+        self.submitted[query].set_result(self.parse_batch([query])[0])
+
+
+async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(batch_deadline_s=2.0)
+    engine = HandDrivenEngine()
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
+                       prefix=settings.cache_prefix)
+    pipeline = ParsePipeline(settings, engine, cache)
+    engine.submit("oak table").set_result(engine.parse_batch(["oak table"])[0])
+    await cache.set_many({"oak table": CachedParse({"item_type": "table", "material": "oak", "color": None,
+                                                    "style": None}, [])})
+    batch = [message(b"pine bed", 0), message(b"Oak  TABLE", 1), message(b"\xff", 2), message(b"teak desk", 3),
+             message(b"pine  bed", 4), message(b"elm chair", 5)]
+
+    step = await pipeline.begin(batch)
+
+    # At once: the hit and the poison, while the three misses are submitted and none has finished.
+    assert [m.offset for m in step.ready.messages] == ["1", "2"]
+    assert [json.loads(r.value)["normalized_query"] for r in step.ready.outcome.parsed] == ["oak table"]
+    assert step.ready.outcome.dead_letter_stages == ["decode"]
+    assert (step.ready.outcome.metrics.size, step.ready.outcome.metrics.cache_hits) == (2, 1)
+    await asyncio.sleep(0)  # while the runner publishes the hits, the misses join the running batch
+    assert set(engine.submitted) == {"oak table", "pine bed", "teak desk", "elm chair"}
+    assert step.pending
+
+    remaining = step.remaining()
+    engine.finish("teak desk")
+    first = await anext(remaining)
+    assert [m.offset for m in first.messages] == ["3"]
+    engine.finish("pine bed")
+    second = await anext(remaining)
+    # Both messages of one query settle together; the repeat counts as served without the model.
+    assert [m.offset for m in second.messages] == ["0", "4"]
+    assert [json.loads(r.value)["cached"] for r in second.outcome.parsed] == [False, True]
+    assert await cache.get_many(["pine bed"]) and (await cache.get_many(["pine bed"])).hits
+    # "elm chair" never finishes: past the deadline it is dead-lettered, and the step ends.
+    last = await anext(remaining)
+    assert [m.offset for m in last.messages] == ["5"]
+    assert last.outcome.dead_letter_stages == ["infer"]
+    assert dict(last.outcome.dead_letters[0].headers)["qustream.error.class"] == b"TimeoutError"
+    with pytest.raises(StopAsyncIteration):
+        await anext(remaining)
+    parts = [step.ready, first, second, last]
+    assert sorted(m.offset for part in parts for m in part.messages) == [str(i) for i in range(6)]
+    assert sum(part.outcome.metrics.size for part in parts) == 6
+    assert sum(part.outcome.metrics.cache_misses for part in parts) == 3
+    await cache.close()

@@ -12,7 +12,8 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from asyncio import CancelledError
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,6 +87,15 @@ class PoisonMessage(Exception):
         super().__init__(message)
         self.stage = stage
         self.error_class = error_class
+
+
+class InferenceFailed(Exception):
+    """A query the model could not parse, even alone; the error as it was raised."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
 
 
 @dataclass(slots=True)
@@ -210,6 +220,55 @@ def dead_letter(
     return OutboundRecord(message.key, message.value or b"", headers)
 
 
+@dataclass
+class Settled:
+    """Outputs ready to publish and the inputs they settle: acknowledged or committed once the broker
+    acknowledged the outputs."""
+
+    outcome: BatchOutcome
+    messages: list[InboundMessage]
+
+
+class RunningStep:
+    """A core step whose cache hits and dead letters are known (``ready``) while its misses may still
+    be decoding: ``remaining()`` yields their outputs as rows finish. Neither raises."""
+
+    def __init__(self, ready: Settled, remaining: AsyncIterator[Settled] | None = None) -> None:
+        self.ready = ready
+        self._remaining = remaining
+
+    @property
+    def pending(self) -> bool:
+        return self._remaining is not None
+
+    async def remaining(self) -> AsyncIterator[Settled]:
+        if self._remaining is not None:
+            async for settled in self._remaining:
+                yield settled
+
+
+@dataclass
+class _StepOutputs:
+    """What one step (or one part of it) builds: parsed events, dead letters and their stages."""
+
+    worker_id: str
+    parsed: list[OutboundRecord] = field(default_factory=list)
+    dead: list[OutboundRecord] = field(default_factory=list)
+    dead_stages: list[DeadLetterStage] = field(default_factory=list)
+    end_to_end: list[float] = field(default_factory=list)
+    cached: int = 0
+
+    def reject(self, message: InboundMessage, stage: DeadLetterStage, error_class: str, reason: str) -> None:
+        self.dead.append(dead_letter(message, stage, error_class, reason, self.worker_id))
+        self.dead_stages.append(stage)
+        log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
+                    topic=message.topic, partition=message.partition, offset=message.offset)
+
+
+#: The outcome of inference for a set of queries: parses, and failures as (error class, message).
+Inferred = tuple[dict[str, ParseResult], dict[str, tuple[str, str]]]
+
+
 class ParsePipeline:
     def __init__(
         self,
@@ -231,71 +290,63 @@ class ParsePipeline:
         # the model still loads (a restarted worker catches up on cached traffic at once).
         self._engine_loaded = engine_loaded
         self._exit_on_query = os.environ.get(EXIT_ON_QUERY_ENV) or None
+        #: Misses being parsed, by normalized query: a step that meets one shares its parse.
+        self._in_flight: dict[str, asyncio.Future[ParseResult]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
-        """Never raises: an unexpected error dead-letters the batch rather than stalling the partition."""
+        """The whole step at once: every output after the step's misses were parsed. Never raises:
+        an unexpected error dead-letters the batch rather than stalling the partition."""
         try:
             return await self._process(batch)
         except Exception as exc:
             log.exception("batch.failed", size=len(batch))
             return self._dead_letter_batch(batch, exc)
 
+    async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+        """The step's cache hits and dead letters at once, its misses as their rows finish
+        (continuous batching where the engine decodes that way). Never raises."""
+        try:
+            return await self._begin(batch)
+        except Exception as exc:
+            log.exception("batch.failed", size=len(batch))
+            return RunningStep(Settled(self._dead_letter_batch(batch, exc), list(batch)))
+
     def _dead_letter_batch(self, batch: Sequence[InboundMessage], exc: Exception) -> BatchOutcome:
-        worker_id = self.settings.worker_id
+        outputs = _StepOutputs(self.settings.worker_id)
         reason = f"batch failed unexpectedly: {exc}"
-        dead = [dead_letter(message, "output", type(exc).__name__, reason, worker_id) for message in batch]
-        metrics = BatchMetricsEvent(
-            batch_id=uuid.uuid4().hex, worker_id=worker_id, ts=datetime.now(UTC), size=len(batch), valid=0, unique=0,
-            cache_hits=0, cache_misses=0, cache_errors=0, cache_available=self.cache.available, parsed=0, cached=0,
-            dead_lettered=len(dead), inference_ms=0.0, batch_ms=0.0, tokens_in=0, tokens_out=0,
-            model=self.engine.model_id, spec=self._spec_ref,
-        )
-        return BatchOutcome([], dead, ["output"] * len(dead), metrics, [])
+        for message in batch:
+            outputs.dead.append(dead_letter(message, "output", type(exc).__name__, reason, outputs.worker_id))
+            outputs.dead_stages.append("output")
+        return self._outcome(outputs, time.perf_counter(), size=len(batch), valid=0, unique=0, hits=0, misses=0,
+                             cache_error=False, inference_ms=0.0, inferred={})
 
-    async def _process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
-        started = time.perf_counter()
-        started_at = datetime.now(UTC)
-        worker_id = self.settings.worker_id
-        dead: list[OutboundRecord] = []
-        dead_stages: list[DeadLetterStage] = []
+    # --- the parts every step shares ------------------------------------------------------------
 
-        def reject(message: InboundMessage, stage: DeadLetterStage, error_class: str, reason: str) -> None:
-            dead.append(dead_letter(message, stage, error_class, reason, worker_id))
-            dead_stages.append(stage)
-            log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
-                        topic=message.topic, partition=message.partition, offset=message.offset)
-
+    def _admit(self, batch: Sequence[InboundMessage], outputs: _StepOutputs) -> list[DecodedQuery]:
+        """Refuse what was delivered too often or cannot be decoded; the rest, decoded."""
         decoded: list[DecodedQuery] = []
         max_deliveries = self.settings.max_deliveries
         for message in batch:
             if message.deliveries > max_deliveries:
-                reject(message, "deliveries", "MaxDeliveriesExceeded",
-                       f"delivered {message.deliveries} times > max_deliveries={max_deliveries}; "
-                       "the worker most likely died processing it")
+                outputs.reject(message, "deliveries", "MaxDeliveriesExceeded",
+                               f"delivered {message.deliveries} times > max_deliveries={max_deliveries}; "
+                               "the worker most likely died processing it")
                 continue
             try:
                 decoded.append(decode_message(message, self.settings))
             except PoisonMessage as poison:
-                reject(message, poison.stage, poison.error_class, str(poison))
+                outputs.reject(message, poison.stage, poison.error_class, str(poison))
             except Exception as exc:  # a decoder bug must not stall the partition
-                reject(message, "decode", type(exc).__name__, str(exc))
+                outputs.reject(message, "decode", type(exc).__name__, str(exc))
         if self._exit_on_query is not None:
             _exit_if_asked(decoded, self._exit_on_query)
+        return decoded
 
-        unique = list(dict.fromkeys(item.normalized for item in decoded))
-        lookup = await self.cache.get_many(unique)
-        misses = [query for query in unique if query not in lookup.hits]
-
-        if misses and self._engine_loaded is not None:
-            await self._engine_loaded()
-        inference_started = time.perf_counter()
-        inferred, failures = await self._infer_isolating_failures(misses)
-        inference_ms = (time.perf_counter() - inference_started) * 1000
-
-        spec = self.engine.spec
-        parse_model = spec.parse_model
+    async def _validated(self, inferred: dict[str, ParseResult]) -> tuple[dict[str, CachedParse], dict[str, str]]:
+        """Model outputs through the spec's parse model, cached; and the ones it refused, with why."""
+        parse_model = self.engine.spec.parse_model
         fresh: dict[str, CachedParse] = {}
-        results: dict[str, CachedParse] = dict(lookup.hits)
         invalid: dict[str, str] = {}
         for query, result in inferred.items():
             try:
@@ -303,38 +354,50 @@ class ParsePipeline:
             except ValidationError as exc:
                 invalid[query] = f"model output failed the parse schema: {exc.errors()[0]['msg']}"
                 continue
-            results[query] = fresh[query] = CachedParse(parse, list(result.ungrounded))
+            fresh[query] = CachedParse(parse, list(result.ungrounded))
         await self.cache.set_many(fresh)
+        return fresh, invalid
 
-        parsed: list[OutboundRecord] = []
-        end_to_end: list[float] = []
+    def _encode(
+        self,
+        items: Sequence[DecodedQuery],
+        results: Mapping[str, CachedParse],
+        fresh: Mapping[str, CachedParse],
+        failures: Mapping[str, tuple[str, str]],
+        invalid: Mapping[str, str],
+        outputs: _StepOutputs,
+        started: float,
+        started_epoch: float,
+        inference_ms: float,
+    ) -> None:
+        """Each item's parsed event (or dead letter, where inference failed or its output was refused)."""
         served_fresh: set[str] = set()
-        cached_count = 0
         parsed_at = datetime.now(UTC)
-        parsed_epoch, started_epoch = parsed_at.timestamp(), started_at.timestamp()
+        parsed_epoch = parsed_at.timestamp()
         encoder = ParsedEventEncoder(spec=self._spec_ref, model=self.engine.model_id, grounding=self.engine.grounding,
-                                     parsed_ts=parsed_at, worker_id=worker_id,
+                                     parsed_ts=parsed_at, worker_id=outputs.worker_id,
                                      total_ms=(time.perf_counter() - started) * 1000)
         encode = encoder.encode
+        parsed, end_to_end = outputs.parsed, outputs.end_to_end
         refused = failures or invalid
-        for item in decoded:
+        for item in items:
             query = item.normalized
             if refused:
                 if query in failures:
-                    reject(item.message, "infer", *failures[query])
+                    outputs.reject(item.message, "infer", *failures[query])
                     continue
                 if query in invalid:
-                    reject(item.message, "output", "ValidationError", invalid[query])
+                    outputs.reject(item.message, "output", "ValidationError", invalid[query])
                     continue
             # Validated already: cache entries when read (another shape is a miss), fresh ones above.
             ready = results[query]
-            # The first message of a freshly inferred query is the uncached one; its in-batch
-            # repeats, like cache hits, did not cost a model call.
+            # The first message of a freshly inferred query is the uncached one; its in-step repeats,
+            # like cache hits, did not cost a model call.
             from_model = query in fresh and query not in served_fresh
             if from_model:
                 served_fresh.add(query)
             else:
-                cached_count += 1
+                outputs.cached += 1
             event_epoch = item.event_epoch
             message = item.message
             value = encode(
@@ -347,34 +410,185 @@ class ParsePipeline:
             if event_epoch is not None:
                 end_to_end.append(parsed_epoch - event_epoch)
 
-        tokens_in = sum(result.tokens_in for result in inferred.values())
-        tokens_out = sum(result.tokens_out for result in inferred.values())
+    def _outcome(
+        self, outputs: _StepOutputs, started: float, *, size: int, valid: int, unique: int, hits: int, misses: int,
+        cache_error: bool, inference_ms: float, inferred: Mapping[str, ParseResult],
+    ) -> BatchOutcome:
         metrics = BatchMetricsEvent(
             batch_id=uuid.uuid4().hex,
-            worker_id=worker_id,
-            ts=parsed_at,
-            size=len(batch),
-            valid=len(decoded),
-            unique=len(unique),
-            cache_hits=len(lookup.hits),
-            cache_misses=len(misses),
-            cache_errors=1 if lookup.error else 0,
+            worker_id=outputs.worker_id,
+            ts=datetime.now(UTC),
+            size=size,
+            valid=valid,
+            unique=unique,
+            cache_hits=hits,
+            cache_misses=misses,
+            cache_errors=1 if cache_error else 0,
             cache_available=self.cache.available,
-            parsed=len(parsed),
-            cached=cached_count,
-            dead_lettered=len(dead),
+            parsed=len(outputs.parsed),
+            cached=outputs.cached,
+            dead_lettered=len(outputs.dead),
             inference_ms=round(inference_ms, 3),
             batch_ms=round((time.perf_counter() - started) * 1000, 3),
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
+            tokens_in=sum(result.tokens_in for result in inferred.values()),
+            tokens_out=sum(result.tokens_out for result in inferred.values()),
             model=self.engine.model_id,
             spec=self._spec_ref,
         )
-        return BatchOutcome(parsed, dead, dead_stages, metrics, end_to_end)
+        return BatchOutcome(outputs.parsed, outputs.dead, outputs.dead_stages, metrics, outputs.end_to_end)
 
-    async def _infer_isolating_failures(
-        self, queries: list[str]
-    ) -> tuple[dict[str, ParseResult], dict[str, tuple[str, str]]]:
+    # --- the whole step at once -----------------------------------------------------------------
+
+    async def _process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
+        started = time.perf_counter()
+        started_epoch = time.time()
+        outputs = _StepOutputs(self.settings.worker_id)
+        decoded = self._admit(batch, outputs)
+        unique = list(dict.fromkeys(item.normalized for item in decoded))
+        lookup = await self.cache.get_many(unique)
+        misses = [query for query in unique if query not in lookup.hits]
+
+        if misses and self._engine_loaded is not None:
+            await self._engine_loaded()
+        inference_started = time.perf_counter()
+        inferred, failures = await self._infer_isolating_failures(misses)
+        inference_ms = (time.perf_counter() - inference_started) * 1000
+        fresh, invalid = await self._validated(inferred)
+        self._encode(decoded, {**lookup.hits, **fresh}, fresh, failures, invalid, outputs, started, started_epoch,
+                     inference_ms)
+        return self._outcome(outputs, started, size=len(batch), valid=len(decoded), unique=len(unique),
+                             hits=len(lookup.hits), misses=len(misses), cache_error=lookup.error,
+                             inference_ms=inference_ms, inferred=inferred)
+
+    # --- hits at once, misses as they finish ----------------------------------------------------
+
+    async def _begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+        started = time.perf_counter()
+        started_epoch = time.time()
+        outputs = _StepOutputs(self.settings.worker_id)
+        decoded = self._admit(batch, outputs)
+        unique = list(dict.fromkeys(item.normalized for item in decoded))
+        lookup = await self.cache.get_many(unique)
+        hits = lookup.hits
+        waiting: dict[str, list[DecodedQuery]] = {}
+        answered: list[DecodedQuery] = []
+        for item in decoded:
+            if item.normalized in hits:
+                answered.append(item)
+            else:
+                waiting.setdefault(item.normalized, []).append(item)
+        self._encode(answered, hits, {}, {}, {}, outputs, started, started_epoch, 0.0)
+        waiting_messages = {id(item.message) for items in waiting.values() for item in items}
+        ready_messages = [message for message in batch if id(message) not in waiting_messages]
+        ready = self._outcome(outputs, started, size=len(ready_messages), valid=len(answered),
+                              unique=len(unique) - len(waiting), hits=len(hits), misses=0,
+                              cache_error=lookup.error, inference_ms=0.0, inferred={})
+        if not waiting:
+            return RunningStep(Settled(ready, ready_messages))
+        # Submitted at once, not when the runner first asks for the misses: they join the running
+        # batch while the hits are being published.
+        submitted = asyncio.ensure_future(self._submit(list(waiting)))
+        return RunningStep(Settled(ready, ready_messages),
+                           self._decode_misses(waiting, submitted, started, started_epoch))
+
+    async def _submit(self, queries: list[str]) -> dict[asyncio.Future[ParseResult], str]:
+        """Each query's parse to come, once the model is loaded: a query already being parsed for an
+        earlier step is shared, the others join the engine's running batch (or, for an engine that
+        does not decode continuously, are parsed together like a step's misses)."""
+        if self._engine_loaded is not None:
+            await self._engine_loaded()
+        in_flight = self._in_flight
+        new = [query for query in queries if query not in in_flight]
+        submit = getattr(self.engine, "submit", None)
+        if submit is not None:
+            for query in new:
+                in_flight[query] = asyncio.wrap_future(submit(query))
+        elif new:
+            loop = asyncio.get_running_loop()
+            for query in new:
+                in_flight[query] = loop.create_future()
+            task = asyncio.create_task(self._parse_together(new))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return {in_flight[query]: query for query in queries}
+
+    async def _parse_together(self, queries: list[str]) -> None:
+        inferred, failures = await self._infer_isolating_failures(queries)
+        for query in queries:
+            future = self._in_flight.get(query)
+            if future is None or future.done():
+                continue
+            if query in inferred:
+                future.set_result(inferred[query])
+            else:
+                future.set_exception(InferenceFailed(*failures[query]))
+
+    async def _decode_misses(
+        self, waiting: dict[str, list[DecodedQuery]],
+        submitted: asyncio.Future[dict[asyncio.Future[ParseResult], str]], started: float, started_epoch: float,
+    ) -> AsyncIterator[Settled]:
+        """Each finished miss's outputs, grouping those that finish together. Never raises: what is
+        left when something unexpected fails is dead-lettered."""
+        try:
+            async for inferred, failures, inference_ms in self._infer_as_finished(await submitted):
+                done = {query: waiting[query] for query in (*inferred, *failures)}
+                settled = await self._settle_misses(done, inferred, failures, started, started_epoch, inference_ms)
+                for query in done:  # only now: had settling failed, they would be dead-lettered below
+                    del waiting[query]
+                yield settled
+        except Exception as exc:
+            log.exception("batch.failed", size=sum(len(items) for items in waiting.values()))
+            if waiting:
+                messages = [item.message for items in waiting.values() for item in items]
+                yield Settled(self._dead_letter_batch(messages, exc), messages)
+
+    async def _settle_misses(
+        self, done: dict[str, list[DecodedQuery]], inferred: dict[str, ParseResult],
+        failures: dict[str, tuple[str, str]], started: float, started_epoch: float, inference_ms: float,
+    ) -> Settled:
+        outputs = _StepOutputs(self.settings.worker_id)
+        fresh, invalid = await self._validated(inferred)
+        for query in done:  # cached now (or failed): a later step looks it up or parses it again
+            self._in_flight.pop(query, None)
+        items = [item for group in done.values() for item in group]
+        self._encode(items, fresh, fresh, failures, invalid, outputs, started, started_epoch, inference_ms)
+        outcome = self._outcome(outputs, started, size=len(items), valid=len(items), unique=len(done), hits=0,
+                                misses=len(done), cache_error=False, inference_ms=inference_ms, inferred=inferred)
+        return Settled(outcome, [item.message for item in items])
+
+    async def _infer_as_finished(
+        self, futures: dict[asyncio.Future[ParseResult], str]
+    ) -> AsyncIterator[tuple[dict[str, ParseResult], dict[str, tuple[str, str]], float]]:
+        """Parses (and failures) of the queries behind ``futures``, as they finish."""
+        submitted = time.perf_counter()
+        deadline = submitted + self.settings.batch_deadline_s
+        pending: set[asyncio.Future[ParseResult]] = set(futures)
+        while pending:
+            finished, pending = await asyncio.wait(pending, timeout=max(deadline - time.perf_counter(), 0),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+            inference_ms = (time.perf_counter() - submitted) * 1000
+            inferred: dict[str, ParseResult] = {}
+            failures: dict[str, tuple[str, str]] = {}
+            for future in finished:
+                exc = CancelledError("the engine stopped") if future.cancelled() else future.exception()
+                if exc is None:
+                    inferred[futures[future]] = future.result()
+                else:
+                    if isinstance(exc, InferenceFailed):  # logged where it failed
+                        failures[futures[future]] = (exc.error_class, exc.message)
+                        continue
+                    _release_device_memory(exc)
+                    failures[futures[future]] = (type(exc).__name__, str(exc) or type(exc).__name__)
+                    log.error("inference.failed", error_class=type(exc).__name__, error=str(exc)[:300])
+            if not finished:
+                # Past the deadline. The rows are not cancelled: another step may share them.
+                for future in pending:
+                    failures[futures[future]] = ("TimeoutError", f"no parse within batch_deadline_s="
+                                                 f"{self.settings.batch_deadline_s}")
+                pending = set()
+            yield inferred, failures, inference_ms
+
+    async def _infer_isolating_failures(self, queries: list[str]) -> Inferred:
         """Run the model on ``queries`` in batches of ``batch_size``; on an error or deadline, split
         in halves and retry, down to single queries, so one bad query costs only itself. Returns
         parses and per-query failures."""
