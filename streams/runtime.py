@@ -56,13 +56,10 @@ class DeferredEngine:
         if self.loaded is not None:
             self.loaded.warm_up()
 
-    def submit(self, query: str) -> Future[ParseResult]:
-        """Continuous batching (``ConstrainedEngine.submit``) once the model is loaded."""
-        submit = getattr(self.loaded, "submit", None)
-        if submit is None:
-            raise RuntimeError("the model is not loaded yet, or its engine does not decode continuously")
-        future: Future[ParseResult] = submit(query)
-        return future
+    @property
+    def submit(self) -> Callable[[str], Future[ParseResult]] | None:
+        """The loaded engine's continuous batching (``ConstrainedEngine.submit``), if it has one."""
+        return getattr(self.loaded, "submit", None)
 
 
 class Progress:

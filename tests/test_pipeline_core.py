@@ -269,3 +269,23 @@ async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
     assert sum(part.outcome.metrics.size for part in parts) == 6
     assert sum(part.outcome.metrics.cache_misses for part in parts) == 3
     await cache.close()
+
+
+async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() -> None:
+    engine = HandDrivenEngine()
+    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    first = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0)
+    second = await pipeline.begin([message(b"Teak Desk", 1), message(b"elm chair", 2)])
+    await asyncio.sleep(0)
+    assert sorted(engine.submitted) == ["elm chair", "teak desk"]  # not submitted twice
+    engine.finish("teak desk")
+    engine.finish("elm chair")
+    [owner] = [part async for part in first.remaining()]
+    [sharer] = [part async for part in second.remaining()]
+    assert [json.loads(r.value)["cached"] for r in owner.outcome.parsed] == [False]
+    # The step that joined the parse in flight did not cost a model call for it.
+    assert {json.loads(r.value)["normalized_query"]: json.loads(r.value)["cached"]
+            for r in sharer.outcome.parsed} == {"teak desk": True, "elm chair": False}
+    assert (sharer.outcome.metrics.cached, owner.outcome.metrics.cached) == (1, 0)
+    assert engine.calls == [1, 1]

@@ -343,10 +343,10 @@ class ParsePipeline:
             _exit_if_asked(decoded, self._exit_on_query)
         return decoded
 
-    async def _validated(self, inferred: dict[str, ParseResult]) -> tuple[dict[str, CachedParse], dict[str, str]]:
-        """Model outputs through the spec's parse model, cached; and the ones it refused, with why."""
+    def _checked(self, inferred: dict[str, ParseResult]) -> tuple[dict[str, CachedParse], dict[str, str]]:
+        """Model outputs through the spec's parse model; and the ones it refused, with why."""
         parse_model = self.engine.spec.parse_model
-        fresh: dict[str, CachedParse] = {}
+        valid: dict[str, CachedParse] = {}
         invalid: dict[str, str] = {}
         for query, result in inferred.items():
             try:
@@ -354,7 +354,12 @@ class ParsePipeline:
             except ValidationError as exc:
                 invalid[query] = f"model output failed the parse schema: {exc.errors()[0]['msg']}"
                 continue
-            fresh[query] = CachedParse(parse, list(result.ungrounded))
+            valid[query] = CachedParse(parse, list(result.ungrounded))
+        return valid, invalid
+
+    async def _validated(self, inferred: dict[str, ParseResult]) -> tuple[dict[str, CachedParse], dict[str, str]]:
+        """``_checked``, and the valid ones cached."""
+        fresh, invalid = self._checked(inferred)
         await self.cache.set_many(fresh)
         return fresh, invalid
 
@@ -491,10 +496,11 @@ class ParsePipeline:
         return RunningStep(Settled(ready, ready_messages),
                            self._decode_misses(waiting, submitted, started, started_epoch))
 
-    async def _submit(self, queries: list[str]) -> dict[asyncio.Future[ParseResult], str]:
+    async def _submit(self, queries: list[str]) -> tuple[dict[asyncio.Future[ParseResult], str], set[str]]:
         """Each query's parse to come, once the model is loaded: a query already being parsed for an
         earlier step is shared, the others join the engine's running batch (or, for an engine that
-        does not decode continuously, are parsed together like a step's misses)."""
+        does not decode continuously, are parsed together like a step's misses). Also the queries this
+        step submitted: the others cost it no model call."""
         if self._engine_loaded is not None:
             await self._engine_loaded()
         in_flight = self._in_flight
@@ -510,7 +516,7 @@ class ParsePipeline:
             task = asyncio.create_task(self._parse_together(new))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return {in_flight[query]: query for query in queries}
+        return {in_flight[query]: query for query in queries}, set(new)
 
     async def _parse_together(self, queries: list[str]) -> None:
         inferred, failures = await self._infer_isolating_failures(queries)
@@ -525,14 +531,17 @@ class ParsePipeline:
 
     async def _decode_misses(
         self, waiting: dict[str, list[DecodedQuery]],
-        submitted: asyncio.Future[dict[asyncio.Future[ParseResult], str]], started: float, started_epoch: float,
+        submitted: asyncio.Future[tuple[dict[asyncio.Future[ParseResult], str], set[str]]], started: float,
+        started_epoch: float,
     ) -> AsyncIterator[Settled]:
         """Each finished miss's outputs, grouping those that finish together. Never raises: what is
         left when something unexpected fails is dead-lettered."""
         try:
-            async for inferred, failures, inference_ms in self._infer_as_finished(await submitted):
+            futures, owned = await submitted
+            async for inferred, failures, inference_ms in self._infer_as_finished(futures):
                 done = {query: waiting[query] for query in (*inferred, *failures)}
-                settled = await self._settle_misses(done, inferred, failures, started, started_epoch, inference_ms)
+                settled = await self._settle_misses(done, inferred, failures, owned, started, started_epoch,
+                                                    inference_ms)
                 for query in done:  # only now: had settling failed, they would be dead-lettered below
                     del waiting[query]
                 yield settled
@@ -544,16 +553,23 @@ class ParsePipeline:
 
     async def _settle_misses(
         self, done: dict[str, list[DecodedQuery]], inferred: dict[str, ParseResult],
-        failures: dict[str, tuple[str, str]], started: float, started_epoch: float, inference_ms: float,
+        failures: dict[str, tuple[str, str]], owned: set[str], started: float, started_epoch: float,
+        inference_ms: float,
     ) -> Settled:
+        """Outputs of finished misses. A query another step submitted was parsed (and cached) once, by
+        that step: here it is served like a cache hit."""
         outputs = _StepOutputs(self.settings.worker_id)
-        fresh, invalid = await self._validated(inferred)
+        mine = {query: result for query, result in inferred.items() if query in owned}
+        fresh, invalid = await self._validated(mine)
+        shared, shared_invalid = self._checked({q: r for q, r in inferred.items() if q not in owned})
         for query in done:  # cached now (or failed): a later step looks it up or parses it again
-            self._in_flight.pop(query, None)
+            if query in owned:
+                self._in_flight.pop(query, None)
         items = [item for group in done.values() for item in group]
-        self._encode(items, fresh, fresh, failures, invalid, outputs, started, started_epoch, inference_ms)
+        self._encode(items, {**shared, **fresh}, fresh, failures, {**invalid, **shared_invalid}, outputs, started,
+                     started_epoch, inference_ms)
         outcome = self._outcome(outputs, started, size=len(items), valid=len(items), unique=len(done), hits=0,
-                                misses=len(done), cache_error=False, inference_ms=inference_ms, inferred=inferred)
+                                misses=len(done), cache_error=False, inference_ms=inference_ms, inferred=mine)
         return Settled(outcome, [item.message for item in items])
 
     async def _infer_as_finished(
