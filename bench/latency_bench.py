@@ -276,7 +276,7 @@ class LatencyBench:
             read = collector.read_at(record)
             seen[event["query_id"]] = (read - due[event["query_id"]], bool(event["cached"]))
             read_lags.append(read - record.timestamp / 1000)
-            if event["timings"].get("queue_ms") is not None:
+            if event["cached"] and event["timings"].get("queue_ms") is not None:
                 queued.append(event["timings"]["queue_ms"] / 1000)
             last_read = max(last_read, read)
         collector.forget(settings.topic_parsed, tag)
@@ -295,8 +295,8 @@ class LatencyBench:
             "duration_s": round(duration, 2),
             "throughput_qps": round(len(seen) / duration, 3) if duration > 0 else 0.0,
             "peak_rss_mib": _mib(worker.peak_rss_bytes()),
-            # Where the time goes: event time → the worker's batch start, as the worker reports it.
-            "worker_queue": _ms_summary(queued),
+            # Where a hit's time goes: event time → the worker's start on it, as the worker reports it.
+            "hits_queue": _ms_summary(queued),
             # This harness's own share of the latency: late sends, and output read after it was written.
             "send_late_ms_p99": round(float(np.percentile(late, 99)) * 1000, 1) if late else None,
             "read_lag_ms_p99": round(float(np.percentile(read_lags, 99)) * 1000, 1) if read_lags else None,
