@@ -846,7 +846,23 @@ def run_meta(plan: dict[str, Any], began: float, load_before: tuple[float, float
             "os": platform.platform(),
         },
         "broker": "tansu 0.6 (memory storage), private instance",
+        "commit": _git_head(),
     }
+
+
+def _git_head() -> str | None:
+    """The commit measured, with ``+dirty`` when the working tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _free_port() -> int:
