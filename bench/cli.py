@@ -108,6 +108,40 @@ def pipeline(
     print_summary(results)
 
 
+@app.command("latency")
+def latency(
+    quick: Annotated[bool, typer.Option("--quick", help="Batch 8 and 5-second levels: a smoke run of about 2 "
+                                                        "minutes instead of 13.")] = False,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Write the results here (default bench/results/latency.json, latency_quick.json with "
+                       "--quick).")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Write the PNG chart here (default: next to the JSON).")] = None,
+    no_chart: Annotated[bool, typer.Option("--no-chart", help="Skip the chart.")] = False,
+    level_seconds: Annotated[float | None, typer.Option(min=1.0, help="Seconds of arrivals per load level and "
+                                                                      "runner (default: the plan's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of arrivals and queries (default: the plan's).")] = None,
+) -> None:
+    """Open-loop latency of the step-based and the continuous runner side by side: Poisson arrivals at
+    50/80/95 % of the model capacity, about 60 % cache hits, hit and miss percentiles, saturation
+    throughput and worker memory. Exits 1 if a produced query did not come out.
+
+    Example: qustream bench latency (the full run, see bench/latency_bench.py)
+    """
+    from bench.latency_bench import Plan, print_summary, run_latency_bench
+
+    plan = Plan.named("quick" if quick else "full")
+    if level_seconds is not None:
+        plan.level_seconds = level_seconds
+    if seed is not None:
+        plan.seed = seed
+    output = json_out or Path("bench/results") / ("latency_quick.json" if quick else "latency.json")
+    results = run_latency_bench(plan, output, None if no_chart else chart or output.with_suffix(".png"))
+    print_summary(results)
+    print(f"results: {output}")
+    if not all(level["runners"][name]["complete"] for level in results["levels"] for name in level["runners"]):
+        raise typer.Exit(1)
+
+
 @app.command("handwritten")
 def handwritten(
     size: Annotated[list[int] | None, typer.Option(

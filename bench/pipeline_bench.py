@@ -51,17 +51,25 @@ MODEL_TARGET = 0.85
 
 
 @dataclass
-class Plan:
-    """Sizes of every scenario. ``full`` ≈ 15 minutes, ``quick`` ≈ 5, ``tiny`` is for the smoke test."""
+class WorkerPlan:
+    """How a benchmark's workers run: the product's batching defaults, so the figures are those of a
+    worker as shipped, and one torch thread each, so a measured process never fights another over the
+    machine's cores (two here)."""
 
     name: str
-    # The product's defaults, so the figures are those of a worker as shipped.
     batch_size: int = Settings.model_fields["batch_size"].default
     linger_ms: int = Settings.model_fields["batch_linger_ms"].default
-    # One torch thread per worker and for the engine reference: the model ceiling compares the two on
-    # a core of their own (pinned, as the transport ceiling does), and the scaling scenario's two
-    # workers use the machine's two cores instead of four threads fighting over them.
     cpu_threads: int = 1
+
+
+@dataclass
+class Plan(WorkerPlan):
+    """Sizes of every scenario. ``full`` ≈ 15 minutes, ``quick`` ≈ 5, ``tiny`` is for the smoke test.
+
+    One torch thread for the worker and for the engine reference: the model ceiling compares the two on
+    a core of their own (pinned, as the transport ceiling does), and the scaling scenario's two workers
+    use the two cores instead of four threads fighting over them."""
+
     transport_rounds: int = 5
     # Large enough that the pass-through's drain (≈ 60-80k q/s here) lasts about half a second.
     transport_messages: int = 40_000
@@ -118,12 +126,14 @@ class Pool:
         return chunk
 
 
-def _round_tag() -> str:
+def round_tag() -> str:
     return "r" + uuid.uuid4().hex[:8]
 
 
-def _value(text: str, query_id: str) -> bytes:
-    return json.dumps({"query": text, "query_id": query_id, "ts": datetime.now(UTC).isoformat()}).encode()
+def _value(text: str, query_id: str, ts: float | None = None) -> bytes:
+    """An input event; ``ts`` (epoch seconds, default now) is its event time."""
+    event_time = datetime.now(UTC) if ts is None else datetime.fromtimestamp(ts, UTC)
+    return json.dumps({"query": text, "query_id": query_id, "ts": event_time.isoformat()}).encode()
 
 
 def _median(values: Sequence[float]) -> float:
@@ -187,15 +197,27 @@ async def produce_open_loop(
     producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery], rate: float
 ) -> float:
     """Send at a fixed rate whatever the worker does (open loop), each stamped with its event time."""
+    started, _ = await produce_scheduled(producer, topic, tag, queries, [i / rate for i in range(len(queries))])
+    return started
+
+
+async def produce_scheduled(
+    producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery], offsets: Sequence[float]
+) -> tuple[float, list[float]]:
+    """Send query ``i`` ``offsets[i]`` seconds after the start whatever the worker does (open loop),
+    with that scheduled time as its event time: a harness that falls behind adds to the measured
+    latency instead of hiding it. Returns the start (epoch seconds) and how late each send went out."""
     started = time.time()
-    futures = []
-    for i, query in enumerate(queries):
-        delay = started + i / rate - time.time()
+    futures, late = [], []
+    for i, (query, offset) in enumerate(zip(queries, offsets, strict=True)):
+        due = started + offset
+        delay = due - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        futures.append(await producer.send(topic, _value(query.text, f"{tag}-{i}"), key=f"{tag}-{i}".encode()))
+        late.append(max(0.0, time.time() - due))
+        futures.append(await producer.send(topic, _value(query.text, f"{tag}-{i}", due), key=f"{tag}-{i}".encode()))
     await asyncio.gather(*futures)
-    return started
+    return started, late
 
 
 @dataclass
@@ -204,20 +226,35 @@ class RoundResult:
     seconds: float
     qps: float
     complete: bool
+    tag: str = ""
 
 
-def _round_result(
+def round_result(
     collector: Collector, topic: str, tag: str, count: int, started: float, complete: bool
 ) -> RoundResult:
     records = collector.of_round(topic, tag)
     if not records:
-        return RoundResult(0, 0.0, 0.0, False)
+        return RoundResult(0, 0.0, 0.0, False, tag)
     finished = max(r.timestamp for r in records) / 1000
     seconds = max(finished - started, 1e-3)
-    return RoundResult(len(records), seconds, len(records) / seconds, complete and len(records) >= count)
+    return RoundResult(len(records), seconds, len(records) / seconds, complete and len(records) >= count, tag)
 
 
-def _parsed_events(collector: Collector, topic: str, tag: str) -> list[dict[str, Any]]:
+async def drain_backlog(producer: AIOKafkaProducer, collector: Collector, source: str, sink: str,
+                        workers: Sequence[Process], queries: Sequence[BenchQuery], timeout_s: float) -> RoundResult:
+    """The workers drain ``queries`` produced while they were paused (SIGSTOP): their capacity, not the
+    producer's pace. Paused for well under the session timeout, so the group does not rebalance."""
+    tag = round_tag()
+    with contextlib.ExitStack() as paused:
+        for worker in workers:
+            paused.enter_context(worker.paused())
+        await produce_burst(producer, source, tag, queries)
+        started = time.time()
+    complete = await collector.wait(sink, tag, len(queries), timeout_s)
+    return round_result(collector, sink, tag, len(queries), started, complete)
+
+
+def parsed_events(collector: Collector, topic: str, tag: str) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in collector.of_round(topic, tag)]
 
 
@@ -409,7 +446,7 @@ class PipelineBench:
         # One small unmeasured round each, so connections and code paths are warm for round 1.
         warm = queries[: min(500, len(queries))]
         for topic, out, _ in paths.values():
-            tag = _round_tag()
+            tag = round_tag()
             await produce_burst(producer, topic, tag, warm)
             await collector.wait(out, tag, len(warm), p.drain_timeout_s)
         rounds = []
@@ -420,7 +457,7 @@ class PipelineBench:
             row: dict[str, Any] = {}
             for which in order:
                 topic, out, process = paths[which]
-                tag = _round_tag()
+                tag = round_tag()
                 # Each path drains the same backlog, alone: its own capacity, not the producer's pace.
                 with process.paused():
                     await produce_burst(producer, topic, tag, queries)
@@ -428,9 +465,9 @@ class PipelineBench:
                     started = time.time()
                 complete = await collector.wait(out, tag, len(queries), p.drain_timeout_s)
                 row[f"{which}_cpu_us_per_msg"] = round((process.cpu_seconds() - cpu_before) / len(queries) * 1e6, 1)
-                result = _round_result(collector, out, tag, len(queries), started, complete)
+                result = round_result(collector, out, tag, len(queries), started, complete)
                 if which != "reference":
-                    events = _parsed_events(collector, out, tag)
+                    events = parsed_events(collector, out, tag)
                     row[f"{which}_all_cached"] = all(e["cached"] for e in events)
                 row[f"{which}_qps"] = round(result.qps, 1)
                 row[f"{which}_complete"] = result.complete
@@ -470,11 +507,11 @@ class PipelineBench:
             "py-spy", "record", "-p", str(worker.pid), "-o", str(raw), "--format", "raw", "-r", "200",
             "--nonblocking", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         await asyncio.sleep(1.0)
-        tag = _round_tag()
+        tag = round_tag()
         started = await produce_burst(producer, settings.topic_input, tag, self._cached_queries)
         complete = await collector.wait(settings.topic_parsed, tag, len(self._cached_queries),
                                         self.plan.drain_timeout_s)
-        result = _round_result(collector, settings.topic_parsed, tag, len(self._cached_queries), started, complete)
+        result = round_result(collector, settings.topic_parsed, tag, len(self._cached_queries), started, complete)
         spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
         await asyncio.wait_for(spy.wait(), 60)
         if not raw.exists():
@@ -510,7 +547,7 @@ class PipelineBench:
         # One unmeasured round each: a worker's first full-width batch measured 20 % slower than the
         # next ones (the engine reference's did not), a one-time cost, not the pipeline's.
         warm = self.pool.take(p.model_queries)
-        tag = _round_tag()
+        tag = round_tag()
         await produce_burst(producer, settings.topic_input, tag, warm)
         await collector.wait(settings.topic_parsed, tag, len(warm), p.drain_timeout_s)
         collector.forget(settings.topic_parsed, tag)
@@ -526,11 +563,11 @@ class PipelineBench:
                     row["reference_qps"] = round(len(queries) / seconds, 3)
                     row["reference_s"] = round(seconds, 3)
                     continue
-                tag = _round_tag()
+                tag = round_tag()
                 began = await produce_burst(producer, settings.topic_input, tag, queries)
                 complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
-                result = _round_result(collector, settings.topic_parsed, tag, len(queries), began, complete)
-                events = _parsed_events(collector, settings.topic_parsed, tag)
+                result = round_result(collector, settings.topic_parsed, tag, len(queries), began, complete)
+                events = parsed_events(collector, settings.topic_parsed, tag)
                 row["qustream_qps"] = round(result.qps, 3)
                 row["qustream_complete"] = result.complete
                 row["qustream_uncached"] = sum(1 for e in events if not e["cached"])
@@ -578,12 +615,12 @@ class PipelineBench:
         stream = [universe[r] for r in ranks]
         self.echo(f"zipf replay: {count} queries at {rate}/s over {p.zipf_seconds:.0f} s "
                   f"(s={p.zipf_exponent}, universe {p.zipf_universe}, cold cache)")
-        tag = _round_tag()
+        tag = round_tag()
         began = await produce_open_loop(producer, settings.topic_input, tag, stream, rate)
         complete = await collector.wait(settings.topic_parsed, tag, count, p.drain_timeout_s)
         finished = time.time()
-        result = _round_result(collector, settings.topic_parsed, tag, count, began, complete)
-        events = _parsed_events(collector, settings.topic_parsed, tag)
+        result = round_result(collector, settings.topic_parsed, tag, count, began, complete)
+        events = parsed_events(collector, settings.topic_parsed, tag)
         latencies = _latencies(events)
         batches = [json.loads(r.value) for r in collector.since(settings.topic_metrics, int(began * 1000))]
         sizes = [b["size"] for b in batches]
@@ -680,23 +717,17 @@ class PipelineBench:
         p = self.plan
         cached_rounds = []
         for _ in range(p.scaling_rounds):
-            tag = _round_tag()
-            with contextlib.ExitStack() as paused:
-                for worker in workers:
-                    paused.enter_context(worker.paused())
-                await produce_burst(producer, settings.topic_input, tag, self._cached_queries)
-                started = time.time()
-            complete = await collector.wait(settings.topic_parsed, tag, len(self._cached_queries), p.drain_timeout_s)
-            cached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(self._cached_queries),
-                                               started, complete).qps)
-            collector.forget(settings.topic_parsed, tag)
+            result = await drain_backlog(producer, collector, settings.topic_input, settings.topic_parsed, workers,
+                                         self._cached_queries, p.drain_timeout_s)
+            cached_rounds.append(result.qps)
+            collector.forget(settings.topic_parsed, result.tag)
         uncached_rounds = []
         for _ in range(p.scaling_uncached_rounds):
             queries = self.pool.take(p.model_queries)
-            tag = _round_tag()
+            tag = round_tag()
             started = await produce_burst(producer, settings.topic_input, tag, queries)
             complete = await collector.wait(settings.topic_parsed, tag, len(queries), p.drain_timeout_s)
-            uncached_rounds.append(_round_result(collector, settings.topic_parsed, tag, len(queries), started,
+            uncached_rounds.append(round_result(collector, settings.topic_parsed, tag, len(queries), started,
                                                  complete).qps)
         return {"cached": cached_rounds, "uncached": uncached_rounds}
 
@@ -727,16 +758,16 @@ class PipelineBench:
             await producer.start()
             try:
                 await worker.wait_ready(partitions=settings.partitions)
-                tag = _round_tag()
+                tag = round_tag()
                 started = await produce_burst(producer, settings.topic_input, tag, burst)
                 # Bounded: a point that cannot keep up shows that from what it finished in time.
                 complete = await collector.wait(settings.topic_parsed, tag, len(burst), min(p.drain_timeout_s, 90.0))
-                burst_result = _round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
-                tag = _round_tag()
+                burst_result = round_result(collector, settings.topic_parsed, tag, len(burst), started, complete)
+                tag = round_tag()
                 steady_began = await produce_open_loop(producer, settings.topic_input, tag, steady, rate)
                 steady_complete = await collector.wait(settings.topic_parsed, tag, len(steady),
                                                        min(p.drain_timeout_s, 60.0))
-                latencies = _latencies(_parsed_events(collector, settings.topic_parsed, tag))
+                latencies = _latencies(parsed_events(collector, settings.topic_parsed, tag))
                 # A message still missing at the timeout is at least this old: count it so, or a
                 # point that cannot keep up would report only its fast messages.
                 missing = len(steady) - len(latencies)
@@ -776,39 +807,62 @@ class PipelineBench:
 
     # --- metadata -----------------------------------------------------------------------------------
     def _meta(self, began: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
-        import psutil
-        import torch
-
-        cpu = platform.processor() or ""
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
         return {
-            "plan": asdict(self.plan),
-            "started": datetime.fromtimestamp(began, UTC).isoformat(timespec="seconds"),
-            "duration_s": round(time.time() - began, 1),
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-            "machine": {
-                "cpu": cpu,
-                "cores": os.cpu_count(),
-                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                "gpu": None,
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
-                "os": platform.platform(),
-            },
+            **run_meta(asdict(self.plan), began, load_before),
             "model": self.engine.model_id if self.engine else None,
             "engine_version": self.engine.version if self.engine else None,
-            "broker": "tansu 0.6 (memory storage), private instance",
             "not_measured": ["GPU (no GPU on this machine)", "Apache Kafka (tansu only)",
                              "multi-host scaling", "Redis Streams transport"],
         }
+
+
+def run_meta(plan: dict[str, Any], began: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """What a benchmark result records about its run: plan, times, load, machine, broker."""
+    import psutil
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "plan": plan,
+        "started": datetime.fromtimestamp(began, UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - began, 1),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "os": platform.platform(),
+        },
+        "broker": "tansu 0.6 (memory storage), private instance",
+        "commit": _git_head(),
+    }
+
+
+def _git_head() -> str | None:
+    """The commit measured, with ``+dirty`` when the working tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _free_port() -> int:
@@ -840,7 +894,7 @@ def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
         try:
             results = asyncio.run(bench.run())
         except BaseException:
-            _dump_logs(Path(workdir), echo)
+            dump_logs(Path(workdir), echo)
             raise
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -852,7 +906,7 @@ def run_pipeline_bench(plan: Plan, output: Path, charts_dir: Path | None,
     return results
 
 
-def _dump_logs(workdir: Path, echo: Callable[[str], None]) -> None:
+def dump_logs(workdir: Path, echo: Callable[[str], None]) -> None:
     for path in sorted(workdir.glob("*.log")):
         echo(f"--- {path.name} (tail)\n{path.read_text(errors='replace')[-2000:]}")
 

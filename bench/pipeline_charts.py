@@ -1,4 +1,4 @@
-"""PNG charts of a pipeline benchmark result (matplotlib, headless)."""
+"""PNG charts of the pipeline and latency benchmark results (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -99,3 +99,46 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_latency_chart(results: dict[str, Any], path: Path) -> Path:
+    """``qustream bench latency``: hit and miss latency percentiles by load level for both runners,
+    and each runner's saturation throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    levels = results["levels"]
+    loads = [f"{level['load']:.0%}" for level in levels]
+    runners = [name for name in results["saturation"] if name != "ratio"]
+    colors = {"step": "#a0aec0", "continuous": "#2b6cb0"}
+    styles = {"p50_ms": ":", "p95_ms": "--", "p99_ms": "-"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 2, 1]})
+    for ax, kind in zip(axes[:2], ("hits", "misses"), strict=True):
+        for runner in runners:
+            for key, style in styles.items():
+                values = [level["runners"][runner][kind][key] for level in levels]
+                ax.plot(loads, [v if v is not None else float("nan") for v in values], style, marker="o",
+                        color=colors.get(runner), label=f"{runner} {key.removesuffix('_ms')}")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (share of the step-based runner's capacity)")
+        ax.set_ylabel("end-to-end latency, ms")
+        ax.set_title(f"cache {kind}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].axhline(100, color="#c53030", linewidth=1, label="target p99 100 ms")
+    axes[0].legend(fontsize=7, ncol=2)
+    saturation = results["saturation"]
+    bars = axes[2].bar(runners, [saturation[r]["qps"] for r in runners], color=[colors.get(r) for r in runners])
+    memory = results["workers"]
+    axes[2].bar_label(bars, labels=[f"{saturation[r]['qps']:.2f} q/s\npeak RSS {memory[r]['peak_rss_mib']:.0f} MiB"
+                                    for r in runners], fontsize=8)
+    axes[2].margins(y=0.2)
+    axes[2].set_title(f"saturation, all misses: {saturation['ratio']:.0%}")
+    axes[2].set_ylabel("queries/s (backlog drained)")
+    plan = results["meta"]["plan"]
+    fig.suptitle(f"qustream bench latency ({plan['name']}): batch {plan['batch_size']}, Poisson arrivals, "
+                 f"{plan['hit_ratio']:.0%} hits planned, {plan['level_seconds']:.0f} s per level and runner")
+    fig.tight_layout()
+    return _save(fig, path, plt)

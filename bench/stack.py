@@ -125,6 +125,26 @@ class Process:
         except psutil.Error:
             return None
 
+    def peak_rss_bytes(self) -> int | None:
+        """The kernel's high-water mark of resident memory (VmHWM) since start or ``reset_peak_rss``:
+        exact where sampling ``rss_bytes`` would miss a short spike inside a batch."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def reset_peak_rss(self) -> bool:
+        """Start ``peak_rss_bytes`` again from the current RSS (Linux ``clear_refs`` 5)."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
     def cpu_seconds(self) -> float:
         """User + system CPU time so far: per-message cost that other load on the machine cannot inflate."""
         try:
@@ -246,19 +266,25 @@ class Collector:
     (the key's text before the first '-'), so a round ends when its last output arrives.
 
     It only appends records while a round runs; decoding waits until the round is over, so the
-    reader costs as little CPU as possible on a machine the worker shares with it.
+    reader costs as little CPU as possible on a machine the worker shares with it. ``timed`` also
+    keeps the wall time each record was read at (``read_at``), where latency is measured as a
+    consumer of the output sees it. It then fetches with a short wait: through tansu a fetch that
+    waits for records (aiokafka's default wait is 500 ms) is answered well after they arrive, which
+    would add to every latency measured (the latency benchmark reports the reader's share).
     """
 
-    def __init__(self, settings: Settings, topics: list[str]) -> None:
+    def __init__(self, settings: Settings, topics: list[str], *, timed: bool = False) -> None:
         self.settings = settings
         self.topics = topics
         self.records: dict[str, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
         self.counts: Counter[tuple[str, bytes]] = Counter()
+        self._read_at: dict[tuple[str, int, int], float] | None = {} if timed else None
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._consumer = make_consumer(self.settings)
+        prompt: dict[str, Any] = {"fetch_max_wait_ms": 10} if self._read_at is not None else {}
+        self._consumer = make_consumer(self.settings, **prompt)
         await self._consumer.start()
         await assign_all(self._consumer, self.topics, from_end=False)
         self._task = asyncio.create_task(self._run())
@@ -267,9 +293,12 @@ class Collector:
         assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=50)
+            now = time.time()
             for tp, records in batches.items():
                 self.records[tp.topic].extend(records)
                 for record in records:
+                    if self._read_at is not None:
+                        self._read_at[(tp.topic, tp.partition, record.offset)] = now
                     if record.key:
                         self.counts[(tp.topic, record.key.split(b"-", 1)[0])] += 1
 
@@ -284,6 +313,11 @@ class Collector:
                 self._task.result()  # surfaces the reader's exception
             await asyncio.sleep(0.01)
         return True
+
+    def read_at(self, record: ConsumerRecord[Any, Any]) -> float:
+        """Wall time this reader got ``record`` (a ``timed`` collector only)."""
+        assert self._read_at is not None, "Collector(timed=True) keeps read times"
+        return self._read_at[(record.topic, record.partition, record.offset)]
 
     def of_round(self, topic: str, tag: str) -> list[ConsumerRecord[Any, Any]]:
         prefix = tag.encode() + b"-"

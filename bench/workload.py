@@ -7,6 +7,7 @@ counts match real traffic; that matters because the model's cost grows with toke
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from dataclasses import dataclass
@@ -94,8 +95,28 @@ def zipf_ranks(count: int, universe: int, exponent: float, seed: int) -> list[in
     return [int(r) for r in rng.choice(universe, size=count, p=weights)]
 
 
-def expected_distinct(count: int, universe: int, exponent: float) -> float:
-    """Expected distinct ranks among ``count`` Zipf draws: the number of cold-cache misses."""
+def expected_distinct(count: int, universe: int, exponent: float, skip: int = 0) -> float:
+    """Expected distinct ranks among ``count`` Zipf draws, counting only ranks from ``skip`` on: the
+    misses of a cache that starts with ranks [0, skip) in it."""
     weights = 1.0 / np.power(np.arange(1, universe + 1, dtype=np.float64), exponent)
     weights /= weights.sum()
-    return float(np.sum(1.0 - np.power(1.0 - weights, count)))
+    return float(np.sum(1.0 - np.power(1.0 - weights[skip:], count)))
+
+
+def head_for_hit_ratio(count: int, universe: int, exponent: float, hit_ratio: float) -> int:
+    """The fewest top ranks to pre-cache so that ``count`` Zipf draws are expected to hit the cache
+    ``hit_ratio`` of the time (a draw hits when its rank was pre-cached or drawn before)."""
+    expected = [1 - expected_distinct(count, universe, exponent, skip=head) / count for head in range(universe + 1)]
+    return bisect.bisect_left(expected, hit_ratio)
+
+
+def poisson_arrivals(rate: float, seconds: float, seed: int) -> list[float]:
+    """Arrival times in [0, ``seconds``) of a Poisson process of ``rate`` per second."""
+    rng = np.random.default_rng(seed)
+    times: list[float] = []
+    now = 0.0
+    while True:
+        now += float(rng.exponential(1 / rate))
+        if now >= seconds:
+            return times
+        times.append(now)

@@ -1,0 +1,396 @@
+"""``qustream bench latency``: end-to-end latency under open-loop load, today's step-based runner and
+the continuous one side by side in one run (issue #14).
+
+Full run (about 13 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
+
+    qustream bench latency
+
+Smoke run (batch 8, 5-second levels, about 2 minutes; what tests/test_bench_latency.py runs; writes
+bench/results/latency_quick.json and .png):
+
+    qustream bench latency --quick
+
+The two runners are ``qustream worker`` subprocesses, ``QUSTREAM_CONTINUOUS_BATCHING=false`` (step-based)
+and ``true`` (continuous), against one private tansu broker and the machine's Redis, each with topics
+and a cache prefix of its own, so neither ever sees the other's cache entries. The run:
+
+1. Saturation: each worker drains a backlog of all-miss queries produced while it was paused
+   (messages / seconds). The step-based runner's figure is the model capacity that every load level
+   is a share of, for both runners alike.
+2. Load levels (50, 80, 95 % of capacity): misses arrive at that share of capacity and hits on top of
+   them, so that about 60 % of arrivals hit. A seeded Poisson process sends Zipf-drawn queries from a
+   universe of queries new to this level, whose popular head is pre-cached for both runners alike; each
+   query goes out at its scheduled time whatever the worker does, with that time as its event time
+   (``ts``). Both runners get the same queries at the same offsets; which goes first alternates.
+3. A separate consumer (this process) reads the parsed topics. Latency = read time − event time, split
+   into hits and misses by the parsed event's ``cached`` flag. A message still missing when the level's
+   drain times out counts as a miss as old as it was then.
+4. Worker memory: the kernel's peak RSS (VmHWM) over each round and over the worker's whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from bench.pipeline_bench import (
+    Pool,
+    WorkerPlan,
+    drain_backlog,
+    drop_cache,
+    dump_logs,
+    parsed_events,
+    prewarm_cache,
+    produce_burst,
+    produce_scheduled,
+    round_tag,
+    run_meta,
+)
+from bench.stack import Collector, Services, Worker
+from bench.workload import BenchQuery, expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
+from schemas.settings import Settings
+from streams.kafka_io import make_producer
+from streams.topics import ensure_topics
+
+#: Runner name -> ``continuous_batching``. The first is the baseline the capacity is measured on.
+RUNNERS: dict[str, bool] = {"step": False, "continuous": True}
+BASELINE, NEW = "step", "continuous"
+
+HIT_P99_MS = 100.0
+MISS_P99_LOAD = 0.8
+MISS_P99_RATIO = 0.5
+SATURATION_RATIO = 0.95
+RSS_LIMIT_BYTES = 2 * 2**30
+RSS_BATCH_SIZE = 64
+
+
+@dataclass
+class Plan(WorkerPlan):
+    """Sizes of a run: ``full`` ≈ 13 minutes on 2 cores, ``quick`` ≈ 2 (smoke test, CI). With one torch
+    thread, the other core is left to the worker's own I/O, the broker and this harness, the same for
+    both runners."""
+
+    loads: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])
+    level_seconds: float = 60.0
+    hit_ratio: float = 0.6
+    # Exponent 1 over 5,000 queries: a pre-cached head of about a hundred gives most of the hits, so
+    # misses are mostly first sightings of tail queries rather than repeats still in flight.
+    universe: int = 5_000
+    exponent: float = 1.0
+    # Unmeasured: a worker's first full-width batch is slower than the ones after it.
+    warmup_messages: int = 64
+    # Two full batches: the step-based runner's steady state is one full batch after another.
+    saturation_messages: int = 128
+    drain_timeout_s: float = 300.0
+    seed: int = 14
+
+    @classmethod
+    def named(cls, name: str) -> Plan:
+        if name == "full":
+            return cls("full")
+        if name == "quick":
+            return cls("quick", batch_size=8, level_seconds=5.0, universe=300, warmup_messages=8,
+                       saturation_messages=16, drain_timeout_s=90.0)
+        raise ValueError(f"unknown plan {name!r}: full or quick")
+
+
+def _ms_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    if not seconds:
+        return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 95, 99])
+    return {"count": len(seconds), "p50_ms": round(float(p50), 1), "p95_ms": round(float(p95), 1),
+            "p99_ms": round(float(p99), 1), "max_ms": round(max(seconds) * 1000, 1)}
+
+
+def _mib(value: int | None) -> float | None:
+    return round(value / 2**20, 1) if value is not None else None
+
+
+class LatencyBench:
+    def __init__(self, plan: Plan, workdir: Path, echo: Callable[[str], None] = print) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.echo = echo
+        self.pool = Pool(plan.warmup_messages + plan.saturation_messages + plan.universe * len(plan.loads))
+        self.services: Services | None = None
+        self.settings: dict[str, Settings] = {}
+        self.workers: dict[str, Worker] = {}
+        self.version = ""
+
+    async def run(self) -> dict[str, Any]:
+        from workers.engine import version_for
+        from workers.model import model_id_for
+
+        began, load_before = time.time(), os.getloadavg()
+        self.services = Services(self.workdir)
+        try:
+            p = self.plan
+            for name, continuous in RUNNERS.items():
+                self.settings[name] = self.services.settings(
+                    name, batch_size=p.batch_size, batch_linger_ms=p.linger_ms, cpu_threads=p.cpu_threads,
+                    continuous_batching=continuous)
+            self.version = version_for(self.settings[BASELINE])
+            results = await self._run_all()
+        finally:
+            for settings in self.settings.values():
+                await drop_cache(self.services.redis_url, settings.cache_prefix)
+            self.services.close()
+        results["meta"] = {**run_meta(asdict(self.plan), began, load_before),
+                           "model": model_id_for(self.settings[BASELINE]), "engine_version": self.version,
+                           "runners": {name: f"QUSTREAM_CONTINUOUS_BATCHING={str(value).lower()}"
+                                       for name, value in RUNNERS.items()}}
+        results["targets"] = evaluate_targets(results)
+        return results
+
+    async def _run_all(self) -> dict[str, Any]:
+        p = self.plan
+        for name, settings in self.settings.items():
+            await ensure_topics(settings)
+            self.workers[name] = Worker(f"worker-{name}", settings, self.workdir / f"worker-{name}.log")
+        any_settings = self.settings[BASELINE]
+        collector = Collector(any_settings, [s.topic_parsed for s in self.settings.values()], timed=True)
+        producer = make_producer(any_settings)
+        await collector.start()
+        await producer.start()
+        try:
+            self.echo(f"starting both workers (batch {p.batch_size}, {p.cpu_threads} torch thread(s))")
+            for name, worker in self.workers.items():
+                await worker.wait_ready(timeout_s=600.0, partitions=self.settings[name].partitions)
+            startup_peak = {name: worker.peak_rss_bytes() for name, worker in self.workers.items()}
+            await self._warm_up(producer, collector)
+            backlog = self.pool.take(p.saturation_messages)
+            saturation = {name: await self._saturation(name, backlog, producer, collector) for name in RUNNERS}
+            capacity = saturation[BASELINE]["qps"]
+            if capacity <= 0:
+                raise RuntimeError("the step-based worker parsed nothing: no capacity to load against")
+            levels = [await self._level(index, load, capacity, producer, collector)
+                      for index, load in enumerate(p.loads)]
+        finally:
+            await producer.stop()
+            await collector.stop()
+            for worker in self.workers.values():
+                worker.stop()
+        workers = {}
+        for name in RUNNERS:
+            serving = [v for v in [saturation[name]["peak_rss_mib"]] +
+                       [level["runners"][name]["peak_rss_mib"] for level in levels] if v is not None]
+            start = _mib(startup_peak[name])
+            workers[name] = {"startup_peak_rss_mib": start, "serving_peak_rss_mib": max(serving, default=None),
+                             "peak_rss_mib": max([v for v in [start, *serving] if v is not None], default=None)}
+        return {
+            "capacity": {"qps": capacity, "runner": BASELINE,
+                         "method": f"the step-based worker drains a backlog of {p.saturation_messages} all-miss "
+                                   "queries produced while it was paused: messages / (last output − resume)"},
+            "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4)},
+            "levels": levels,
+            "workers": workers,
+        }
+
+    async def _warm_up(self, producer: AIOKafkaProducer, collector: Collector) -> None:
+        """Both workers at once (unmeasured): the first full-width batch and first connections."""
+        queries = self.pool.take(self.plan.warmup_messages)
+        self.echo(f"warm-up: {len(queries)} misses to each worker")
+        tag = round_tag()
+        for settings in self.settings.values():
+            await produce_burst(producer, settings.topic_input, tag, queries)
+        for name, settings in self.settings.items():
+            if not await collector.wait(settings.topic_parsed, tag, len(queries), self.plan.drain_timeout_s):
+                raise TimeoutError(f"the {name} worker did not finish its warm-up; log:\n"
+                                   f"{self.workers[name].log_tail()}")
+            collector.forget(settings.topic_parsed, tag)
+
+    async def _saturation(self, name: str, queries: Sequence[BenchQuery], producer: AIOKafkaProducer,
+                          collector: Collector) -> dict[str, Any]:
+        p = self.plan
+        settings, worker = self.settings[name], self.workers[name]
+        worker.reset_peak_rss()
+        result = await drain_backlog(producer, collector, settings.topic_input, settings.topic_parsed, [worker],
+                                     queries, p.drain_timeout_s)
+        worker.check_alive()
+        events = parsed_events(collector, settings.topic_parsed, result.tag)
+        collector.forget(settings.topic_parsed, result.tag)
+        row = {"messages": len(queries), "parsed": result.count, "misses": sum(not e["cached"] for e in events),
+               "complete": result.complete, "seconds": round(result.seconds, 2), "qps": round(result.qps, 3),
+               "peak_rss_mib": _mib(worker.peak_rss_bytes())}
+        self.echo(f"saturation, {name}: {row['qps']:.2f} q/s ({row['parsed']}/{row['messages']} in "
+                  f"{row['seconds']:.1f} s)")
+        return row
+
+    async def _level(self, index: int, load: float, capacity: float, producer: AIOKafkaProducer,
+                     collector: Collector) -> dict[str, Any]:
+        p = self.plan
+        seed = p.seed + index
+        rate = load * capacity / (1 - p.hit_ratio)
+        offsets = poisson_arrivals(rate, p.level_seconds, seed)
+        count = len(offsets)
+        universe = self.pool.take(p.universe)
+        head = head_for_hit_ratio(max(count, 1), p.universe, p.exponent, p.hit_ratio)
+        queries = [universe[rank] for rank in zipf_ranks(count, p.universe, p.exponent, seed)]
+        for settings in self.settings.values():
+            await prewarm_cache(settings, self.version, universe[:head])
+        order = list(RUNNERS) if index % 2 == 0 else list(reversed(RUNNERS))
+        self.echo(f"load {load:.0%}: {count} queries at {rate:.2f}/s over {p.level_seconds:.0f} s "
+                  f"(misses {load * capacity:.2f}/s), {head} popular queries pre-cached; {' then '.join(order)}")
+        runners = {name: await self._open_loop(name, queries, offsets, producer, collector) for name in order}
+        return {
+            "load": load,
+            "offered_qps": round(rate, 3),
+            "offered_miss_qps": round(load * capacity, 3),
+            "seconds": p.level_seconds,
+            "messages": count,
+            "seed": seed,
+            "universe": p.universe,
+            "head_cached": head,
+            "expected_hit_ratio": round(1 - expected_distinct(count, p.universe, p.exponent, head) / count, 4)
+            if count else None,
+            "order": order,
+            "runners": {name: runners[name] for name in RUNNERS},
+        }
+
+    async def _open_loop(self, name: str, queries: Sequence[BenchQuery], offsets: Sequence[float],
+                         producer: AIOKafkaProducer, collector: Collector) -> dict[str, Any]:
+        settings, worker = self.settings[name], self.workers[name]
+        tag = round_tag()
+        worker.reset_peak_rss()
+        started, late = await produce_scheduled(producer, settings.topic_input, tag, queries, offsets)
+        complete = await collector.wait(settings.topic_parsed, tag, len(queries), self.plan.drain_timeout_s)
+        waited_until = time.time()
+        worker.check_alive()
+        due = {f"{tag}-{i}": started + offset for i, offset in enumerate(offsets)}
+        seen: dict[str, tuple[float, bool]] = {}
+        read_lags, queued, last_read = [], [], started
+        for record in collector.of_round(settings.topic_parsed, tag):
+            event = json.loads(record.value)
+            if event["query_id"] in seen:
+                continue  # a redelivery: the first copy is the one a consumer acted on
+            read = collector.read_at(record)
+            seen[event["query_id"]] = (read - due[event["query_id"]], bool(event["cached"]))
+            read_lags.append(read - record.timestamp / 1000)
+            if event["cached"] and event["timings"].get("queue_ms") is not None:
+                queued.append(event["timings"]["queue_ms"] / 1000)
+            last_read = max(last_read, read)
+        collector.forget(settings.topic_parsed, tag)
+        missing = [waited_until - at for query_id, at in due.items() if query_id not in seen]
+        hits = [latency for latency, cached in seen.values() if cached]
+        misses = [latency for latency, cached in seen.values() if not cached] + missing
+        duration = last_read - started
+        row: dict[str, Any] = {
+            "messages": len(queries),
+            "parsed": len(seen),
+            "missing": len(missing),
+            "complete": complete and not missing,
+            "hit_ratio": round(len(hits) / len(seen), 4) if seen else None,
+            "hits": _ms_summary(hits),
+            "misses": _ms_summary(misses),
+            "duration_s": round(duration, 2),
+            "throughput_qps": round(len(seen) / duration, 3) if duration > 0 else 0.0,
+            "peak_rss_mib": _mib(worker.peak_rss_bytes()),
+            # Where a hit's time goes: event time → the worker's start on it, as the worker reports it.
+            "hits_queue": _ms_summary(queued),
+            # This harness's own share of the latency: late sends, and output read after it was written.
+            "send_late_ms_p99": round(float(np.percentile(late, 99)) * 1000, 1) if late else None,
+            "read_lag_ms_p99": round(float(np.percentile(read_lags, 99)) * 1000, 1) if read_lags else None,
+        }
+        self.echo(f"  {name}: hits p99 {row['hits']['p99_ms']} ms, misses p99 {row['misses']['p99_ms']} ms, "
+                  f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out")
+        return row
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #14's targets for the continuous runner, each against the step-based one in the same run."""
+    levels = results["levels"]
+    hits = [level["runners"][NEW]["hits"]["p99_ms"] for level in levels]
+    worst_hit = max((v for v in hits if v is not None), default=None)
+    at_load = next((level for level in levels if abs(level["load"] - MISS_P99_LOAD) < 1e-9), None)
+    miss_ratio = None
+    if at_load is not None:
+        new, old = (at_load["runners"][name]["misses"]["p99_ms"] for name in (NEW, BASELINE))
+        miss_ratio = round(new / old, 4) if new is not None and old else None
+    saturation_ratio = results["saturation"]["ratio"]
+    rss = results["workers"][NEW]["peak_rss_mib"]
+    batch_size = results.get("meta", {}).get("plan", {}).get("batch_size")
+    return [
+        {"target": f"hits p99 ≤ {HIT_P99_MS:.0f} ms at every load level", "value": worst_hit,
+         "measured": f"worst {worst_hit} ms" if worst_hit is not None else "no hits",
+         "met": worst_hit is not None and len(hits) == len(levels) and all(
+             v is not None and v <= HIT_P99_MS for v in hits)},
+        {"target": f"misses p99 at {MISS_P99_LOAD:.0%} load ≤ {MISS_P99_RATIO:.0%} of step-based", "value": miss_ratio,
+         "measured": f"{miss_ratio:.0%} of step-based" if miss_ratio is not None else "not measured",
+         "met": miss_ratio is not None and miss_ratio <= MISS_P99_RATIO},
+        {"target": f"saturation throughput ≥ {SATURATION_RATIO:.0%} of step-based", "value": saturation_ratio,
+         "measured": f"{saturation_ratio:.0%} of step-based", "met": saturation_ratio >= SATURATION_RATIO},
+        {"target": f"worker peak RSS ≤ {RSS_LIMIT_BYTES / 2**30:.0f} GiB at batch {RSS_BATCH_SIZE}", "value": rss,
+         "measured": f"{rss} MiB at batch {batch_size}",
+         "met": (rss is not None and rss * 2**20 <= RSS_LIMIT_BYTES) if batch_size == RSS_BATCH_SIZE else None},
+    ]
+
+
+def run_latency_bench(plan: Plan, output: Path, chart: Path | None,
+                      echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark, write the JSON (and the chart), return the results."""
+    with tempfile.TemporaryDirectory(prefix="qustream-latency-") as workdir:
+        try:
+            results = asyncio.run(LatencyBench(plan, Path(workdir), echo).run())
+        except BaseException:
+            dump_logs(Path(workdir), echo)
+            raise
+    if chart is not None:
+        from bench.pipeline_charts import write_latency_chart
+
+        results["meta"]["chart"] = str(write_latency_chart(results, chart))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    meta = results["meta"]
+    plan = meta["plan"]
+    console = Console(width=160)
+
+    def ms(summary: dict[str, Any]) -> str:
+        if not summary["count"]:
+            return "-"
+        return " / ".join(f"{summary[k]:,.0f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
+
+    table = Table(title=f"qustream bench latency ({plan['name']}) · batch {plan['batch_size']} · "
+                  f"{meta['machine']['cores']} cores · capacity {results['capacity']['qps']:.2f} q/s (step-based, "
+                  f"all misses) · load {meta['load_average_before'][0]}→{meta['load_average_after'][0]}")
+    for column in ("load", "runner", "offered q/s", "hits p50/p95/p99 ms", "misses p50/p95/p99 ms", "hit ratio",
+                   "throughput q/s", "out", "peak RSS MiB"):
+        table.add_column(column, justify="left" if column in ("load", "runner") else "right")
+    for level in results["levels"]:
+        for name in RUNNERS:
+            row = level["runners"][name]
+            out = f"{row['parsed']}/{row['messages']}" + ("" if row["complete"] else " [red]incomplete[/]")
+            table.add_row(f"{level['load']:.0%}", name, f"{level['offered_qps']:.2f}", ms(row["hits"]),
+                          ms(row["misses"]), f"{row['hit_ratio']:.0%}" if row["hit_ratio"] is not None else "-",
+                          f"{row['throughput_qps']:.2f}", out, f"{row['peak_rss_mib']}")
+    for name in RUNNERS:
+        row = results["saturation"][name]
+        table.add_row("saturation", name, "backlog", "-", f"all {row['misses']} misses", "-", f"{row['qps']:.2f}",
+                      f"{row['parsed']}/{row['messages']}", f"{row['peak_rss_mib']}")
+    console.print(table)
+    targets = Table(title="issue #14 targets: continuous runner, against step-based in the same run")
+    for column in ("target", "measured", ""):
+        targets.add_column(column)
+    for target in results["targets"]:
+        verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]n/a[/]"}[target["met"]]
+        targets.add_row(target["target"], target["measured"], verdict)
+    console.print(targets)
+    for name, memory in results["workers"].items():
+        console.print(f"{name} worker peak RSS: {memory['peak_rss_mib']} MiB (start-up "
+                      f"{memory['startup_peak_rss_mib']}, serving {memory['serving_peak_rss_mib']})")

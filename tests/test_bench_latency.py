@@ -1,0 +1,105 @@
+"""`qustream bench latency`: the workload's arithmetic, and a ``--quick`` run through the real broker,
+Redis and default model in which every produced query comes out and the JSON and chart hold every
+level and runner."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.latency_bench import RUNNERS, Plan, evaluate_targets, run_latency_bench
+from bench.workload import expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
+
+
+def test_poisson_arrivals_are_seeded_and_at_the_rate() -> None:
+    arrivals = poisson_arrivals(5.0, 400.0, seed=3)
+    assert arrivals == poisson_arrivals(5.0, 400.0, seed=3)
+    assert arrivals != poisson_arrivals(5.0, 400.0, seed=4)
+    assert arrivals == sorted(arrivals) and arrivals[0] > 0 and arrivals[-1] < 400.0
+    # 2,000 expected: a Poisson count is within ±4.5 standard deviations (±200) all but never.
+    assert 1_800 < len(arrivals) < 2_200
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Exponential gaps: as many gaps above the mean as P(gap > mean) = 1/e says, unlike evenly spaced sends.
+    above = sum(gap > 0.2 for gap in gaps) / len(gaps)
+    assert 0.33 < above < 0.41
+
+
+def test_cached_head_gives_the_planned_hit_ratio() -> None:
+    count, universe, exponent = 300, 5_000, 1.0
+    head = head_for_hit_ratio(count, universe, exponent, 0.6)
+    assert 0 < head < universe
+    expected = 1 - expected_distinct(count, universe, exponent, skip=head) / count
+    assert expected >= 0.6 > 1 - expected_distinct(count, universe, exponent, skip=head - 1) / count
+    # The same draw the benchmark makes, replayed against a cache: hits when pre-cached or seen before.
+    ratios = []
+    for seed in range(20):
+        cached, hits = set(range(head)), 0
+        for rank in zipf_ranks(count, universe, exponent, seed):
+            hits += rank in cached
+            cached.add(rank)
+        ratios.append(hits / count)
+    assert abs(sum(ratios) / len(ratios) - expected) < 0.02
+
+
+def _level(load: float, new_hit_p99: float, new_miss_p99: float, old_miss_p99: float) -> dict[str, object]:
+    def row(hit: float, miss: float) -> dict[str, object]:
+        return {"hits": {"p99_ms": hit}, "misses": {"p99_ms": miss}}
+
+    return {"load": load, "runners": {"continuous": row(new_hit_p99, new_miss_p99),
+                                      "step": row(5_000.0, old_miss_p99)}}
+
+
+def test_targets_are_judged_against_the_step_based_runner() -> None:
+    results = {
+        "levels": [_level(0.5, 40.0, 900.0, 2_000.0), _level(0.8, 90.0, 1_000.0, 2_000.0),
+                   _level(0.95, 120.0, 3_000.0, 4_000.0)],
+        "saturation": {"ratio": 0.97},
+        "workers": {"continuous": {"peak_rss_mib": 2_100.0}},
+        "meta": {"plan": {"batch_size": 64}},
+    }
+    hits, misses, saturation, memory = evaluate_targets(results)
+    assert (hits["met"], hits["value"]) == (False, 120.0)  # 95 % load is over 100 ms
+    assert (misses["met"], misses["value"]) == (True, 0.5)  # at 80 % load, not at the others
+    assert saturation["met"] is True
+    assert memory["met"] is False
+    results["meta"] = {"plan": {"batch_size": 8}}
+    assert evaluate_targets(results)[3]["met"] is None  # the RSS target is set at batch 64 only
+
+
+@pytest.mark.e2e
+def test_latency_bench_quick(tmp_path: Path) -> None:
+    output, chart = tmp_path / "latency.json", tmp_path / "latency.png"
+    plan = Plan.named("quick")
+    results = run_latency_bench(plan, output, chart, echo=lambda _: None)
+    saved = json.loads(output.read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert chart.stat().st_size > 10_000
+    assert saved["capacity"]["qps"] == saved["saturation"]["step"]["qps"] > 0
+    for name in RUNNERS:
+        backlog = saved["saturation"][name]
+        assert backlog["complete"] and backlog["parsed"] == backlog["messages"] == backlog["misses"]
+        assert backlog["qps"] > 0 and backlog["peak_rss_mib"] > 100
+        assert saved["workers"][name]["peak_rss_mib"] >= saved["workers"][name]["startup_peak_rss_mib"] > 100
+    assert [level["load"] for level in saved["levels"]] == plan.loads
+    for level in saved["levels"]:
+        assert level["offered_qps"] == pytest.approx(
+            level["load"] * saved["capacity"]["qps"] / (1 - plan.hit_ratio), rel=1e-3)
+        assert level["messages"] > 0 and sorted(level["order"]) == sorted(RUNNERS)
+        for name in RUNNERS:
+            row = level["runners"][name]
+            # Every produced query came out, each counted once as a hit or a miss.
+            assert row["complete"] and row["missing"] == 0
+            assert row["parsed"] == row["messages"] == level["messages"]
+            assert row["hits"]["count"] + row["misses"]["count"] == row["parsed"]
+            assert row["hits"]["count"] > 0 and row["misses"]["count"] > 0
+            assert row["hit_ratio"] == pytest.approx(row["hits"]["count"] / row["parsed"], abs=1e-4)
+            for kind in ("hits", "misses"):
+                summary = row[kind]
+                assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+            assert row["throughput_qps"] > 0 and row["peak_rss_mib"] > 100
+    assert [target["met"] for target in saved["targets"]][3] is None  # quick runs at batch 8
+    assert saved["meta"]["runners"] == {"step": "QUSTREAM_CONTINUOUS_BATCHING=false",
+                                        "continuous": "QUSTREAM_CONTINUOUS_BATCHING=true"}
