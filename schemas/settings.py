@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = 30.0
     broker_heartbeat_s: float = 3.0
     broker_commit_interval_s: float = 1.0
+    broker_fetch_max_wait_ms: int = Field(
+        20, ge=0,
+        description="Longest a Kafka fetch waits for records to arrive. A broker answers as soon as records are "
+        "there, but some (tansu) answer a waiting fetch late: a cache hit's latency starts with this wait.",
+    )
     producer_idempotence: bool = Field(
         True, description="Idempotent producers; needs a broker with InitProducerId (Apache Kafka, not tansu)."
     )

@@ -45,6 +45,7 @@ def make_consumer(settings: Settings, *topics: str, group_id: str | None = None,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "fetch_max_bytes": 8 * 1_048_576,
+        "fetch_max_wait_ms": settings.broker_fetch_max_wait_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
