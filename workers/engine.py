@@ -15,7 +15,8 @@ How a batch is parsed:
    the model together in one step; without it they go one per step, keeping rows in step.
 
 One ``DecodeLoop`` runs the steps: ``parse_batch`` runs one per length group until its rows are
-done; a continuously running one takes rows that join at the next step and leave as they finish.
+done; ``submit`` feeds a continuously running one (``workers.continuous``) whose rows join at the
+next step and leave as they finish.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from workers.grammar import Grounding, RowGrammar, build_row_grammar, load_check
 from workers.prompt import prompt_prefix, prompt_suffix
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
+    from workers.continuous import ContinuousBatcher
     from workers.model import LoadedModel
     from workers.static_decode import StaticDecoder
 
@@ -285,6 +289,9 @@ class ConstrainedEngine:
         self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
         self._lock = threading.Lock()
+        self._batcher: ContinuousBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        self._closed = False
         self._vocab_size = int(self.model.config.vocab_size)
         self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
@@ -336,6 +343,28 @@ class ConstrainedEngine:
             results = [self._result(r) for r in rows]
             self.last_stats.seconds = time.perf_counter() - started
             return results
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        """Parse one normalized query in the continuously running batch (``workers.continuous``):
+        thread-safe and quick, so an event loop may call it. Its result equals ``parse_batch``'s.
+        The same query while in flight gets the same future."""
+        with self._batcher_lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if self._batcher is None or not self._batcher.running:
+                from workers.continuous import ContinuousBatcher
+
+                self._batcher = ContinuousBatcher(self, self.settings.batch_size)
+            batcher = self._batcher
+        return batcher.submit(query)
+
+    def close(self) -> None:
+        """Stop the continuous batcher's thread; unresolved futures fail. Idempotent."""
+        with self._batcher_lock:
+            self._closed = True
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     def teacher_forcing(self, query: str, output: str) -> tuple[list[int], list[int]] | None:
         """The tokens this engine feeds after the prompt prefix while it writes ``output`` for ``query``
