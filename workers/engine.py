@@ -13,6 +13,10 @@ How a batch is parsed:
    (e.g. ``, "color": null, "style": null}`` when the query names no colour or style) finishes
    without another forward pass. With ``jump_forward`` the forced tokens before a decision go into
    the model together in one step; without it they go one per step, keeping rows in step.
+
+One ``DecodeLoop`` runs the steps: ``parse_batch`` runs one per length group until its rows are
+done; ``submit`` feeds a continuously running one (``workers.continuous``) whose rows join at the
+next step and leave as they finish.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,8 +38,11 @@ from workers.grammar import Grounding, RowGrammar, build_row_grammar, load_check
 from workers.prompt import prompt_prefix, prompt_suffix
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
+    from workers.continuous import ContinuousBatcher
     from workers.model import LoadedModel
     from workers.static_decode import StaticDecoder
 
@@ -42,9 +50,12 @@ log = structlog.get_logger(__name__)
 
 #: Bumped when the decoding scheme changes in a way that can change outputs.
 ENGINE_FORMAT = "constrained-v1"
-#: Hard bound on decoding steps of one group; grammars are bounded far below it. A row still
+#: Hard bound on decoding steps of one row; grammars are bounded far below it. A row still
 #: unfinished then gets the all-null parse rather than invalid output.
 MAX_STEPS = 512
+#: Cache columns masked for every active row (their rows have left) that a dynamic batch keeps
+#: before it drops them; without a bound a continuously running batch would grow without end.
+COMPACT_DEAD_COLUMNS = 64
 
 
 @dataclass
@@ -117,6 +128,8 @@ class _Row:
     tokens_in: int
     out_ids: list[int] = field(default_factory=list)
     position: int = 0
+    #: Forward passes this row has been in; its first feeds the whole prefill chunk.
+    steps: int = 0
     done: bool = False
 
 
@@ -129,11 +142,13 @@ class DecodeStats:
     padded_positions: int = 0
     decisions: int = 0
     groups: int = 0
+    #: Rows that joined a batch already decoding (continuous batching).
+    joined: int = 0
     seconds: float = 0.0
 
 
 class Stepper(Protocol):
-    """Runs the model over one decoding group; rows are the group's active rows, in order."""
+    """Runs the model over one decoding batch; rows are the batch's active rows, in order."""
 
     def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one left-padded chunk per row; returns float32 CPU logits of each row's last position."""
@@ -143,9 +158,19 @@ class Stepper(Protocol):
         """Only these rows (indices into the current active rows) go on."""
         ...
 
+    def join(self, count: int) -> None:
+        """``count`` new rows follow the active ones, their history the prefix alone."""
+        ...
+
 
 class DynamicStepper:
-    """DynamicCache decoding: the prefix KV is copied into the batch; finished rows are dropped."""
+    """DynamicCache decoding: the prefix KV is copied into the batch; finished rows are dropped and
+    new rows can join between steps.
+
+    All rows share one cache length L, left-padded through the attention mask. A joining row gets
+    the prefix's keys/values followed by L-P masked zero columns; its positions start after the
+    prefix as every row's do, so rotary encoding is the same as in a batch it had started with.
+    """
 
     def __init__(
         self,
@@ -153,12 +178,15 @@ class DynamicStepper:
         device: str,
         batch: int,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        compact_dead: int = COMPACT_DEAD_COLUMNS,
     ) -> None:
         import torch
         from transformers import DynamicCache
 
         self.model = model
         self.device = device
+        self.prefix = prefix
+        self.compact_dead = compact_dead
         if prefix is None:
             self.cache = DynamicCache()
             self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
@@ -188,6 +216,44 @@ class DynamicStepper:
         index = torch.tensor(indices, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
+        # Only leaving rows turn columns dead (masked for every row left), so this is where to drop them.
+        alive = self.mask.any(dim=0)
+        if self.mask.shape[1] - int(alive.sum()) > self.compact_dead:
+            columns = alive.nonzero().squeeze(1)
+            self.mask = self.mask[:, columns]
+            for layer in self._layers():
+                if layer.get_seq_length() > 0:
+                    layer.keys = layer.keys[:, :, columns]
+                    layer.values = layer.values[:, :, columns]
+
+    def join(self, count: int) -> None:
+        import torch
+
+        length = self.mask.shape[1]
+        prefix_len = 0 if self.prefix is None else self.prefix[0][0].shape[2]
+        fresh = torch.zeros((count, length), dtype=self.mask.dtype, device=self.device)
+        fresh[:, :prefix_len] = 1
+        for index, layer in enumerate(self._layers()):
+            if layer.get_seq_length() == 0:
+                continue
+            # One new tensor per layer (not prefix-then-pad-then-batch concatenations).
+            grown = []
+            for old, prefix_part in zip((layer.keys, layer.values), self._prefix_layer(index), strict=True):
+                batch, heads, _, dim = old.shape
+                new = old.new_zeros((batch + count, heads, length, dim))
+                new[:batch] = old
+                if prefix_part is not None:
+                    new[batch:, :, :prefix_len] = prefix_part
+                grown.append(new)
+            layer.keys, layer.values = grown
+        self.mask = torch.cat([self.mask, fresh], dim=0)
+
+    def _layers(self) -> list[Any]:
+        """The cache's layers, whose ``keys``/``values`` (batch, heads, L, dim) are swapped here."""
+        return list(self.cache.layers)
+
+    def _prefix_layer(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.prefix is None else self.prefix[index]
 
 
 class ConstrainedEngine:
@@ -223,6 +289,9 @@ class ConstrainedEngine:
         self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
         self._lock = threading.Lock()
+        self._batcher: ContinuousBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        self._closed = False
         self._vocab_size = int(self.model.config.vocab_size)
         self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, max_threads=1, cache_enabled=True)
@@ -274,6 +343,28 @@ class ConstrainedEngine:
             results = [self._result(r) for r in rows]
             self.last_stats.seconds = time.perf_counter() - started
             return results
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        """Parse one normalized query in the continuously running batch (``workers.continuous``):
+        thread-safe and quick, so an event loop may call it. Its result equals ``parse_batch``'s.
+        The same query while in flight gets the same future."""
+        with self._batcher_lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if self._batcher is None or not self._batcher.running:
+                from workers.continuous import ContinuousBatcher
+
+                self._batcher = ContinuousBatcher(self, self.settings.batch_size)
+            batcher = self._batcher
+        return batcher.submit(query)
+
+    def close(self) -> None:
+        """Stop the continuous batcher's thread; unresolved futures fail. Idempotent."""
+        with self._batcher_lock:
+            self._closed = True
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     def teacher_forcing(self, query: str, output: str) -> tuple[list[int], list[int]] | None:
         """The tokens this engine feeds after the prompt prefix while it writes ``output`` for ``query``
@@ -368,60 +459,17 @@ class ConstrainedEngine:
     def _stepper(self, batch: int, longest_feed: int) -> Stepper:
         if self._static is not None and self.use_prefix_cache and self._static.fits(batch, longest_feed):
             return self._static.start(batch, self._prefix_cache())
+        return self._dynamic_stepper(batch, longest_feed)
+
+    def _dynamic_stepper(self, batch: int, longest_feed: int) -> Stepper:
         prefix = self._prefix_cache() if self.use_prefix_cache else None
         return DynamicStepper(self.model, self.loaded.device, batch, prefix)
 
     def _decode_group(self, rows: list[_Row]) -> None:
-        import torch
-        import xgrammar as xgr
-
-        stats = self.last_stats
-        stepper = self._stepper(len(rows), max(len(r.feed) for r in rows))
-        base = len(self._prefix_ids) if self.use_prefix_cache else 0
-        for row in rows:
-            row.position = base
-        active = list(rows)
-        bitmask = xgr.allocate_token_bitmask(len(rows), self._vocab_size)
-        first = True
-        for _ in range(MAX_STEPS):
-            chunks = [r.feed if (first or self.jump_forward) else r.feed[:1] for r in active]
-            first = False
-            width = max(len(c) for c in chunks)
-            ids = torch.full((len(active), width), self._pad_id, dtype=torch.long)
-            step_mask = torch.zeros((len(active), width), dtype=torch.long)
-            positions = torch.zeros((len(active), width), dtype=torch.long)
-            for i, (row, chunk) in enumerate(zip(active, chunks, strict=True)):
-                n = len(chunk)
-                # Left-pad inside the step so every row's last real token is the last column.
-                ids[i, width - n :] = torch.tensor(chunk, dtype=torch.long)
-                step_mask[i, width - n :] = 1
-                positions[i, :] = row.position
-                positions[i, width - n :] = torch.arange(row.position, row.position + n)
-                row.position += n
-                row.feed = row.feed[n:]
-            logits = stepper.step(ids, step_mask, positions)
-            stats.forwards += 1
-            stats.positions += len(active) * width
-            stats.padded_positions += len(active) * width - sum(len(c) for c in chunks)
-            deciding = [i for i, r in enumerate(active) if not r.feed]
-            if deciding:
-                for i in deciding:
-                    active[i].matcher.fill_next_token_bitmask(bitmask, i)
-                xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
-                chosen = logits.argmax(dim=-1).tolist()
-                for i in deciding:
-                    self._decide(active[i], int(chosen[i]))
-                stats.decisions += len(deciding)
-            keep = [i for i, r in enumerate(active) if not r.done]
-            if not keep:
-                return
-            if len(keep) < len(active):
-                stepper.keep(keep)
-                active = [active[i] for i in keep]
-        for row in active:
-            log.warning("engine.step_limit", query_chars=len(row.query))
-            row.done = True
-            row.out_ids = []
+        loop = DecodeLoop(self, self._stepper, self.last_stats)
+        loop.add(rows)
+        while loop.active:
+            loop.step()
 
     def _decide(self, row: _Row, token: int) -> None:
         if not row.matcher.accept_token(token):
@@ -442,6 +490,106 @@ class ConstrainedEngine:
             raw = {}
         parse, ungrounded = normalize_parse(raw, row.query, self.vocabulary)
         return ParseResult(parse=parse, ungrounded=ungrounded, tokens_in=row.tokens_in, tokens_out=len(row.out_ids))
+
+
+class DecodeLoop:
+    """The active rows of one running batch and the stepper behind them.
+
+    ``add`` makes rows join at the next step (a new stepper when none is active); ``step`` runs one
+    forward pass over every active row, chooses the tokens of the rows that decide, and returns the
+    rows it finished, which leave the batch at once. Not thread-safe: the caller holds the engine's
+    lock and ``torch.inference_mode`` around every call.
+    """
+
+    def __init__(self, engine: ConstrainedEngine, make_stepper: Callable[[int, int], Stepper],
+                 stats: DecodeStats) -> None:
+        self.engine = engine
+        self.stats = stats
+        self.active: list[_Row] = []
+        self._make_stepper = make_stepper
+        self._stepper: Stepper | None = None
+        self._bitmask: torch.Tensor | None = None
+
+    def add(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        base = len(self.engine._prefix_ids) if self.engine.use_prefix_cache else 0
+        for row in rows:
+            row.position = base
+            row.steps = 0
+        if self._stepper is None or not self.active:
+            self._stepper = self._make_stepper(len(rows), max(len(r.feed) for r in rows))
+        else:
+            self._stepper.join(len(rows))
+            self.stats.joined += len(rows)
+        self.active.extend(rows)
+
+    def drop(self, leaving: list[_Row]) -> None:
+        """These rows leave the batch unfinished (a cancelled request)."""
+        gone = {id(row) for row in leaving}
+        self._keep([i for i, row in enumerate(self.active) if id(row) not in gone])
+
+    def reset(self) -> list[_Row]:
+        """Forget the stepper (after a failed step); returns the rows that were active."""
+        rows, self.active, self._stepper = self.active, [], None
+        return rows
+
+    def step(self) -> list[_Row]:
+        import torch
+        import xgrammar as xgr
+
+        engine, stats, active = self.engine, self.stats, self.active
+        if not active or self._stepper is None:
+            return []
+        chunks = [r.feed if (r.steps == 0 or engine.jump_forward) else r.feed[:1] for r in active]
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(active), width), engine._pad_id, dtype=torch.long)
+        step_mask = torch.zeros((len(active), width), dtype=torch.long)
+        positions = torch.zeros((len(active), width), dtype=torch.long)
+        for i, (row, chunk) in enumerate(zip(active, chunks, strict=True)):
+            n = len(chunk)
+            # Left-pad inside the step so every row's last real token is the last column.
+            ids[i, width - n :] = torch.tensor(chunk, dtype=torch.long)
+            step_mask[i, width - n :] = 1
+            positions[i, :] = row.position
+            positions[i, width - n :] = torch.arange(row.position, row.position + n)
+            row.position += n
+            row.feed = row.feed[n:]
+            row.steps += 1
+        logits = self._stepper.step(ids, step_mask, positions)
+        stats.forwards += 1
+        stats.positions += len(active) * width
+        stats.padded_positions += len(active) * width - sum(len(c) for c in chunks)
+        deciding = [i for i, r in enumerate(active) if not r.feed]
+        if deciding:
+            if self._bitmask is None or self._bitmask.shape[0] < len(active):
+                self._bitmask = xgr.allocate_token_bitmask(len(active), engine._vocab_size)
+            bitmask = self._bitmask
+            for i in deciding:
+                active[i].matcher.fill_next_token_bitmask(bitmask, i)
+            xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
+            chosen = logits.argmax(dim=-1).tolist()
+            for i in deciding:
+                engine._decide(active[i], int(chosen[i]))
+            stats.decisions += len(deciding)
+        for row in active:
+            if not row.done and row.steps >= MAX_STEPS:
+                log.warning("engine.step_limit", query_chars=len(row.query))
+                row.done = True
+                row.out_ids = []
+        finished = [r for r in active if r.done]
+        if finished:
+            self._keep([i for i, r in enumerate(active) if not r.done])
+        return finished
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.active):
+            return
+        if keep and self._stepper is not None:
+            self._stepper.keep(keep)
+        else:
+            self._stepper = None
+        self.active = [self.active[i] for i in keep]
 
 
 def version_for(settings: Settings) -> str:
