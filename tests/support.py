@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,21 @@ def write_autoparts_spec(folder: Path) -> Path:
     return path
 
 
-async def read_topic(settings: Settings, topic: str, *, until: int, timeout_s: float) -> list[Any]:
-    """Every record of ``topic`` from the beginning, until ``until`` records or the timeout."""
+async def read_topic(settings: Settings, topic: str, *, until: int, timeout_s: float,
+                     complete: Callable[[list[Any]], bool] | None = None) -> list[Any]:
+    """Every record of ``topic`` from the beginning, until ``until`` records (or what was read is
+    ``complete``: at-least-once delivery may repeat records) or the timeout."""
+    if complete is None:
+        def complete(records: list[Any]) -> bool:
+            return len(records) >= until
+
     consumer = make_consumer(settings)
     await consumer.start()
     records: list[Any] = []
     try:
         await assign_all(consumer, [topic], from_end=False)
         deadline = time.monotonic() + timeout_s
-        while len(records) < until and time.monotonic() < deadline:
+        while not complete(records) and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=250)
             for batch in batches.values():
                 records.extend(batch)
