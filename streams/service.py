@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -171,8 +173,27 @@ def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     worker.execute_from_commandline()
 
 
+#: glibc's ``mallopt`` parameter for the size from which allocations are mmapped.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_tensors_to_the_os() -> None:
+    """glibc keeps freed heap blocks for reuse, and its mmap threshold grows with every large block
+    freed: the key/value tensors each decoding step allocates and frees then stay in the heap, and the
+    worker's RSS ratchets up to its largest step and never comes down. A fixed threshold of 1 MiB
+    mmaps such tensors, so freeing them gives the memory back (docs/performance.md, "Memory")."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    return_freed_tensors_to_the_os()
     log.info("worker.starting", settings=settings.redacted() if settings.log_level.upper() == "DEBUG" else None,
              transport=settings.transport, worker_id=settings.worker_id,
              kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)

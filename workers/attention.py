@@ -5,6 +5,10 @@ layer and step whenever an attention mask is passed (it only uses SDPA's native 
 and on CPU never). Prefix-cached batches always carry a mask, so that copy of the whole cache per
 layer dominated attention. This registers an implementation that hands the mask and the unexpanded
 heads to ``scaled_dot_product_attention(enable_gqa=True)``; outputs are the same.
+
+Called with ``shared_prefix`` (per layer, the prompt prefix's keys/values, once), it attends to that
+prefix and to each row's own cache in one softmax: the engine then keeps the prefix once instead of
+copying it into every row of every batch (``attend_with_shared_prefix``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ def gqa_sdpa_forward(
 ) -> tuple[Any, None]:
     import torch
 
+    shared_prefix = kwargs.get("shared_prefix")
+    if shared_prefix is not None:
+        prefix_keys, prefix_values = shared_prefix[module.layer_idx]
+        return attend_with_shared_prefix(query, key, value, attention_mask, prefix_keys, prefix_values,
+                                         scaling if scaling is not None else query.shape[-1] ** -0.5)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -41,6 +50,41 @@ def gqa_sdpa_forward(
         enable_gqa=groups > 1,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def attend_with_shared_prefix(
+    query: Any, key: Any, value: Any, attention_mask: Any, prefix_keys: Any, prefix_values: Any, scaling: float
+) -> tuple[Any, None]:
+    """Attention over a prefix that every row shares, held once, and each row's own keys/values.
+
+    ``query`` (batch, heads, width, dim); ``key``/``value`` the rows' own cache (batch, kv heads, length,
+    dim) with its mask (boolean, True = attend, or None = causal); ``prefix_keys``/``values`` (1, kv heads,
+    prefix, dim), visible to every row. One softmax over both parts, so the result is attention over the
+    prefix followed by the row, without a copy of the prefix per row."""
+    import torch
+
+    batch, heads, width, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    # Query head h reads key/value head h // groups: group the query heads under their kv head.
+    grouped = query.reshape(batch, kv_heads, groups * width, dim)
+    on_prefix = torch.matmul(grouped, prefix_keys.transpose(-1, -2))
+    on_rows = torch.matmul(grouped, key.transpose(-1, -2))
+    if attention_mask is None:
+        allowed = torch.ones(width, length, dtype=torch.bool, device=query.device).tril(length - width)
+        allowed = allowed.view(1, 1, width, length)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:  # an additive float mask
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed[:, :1, -width:, -length:].unsqueeze(2).expand(-1, kv_heads, groups, width, length)
+    on_rows = on_rows.masked_fill(~allowed.reshape(allowed.shape[0], kv_heads, groups * width, length),
+                                  float("-inf"))
+    weights = torch.softmax(torch.cat([on_prefix, on_rows], dim=-1) * scaling, dim=-1, dtype=torch.float32)
+    weights = weights.to(query.dtype)
+    split = prefix_keys.shape[2]
+    output = torch.matmul(weights[..., :split], prefix_values) + torch.matmul(weights[..., split:], value)
+    return output.reshape(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
 def use_gqa_sdpa(model: Any) -> bool:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: Steps a waiting query is held back while the running batch has less room than a join group.
+MAX_HELD_STEPS = 2
+
 _Submission = tuple[str, "Future[ParseResult]"]
 _Outcome = ParseResult | BaseException
 
@@ -52,6 +55,9 @@ class ContinuousBatcher:
         self._waiting: deque[_Submission] = deque()
         self._futures: dict[int, Future[ParseResult]] = {}
         self._serial = 0
+        #: A batch with fewer free rows than this takes no joiners (for up to MAX_HELD_STEPS steps).
+        self.join_group = max(1, capacity // 8)
+        self._held_steps = 0
         # Guards the in-flight map and closing; reentrant because a future's done callback takes it.
         self._lock = threading.RLock()
         self._in_flight: dict[str, Future[ParseResult]] = {}
@@ -158,6 +164,13 @@ class ContinuousBatcher:
         (and queries whose row cannot be built) go straight to ``ready``."""
         rows: list[_Row] = []
         room = self.capacity - len(self._loop.active)
+        if self._loop.active and self._waiting and room < self.join_group:
+            # Each join costs the running batch a forward pass of its own: a full batch takes
+            # joiners a group at a time, unless they have waited a few steps already.
+            self._held_steps += 1
+            if self._held_steps < MAX_HELD_STEPS:
+                return rows
+        self._held_steps = 0
         while self._waiting and len(rows) < room:
             query, future = self._waiting.popleft()
             if future.done():

@@ -158,18 +158,20 @@ class Stepper(Protocol):
         """Only these rows (indices into the current active rows) go on."""
         ...
 
-    def join(self, count: int) -> None:
-        """``count`` new rows follow the active ones, their history the prefix alone."""
+    def absorb(self, joining: Stepper) -> None:
+        """Rows prefilled on a stepper of their own follow the active ones."""
         ...
 
 
 class DynamicStepper:
-    """DynamicCache decoding: the prefix KV is copied into the batch; finished rows are dropped and
-    new rows can join between steps.
+    """DynamicCache decoding: the prefix KV is held once (``shared``, with the attention function of
+    ``workers.attention``) or copied into the batch; finished rows are dropped and new rows can join
+    between steps.
 
-    All rows share one cache length L, left-padded through the attention mask. A joining row gets
-    the prefix's keys/values followed by L-P masked zero columns; its positions start after the
-    prefix as every row's do, so rotary encoding is the same as in a batch it had started with.
+    All rows share one cache length L, padded through the attention mask. Joining rows are prefilled
+    on a stepper of their own (so the running rows' step is not widened to the joiners' suffixes) and
+    then ``absorb``ed; their positions start after the prefix as every row's do, so rotary encoding is
+    the same as in a batch they had started with.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class DynamicStepper:
         batch: int,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
         compact_dead: int = COMPACT_DEAD_COLUMNS,
+        shared: bool = False,
     ) -> None:
         import torch
         from transformers import DynamicCache
@@ -187,7 +190,9 @@ class DynamicStepper:
         self.device = device
         self.prefix = prefix
         self.compact_dead = compact_dead
-        if prefix is None:
+        #: The prefix stays out of the cache and is passed to the attention function instead.
+        self._shared: dict[str, Any] = {"shared_prefix": prefix} if shared and prefix is not None else {}
+        if prefix is None or self._shared:
             self.cache = DynamicCache()
             self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
         else:
@@ -206,6 +211,7 @@ class DynamicStepper:
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._shared,
         )
         self.cache = out.past_key_values
         return out.logits[:, -1, :].float().cpu()
@@ -226,27 +232,24 @@ class DynamicStepper:
                     layer.keys = layer.keys[:, :, columns]
                     layer.values = layer.values[:, :, columns]
 
-    def join(self, count: int) -> None:
+    def absorb(self, joining: Stepper) -> None:
+        """The joining rows' caches go below the active ones'. Columns are matched by index, so the
+        shorter side is padded on the right with masked columns: attention does not depend on the
+        order of cached columns, whose positions were encoded when they were computed, and every
+        later token goes after all of them."""
         import torch
 
-        length = self.mask.shape[1]
-        prefix_len = 0 if self.prefix is None else self.prefix[0][0].shape[2]
-        fresh = torch.zeros((count, length), dtype=self.mask.dtype, device=self.device)
-        fresh[:, :prefix_len] = 1
-        for index, layer in enumerate(self._layers()):
-            if layer.get_seq_length() == 0:
-                continue
-            # One new tensor per layer (not prefix-then-pad-then-batch concatenations).
-            grown = []
-            for old, prefix_part in zip((layer.keys, layer.values), self._prefix_layer(index), strict=True):
-                batch, heads, _, dim = old.shape
-                new = old.new_zeros((batch + count, heads, length, dim))
-                new[:batch] = old
-                if prefix_part is not None:
-                    new[batch:, :, :prefix_len] = prefix_part
-                grown.append(new)
-            layer.keys, layer.values = grown
-        self.mask = torch.cat([self.mask, fresh], dim=0)
+        if not isinstance(joining, DynamicStepper):
+            raise TypeError("only rows prefilled on a dynamic cache can join one")
+        length = max(self.mask.shape[1], joining.mask.shape[1])
+        masks = [torch.nn.functional.pad(mask, (0, length - mask.shape[1])) for mask in (self.mask, joining.mask)]
+        for mine, theirs in zip(self._layers(), joining._layers(), strict=True):
+            mine.keys, mine.values = (
+                torch.cat([torch.nn.functional.pad(tensor, (0, 0, 0, length - tensor.shape[2]))
+                           for tensor in pair], dim=0)
+                for pair in ((mine.keys, theirs.keys), (mine.values, theirs.values))
+            )
+        self.mask = torch.cat(masks, dim=0)
 
     def _layers(self) -> list[Any]:
         """The cache's layers, whose ``keys``/``values`` (batch, heads, L, dim) are swapped here."""
@@ -305,10 +308,13 @@ class ConstrainedEngine:
         if gqa_attention is None:
             # On CUDA, SDPA's fused kernels need the mask-free path; GQA-with-mask only pays on CPU.
             gqa_attention = loaded.device == "cpu"
+        #: The prompt prefix's keys/values are held once and attended to beside each row's own cache
+        #: (``workers.attention``) rather than copied into every row: needs our attention function.
+        self._shared_prefix = False
         if gqa_attention:
             from workers.attention import use_gqa_sdpa
 
-            use_gqa_sdpa(self.model)
+            self._shared_prefix = use_gqa_sdpa(self.model) and use_prefix_cache
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
 
@@ -463,7 +469,7 @@ class ConstrainedEngine:
 
     def _dynamic_stepper(self, batch: int, longest_feed: int) -> Stepper:
         prefix = self._prefix_cache() if self.use_prefix_cache else None
-        return DynamicStepper(self.model, self.loaded.device, batch, prefix)
+        return DynamicStepper(self.model, self.loaded.device, batch, prefix, shared=self._shared_prefix)
 
     def _decode_group(self, rows: list[_Row]) -> None:
         loop = DecodeLoop(self, self._stepper, self.last_stats)
@@ -509,6 +515,8 @@ class DecodeLoop:
         self._make_stepper = make_stepper
         self._stepper: Stepper | None = None
         self._bitmask: torch.Tensor | None = None
+        #: The last rows of ``active`` that joined since the last step and are not in the stepper yet.
+        self._joining = 0
 
     def add(self, rows: list[_Row]) -> None:
         if not rows:
@@ -520,7 +528,7 @@ class DecodeLoop:
         if self._stepper is None or not self.active:
             self._stepper = self._make_stepper(len(rows), max(len(r.feed) for r in rows))
         else:
-            self._stepper.join(len(rows))
+            self._joining += len(rows)  # prefilled apart at the next step, then absorbed
             self.stats.joined += len(rows)
         self.active.extend(rows)
 
@@ -531,7 +539,7 @@ class DecodeLoop:
 
     def reset(self) -> list[_Row]:
         """Forget the stepper (after a failed step); returns the rows that were active."""
-        rows, self.active, self._stepper = self.active, [], None
+        rows, self.active, self._stepper, self._joining = self.active, [], None, 0
         return rows
 
     def step(self) -> list[_Row]:
@@ -541,25 +549,16 @@ class DecodeLoop:
         engine, stats, active = self.engine, self.stats, self.active
         if not active or self._stepper is None:
             return []
-        chunks = [r.feed if (r.steps == 0 or engine.jump_forward) else r.feed[:1] for r in active]
-        width = max(len(c) for c in chunks)
-        ids = torch.full((len(active), width), engine._pad_id, dtype=torch.long)
-        step_mask = torch.zeros((len(active), width), dtype=torch.long)
-        positions = torch.zeros((len(active), width), dtype=torch.long)
-        for i, (row, chunk) in enumerate(zip(active, chunks, strict=True)):
-            n = len(chunk)
-            # Left-pad inside the step so every row's last real token is the last column.
-            ids[i, width - n :] = torch.tensor(chunk, dtype=torch.long)
-            step_mask[i, width - n :] = 1
-            positions[i, :] = row.position
-            positions[i, width - n :] = torch.arange(row.position, row.position + n)
-            row.position += n
-            row.feed = row.feed[n:]
-            row.steps += 1
-        logits = self._stepper.step(ids, step_mask, positions)
-        stats.forwards += 1
-        stats.positions += len(active) * width
-        stats.padded_positions += len(active) * width - sum(len(c) for c in chunks)
+        joining, self._joining = self._joining, 0
+        if joining:
+            # The joiners' suffixes are prefilled in a pass of their own: in the running rows' pass
+            # they would widen every row's step to the longest suffix.
+            logits = self._forward(self._stepper, active[:-joining])
+            prefilled = self._make_stepper(joining, max(len(r.feed) for r in active[-joining:]))
+            logits = torch.cat([logits, self._forward(prefilled, active[-joining:])])
+            self._stepper.absorb(prefilled)
+        else:
+            logits = self._forward(self._stepper, active)
         deciding = [i for i, r in enumerate(active) if not r.feed]
         if deciding:
             if self._bitmask is None or self._bitmask.shape[0] < len(active):
@@ -581,6 +580,32 @@ class DecodeLoop:
         if finished:
             self._keep([i for i, r in enumerate(active) if not r.done])
         return finished
+
+    def _forward(self, stepper: Stepper, rows: list[_Row]) -> torch.Tensor:
+        """One forward pass of ``stepper`` over ``rows``' next chunks; their last-position logits."""
+        import torch
+
+        engine, stats = self.engine, self.stats
+        chunks = [r.feed if (r.steps == 0 or engine.jump_forward) else r.feed[:1] for r in rows]
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(rows), width), engine._pad_id, dtype=torch.long)
+        step_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, chunk) in enumerate(zip(rows, chunks, strict=True)):
+            n = len(chunk)
+            # Left-pad inside the step so every row's last real token is the last column.
+            ids[i, width - n :] = torch.tensor(chunk, dtype=torch.long)
+            step_mask[i, width - n :] = 1
+            positions[i, :] = row.position
+            positions[i, width - n :] = torch.arange(row.position, row.position + n)
+            row.position += n
+            row.feed = row.feed[n:]
+            row.steps += 1
+        logits = stepper.step(ids, step_mask, positions)
+        stats.forwards += 1
+        stats.positions += len(rows) * width
+        stats.padded_positions += len(rows) * width - sum(len(c) for c in chunks)
+        return logits
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.active):

@@ -155,7 +155,7 @@ class StaticStepper:
     def keep(self, indices: list[int]) -> None:
         self.state.slots = [self.state.slots[i] for i in indices]
 
-    def join(self, count: int) -> None:
+    def absorb(self, joining: Any) -> None:
         # Slots start with the prefix at the shared cursor; a late row would need its own. parse_batch
         # never joins; continuous batching runs on the dynamic stepper.
         raise RuntimeError("a static-cache batch cannot take rows once started")
