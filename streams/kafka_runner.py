@@ -301,6 +301,7 @@ class KafkaBatchRunner:
                 await lag_reporter
             async with self._batch_lock:
                 await self.flow.drain(STOP_GRACE_S)  # misses still being parsed
+                self.flow.cancel()  # past the grace: uncommitted, so redone by the next owner
                 await self.delivery.checkpoint()
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once

@@ -297,7 +297,9 @@ class RedisStreamConsumer:
                     if serial:  # a crash left them (or a peer's) here: one at a time, to the end
                         await done
         finally:
-            await self.flow.drain(STOP_GRACE_S if self.stop.is_set() else 0)
+            if self.stop.is_set():  # past the grace the entries stay pending: redone after a restart
+                await self.flow.drain(STOP_GRACE_S)
+                self.flow.cancel()
 
     async def _step(self, batch: list[Received]) -> asyncio.Future[None]:
         entry_ids = [received.entry_id for received in batch]

@@ -32,7 +32,7 @@ from schemas.events import (
     SpecRef,
 )
 from schemas.settings import Settings
-from workers.cache import CachedParse, ParseCache
+from workers.cache import CachedParse, CacheLookup, ParseCache
 from workers.engine import ParseEngine, ParseResult
 from workers.normalize import normalize_query, strip_control
 
@@ -444,13 +444,18 @@ class ParsePipeline:
 
     # --- the whole step at once -----------------------------------------------------------------
 
-    async def _process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
-        started = time.perf_counter()
-        started_epoch = time.time()
+    async def _look_up(
+        self, batch: Sequence[InboundMessage]
+    ) -> tuple[float, float, _StepOutputs, list[DecodedQuery], list[str], CacheLookup]:
+        """Every step's start: its clocks, the admitted messages, their distinct queries, cache hits."""
+        started, started_epoch = time.perf_counter(), time.time()
         outputs = _StepOutputs(self.settings.worker_id)
         decoded = self._admit(batch, outputs)
         unique = list(dict.fromkeys(item.normalized for item in decoded))
-        lookup = await self.cache.get_many(unique)
+        return started, started_epoch, outputs, decoded, unique, await self.cache.get_many(unique)
+
+    async def _process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
+        started, started_epoch, outputs, decoded, unique, lookup = await self._look_up(batch)
         misses = [query for query in unique if query not in lookup.hits]
 
         if misses and self._engine_loaded is not None:
@@ -468,12 +473,7 @@ class ParsePipeline:
     # --- hits at once, misses as they finish ----------------------------------------------------
 
     async def _begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
-        started = time.perf_counter()
-        started_epoch = time.time()
-        outputs = _StepOutputs(self.settings.worker_id)
-        decoded = self._admit(batch, outputs)
-        unique = list(dict.fromkeys(item.normalized for item in decoded))
-        lookup = await self.cache.get_many(unique)
+        started, started_epoch, outputs, decoded, unique, lookup = await self._look_up(batch)
         hits = lookup.hits
         waiting: dict[str, list[DecodedQuery]] = {}
         answered: list[DecodedQuery] = []
