@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -252,16 +252,18 @@ def train_bench(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     held_out: Annotated[int, typer.Option(min=1, help="Training rows held out for early stopping.")] = 200,
     eval_every: Annotated[int, typer.Option(min=0, help="Held-out evaluation every N steps (0 = each epoch).")]
-    = 100,
+    = 200,
     eval_limit: Annotated[int, typer.Option(min=0, help="Score only the first N --eval-data queries (0 = all).")]
     = 0,
     seed: Annotated[int, typer.Option()] = 0,
+    precision: Annotated[Literal["auto", "bf16", "fp32"], typer.Option(
+        help="Step arithmetic (see `qustream train --help`).")] = "auto",
 ) -> None:
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
     Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce
     --train-data /tmp/queryner_train_ecommerce.jsonl --eval-data tests/data/quality_ecommerce.jsonl
-    --max-minutes 40 --out bench/results/train_ecommerce/
+    --max-minutes 40 --eval-every 200 --out bench/results/train_ecommerce/
     """
     from bench.train_bench import print_report, run_train_bench
     from schemas.settings import Settings
@@ -271,7 +273,8 @@ def train_bench(
     folder = model_out or Settings().model_cache_dir / "models" / f"student-{load_spec(spec).name}"
     options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
                            train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
-                           held_out=held_out, eval_every=eval_every, seed=seed)
+                           held_out=held_out, eval_every=eval_every, seed=seed,
+                           precision=precision)
     report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit)
     print_report(report)
 

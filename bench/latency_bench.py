@@ -1,7 +1,7 @@
 """``qustream bench latency``: end-to-end latency under open-loop load, today's step-based runner and
 the continuous one side by side in one run (issue #14).
 
-Full run (about 13 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
+Full run (about 14 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
 
     qustream bench latency
 
@@ -23,9 +23,14 @@ and a cache prefix of its own, so neither ever sees the other's cache entries. T
    query goes out at its scheduled time whatever the worker does, with that time as its event time
    (``ts``). Both runners get the same queries at the same offsets; which goes first alternates.
 3. A separate consumer (this process) reads the parsed topics. Latency = read time − event time, split
-   into hits and misses by the parsed event's ``cached`` flag. A message still missing when the level's
-   drain times out counts as a miss as old as it was then.
-4. Worker memory: the kernel's peak RSS (VmHWM) over each round and over the worker's whole life.
+   into hits (read from the cache: ``cached`` and no model time), shared (``cached``, but a repeat of a
+   query whose parse was still in the model, so it waited for it: ``timings.inference_ms`` > 0) and
+   misses (``cached`` false). A message still missing when the level's drain times out counts as a miss
+   as old as it was then.
+4. Burst: misses arrive at ten times capacity for a few seconds (hits on top, as in a level), then
+   both workers drain it. Peak RSS over the burst against the steady levels' shows whether memory stays
+   flat when the backlog is far beyond what the model can take.
+5. Worker memory: the kernel's peak RSS (VmHWM) over each round and over the worker's whole life.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ MISS_P99_RATIO = 0.5
 SATURATION_RATIO = 0.95
 RSS_LIMIT_BYTES = 2 * 2**30
 RSS_BATCH_SIZE = 64
+#: "Flat" memory under a burst: the burst's peak RSS within this share above the steady levels' peak.
+BURST_RSS_GROWTH = 0.10
 
 
 @dataclass
@@ -96,6 +103,9 @@ class Plan(WorkerPlan):
     # Two full batches: the step-based runner's steady state is one full batch after another.
     saturation_messages: int = 128
     drain_timeout_s: float = 300.0
+    #: Misses at this multiple of capacity for ``burst_seconds`` (the backlog is drained afterwards).
+    burst_load: float = 10.0
+    burst_seconds: float = 10.0
     seed: int = 14
 
     @classmethod
@@ -104,7 +114,7 @@ class Plan(WorkerPlan):
             return cls("full")
         if name == "quick":
             return cls("quick", batch_size=8, level_seconds=5.0, universe=300, warmup_messages=8,
-                       saturation_messages=16, drain_timeout_s=90.0)
+                       saturation_messages=16, drain_timeout_s=90.0, burst_seconds=1.0)
         raise ValueError(f"unknown plan {name!r}: full or quick")
 
 
@@ -125,7 +135,7 @@ class LatencyBench:
         self.plan = plan
         self.workdir = workdir
         self.echo = echo
-        self.pool = Pool(plan.warmup_messages + plan.saturation_messages + plan.universe * len(plan.loads))
+        self.pool = Pool(plan.warmup_messages + plan.saturation_messages + plan.universe * (len(plan.loads) + 1))
         self.services: Services | None = None
         self.settings: dict[str, Settings] = {}
         self.workers: dict[str, Worker] = {}
@@ -179,6 +189,8 @@ class LatencyBench:
                 raise RuntimeError("the step-based worker parsed nothing: no capacity to load against")
             levels = [await self._level(index, load, capacity, producer, collector)
                       for index, load in enumerate(p.loads)]
+            burst = await self._level(len(p.loads), p.burst_load, capacity, producer, collector,
+                                      seconds=p.burst_seconds)
         finally:
             await producer.stop()
             await collector.stop()
@@ -188,15 +200,18 @@ class LatencyBench:
         for name in RUNNERS:
             serving = [v for v in [saturation[name]["peak_rss_mib"]] +
                        [level["runners"][name]["peak_rss_mib"] for level in levels] if v is not None]
-            start = _mib(startup_peak[name])
+            start, in_burst = _mib(startup_peak[name]), burst["runners"][name]["peak_rss_mib"]
             workers[name] = {"startup_peak_rss_mib": start, "serving_peak_rss_mib": max(serving, default=None),
-                             "peak_rss_mib": max([v for v in [start, *serving] if v is not None], default=None)}
+                             "burst_peak_rss_mib": in_burst,
+                             "peak_rss_mib": max([v for v in [start, *serving, in_burst] if v is not None],
+                                                 default=None)}
         return {
             "capacity": {"qps": capacity, "runner": BASELINE,
                          "method": f"the step-based worker drains a backlog of {p.saturation_messages} all-miss "
                                    "queries produced while it was paused: messages / (last output − resume)"},
             "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4)},
             "levels": levels,
+            "burst": burst,
             "workers": workers,
         }
 
@@ -231,11 +246,12 @@ class LatencyBench:
         return row
 
     async def _level(self, index: int, load: float, capacity: float, producer: AIOKafkaProducer,
-                     collector: Collector) -> dict[str, Any]:
+                     collector: Collector, seconds: float | None = None) -> dict[str, Any]:
         p = self.plan
         seed = p.seed + index
+        seconds = seconds or p.level_seconds
         rate = load * capacity / (1 - p.hit_ratio)
-        offsets = poisson_arrivals(rate, p.level_seconds, seed)
+        offsets = poisson_arrivals(rate, seconds, seed)
         count = len(offsets)
         universe = self.pool.take(p.universe)
         head = head_for_hit_ratio(max(count, 1), p.universe, p.exponent, p.hit_ratio)
@@ -243,14 +259,14 @@ class LatencyBench:
         for settings in self.settings.values():
             await prewarm_cache(settings, self.version, universe[:head])
         order = list(RUNNERS) if index % 2 == 0 else list(reversed(RUNNERS))
-        self.echo(f"load {load:.0%}: {count} queries at {rate:.2f}/s over {p.level_seconds:.0f} s "
+        self.echo(f"load {load:.0%}: {count} queries at {rate:.2f}/s over {seconds:.0f} s "
                   f"(misses {load * capacity:.2f}/s), {head} popular queries pre-cached; {' then '.join(order)}")
         runners = {name: await self._open_loop(name, queries, offsets, producer, collector) for name in order}
         return {
             "load": load,
             "offered_qps": round(rate, 3),
             "offered_miss_qps": round(load * capacity, 3),
-            "seconds": p.level_seconds,
+            "seconds": seconds,
             "messages": count,
             "seed": seed,
             "universe": p.universe,
@@ -271,22 +287,24 @@ class LatencyBench:
         waited_until = time.time()
         worker.check_alive()
         due = {f"{tag}-{i}": started + offset for i, offset in enumerate(offsets)}
-        seen: dict[str, tuple[float, bool]] = {}
+        seen: dict[str, tuple[float, str]] = {}
         read_lags, queued, last_read = [], [], started
         for record in collector.of_round(settings.topic_parsed, tag):
             event = json.loads(record.value)
             if event["query_id"] in seen:
                 continue  # a redelivery: the first copy is the one a consumer acted on
             read = collector.read_at(record)
-            seen[event["query_id"]] = (read - due[event["query_id"]], bool(event["cached"]))
+            kind = "misses" if not event["cached"] else "shared" if event["timings"]["inference_ms"] else "hits"
+            seen[event["query_id"]] = (read - due[event["query_id"]], kind)
             read_lags.append(read - record.timestamp / 1000)
-            if event["cached"] and event["timings"].get("queue_ms") is not None:
+            if kind == "hits" and event["timings"].get("queue_ms") is not None:
                 queued.append(event["timings"]["queue_ms"] / 1000)
             last_read = max(last_read, read)
         collector.forget(settings.topic_parsed, tag)
         missing = [waited_until - at for query_id, at in due.items() if query_id not in seen]
-        hits = [latency for latency, cached in seen.values() if cached]
-        misses = [latency for latency, cached in seen.values() if not cached] + missing
+        hits = [latency for latency, kind in seen.values() if kind == "hits"]
+        shared = [latency for latency, kind in seen.values() if kind == "shared"]
+        misses = [latency for latency, kind in seen.values() if kind == "misses"] + missing
         duration = last_read - started
         row: dict[str, Any] = {
             "messages": len(queries),
@@ -295,6 +313,7 @@ class LatencyBench:
             "complete": complete and not missing,
             "hit_ratio": round(len(hits) / len(seen), 4) if seen else None,
             "hits": _ms_summary(hits),
+            "shared": _ms_summary(shared),
             "misses": _ms_summary(misses),
             "duration_s": round(duration, 2),
             "throughput_qps": round(len(seen) / duration, 3) if duration > 0 else 0.0,
@@ -306,6 +325,7 @@ class LatencyBench:
             "read_lag_ms_p99": round(float(np.percentile(read_lags, 99)) * 1000, 1) if read_lags else None,
         }
         self.echo(f"  {name}: hits p99 {row['hits']['p99_ms']} ms, misses p99 {row['misses']['p99_ms']} ms, "
+                  f"{row['shared']['count']} shared (p99 {row['shared']['p99_ms']} ms), "
                   f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out")
         return row
 
@@ -322,6 +342,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         miss_ratio = round(new / old, 4) if new is not None and old else None
     saturation_ratio = results["saturation"]["ratio"]
     rss = results["workers"][NEW]["peak_rss_mib"]
+    steady, in_burst = (results["workers"][NEW].get(key) for key in ("serving_peak_rss_mib", "burst_peak_rss_mib"))
+    growth = round(in_burst / steady - 1, 4) if steady and in_burst is not None else None
+    burst_load = results.get("burst", {}).get("load")
     batch_size = results.get("meta", {}).get("plan", {}).get("batch_size")
     return [
         {"target": f"hits p99 ≤ {HIT_P99_MS:.0f} ms at every load level", "value": worst_hit,
@@ -336,6 +359,11 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         {"target": f"worker peak RSS ≤ {RSS_LIMIT_BYTES / 2**30:.0f} GiB at batch {RSS_BATCH_SIZE}", "value": rss,
          "measured": f"{rss} MiB at batch {batch_size}",
          "met": (rss is not None and rss * 2**20 <= RSS_LIMIT_BYTES) if batch_size == RSS_BATCH_SIZE else None},
+        {"target": f"memory flat under a burst of misses at {burst_load or 0:.0f}× capacity (peak RSS ≤ "
+                   f"{1 + BURST_RSS_GROWTH:.2f}× the steady levels')", "value": growth,
+         "measured": f"{in_burst} MiB in the burst, {steady} MiB steady ({growth:+.1%})" if growth is not None
+         else "not measured",
+         "met": growth is not None and growth <= BURST_RSS_GROWTH},
     ]
 
 
@@ -370,22 +398,27 @@ def print_summary(results: dict[str, Any]) -> None:
             return "-"
         return " / ".join(f"{summary[k]:,.0f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
 
+    def cells(row: dict[str, Any]) -> list[str]:
+        shared = f"{row['shared']['count']}: {ms(row['shared'])}" if row["shared"]["count"] else "0"
+        ratio = f"{row['hit_ratio']:.0%}" if row["hit_ratio"] is not None else "-"
+        out = f"{row['parsed']}/{row['messages']}" + ("" if row["complete"] else " [red]incomplete[/]")
+        return [ms(row["hits"]), ms(row["misses"]), shared, ratio, f"{row['throughput_qps']:.2f}", out,
+                f"{row['peak_rss_mib']}"]
+
     table = Table(title=f"qustream bench latency ({plan['name']}) · batch {plan['batch_size']} · "
                   f"{meta['machine']['cores']} cores · capacity {results['capacity']['qps']:.2f} q/s (step-based, "
                   f"all misses) · load {meta['load_average_before'][0]}→{meta['load_average_after'][0]}")
-    for column in ("load", "runner", "offered q/s", "hits p50/p95/p99 ms", "misses p50/p95/p99 ms", "hit ratio",
-                   "throughput q/s", "out", "peak RSS MiB"):
+    for column in ("load", "runner", "offered q/s", "hits p50/p95/p99 ms", "misses p50/p95/p99 ms",
+                   "shared n: p50/p95/p99 ms", "hit ratio", "throughput q/s", "out", "peak RSS MiB"):
         table.add_column(column, justify="left" if column in ("load", "runner") else "right")
-    for level in results["levels"]:
+    burst = results["burst"]
+    for level, label in [*((level, f"{level['load']:.0%}") for level in results["levels"]),
+                         (burst, f"burst {burst['load']:.0f}×, {burst['seconds']:.0f} s")]:
         for name in RUNNERS:
-            row = level["runners"][name]
-            out = f"{row['parsed']}/{row['messages']}" + ("" if row["complete"] else " [red]incomplete[/]")
-            table.add_row(f"{level['load']:.0%}", name, f"{level['offered_qps']:.2f}", ms(row["hits"]),
-                          ms(row["misses"]), f"{row['hit_ratio']:.0%}" if row["hit_ratio"] is not None else "-",
-                          f"{row['throughput_qps']:.2f}", out, f"{row['peak_rss_mib']}")
+            table.add_row(label, name, f"{level['offered_qps']:.2f}", *cells(level["runners"][name]))
     for name in RUNNERS:
         row = results["saturation"][name]
-        table.add_row("saturation", name, "backlog", "-", f"all {row['misses']} misses", "-", f"{row['qps']:.2f}",
+        table.add_row("saturation", name, "backlog", "-", f"all {row['misses']} misses", "-", "-", f"{row['qps']:.2f}",
                       f"{row['parsed']}/{row['messages']}", f"{row['peak_rss_mib']}")
     console.print(table)
     targets = Table(title="issue #14 targets: continuous runner, against step-based in the same run")
@@ -397,4 +430,5 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(targets)
     for name, memory in results["workers"].items():
         console.print(f"{name} worker peak RSS: {memory['peak_rss_mib']} MiB (start-up "
-                      f"{memory['startup_peak_rss_mib']}, serving {memory['serving_peak_rss_mib']})")
+                      f"{memory['startup_peak_rss_mib']}, steady {memory['serving_peak_rss_mib']}, burst "
+                      f"{memory['burst_peak_rss_mib']})")

@@ -7,7 +7,8 @@ the whole validation split):
 
     qustream bench queryner --split train --out /tmp/queryner_train_ecommerce.jsonl
     qustream bench train --spec ecommerce --train-data /tmp/queryner_train_ecommerce.jsonl \\
-        --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --out bench/results/train_ecommerce/
+        --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --eval-every 200 \\
+        --out bench/results/train_ecommerce/
 
 The model folder goes to ``--model-out`` (default: under the model cache, not into the repository);
 ``--out`` gets ``report.json``, the training report and its chart.
@@ -70,9 +71,9 @@ def run_train_bench(
     report = {
         "spec": training["spec"], "train_data": str(train_data), "eval_data": str(eval_data),
         "training": {key: training[key] for key in (
-            "base_model", "method", "few_shot", "learning_rate", "parameters", "trainable_parameters", "rows",
-            "train_rows", "held_out_rows", "steps", "epochs", "stopped", "train_seconds", "seconds", "peak_rss_mb",
-            "best_step", "prefix_tokens", "tokens_per_row", "chosen_tokens_per_row")}
+            "base_model", "method", "precision", "few_shot", "learning_rate", "parameters", "trainable_parameters",
+            "rows", "train_rows", "held_out_rows", "steps", "epochs", "stopped", "train_seconds", "seconds",
+            "peak_rss_mb", "best_step", "prefix_tokens", "tokens_per_row", "chosen_tokens_per_row")}
         | {"skipped_rows": len(training["skipped"]), "train_layers": options.train_layers,
            "batch_size": options.batch_size, "model_folder": str(model_out)},
         "variants": [{"name": "base, few-shot", **base}, {"name": "student", **student}],

@@ -45,7 +45,9 @@ class SpecRef(BaseModel):
 
 class Timings(BaseModel):
     queue_ms: float | None = Field(None, description="Event time (or broker time) to batch start.")
-    inference_ms: float = Field(0.0, description="Model time of the batch this parse came from (0 if cached).")
+    inference_ms: float = Field(
+        0.0, description="Model time this parse waited for: its batch's, also for a repeat that shared another "
+        "message's model call (cached=true); 0 when the parse was read from the cache.")
     total_ms: float = Field(description="Batch start to output ready.")
 
 

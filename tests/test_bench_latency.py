@@ -57,14 +57,19 @@ def test_targets_are_judged_against_the_step_based_runner() -> None:
         "levels": [_level(0.5, 40.0, 900.0, 2_000.0), _level(0.8, 90.0, 1_000.0, 2_000.0),
                    _level(0.95, 120.0, 3_000.0, 4_000.0)],
         "saturation": {"ratio": 0.97},
-        "workers": {"continuous": {"peak_rss_mib": 2_100.0}},
+        "workers": {"continuous": {"peak_rss_mib": 2_100.0, "serving_peak_rss_mib": 1_900.0,
+                                   "burst_peak_rss_mib": 2_100.0}},
+        "burst": {"load": 10.0},
         "meta": {"plan": {"batch_size": 64}},
     }
-    hits, misses, saturation, memory = evaluate_targets(results)
+    hits, misses, saturation, memory, burst = evaluate_targets(results)
     assert (hits["met"], hits["value"]) == (False, 120.0)  # 95 % load is over 100 ms
     assert (misses["met"], misses["value"]) == (True, 0.5)  # at 80 % load, not at the others
     assert saturation["met"] is True
     assert memory["met"] is False
+    assert (burst["met"], burst["value"]) == (False, 0.1053)  # 2,100 MiB against 1,900 steady: +10.5 %
+    results["workers"]["continuous"]["burst_peak_rss_mib"] = 2_000.0
+    assert evaluate_targets(results)[4]["met"] is True
     results["meta"] = {"plan": {"batch_size": 8}}
     assert evaluate_targets(results)[3]["met"] is None  # the RSS target is set at batch 64 only
 
@@ -93,13 +98,19 @@ def test_latency_bench_quick(tmp_path: Path) -> None:
             # Every produced query came out, each counted once as a hit or a miss.
             assert row["complete"] and row["missing"] == 0
             assert row["parsed"] == row["messages"] == level["messages"]
-            assert row["hits"]["count"] + row["misses"]["count"] == row["parsed"]
+            assert row["hits"]["count"] + row["shared"]["count"] + row["misses"]["count"] == row["parsed"]
             assert row["hits"]["count"] > 0 and row["misses"]["count"] > 0
             assert row["hit_ratio"] == pytest.approx(row["hits"]["count"] / row["parsed"], abs=1e-4)
             for kind in ("hits", "misses"):
                 summary = row[kind]
                 assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"] <= summary["max_ms"]
             assert row["throughput_qps"] > 0 and row["peak_rss_mib"] > 100
+    burst = saved["burst"]
+    assert burst["load"] == plan.burst_load and burst["seconds"] == plan.burst_seconds
+    for name in RUNNERS:
+        row = burst["runners"][name]
+        assert row["complete"] and row["parsed"] == row["messages"] == burst["messages"] > 0
+        assert saved["workers"][name]["burst_peak_rss_mib"] == row["peak_rss_mib"] > 100
     assert [target["met"] for target in saved["targets"]][3] is None  # quick runs at batch 8
     assert saved["meta"]["runners"] == {"step": "QUSTREAM_CONTINUOUS_BATCHING=false",
                                         "continuous": "QUSTREAM_CONTINUOUS_BATCHING=true"}

@@ -241,6 +241,7 @@ async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
     # At once: the hit and the poison, while the three misses are submitted and none has finished.
     assert [m.offset for m in step.ready.messages] == ["1", "2"]
     assert [json.loads(r.value)["normalized_query"] for r in step.ready.outcome.parsed] == ["oak table"]
+    assert [json.loads(r.value)["timings"]["inference_ms"] for r in step.ready.outcome.parsed] == [0.0]
     assert step.ready.outcome.dead_letter_stages == ["decode"]
     assert (step.ready.outcome.metrics.size, step.ready.outcome.metrics.cache_hits) == (2, 1)
     await asyncio.sleep(0)  # while the runner publishes the hits, the misses join the running batch
@@ -256,6 +257,8 @@ async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
     # Both messages of one query settle together; the repeat counts as served without the model.
     assert [m.offset for m in second.messages] == ["0", "4"]
     assert [json.loads(r.value)["cached"] for r in second.outcome.parsed] == [False, True]
+    # ... but it waited for the model as long as the first: its event says so (a cache hit says 0).
+    assert all(json.loads(r.value)["timings"]["inference_ms"] > 0 for r in second.outcome.parsed)
     assert await cache.get_many(["pine bed"]) and (await cache.get_many(["pine bed"])).hits
     # "elm chair" never finishes: past the deadline it is dead-lettered, and the step ends.
     last = await anext(remaining)
@@ -287,5 +290,7 @@ async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() 
     # The step that joined the parse in flight did not cost a model call for it.
     assert {json.loads(r.value)["normalized_query"]: json.loads(r.value)["cached"]
             for r in sharer.outcome.parsed} == {"teak desk": True, "elm chair": False}
+    # It waited for that parse, though: not a cache hit's zero model time.
+    assert all(json.loads(r.value)["timings"]["inference_ms"] > 0 for r in sharer.outcome.parsed)
     assert (sharer.outcome.metrics.cached, owner.outcome.metrics.cached) == (1, 0)
     assert engine.calls == [1, 1]

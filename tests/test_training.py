@@ -7,6 +7,7 @@ training steps lower the loss, the saved folder is a plain transformers folder w
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,13 @@ from workers.evaluation import load_quality
 from workers.model import MODEL_CARD, load_model
 from workers.training import (
     CHART,
+    FINAL_LR_FRACTION,
     REPORT,
+    WARMUP_STEPS,
     TrainingError,
     TrainOptions,
+    choose_precision,
+    learning_rate_factor,
     load_training_data,
     parameter_count,
     train,
@@ -245,3 +250,29 @@ def test_label_takes_the_parsed_topics_events_made_under_the_spec() -> None:
     assert other.record == {"query": "Red Cotton T Shirt"}  # another contract's parse is no label here
     broken = parsed_event_item(ECOMMERCE, {"topic": "t", "partition": 0, "offset": 9, "value": "not json"})
     assert broken.record is None and broken.problem
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_time() -> None:
+    warm = [learning_rate_factor(step, progress=0.0) for step in range(WARMUP_STEPS)]
+    assert warm == sorted(warm) and warm[0] < 0.1 and warm[-1] == 1.0
+    decay = [learning_rate_factor(WARMUP_STEPS + 1, progress=p / 10) for p in range(11)]
+    assert all(a > b for a, b in itertools.pairwise(decay))
+    assert decay[0] == 1.0 and decay[-1] == pytest.approx(FINAL_LR_FRACTION)
+    assert learning_rate_factor(10_000, progress=3.0) == pytest.approx(FINAL_LR_FRACTION)  # past the budget
+
+
+def test_bf16_steps_lower_the_loss_and_fp32_is_kept_where_asked(tiny_folder: Path, tmp_path: Path) -> None:
+    assert choose_precision("cpu", "fp32") == "fp32" and choose_precision("cuda:0", "bf16") == "bf16"
+    data = write_data(tmp_path / "labels.jsonl", bad=False)
+    options = TrainOptions(data=data, out=tmp_path / "model", max_steps=12, max_epochs=20, batch_size=8,
+                           learning_rate=3e-3, held_out=2, patience=100, progress=False, precision="bf16")
+    report = train(tiny_settings(tiny_folder), options)
+    losses = [loss for _, loss in report["losses"]]
+    assert report["precision"] == "bf16"
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    # Weights stay float32: the saved model serves as any other.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(options.out)
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}

@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from asyncio import CancelledError
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -368,6 +368,7 @@ class ParsePipeline:
         items: Sequence[DecodedQuery],
         results: Mapping[str, CachedParse],
         fresh: Mapping[str, CachedParse],
+        read_from_cache: Container[str],
         failures: Mapping[str, tuple[str, str]],
         invalid: Mapping[str, str],
         outputs: _StepOutputs,
@@ -409,7 +410,8 @@ class ParsePipeline:
                 item.query_id, item.query, query, ready.parse, not from_model, ready.ungrounded, item.event_time,
                 message.topic, message.partition, message.offset,
                 (started_epoch - event_epoch) * 1000 if event_epoch is not None else None,
-                inference_ms if from_model else 0.0,
+                # A repeat that shared another message's model call waited for it as long.
+                0.0 if query in read_from_cache else inference_ms,
             )
             parsed.append(OutboundRecord(item.query_id.encode(), value))
             if event_epoch is not None:
@@ -464,8 +466,8 @@ class ParsePipeline:
         inferred, failures = await self._infer_isolating_failures(misses)
         inference_ms = (time.perf_counter() - inference_started) * 1000
         fresh, invalid = await self._validated(inferred)
-        self._encode(decoded, {**lookup.hits, **fresh}, fresh, failures, invalid, outputs, started, started_epoch,
-                     inference_ms)
+        self._encode(decoded, {**lookup.hits, **fresh}, fresh, lookup.hits, failures, invalid, outputs, started,
+                     started_epoch, inference_ms)
         return self._outcome(outputs, started, size=len(batch), valid=len(decoded), unique=len(unique),
                              hits=len(lookup.hits), misses=len(misses), cache_error=lookup.error,
                              inference_ms=inference_ms, inferred=inferred)
@@ -482,7 +484,7 @@ class ParsePipeline:
                 answered.append(item)
             else:
                 waiting.setdefault(item.normalized, []).append(item)
-        self._encode(answered, hits, {}, {}, {}, outputs, started, started_epoch, 0.0)
+        self._encode(answered, hits, {}, hits, {}, {}, outputs, started, started_epoch, 0.0)
         waiting_messages = {id(item.message) for items in waiting.values() for item in items}
         ready_messages = [message for message in batch if id(message) not in waiting_messages]
         ready = self._outcome(outputs, started, size=len(ready_messages), valid=len(answered),
@@ -566,7 +568,7 @@ class ParsePipeline:
             if query in owned:
                 self._in_flight.pop(query, None)
         items = [item for group in done.values() for item in group]
-        self._encode(items, {**shared, **fresh}, fresh, failures, {**invalid, **shared_invalid}, outputs, started,
+        self._encode(items, {**shared, **fresh}, fresh, (), failures, {**invalid, **shared_invalid}, outputs, started,
                      started_epoch, inference_ms)
         outcome = self._outcome(outputs, started, size=len(items), valid=len(items), unique=len(done), hits=0,
                                 misses=len(done), cache_error=False, inference_ms=inference_ms, inferred=mine)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Method = Literal["auto", "full", "lora"]
+Precision = Literal["auto", "bf16", "fp32"]
 #: Above this many parameters ``--method auto`` trains LoRA adapters instead of the weights.
 LORA_ABOVE_PARAMS = 400_000_000
 CHECKPOINT = "checkpoint.pt"
@@ -65,6 +66,9 @@ REPORT = "training_report.json"
 CHART = "training.png"
 #: Metric that decides the best evaluation and early stopping.
 SELECT_BY = "all_fields_acc"
+WARMUP_STEPS = 20
+#: Where the cosine decay of the learning rate ends, as a fraction of the peak.
+FINAL_LR_FRACTION = 0.1
 
 
 class TrainingError(RuntimeError):
@@ -214,6 +218,9 @@ class TrainOptions:
     held_out: int = 200
     #: Evaluate every N steps (0 = at the end of each epoch).
     eval_every: int = 0
+    #: Arithmetic of the training steps (weights and optimiser stay float32); auto = bf16 where the
+    #: hardware computes it natively.
+    precision: Precision = "auto"
     #: Stop after this many evaluations without a better held-out score.
     patience: int = 3
     progress: bool = True
@@ -227,6 +234,30 @@ def choose_method(model: Any, method: Method) -> Literal["full", "lora"]:
     if method != "auto":
         return method
     return "lora" if parameter_count(model) > LORA_ABOVE_PARAMS else "full"
+
+
+def bf16_native(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware; emulated bf16 on an older CPU is slower than fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def choose_precision(device: str, precision: Precision) -> Literal["bf16", "fp32"]:
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(device) else "fp32"
+
+
+def learning_rate_factor(step: int, progress: float, warmup: int = WARMUP_STEPS) -> float:
+    """Linear warm-up, then a cosine decay to a tenth over the run (``progress`` in [0, 1]: the larger of
+    steps and time spent against their budgets), so a time-boxed run still ends on small steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_trainable(loaded: LoadedModel, method: Literal["full", "lora"], options: TrainOptions) -> Any:
@@ -332,6 +363,8 @@ class TrainState:
     best_step: int = 0
     best_score: float = -1.0
     evals_since_best: int = 0
+    #: How far the learning-rate decay has gone (never backwards, also across ``--resume``).
+    lr_progress: float = 0.0
 
 
 def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method: str, data: Path) -> dict[str, Any]:
@@ -370,7 +403,9 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     console = Console(stderr=True)
     torch.manual_seed(options.seed)
     spec = load_checked_spec(settings.parse_spec)
-    loaded = load_model(settings)
+    # Float32 master weights on every device (serving may load bf16 on a GPU): small updates to bf16
+    # weights round away; ``precision`` decides the arithmetic of the steps instead.
+    loaded = load_model(settings.model_copy(update={"dtype": "float32"}))
     loaded.card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
     engine = ConstrainedEngine(settings, loaded, spec)
     data = load_training_data(engine, options.data)
@@ -388,8 +423,7 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     learning_rate = options.learning_rate or (1e-3 if method == "lora" else 1e-4)
     # The fused kernel: the per-tensor loop torch picks by default on CPU was a visible share of a step.
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0, fused=True)
-    warmup = 20
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    precision = choose_precision(loaded.device, options.precision)
     runner = StepRunner(engine)
     identity = _identity(settings, spec, options, method, options.data)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -402,14 +436,13 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
             raise TrainingError(f"{checkpoint_path} belongs to another run: {saved['identity']} != {identity}")
         restore_state(trained, saved["weights"])
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         best = saved["best"]
         console.print(f"resumed from {checkpoint_path} at step {state.step}")
 
     def checkpoint() -> None:
         payload = {"identity": identity, "weights": trainable_state(trained), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": asdict(state), "best": best}
+                   "state": asdict(state), "best": best}
         torch.save(payload, checkpoint_path.with_suffix(".tmp"))
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
@@ -428,7 +461,9 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
 
     batches_per_epoch = math.ceil(len(train_rows) / options.batch_size)
     planned = options.max_steps or batches_per_epoch * options.max_epochs
-    deadline = time.monotonic() + options.max_minutes * 60 if options.max_minutes else math.inf
+    budget_seconds = options.max_minutes * 60 if options.max_minutes else math.inf
+    budget_started = time.monotonic()
+    deadline = budget_started + budget_seconds
     trained.train()
     stopped = "epochs"
     if not state.evals:
@@ -444,12 +479,17 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
                 step_started = time.perf_counter()
                 start = state.batch_in_epoch * options.batch_size
                 batch = [train_rows[i] for i in order[start : start + options.batch_size]]
-                loss = runner.loss(batch)
+                state.lr_progress = max(state.lr_progress, state.step / planned,
+                                        (time.monotonic() - budget_started) / budget_seconds)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate * learning_rate_factor(state.step, state.lr_progress)
+                with torch.autocast(device_type=loaded.device.split(":")[0], dtype=torch.bfloat16,
+                                    enabled=precision == "bf16"):
+                    loss = runner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
                 optimizer.step()
-                scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.losses.append((state.step, loss.item()))
@@ -477,7 +517,7 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     report = _save(loaded, trained, method, best, spec, options, settings)
     report.update(
         spec=spec.ref | {"fingerprint": spec.fingerprint}, base_model=loaded.model_id, method=method,
-        grounding=settings.grounding, few_shot=options.few_shot, learning_rate=learning_rate,
+        grounding=settings.grounding, few_shot=options.few_shot, learning_rate=learning_rate, precision=precision,
         parameters=parameter_count(loaded.model), trainable_parameters=sum(p.numel() for p in parameters),
         rows=len(data.rows), train_rows=len(train_rows), held_out_rows=len(held_rows),
         chosen_tokens_per_row=sum(len(r.chosen) for r in train_rows) / len(train_rows),
@@ -566,6 +606,8 @@ def train_command(
     held_out: Annotated[int, typer.Option(min=1, help="Rows held out for evaluation (at most a fifth).")] = 200,
     eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (0 = each epoch).")] = 0,
     patience: Annotated[int, typer.Option(min=1, help="Evaluations without improvement before stopping.")] = 3,
+    precision: Annotated[Precision, typer.Option(help="Step arithmetic: bf16 autocast (float32 weights), fp32, or "
+                                                      "auto (bf16 where the CPU or GPU has it natively).")] = "auto",
 ) -> None:
     """Fine-tune the parser on labelled queries, in the engine's exact prompt and output format.
 
@@ -581,7 +623,8 @@ def train_command(
     options = TrainOptions(data=data, out=out, max_minutes=max_minutes, max_steps=max_steps, max_epochs=max_epochs,
                            seed=seed, resume=resume, batch_size=batch_size, learning_rate=learning_rate,
                            method=method, train_layers=train_layers, lora_rank=lora_rank, few_shot=few_shot,
-                           held_out=held_out, eval_every=eval_every, patience=patience)
+                           held_out=held_out, eval_every=eval_every, patience=patience,
+                           precision=precision)
     try:
         report = train(Settings(**overrides), options)
     except TrainingError as exc:
