@@ -111,7 +111,7 @@ def pipeline(
 @app.command("latency")
 def latency(
     quick: Annotated[bool, typer.Option("--quick", help="Batch 8 and 5-second levels: a smoke run of about 2 "
-                                                        "minutes instead of 13.")] = False,
+                                                        "minutes instead of 16.")] = False,
     json_out: Annotated[Path | None, typer.Option(
         "--json", help="Write the results here (default bench/results/latency.json, latency_quick.json with "
                        "--quick).")] = None,
@@ -140,6 +140,42 @@ def latency(
     print(f"results: {output}")
     if not all(level["runners"][name]["complete"] for level in results["levels"] for name in level["runners"]):
         raise typer.Exit(1)
+
+
+@app.command("attention")
+def attention(
+    rounds: Annotated[int, typer.Option(min=3, help="Interleaved rounds per shape.")] = 15,
+    target_ms: Annotated[float, typer.Option(help="Each sample repeats the call until it lasts this long.")] = 50.0,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (the latency benchmark's workers use 1).")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """The engine's shared-prefix attention against a prefix copied into every row and against
+    batch-broadcast matmuls, one layer's call at decoding shapes, interleaved.
+
+    Example: qustream bench attention --json bench/results/attention.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.attention_bench import run_attention_bench
+
+    report = run_attention_bench(rounds, target_ms, threads)
+    table = Table(title=f"one attention call, ms (median of {rounds} rounds, {threads} thread(s))")
+    for column in ("batch", "width", "prefix", "copied prefix", "broadcast prefix", "engine",
+                   "× vs copied (min–max)", "× vs broadcast (min–max)"):
+        table.add_column(column, justify="right")
+    for row in report["shapes"]:
+        copied, broadcast = row["speedup_vs_copied_prefix"], row["speedup_vs_broadcast_prefix"]
+        table.add_row(str(row["batch"]), str(row["width"]), str(row["prefix"]),
+                      f"{row['copied_prefix']['median_ms']:.2f}", f"{row['broadcast_prefix']['median_ms']:.2f}",
+                      f"{row['engine']['median_ms']:.2f}",
+                      f"{copied['median']:.2f} ({copied['min']:.2f}–{copied['max']:.2f})",
+                      f"{broadcast['median']:.2f} ({broadcast['min']:.2f}–{broadcast['max']:.2f})")
+    Console(width=160).print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"results: {json_out}")
 
 
 @app.command("handwritten")

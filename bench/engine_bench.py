@@ -2,8 +2,8 @@
 
 Variants: (a) the original service (one generate() per query, full prompt, free text, last line
 json.loads), (b) batched generate() with the full prompt per row, (c) the constrained engine with
-jump-forward off and on. All share one loaded model and the same queries; (a) runs on a prefix of
-the queries because it is slow.
+jump-forward off, on at full width, and on at balanced width (the CPU default). All share one loaded
+model and the same queries; (a) runs on a prefix of the queries because it is slow.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from schemas.spec import ParseSpec
 from workers.evaluation import QualityCase, load_quality, null_baseline, schema_valid, score
 
 log = structlog.get_logger(__name__)
+
+#: The engine's variants: name → (jump_forward, jump_forward_width).
+ENGINE_VARIANTS: dict[str, tuple[bool, str]] = {
+    "c_engine": (False, "full"),
+    "c_engine_jump_forward_full": (True, "full"),
+    "c_engine_jump_forward_balanced": (True, "balanced"),
+}
 
 
 @dataclass
@@ -103,11 +110,19 @@ class _Runner:
     queries: list[str]
     batch_size: int
     jump_forward: bool | None = None
+    jump_forward_width: str | None = None
     latencies: list[float] = field(default_factory=list)
     parses: list[dict[str, str | None] | None] = field(default_factory=list)
     flags: list[list[str]] = field(default_factory=list)
     tokens_out: int = 0
     peak_rss: int = 0
+
+    def configure(self) -> None:
+        """Set the shared engine's decoding options to this variant's."""
+        if self.jump_forward is not None:
+            self.engine.jump_forward = self.jump_forward
+        if self.jump_forward_width is not None:
+            self.engine.jump_forward_width = self.jump_forward_width
 
     def batches(self) -> list[list[str]]:
         return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
@@ -115,8 +130,7 @@ class _Runner:
     def run_batch(self, spec: ParseSpec, chunk: list[str], rss: _RssSampler) -> None:
         from bench.baselines import baseline_valid
 
-        if self.jump_forward is not None:
-            self.engine.jump_forward = self.jump_forward
+        self.configure()
         rss.reset()
         t0 = time.perf_counter()
         results = self.engine.parse_batch(chunk)
@@ -150,8 +164,7 @@ class _Runner:
 def run_interleaved(spec: ParseSpec, runners: list[_Runner], cases: list[QualityCase] | None) -> list[VariantResult]:
     """Run the variants' batches round-robin, so load from other processes hits all variants alike."""
     for runner in runners:
-        if runner.jump_forward is not None:
-            runner.engine.jump_forward = runner.jump_forward
+        runner.configure()
         runner.engine.warm_up()
     plans = [runner.batches() for runner in runners]
     with _RssSampler() as rss:
@@ -193,22 +206,25 @@ def run_engine_bench(
         if include_batched:
             batched = BatchedGenerate(loaded, vocabulary, settings.max_new_tokens)
             runners.append(_Runner("b_batched_generate", batched, queries, batch_size))
-        for jump in (False, True):
-            name = "c_engine_jump_forward" if jump else "c_engine"
-            runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump))
+        for name, (jump, width) in ENGINE_VARIANTS.items():
+            runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width))
     variants = run_interleaved(spec, runners, cases)
     engine.jump_forward = settings.jump_forward
+    engine.jump_forward_width = settings.jump_forward_width
     ratios: dict[str, float] = {}
     by_name = {(v.name, v.batch_size): v for v in variants}
     seq = next((v for v in variants if v.name == "a_sequential_generate"), None)
     for batch_size in batch_sizes:
-        for engine_name in ("c_engine", "c_engine_jump_forward"):
+        for engine_name in ENGINE_VARIANTS:
             c = by_name[(engine_name, batch_size)]
             if seq:
                 ratios[f"{engine_name}@{batch_size}/a"] = round(c.queries_per_s / seq.queries_per_s, 2)
             b = by_name.get(("b_batched_generate", batch_size))
             if b:
                 ratios[f"{engine_name}@{batch_size}/b@{batch_size}"] = round(c.queries_per_s / b.queries_per_s, 2)
+        full = by_name[("c_engine_jump_forward_full", batch_size)]
+        balanced = by_name[("c_engine_jump_forward_balanced", batch_size)]
+        ratios[f"balanced/full@{batch_size}"] = round(balanced.queries_per_s / full.queries_per_s, 2)
     return {
         "model": loaded.model_id,
         "device": loaded.device,

@@ -1,7 +1,7 @@
 """``qustream bench latency``: end-to-end latency under open-loop load, today's step-based runner and
 the continuous one side by side in one run (issue #14).
 
-Full run (about 14 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
+Full run (about 16 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
 
     qustream bench latency
 
@@ -14,9 +14,9 @@ The two runners are ``qustream worker`` subprocesses, ``QUSTREAM_CONTINUOUS_BATC
 and ``true`` (continuous), against one private tansu broker and the machine's Redis, each with topics
 and a cache prefix of its own, so neither ever sees the other's cache entries. The run:
 
-1. Saturation: each worker drains a backlog of all-miss queries produced while it was paused
-   (messages / seconds). The step-based runner's figure is the model capacity that every load level
-   is a share of, for both runners alike.
+1. Saturation: each worker drains backlogs of all-miss queries produced while it was paused
+   (messages / seconds), two rounds with the runners' order swapped in the second. The step-based
+   runner's figure is the model capacity that every load level is a share of, for both runners alike.
 2. Load levels (50, 80, 95 % of capacity): misses arrive at that share of capacity and hits on top of
    them, so that about 60 % of arrivals hit. A seeded Poisson process sends Zipf-drawn queries from a
    universe of queries new to this level, whose popular head is pre-cached for both runners alike; each
@@ -87,7 +87,7 @@ BURST_RSS_GROWTH = 0.10
 
 @dataclass
 class Plan(WorkerPlan):
-    """Sizes of a run: ``full`` ≈ 13 minutes on 2 cores, ``quick`` ≈ 2 (smoke test, CI). With one torch
+    """Sizes of a run: ``full`` ≈ 16 minutes on 2 cores, ``quick`` ≈ 2 (smoke test, CI). With one torch
     thread, the other core is left to the worker's own I/O, the broker and this harness, the same for
     both runners."""
 
@@ -102,6 +102,9 @@ class Plan(WorkerPlan):
     warmup_messages: int = 64
     # Two full batches: the step-based runner's steady state is one full batch after another.
     saturation_messages: int = 128
+    #: Backlogs drained by each runner, in alternating order (step first, then continuous first, ...),
+    #: so neither runner always drains right after the other.
+    saturation_rounds: int = 2
     drain_timeout_s: float = 300.0
     #: Misses at this multiple of capacity for ``burst_seconds`` (the backlog is drained afterwards).
     burst_load: float = 10.0
@@ -114,8 +117,19 @@ class Plan(WorkerPlan):
             return cls("full")
         if name == "quick":
             return cls("quick", batch_size=8, level_seconds=5.0, universe=300, warmup_messages=8,
-                       saturation_messages=16, drain_timeout_s=90.0, burst_seconds=1.0)
+                       saturation_messages=16, saturation_rounds=1, drain_timeout_s=90.0, burst_seconds=1.0)
         raise ValueError(f"unknown plan {name!r}: full or quick")
+
+
+def _combined_saturation(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One runner's saturation rounds as one figure: all messages over all drain seconds."""
+    seconds = sum(row["seconds"] for row in rounds)
+    messages = sum(row["messages"] for row in rounds)
+    peaks = [row["peak_rss_mib"] for row in rounds if row["peak_rss_mib"] is not None]
+    return {"messages": messages, "parsed": sum(row["parsed"] for row in rounds),
+            "misses": sum(row["misses"] for row in rounds), "complete": all(row["complete"] for row in rounds),
+            "seconds": round(seconds, 2), "qps": round(messages / seconds, 3) if seconds > 0 else 0.0,
+            "peak_rss_mib": max(peaks, default=None), "rounds_qps": [row["qps"] for row in rounds]}
 
 
 def _ms_summary(seconds: Sequence[float]) -> dict[str, Any]:
@@ -135,7 +149,8 @@ class LatencyBench:
         self.plan = plan
         self.workdir = workdir
         self.echo = echo
-        self.pool = Pool(plan.warmup_messages + plan.saturation_messages + plan.universe * (len(plan.loads) + 1))
+        self.pool = Pool(plan.warmup_messages + plan.saturation_messages * plan.saturation_rounds
+                         + plan.universe * (len(plan.loads) + 1))
         self.services: Services | None = None
         self.settings: dict[str, Settings] = {}
         self.workers: dict[str, Worker] = {}
@@ -182,8 +197,13 @@ class LatencyBench:
                 await worker.wait_ready(timeout_s=600.0, partitions=self.settings[name].partitions)
             startup_peak = {name: worker.peak_rss_bytes() for name, worker in self.workers.items()}
             await self._warm_up(producer, collector)
-            backlog = self.pool.take(p.saturation_messages)
-            saturation = {name: await self._saturation(name, backlog, producer, collector) for name in RUNNERS}
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in RUNNERS}
+            for index in range(p.saturation_rounds):
+                backlog = self.pool.take(p.saturation_messages)
+                order = list(RUNNERS) if index % 2 == 0 else list(reversed(RUNNERS))
+                for name in order:
+                    rounds[name].append(await self._saturation(name, backlog, producer, collector))
+            saturation = {name: _combined_saturation(rows) for name, rows in rounds.items()}
             capacity = saturation[BASELINE]["qps"]
             if capacity <= 0:
                 raise RuntimeError("the step-based worker parsed nothing: no capacity to load against")
@@ -207,8 +227,9 @@ class LatencyBench:
                                                  default=None)}
         return {
             "capacity": {"qps": capacity, "runner": BASELINE,
-                         "method": f"the step-based worker drains a backlog of {p.saturation_messages} all-miss "
-                                   "queries produced while it was paused: messages / (last output − resume)"},
+                         "method": f"the step-based worker drains {p.saturation_rounds} backlog(s) of "
+                                   f"{p.saturation_messages} all-miss queries, each produced while it was paused "
+                                   "(runners in alternating order): messages / Σ(last output − resume)"},
             "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4)},
             "levels": levels,
             "burst": burst,

@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     )
     # On: faster at every batch size measured on CPU (docs/engine.md, the engine benchmark).
     jump_forward: bool = True
+    jump_forward_width: Literal["balanced", "full"] = Field(
+        "balanced",
+        description="With jump_forward: 'full' feeds every row's forced tokens in one step, so one row's long "
+        "run (a key and its quotes) pads every other row's step to its width; 'balanced' (CPU only, where "
+        "padded positions cost as much as real ones) chooses each step's width by a cost model and lets "
+        "longer runs go on at the next step. Same outputs either way.",
+    )
     max_new_tokens: int = 48
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")
 

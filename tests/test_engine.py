@@ -34,7 +34,8 @@ PARSE_FIELDS = FURNITURE.field_names
 
 
 def make_engine(loaded: LoadedModel, **kwargs: Any) -> ConstrainedEngine:
-    settings = Settings(device="cpu", cpu_threads=2, jump_forward=bool(kwargs.pop("jump_forward", False)))
+    settings = Settings(device="cpu", cpu_threads=2, jump_forward=bool(kwargs.pop("jump_forward", False)),
+                        jump_forward_width=kwargs.pop("jump_forward_width", "balanced"))
     return ConstrainedEngine(settings, loaded, kwargs.pop("spec", FURNITURE), **kwargs)
 
 
@@ -77,6 +78,18 @@ def test_jump_forward_and_grouping_do_not_change_outputs(tiny_loaded: LoadedMode
     assert [r.parse for r in jumped] == [r.parse for r in plain]
     assert [r.parse for r in split] == [r.parse for r in plain]
     assert [r.parse for r in one_by_one] == [r.parse for r in plain[:3]]
+
+
+def test_balanced_step_width_pads_less_with_the_same_outputs(tiny_loaded: LoadedModel) -> None:
+    full = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="full")
+    # A small batch is all overhead at the CPU's default weight; a weight of 0 makes every step choose.
+    balanced = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="balanced", step_overhead_positions=0)
+    queries = [*QUERIES, *ADVERSARIAL[:4]]
+    full_parses = [r.parse for r in full.parse_batch(queries)]
+    balanced_parses = [r.parse for r in balanced.parse_batch(queries)]
+    assert balanced_parses == full_parses
+    # Some step had rows with forced runs of different lengths; the narrower steps padded less.
+    assert full.last_stats.padded_positions > balanced.last_stats.padded_positions
 
 
 def test_static_cache_path_matches_dynamic(tiny_loaded: LoadedModel) -> None:

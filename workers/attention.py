@@ -59,16 +59,21 @@ def attend_with_shared_prefix(
 
     ``query`` (batch, heads, width, dim); ``key``/``value`` the rows' own cache (batch, kv heads, length,
     dim) with its mask (boolean, True = attend, or None = causal); ``prefix_keys``/``values`` (1, kv heads,
-    prefix, dim), visible to every row. One softmax over both parts, so the result is attention over the
-    prefix followed by the row, without a copy of the prefix per row."""
+    prefix, dim), visible to every row (one prefix: batch dimension 1). One softmax over both parts, so
+    the result is attention over the prefix followed by the row, without a copy of the prefix per row."""
     import torch
 
     batch, heads, width, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    split = prefix_keys.shape[2]
     # Query head h reads key/value head h // groups: group the query heads under their kv head.
     grouped = query.reshape(batch, kv_heads, groups * width, dim)
-    on_prefix = torch.matmul(grouped, prefix_keys.transpose(-1, -2))
+    # Against the prefix, every row's queries go into one matrix per kv head: a batch-broadcast
+    # matmul would expand (copy) the prefix to every row first, at every layer and step.
+    folded = grouped.transpose(0, 1).reshape(kv_heads, batch * groups * width, dim)
+    on_prefix = torch.matmul(folded, prefix_keys[0].transpose(-1, -2))
+    on_prefix = on_prefix.view(kv_heads, batch, groups * width, split).transpose(0, 1)
     on_rows = torch.matmul(grouped, key.transpose(-1, -2))
     if attention_mask is None:
         allowed = torch.ones(width, length, dtype=torch.bool, device=query.device).tril(length - width)
@@ -82,8 +87,9 @@ def attend_with_shared_prefix(
                                   float("-inf"))
     weights = torch.softmax(torch.cat([on_prefix, on_rows], dim=-1) * scaling, dim=-1, dtype=torch.float32)
     weights = weights.to(query.dtype)
-    split = prefix_keys.shape[2]
-    output = torch.matmul(weights[..., :split], prefix_values) + torch.matmul(weights[..., split:], value)
+    on_prefix_weights = weights[..., :split].transpose(0, 1).reshape(kv_heads, batch * groups * width, split)
+    from_prefix = torch.matmul(on_prefix_weights, prefix_values[0]).view(kv_heads, batch, groups * width, dim)
+    output = from_prefix.transpose(0, 1) + torch.matmul(weights[..., split:], value)
     return output.reshape(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 

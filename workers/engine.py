@@ -12,7 +12,8 @@ How a batch is parsed:
    forces is appended without a model step, and a row whose remaining output is entirely forced
    (e.g. ``, "color": null, "style": null}`` when the query names no colour or style) finishes
    without another forward pass. With ``jump_forward`` the forced tokens before a decision go into
-   the model together in one step; without it they go one per step, keeping rows in step.
+   the model together, as many per step as the step's width (``_step_width``) allows; without it
+   they go one per step, keeping rows in step.
 
 One ``DecodeLoop`` runs the steps: ``parse_batch`` runs one per length group until its rows are
 done; ``submit`` feeds a continuously running one (``workers.continuous``) whose rows join at the
@@ -56,6 +57,11 @@ MAX_STEPS = 512
 #: Cache columns masked for every active row (their rows have left) that a dynamic batch keeps
 #: before it drops them; without a bound a continuously running batch would grow without end.
 COMPACT_DEAD_COLUMNS = 64
+#: The fixed cost of one forward pass on CPU (weights read, per-layer overhead), in the compute of
+#: that many positions: what a step saves by being narrower is weighed against an extra step.
+#: Measured by ``qustream bench engine`` (docs/engine.md). Other devices feed the full width:
+#: there a wider step costs next to nothing until the device is saturated.
+CPU_STEP_OVERHEAD_POSITIONS = 64
 
 
 @dataclass
@@ -272,6 +278,7 @@ class ConstrainedEngine:
         min_group: int = 16,
         max_pad_waste: float = 0.3,
         gqa_attention: bool | None = None,
+        step_overhead_positions: int = CPU_STEP_OVERHEAD_POSITIONS,
     ) -> None:
         import xgrammar as xgr
 
@@ -285,9 +292,11 @@ class ConstrainedEngine:
         self.grounding: str = settings.grounding
         self._grounding: Grounding = settings.grounding
         self.jump_forward = settings.jump_forward
+        self.jump_forward_width = settings.jump_forward_width
         self.use_prefix_cache = use_prefix_cache
         self.min_group = min_group
         self.max_pad_waste = max_pad_waste
+        self.step_overhead_positions = step_overhead_positions
         self.few_shot = uses_few_shot(spec, loaded.card)
         self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
@@ -477,6 +486,27 @@ class ConstrainedEngine:
         while loop.active:
             loop.step()
 
+    def _step_width(self, rows: list[_Row]) -> int:
+        """How many of its pending tokens each decoding row (prefill aside) feeds in this step.
+
+        With ``balanced`` width on CPU a step costs about ``overhead + len(rows) * width`` positions,
+        and a row whose whole feed fits reaches its next decision; the width that lets the most rows
+        decide per unit of cost wins. Rows with a longer run feed part of it and the rest next step,
+        at the same positions, so outputs do not change."""
+        lengths = sorted(len(row.feed) for row in rows if row.steps > 0)
+        if not lengths:
+            return 0
+        if not self.jump_forward:
+            return 1
+        if self.jump_forward_width == "full" or self.loaded.device != "cpu":
+            return lengths[-1]
+        best_width, best_score = lengths[-1], 0.0
+        for deciding, width in enumerate(lengths, start=1):
+            score = deciding / (self.step_overhead_positions + len(rows) * width)
+            if score > best_score:
+                best_width, best_score = width, score
+        return best_width
+
     def _decide(self, row: _Row, token: int) -> None:
         if not row.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected a masked token {token}")
@@ -586,7 +616,8 @@ class DecodeLoop:
         import torch
 
         engine, stats = self.engine, self.stats
-        chunks = [r.feed if (r.steps == 0 or engine.jump_forward) else r.feed[:1] for r in rows]
+        width = engine._step_width(rows)
+        chunks = [r.feed if r.steps == 0 else r.feed[:width] for r in rows]
         width = max(len(c) for c in chunks)
         ids = torch.full((len(rows), width), engine._pad_id, dtype=torch.long)
         step_mask = torch.zeros((len(rows), width), dtype=torch.long)
