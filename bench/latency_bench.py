@@ -71,9 +71,15 @@ from streams.topics import ensure_topics
 #: measure that. Apache Kafka answers as soon as records arrive, whatever the wait.
 FETCH_MAX_WAIT_MS = 20
 
-#: Runner name -> ``continuous_batching``. The first is the baseline the capacity is measured on.
-RUNNERS: dict[str, bool] = {"step": False, "continuous": True}
+#: Runner name -> its settings. The first is the baseline the capacity is measured on; issue #14's
+#: targets are judged for each of the others.
+RUNNERS: dict[str, dict[str, Any]] = {
+    "step": {"continuous_batching": False},
+    "continuous": {"continuous_batching": True, "miss_batching": "continuous"},
+    "batched": {"continuous_batching": True, "miss_batching": "batch"},
+}
 BASELINE, NEW = "step", "continuous"
+CANDIDATES = [name for name in RUNNERS if name != BASELINE]
 
 HIT_P99_MS = 100.0
 MISS_P99_LOAD = 0.8
@@ -164,10 +170,10 @@ class LatencyBench:
         self.services = Services(self.workdir)
         try:
             p = self.plan
-            for name, continuous in RUNNERS.items():
+            for name, overrides in RUNNERS.items():
                 self.settings[name] = self.services.settings(
                     name, batch_size=p.batch_size, batch_linger_ms=p.linger_ms, cpu_threads=p.cpu_threads,
-                    continuous_batching=continuous, broker_fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+                    broker_fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **overrides)
             self.version = version_for(self.settings[BASELINE])
             results = await self._run_all()
         finally:
@@ -176,9 +182,11 @@ class LatencyBench:
             self.services.close()
         results["meta"] = {**run_meta(asdict(self.plan), began, load_before),
                            "model": model_id_for(self.settings[BASELINE]), "engine_version": self.version,
-                           "runners": {name: f"QUSTREAM_CONTINUOUS_BATCHING={str(value).lower()}"
-                                       for name, value in RUNNERS.items()}}
+                           "runners": {name: " ".join(f"QUSTREAM_{key.upper()}={str(value).lower()}"
+                                                  for key, value in overrides.items())
+                                       for name, overrides in RUNNERS.items()}}
         results["targets"] = evaluate_targets(results)
+        results["targets_by_runner"] = {name: evaluate_targets(results, name) for name in CANDIDATES}
         return results
 
     async def _run_all(self) -> dict[str, Any]:
@@ -230,7 +238,8 @@ class LatencyBench:
                          "method": f"the step-based worker drains {p.saturation_rounds} backlog(s) of "
                                    f"{p.saturation_messages} all-miss queries, each produced while it was paused "
                                    "(runners in alternating order): messages / Σ(last output − resume)"},
-            "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4)},
+            "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4),
+                           "ratios": {name: round(saturation[name]["qps"] / capacity, 4) for name in CANDIDATES}},
             "levels": levels,
             "burst": burst,
             "workers": workers,
@@ -351,19 +360,20 @@ class LatencyBench:
         return row
 
 
-def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #14's targets for the continuous runner, each against the step-based one in the same run."""
+def evaluate_targets(results: dict[str, Any], runner: str = NEW) -> list[dict[str, Any]]:
+    """Issue #14's targets for ``runner``, each against the step-based one in the same run."""
     levels = results["levels"]
-    hits = [level["runners"][NEW]["hits"]["p99_ms"] for level in levels]
+    hits = [level["runners"][runner]["hits"]["p99_ms"] for level in levels]
     worst_hit = max((v for v in hits if v is not None), default=None)
     at_load = next((level for level in levels if abs(level["load"] - MISS_P99_LOAD) < 1e-9), None)
     miss_ratio = None
     if at_load is not None:
-        new, old = (at_load["runners"][name]["misses"]["p99_ms"] for name in (NEW, BASELINE))
+        new, old = (at_load["runners"][name]["misses"]["p99_ms"] for name in (runner, BASELINE))
         miss_ratio = round(new / old, 4) if new is not None and old else None
-    saturation_ratio = results["saturation"]["ratio"]
-    rss = results["workers"][NEW]["peak_rss_mib"]
-    steady, in_burst = (results["workers"][NEW].get(key) for key in ("serving_peak_rss_mib", "burst_peak_rss_mib"))
+    saturation = results["saturation"]
+    saturation_ratio = saturation.get("ratios", {}).get(runner, saturation["ratio"])
+    rss = results["workers"][runner]["peak_rss_mib"]
+    steady, in_burst = (results["workers"][runner].get(key) for key in ("serving_peak_rss_mib", "burst_peak_rss_mib"))
     growth = round(in_burst / steady - 1, 4) if steady and in_burst is not None else None
     burst_load = results.get("burst", {}).get("load")
     batch_size = results.get("meta", {}).get("plan", {}).get("batch_size")
@@ -442,13 +452,15 @@ def print_summary(results: dict[str, Any]) -> None:
         table.add_row("saturation", name, "backlog", "-", f"all {row['misses']} misses", "-", "-", f"{row['qps']:.2f}",
                       f"{row['parsed']}/{row['messages']}", f"{row['peak_rss_mib']}")
     console.print(table)
-    targets = Table(title="issue #14 targets: continuous runner, against step-based in the same run")
-    for column in ("target", "measured", ""):
-        targets.add_column(column)
-    for target in results["targets"]:
-        verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]n/a[/]"}[target["met"]]
-        targets.add_row(target["target"], target["measured"], verdict)
-    console.print(targets)
+    by_runner = results.get("targets_by_runner") or {NEW: results["targets"]}
+    for runner, runner_targets in by_runner.items():
+        targets = Table(title=f"issue #14 targets: {runner} runner, against step-based in the same run")
+        for column in ("target", "measured", ""):
+            targets.add_column(column)
+        for target in runner_targets:
+            verdict = {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]n/a[/]"}[target["met"]]
+            targets.add_row(target["target"], target["measured"], verdict)
+        console.print(targets)
     for name, memory in results["workers"].items():
         console.print(f"{name} worker peak RSS: {memory['peak_rss_mib']} MiB (start-up "
                       f"{memory['startup_peak_rss_mib']}, steady {memory['serving_peak_rss_mib']}, burst "

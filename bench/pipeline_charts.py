@@ -112,8 +112,8 @@ def write_latency_chart(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     levels = results["levels"]
     loads = [f"{level['load']:.0%}" for level in levels]
-    runners = [name for name in results["saturation"] if name != "ratio"]
-    colors = {"step": "#a0aec0", "continuous": "#2b6cb0"}
+    runners = [name for name in results["saturation"] if name not in ("ratio", "ratios")]
+    colors = {"step": "#a0aec0", "continuous": "#2b6cb0", "batched": "#dd6b20"}
     styles = {"p50_ms": ":", "p95_ms": "--", "p99_ms": "-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 2, 1]})
     for ax, kind in zip(axes[:2], ("hits", "misses"), strict=True):
@@ -135,7 +135,8 @@ def write_latency_chart(results: dict[str, Any], path: Path) -> Path:
     axes[2].bar_label(bars, labels=[f"{saturation[r]['qps']:.2f} q/s\npeak RSS {memory[r]['peak_rss_mib']:.0f} MiB"
                                     for r in runners], fontsize=8)
     axes[2].margins(y=0.2)
-    axes[2].set_title(f"saturation, all misses: {saturation['ratio']:.0%}")
+    ratios = saturation.get("ratios", {"continuous": saturation["ratio"]})
+    axes[2].set_title("saturation, all misses: " + ", ".join(f"{name} {ratio:.0%}" for name, ratio in ratios.items()))
     axes[2].set_ylabel("queries/s (backlog drained)")
     plan = results["meta"]["plan"]
     fig.suptitle(f"qustream bench latency ({plan['name']}): batch {plan['batch_size']}, Poisson arrivals, "

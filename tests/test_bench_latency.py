@@ -112,5 +112,9 @@ def test_latency_bench_quick(tmp_path: Path) -> None:
         assert row["complete"] and row["parsed"] == row["messages"] == burst["messages"] > 0
         assert saved["workers"][name]["burst_peak_rss_mib"] == row["peak_rss_mib"] > 100
     assert [target["met"] for target in saved["targets"]][3] is None  # quick runs at batch 8
-    assert saved["meta"]["runners"] == {"step": "QUSTREAM_CONTINUOUS_BATCHING=false",
-                                        "continuous": "QUSTREAM_CONTINUOUS_BATCHING=true"}
+    assert saved["meta"]["runners"] == {
+        "step": "QUSTREAM_CONTINUOUS_BATCHING=false",
+        "continuous": "QUSTREAM_CONTINUOUS_BATCHING=true QUSTREAM_MISS_BATCHING=continuous",
+        "batched": "QUSTREAM_CONTINUOUS_BATCHING=true QUSTREAM_MISS_BATCHING=batch"}
+    assert set(saved["targets_by_runner"]) == {"continuous", "batched"}
+    assert saved["targets_by_runner"]["continuous"] == saved["targets"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -294,3 +295,39 @@ async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() 
     assert all(json.loads(r.value)["timings"]["inference_ms"] > 0 for r in sharer.outcome.parsed)
     assert (sharer.outcome.metrics.cached, owner.outcome.metrics.cached) == (1, 0)
     assert engine.calls == [1, 1]
+
+
+class GatedEngine(ExplodingEngine):
+    """Holds every model batch until the test opens the gate; must not be asked to decode continuously."""
+
+    def __init__(self) -> None:
+        super().__init__(poison="never")
+        self.gate = threading.Event()
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        raise AssertionError("miss_batching=batch must not join a continuous decoding loop")
+
+    def parse_batch(self, queries: list[str]) -> list[ParseResult]:
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().parse_batch(queries)
+
+
+async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_next() -> None:
+    engine = GatedEngine()
+    settings = Settings(miss_batching="batch", batch_size=3)
+    pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    first = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0.1)  # its batch is in the model now, held at the gate
+    second = await pipeline.begin([message(b"elm chair", 1), message(b"oak bed", 2), message(b"Teak Desk", 3)])
+    third = await pipeline.begin([message(b"pine shelf", 4), message(b"ash stool", 5)])
+    await asyncio.sleep(0)
+    engine.gate.set()
+
+    parts = [part for step in (first, second, third) async for part in step.remaining()]
+
+    # One batch for the first step's miss; the four new misses queued meanwhile from two steps go
+    # together, batch_size at a time; the repeat of the query in the model is not parsed again.
+    assert engine.calls == [1, 3, 1]
+    assert sorted(m.offset for part in parts for m in part.messages) == [str(i) for i in range(6)]
+    assert sum(len(part.outcome.parsed) for part in parts) == 6
+    assert not any(part.outcome.dead_letters for part in parts)

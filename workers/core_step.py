@@ -293,6 +293,9 @@ class ParsePipeline:
         #: Misses being parsed, by normalized query: a step that meets one shares its parse.
         self._in_flight: dict[str, asyncio.Future[ParseResult]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: Misses waiting for the next model batch (``miss_batching=batch``), and the task parsing them.
+        self._queued_misses: list[str] = []
+        self._miss_batches: asyncio.Task[None] | None = None
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         """The whole step at once: every output after the step's misses were parsed. Never raises:
@@ -507,7 +510,7 @@ class ParsePipeline:
             await self._engine_loaded()
         in_flight = self._in_flight
         new = [query for query in queries if query not in in_flight]
-        submit = getattr(self.engine, "submit", None)
+        submit = getattr(self.engine, "submit", None) if self.settings.miss_batching == "continuous" else None
         if submit is not None:
             for query in new:
                 in_flight[query] = asyncio.wrap_future(submit(query))
@@ -515,10 +518,27 @@ class ParsePipeline:
             loop = asyncio.get_running_loop()
             for query in new:
                 in_flight[query] = loop.create_future()
-            task = asyncio.create_task(self._parse_together(new))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._queued_misses.extend(new)
+            if self._miss_batches is None or self._miss_batches.done():
+                self._miss_batches = asyncio.create_task(self._parse_queued_misses())
+                self._background.add(self._miss_batches)
+                self._miss_batches.add_done_callback(self._background.discard)
         return {in_flight[query]: query for query in queries}, set(new)
+
+    async def _parse_queued_misses(self) -> None:
+        """One model batch after another: the misses queued while a batch is in the model (from any
+        number of steps) go together in the next one, up to ``batch_size``."""
+        size = self.settings.batch_size
+        while self._queued_misses:
+            batch, self._queued_misses = self._queued_misses[:size], self._queued_misses[size:]
+            try:
+                await self._parse_together(batch)
+            except Exception as exc:  # never leave a step waiting for a parse that will not come
+                log.exception("batch.failed", size=len(batch))
+                for query in batch:
+                    future = self._in_flight.get(query)
+                    if future is not None and not future.done():
+                        future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
 
     async def _parse_together(self, queries: list[str]) -> None:
         inferred, failures = await self._infer_isolating_failures(queries)
