@@ -111,7 +111,7 @@ def pipeline(
 @app.command("latency")
 def latency(
     quick: Annotated[bool, typer.Option("--quick", help="Batch 8 and 5-second levels: a smoke run of about 2 "
-                                                        "minutes instead of 16.")] = False,
+                                                        "minutes instead of 21.")] = False,
     json_out: Annotated[Path | None, typer.Option(
         "--json", help="Write the results here (default bench/results/latency.json, latency_quick.json with "
                        "--quick).")] = None,

@@ -1,7 +1,8 @@
 """``qustream bench latency``: end-to-end latency under open-loop load, today's step-based runner and
-the continuous one side by side in one run (issue #14).
+the two that publish hits at once (misses joining the running decoding loop, or batch after batch)
+side by side in one run (issue #14).
 
-Full run (about 16 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
+Full run (about 21 minutes on 2 cores; writes bench/results/latency.json and bench/results/latency.png):
 
     qustream bench latency
 
@@ -10,9 +11,10 @@ bench/results/latency_quick.json and .png):
 
     qustream bench latency --quick
 
-The two runners are ``qustream worker`` subprocesses, ``QUSTREAM_CONTINUOUS_BATCHING=false`` (step-based)
-and ``true`` (continuous), against one private tansu broker and the machine's Redis, each with topics
-and a cache prefix of its own, so neither ever sees the other's cache entries. The run:
+The three runners are ``qustream worker`` subprocesses (``RUNNERS``: ``QUSTREAM_CONTINUOUS_BATCHING=false``,
+the step-based baseline; ``true`` with ``QUSTREAM_MISS_BATCHING=continuous``; ``true`` with ``batch``),
+against one private tansu broker and the machine's Redis, each with topics and a cache prefix of its
+own, so none ever sees another's cache entries. The run:
 
 1. Saturation: each worker drains backlogs of all-miss queries produced while it was paused
    (messages / seconds), two rounds with the runners' order swapped in the second. The step-based
@@ -93,7 +95,7 @@ BURST_RSS_GROWTH = 0.10
 
 @dataclass
 class Plan(WorkerPlan):
-    """Sizes of a run: ``full`` ≈ 16 minutes on 2 cores, ``quick`` ≈ 2 (smoke test, CI). With one torch
+    """Sizes of a run: ``full`` ≈ 21 minutes on 2 cores, ``quick`` ≈ 2 (smoke test, CI). With one torch
     thread, the other core is left to the worker's own I/O, the broker and this harness, the same for
     both runners."""
 

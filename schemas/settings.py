@@ -91,12 +91,12 @@ class Settings(BaseSettings):
         "model's running batch at its next decoding step, each published when its row finishes. False: "
         "the step-based runner (a step's outputs all go out after its misses were parsed).",
     )
-    miss_batching: Literal["continuous", "batch"] = Field(
-        "continuous",
+    miss_batching: Literal["auto", "continuous", "batch"] = Field(
+        "auto",
         description="With continuous_batching, how misses reach the model: 'continuous' joins them to the running "
         "decoding loop at its next step; 'batch' queues them while a batch decodes and sends the queue (up to "
-        "batch_size) as the next batch. Hits go out at once either way. 'batch' spends fewer forward passes per "
-        "miss, which pays where a forward pass costs a fixed overhead on top of its positions (CPU).",
+        "batch_size) as the next batch; 'auto' is 'batch' on CPU, where every forward pass (a join's too) costs a "
+        "fixed overhead, and 'continuous' on accelerators. Hits go out at once either way.",
     )
     max_in_flight_messages: int = Field(
         4096, ge=1,

@@ -226,7 +226,7 @@ class HandDrivenEngine(ExplodingEngine):
 async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(batch_deadline_s=2.0)
+    settings = make_settings(batch_deadline_s=2.0, miss_batching="continuous")
     engine = HandDrivenEngine()
     cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
                        prefix=settings.cache_prefix)
@@ -277,7 +277,8 @@ async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
 
 async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() -> None:
     engine = HandDrivenEngine()
-    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    pipeline = ParsePipeline(Settings(miss_batching="continuous"), engine,
+                             ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     first = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0)
     second = await pipeline.begin([message(b"Teak Desk", 1), message(b"elm chair", 2)])
@@ -300,6 +301,8 @@ async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() 
 class GatedEngine(ExplodingEngine):
     """Holds every model batch until the test opens the gate; must not be asked to decode continuously."""
 
+    device = "cpu"
+
     def __init__(self) -> None:
         super().__init__(poison="never")
         self.gate = threading.Event()
@@ -312,9 +315,10 @@ class GatedEngine(ExplodingEngine):
         return super().parse_batch(queries)
 
 
-async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_next() -> None:
+@pytest.mark.parametrize("miss_batching", ["batch", "auto"])  # a CPU engine batches by default
+async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_next(miss_batching: str) -> None:
     engine = GatedEngine()
-    settings = Settings(miss_batching="batch", batch_size=3)
+    settings = Settings(miss_batching=miss_batching, batch_size=3)
     pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     first = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0.1)  # its batch is in the model now, held at the gate
@@ -331,3 +335,15 @@ async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_
     assert sorted(m.offset for part in parts for m in part.messages) == [str(i) for i in range(6)]
     assert sum(len(part.outcome.parsed) for part in parts) == 6
     assert not any(part.outcome.dead_letters for part in parts)
+
+
+async def test_auto_miss_batching_joins_the_running_batch_on_an_accelerator() -> None:
+    engine = HandDrivenEngine()
+    engine.device = "cuda"  # type: ignore[attr-defined]
+    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    step = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0)
+    assert list(engine.submitted) == ["teak desk"]
+    engine.finish("teak desk")
+    [part] = [part async for part in step.remaining()]
+    assert [m.offset for m in part.messages] == ["0"]

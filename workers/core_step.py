@@ -503,14 +503,14 @@ class ParsePipeline:
 
     async def _submit(self, queries: list[str]) -> tuple[dict[asyncio.Future[ParseResult], str], set[str]]:
         """Each query's parse to come, once the model is loaded: a query already being parsed for an
-        earlier step is shared, the others join the engine's running batch (or, for an engine that
-        does not decode continuously, are parsed together like a step's misses). Also the queries this
-        step submitted: the others cost it no model call."""
+        earlier step is shared, the others join the engine's running batch (with ``miss_batching=batch``,
+        or an engine that does not decode continuously, they queue for the next model batch). Also the
+        queries this step submitted: the others cost it no model call."""
         if self._engine_loaded is not None:
             await self._engine_loaded()
         in_flight = self._in_flight
         new = [query for query in queries if query not in in_flight]
-        submit = getattr(self.engine, "submit", None) if self.settings.miss_batching == "continuous" else None
+        submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
         if submit is not None:
             for query in new:
                 in_flight[query] = asyncio.wrap_future(submit(query))
@@ -524,6 +524,12 @@ class ParsePipeline:
                 self._background.add(self._miss_batches)
                 self._miss_batches.add_done_callback(self._background.discard)
         return {in_flight[query]: query for query in queries}, set(new)
+
+    def _misses_join_running_batch(self) -> bool:
+        mode = self.settings.miss_batching
+        if mode == "auto":
+            return getattr(self.engine, "device", "cpu") != "cpu"
+        return mode == "continuous"
 
     async def _parse_queued_misses(self) -> None:
         """One model batch after another: the misses queued while a batch is in the model (from any

@@ -289,6 +289,8 @@ class ConstrainedEngine:
         self.spec = spec
         self.vocabulary = Vocabulary(spec)
         self.model_id = loaded.model_id
+        #: Where the model runs ("cpu", "cuda", "mps"): the pipeline chooses how misses reach it by it.
+        self.device = loaded.device
         self.grounding: str = settings.grounding
         self._grounding: Grounding = settings.grounding
         self.jump_forward = settings.jump_forward
