@@ -59,7 +59,8 @@ MAX_STEPS = 512
 COMPACT_DEAD_COLUMNS = 64
 #: The fixed cost of one forward pass on CPU (weights read, per-layer overhead), in the compute of
 #: that many positions: what a step saves by being narrower is weighed against an extra step.
-#: Measured by ``qustream bench engine`` (docs/engine.md). Other devices feed the full width:
+#: Chosen by an ad-hoc sweep; ``qustream bench engine`` measures balanced against full width
+#: (docs/engine.md). Other devices feed the full width:
 #: there a wider step costs next to nothing until the device is saturated.
 CPU_STEP_OVERHEAD_POSITIONS = 64
 
@@ -500,7 +501,7 @@ class ConstrainedEngine:
             return 0
         if not self.jump_forward:
             return 1
-        if self.jump_forward_width == "full" or self.loaded.device != "cpu":
+        if self.jump_forward_width == "full" or self.device != "cpu":
             return lengths[-1]
         best_width, best_score = lengths[-1], 0.0
         for deciding, width in enumerate(lengths, start=1):
@@ -618,8 +619,8 @@ class DecodeLoop:
         import torch
 
         engine, stats = self.engine, self.stats
-        width = engine._step_width(rows)
-        chunks = [r.feed if r.steps == 0 else r.feed[:width] for r in rows]
+        step_width = engine._step_width(rows)
+        chunks = [r.feed if r.steps == 0 else r.feed[:step_width] for r in rows]
         width = max(len(c) for c in chunks)
         ids = torch.full((len(rows), width), engine._pad_id, dtype=torch.long)
         step_mask = torch.zeros((len(rows), width), dtype=torch.long)
