@@ -24,12 +24,18 @@ from workers.evaluation import QualityCase, load_quality, null_baseline, schema_
 
 log = structlog.get_logger(__name__)
 
-#: The engine's variants: name → (jump_forward, jump_forward_width).
-ENGINE_VARIANTS: dict[str, tuple[bool, str]] = {
-    "c_engine": (False, "full"),
-    "c_engine_jump_forward_full": (True, "full"),
-    "c_engine_jump_forward_balanced": (True, "balanced"),
+#: The engine's variants: name → (jump_forward, jump_forward_width, packed steps). The packed variant
+#: runs only where the engine can pack (CPU: the shared-prefix attention); its width is always full.
+ENGINE_VARIANTS: dict[str, tuple[bool, str, bool]] = {
+    "c_engine": (False, "full", False),
+    "c_engine_jump_forward_full": (True, "full", False),
+    "c_engine_jump_forward_balanced": (True, "balanced", False),
+    "c_engine_packed": (True, "full", True),
 }
+
+
+def engine_variants(can_pack: bool) -> dict[str, tuple[bool, str, bool]]:
+    return {name: v for name, v in ENGINE_VARIANTS.items() if can_pack or not v[2]}
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Runner:
     batch_size: int
     jump_forward: bool | None = None
     jump_forward_width: str | None = None
+    packed: bool | None = None
     latencies: list[float] = field(default_factory=list)
     parses: list[dict[str, str | None] | None] = field(default_factory=list)
     flags: list[list[str]] = field(default_factory=list)
@@ -123,6 +130,8 @@ class _Runner:
             self.engine.jump_forward = self.jump_forward
         if self.jump_forward_width is not None:
             self.engine.jump_forward_width = self.jump_forward_width
+        if self.packed is not None:
+            self.engine.packed = self.packed
 
     def batches(self) -> list[list[str]]:
         return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
@@ -198,6 +207,7 @@ def run_engine_bench(
     loaded = load_model(settings)
     # Built first so every variant, baselines included, runs with the same attention implementation.
     engine = ConstrainedEngine(settings, loaded, spec)
+    can_pack = engine.packed
     runners: list[_Runner] = []
     if include_sequential:
         sequential = SequentialGenerate(loaded, vocabulary, settings.max_new_tokens)
@@ -206,16 +216,18 @@ def run_engine_bench(
         if include_batched:
             batched = BatchedGenerate(loaded, vocabulary, settings.max_new_tokens)
             runners.append(_Runner("b_batched_generate", batched, queries, batch_size))
-        for name, (jump, width) in ENGINE_VARIANTS.items():
-            runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width))
+        for name, (jump, width, packed) in engine_variants(can_pack).items():
+            runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width,
+                                   packed=packed))
     variants = run_interleaved(spec, runners, cases)
     engine.jump_forward = settings.jump_forward
     engine.jump_forward_width = settings.jump_forward_width
+    engine.packed = can_pack
     ratios: dict[str, float] = {}
     by_name = {(v.name, v.batch_size): v for v in variants}
     seq = next((v for v in variants if v.name == "a_sequential_generate"), None)
     for batch_size in batch_sizes:
-        for engine_name in ENGINE_VARIANTS:
+        for engine_name in engine_variants(can_pack):
             c = by_name[(engine_name, batch_size)]
             if seq:
                 ratios[f"{engine_name}@{batch_size}/a"] = round(c.queries_per_s / seq.queries_per_s, 2)
@@ -225,6 +237,9 @@ def run_engine_bench(
         full = by_name[("c_engine_jump_forward_full", batch_size)]
         balanced = by_name[("c_engine_jump_forward_balanced", batch_size)]
         ratios[f"balanced/full@{batch_size}"] = round(balanced.queries_per_s / full.queries_per_s, 2)
+        packed_variant = by_name.get(("c_engine_packed", batch_size))
+        if packed_variant:
+            ratios[f"packed/balanced@{batch_size}"] = round(packed_variant.queries_per_s / balanced.queries_per_s, 2)
     return {
         "model": loaded.model_id,
         "device": loaded.device,

@@ -84,7 +84,12 @@ class Settings(BaseSettings):
         description="Most records one step takes when they hit the cache (never fewer than batch_size); "
         "steps shrink as the miss rate grows so that about batch_size of them reach the model.",
     )
-    batch_deadline_s: float = Field(120.0, gt=0, description="Per-batch inference deadline before splitting.")
+    batch_deadline_s: float = Field(
+        120.0, gt=0,
+        description="Per-batch inference deadline before splitting. A miss waiting for its parse fails (dead "
+        "letter, TimeoutError) only once the model has finished no parse for this long: time queued behind a "
+        "backlog the model works through does not count.",
+    )
     continuous_batching: bool = Field(
         True,
         description="Cache hits and dead letters are published as soon as they are known, and misses join the "
@@ -95,8 +100,9 @@ class Settings(BaseSettings):
         "auto",
         description="With continuous_batching, how misses reach the model: 'continuous' joins them to the running "
         "decoding loop at its next step; 'batch' queues them while a batch decodes and sends the queue (up to "
-        "batch_size) as the next batch; 'auto' is 'batch' on CPU, where every forward pass (a join's too) costs a "
-        "fixed overhead, and 'continuous' on accelerators. Hits go out at once either way.",
+        "batch_size) as the next batch; 'auto' is 'continuous' where joins are cheap (packed steps on CPU, "
+        "accelerators) and 'batch' on a CPU engine with padded steps, where every join costs a forward pass "
+        "of its own. Hits go out at once either way.",
     )
     max_in_flight_messages: int = Field(
         4096, ge=1,
@@ -128,6 +134,14 @@ class Settings(BaseSettings):
         "run (a key and its quotes) pads every other row's step to its width; 'balanced' (CPU only, where "
         "padded positions cost as much as real ones) chooses each step's width by a cost model and lets "
         "longer runs go on at the next step. Same outputs either way.",
+    )
+    decode_layout: Literal["auto", "packed", "padded"] = Field(
+        "auto",
+        description="How a decoding step lays out its rows' new tokens. 'packed' (CPU: where the prompt prefix is "
+        "attended to in place) concatenates them into one sequence, so a step costs its real tokens and a "
+        "miss's prompt suffix is prefilled in the running rows' step; 'padded' pads every row to the widest "
+        "chunk and prefills joining rows in a pass of their own. 'auto' is packed on CPU, padded elsewhere "
+        "(fused attention kernels and the static CUDA cache want fixed shapes). Same outputs either way.",
     )
     max_new_tokens: int = 48
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")

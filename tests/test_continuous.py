@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from schemas.settings import Settings
 from schemas.spec import ParseSpec, load_spec
@@ -19,8 +20,17 @@ from tests.engine_fixtures import tiny_loaded
 from tests.support import ECOMMERCE_QUERIES
 from workers import engine as engine_module
 from workers.continuous import BatcherClosed, ContinuousBatcher
-from workers.engine import COMPACT_DEAD_COLUMNS, ConstrainedEngine, DecodeLoop, DynamicStepper, ParseResult, _Row
+from workers.engine import (
+    COMPACT_DEAD_COLUMNS,
+    ConstrainedEngine,
+    DecodeLoop,
+    DecodeStats,
+    DynamicStepper,
+    ParseResult,
+    _Row,
+)
 from workers.model import LoadedModel
+from workers.packed import PackedStepper
 
 __all__ = ["tiny_loaded"]
 
@@ -68,6 +78,7 @@ def results(futures: list[Future[ParseResult]]) -> list[ParseResult]:
 # --- the real default model -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize(
     ("spec", "queries"),
     [
@@ -77,11 +88,16 @@ def results(futures: list[Future[ParseResult]]) -> list[ParseResult]:
     ids=["furniture", "ecommerce"],
 )
 def test_outputs_match_parse_batch_while_rows_join(
-    default_engine: ConstrainedEngine, closing: list[ConstrainedEngine], spec: ParseSpec, queries: list[str]
+    default_engine: ConstrainedEngine, closing: list[ConstrainedEngine], spec: ParseSpec, queries: list[str],
+    layout: str,
 ) -> None:
-    engine = make_engine(default_engine.loaded, spec, batch_size=8, cpu_threads=0)
+    engine = make_engine(default_engine.loaded, spec, batch_size=8, cpu_threads=0, decode_layout=layout)
     closing.append(engine)
-    expected = engine.parse_batch(queries)
+    assert engine.packed == (layout == "packed")
+    # The reference is the other layout's parse_batch: both layouts and both ways in agree.
+    other = make_engine(default_engine.loaded, spec, cpu_threads=0,
+                        decode_layout="padded" if layout == "packed" else "packed")
+    expected = other.parse_batch(queries)
     # A first wave, then the rest once the loop has run a step: they join mid-decode, and with more
     # queries than batch_size the last ones join as earlier rows leave.
     futures = [engine.submit(q) for q in queries[:3]]
@@ -184,22 +200,24 @@ def test_failing_step_costs_only_the_row_that_fails(
     assert engine.submit(queries[0]).result(timeout=600) == expected[0]
 
 
+@pytest.mark.parametrize(("layout", "stepper"), [("padded", DynamicStepper), ("packed", PackedStepper)])
 def test_step_that_raises_once_loses_no_row(
-    tiny_loaded: LoadedModel, closing: list[ConstrainedEngine], monkeypatch: pytest.MonkeyPatch
+    tiny_loaded: LoadedModel, closing: list[ConstrainedEngine], monkeypatch: pytest.MonkeyPatch,
+    layout: str, stepper: type[Any],
 ) -> None:
-    engine = make_engine(tiny_loaded, batch_size=8)
+    engine = make_engine(tiny_loaded, batch_size=8, decode_layout=layout)
     closing.append(engine)
     expected = engine.parse_batch(TINY_QUERIES)
-    step = DynamicStepper.step
+    step = stepper.step
     raised: list[int] = []
 
-    def once(self: DynamicStepper, ids: Any, step_mask: Any, positions: Any) -> Any:
+    def once(self: Any, ids: Any, step_mask: Any, positions: Any) -> Any:
         if not raised and ids.shape[0] > 1:
             raised.append(ids.shape[0])
             raise RuntimeError("CUDA out of memory (injected)")
         return step(self, ids, step_mask, positions)
 
-    monkeypatch.setattr(DynamicStepper, "step", once)
+    monkeypatch.setattr(stepper, "step", once)
     with engine._lock:
         futures = [engine.submit(q) for q in TINY_QUERIES]
     assert results(futures) == expected
@@ -209,8 +227,9 @@ def test_step_that_raises_once_loses_no_row(
 def test_compaction_bounds_the_cache_over_a_stream_of_joins(
     tiny_loaded: LoadedModel, closing: list[ConstrainedEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One token per step (no jump-forward): the per-row first-step prefill path.
-    engine = make_engine(tiny_loaded, batch_size=4, jump_forward=False)
+    # One token per step (no jump-forward): the per-row first-step prefill path. Compaction is the
+    # padded layout's (its rows share one cache length); packed rows keep their own columns.
+    engine = make_engine(tiny_loaded, batch_size=4, jump_forward=False, decode_layout="padded")
     closing.append(engine)
     queries = quality_queries("furniture", 60)
     expected = engine.parse_batch(queries)
@@ -234,6 +253,35 @@ def test_compaction_bounds_the_cache_over_a_stream_of_joins(
     # Without compaction the cache would hold every column ever appended to the running batch.
     assert sum(widths) > 3 * longest
     assert max(dead) <= COMPACT_DEAD_COLUMNS
+
+
+@pytest.mark.parametrize("jump_forward", [False, True], ids=["token_by_token", "jump_forward"])
+def test_packed_rows_join_in_the_running_rows_step(tiny_loaded: LoadedModel, jump_forward: bool) -> None:
+    # Each join costs a padded batch a forward pass of its own; a packed one none.
+    queries = TINY_QUERIES[:6]
+    forwards = {}
+    for layout in ("padded", "packed"):
+        engine = make_engine(tiny_loaded, jump_forward=jump_forward, decode_layout=layout)
+        expected = engine.parse_batch(queries)
+        rows = [engine._new_row(i, q) for i, q in enumerate(queries)]
+        assert not any(row.done for row in rows)
+        loop = DecodeLoop(engine, engine._dynamic_stepper, DecodeStats())
+        steps = 0
+        finished: list[_Row] = []
+        with torch.inference_mode():  # as the engine's callers hold it
+            for wave in (rows[:2], rows[2:4], rows[4:]):  # a wave joins at each of the first three steps
+                loop.add(wave)
+                finished += loop.step()
+                steps += 1
+            while loop.active:
+                finished += loop.step()
+                steps += 1
+        assert sorted(finished, key=lambda r: r.index) == rows
+        assert [engine._result(row) for row in rows] == expected
+        assert loop.stats.joined == 4
+        forwards[layout] = (loop.stats.forwards, steps)
+    assert forwards["packed"][0] == forwards["packed"][1]
+    assert forwards["padded"][0] == forwards["padded"][1] + 2
 
 
 def test_cancelled_row_leaves_at_the_next_step(

@@ -35,7 +35,8 @@ PARSE_FIELDS = FURNITURE.field_names
 
 def make_engine(loaded: LoadedModel, **kwargs: Any) -> ConstrainedEngine:
     settings = Settings(device="cpu", cpu_threads=2, jump_forward=bool(kwargs.pop("jump_forward", False)),
-                        jump_forward_width=kwargs.pop("jump_forward_width", "balanced"))
+                        jump_forward_width=kwargs.pop("jump_forward_width", "balanced"),
+                        decode_layout=kwargs.pop("decode_layout", "auto"))
     return ConstrainedEngine(settings, loaded, kwargs.pop("spec", FURNITURE), **kwargs)
 
 
@@ -81,9 +82,10 @@ def test_jump_forward_and_grouping_do_not_change_outputs(tiny_loaded: LoadedMode
 
 
 def test_balanced_step_width_pads_less_with_the_same_outputs(tiny_loaded: LoadedModel) -> None:
-    full = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="full")
+    full = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="full", decode_layout="padded")
     # A small batch is all overhead at the CPU's default weight; a weight of 0 makes every step choose.
-    balanced = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="balanced", step_overhead_positions=0)
+    balanced = make_engine(tiny_loaded, jump_forward=True, jump_forward_width="balanced", step_overhead_positions=0,
+                           decode_layout="padded")
     queries = [*QUERIES, *ADVERSARIAL[:4]]
     full_parses = [r.parse for r in full.parse_batch(queries)]
     balanced_parses = [r.parse for r in balanced.parse_batch(queries)]
@@ -92,11 +94,23 @@ def test_balanced_step_width_pads_less_with_the_same_outputs(tiny_loaded: Loaded
     assert full.last_stats.padded_positions > balanced.last_stats.padded_positions
 
 
+@pytest.mark.parametrize("jump_forward", [False, True], ids=["token_by_token", "jump_forward"])
+def test_packed_steps_match_padded_steps(tiny_loaded: LoadedModel, jump_forward: bool) -> None:
+    queries = [*QUERIES, *ADVERSARIAL[:6]]
+    padded = make_engine(tiny_loaded, jump_forward=jump_forward, decode_layout="padded")
+    packed = make_engine(tiny_loaded, jump_forward=jump_forward, decode_layout="packed")
+    assert packed.packed and not padded.packed
+    assert [r.parse for r in packed.parse_batch(queries)] == [r.parse for r in padded.parse_batch(queries)]
+    # Rows of every length in one group, and no position fed but a real token.
+    assert packed.last_stats.groups == 1 and packed.last_stats.padded_positions == 0
+    assert padded.last_stats.padded_positions > 0
+
+
 def test_static_cache_path_matches_dynamic(tiny_loaded: LoadedModel) -> None:
     from workers.static_decode import StaticDecoder
 
-    dynamic = make_engine(tiny_loaded).parse_batch(QUERIES)
-    engine = make_engine(tiny_loaded)
+    dynamic = make_engine(tiny_loaded, decode_layout="padded").parse_batch(QUERIES)
+    engine = make_engine(tiny_loaded, decode_layout="padded")
     engine._static = StaticDecoder(tiny_loaded.model, "cpu", len(engine._prefix_ids), compile_model=False)
     static = engine.parse_batch(QUERIES)
     assert [r.parse for r in static] == [r.parse for r in dynamic]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -337,9 +338,11 @@ async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_
     assert not any(part.outcome.dead_letters for part in parts)
 
 
-async def test_auto_miss_batching_joins_the_running_batch_on_an_accelerator() -> None:
+@pytest.mark.parametrize(("device", "packed"), [("cuda", False), ("cpu", True)], ids=["accelerator", "packed_cpu"])
+async def test_auto_miss_batching_joins_the_running_batch_where_joins_are_cheap(device: str, packed: bool) -> None:
     engine = HandDrivenEngine()
-    engine.device = "cuda"  # type: ignore[attr-defined]
+    engine.device = device  # type: ignore[attr-defined]
+    engine.packed = packed  # type: ignore[attr-defined]
     pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     step = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0)
@@ -347,3 +350,37 @@ async def test_auto_miss_batching_joins_the_running_batch_on_an_accelerator() ->
     engine.finish("teak desk")
     [part] = [part async for part in step.remaining()]
     assert [m.offset for m in part.messages] == ["0"]
+
+
+async def test_a_miss_queued_behind_a_backlog_the_model_works_through_is_not_timed_out() -> None:
+    engine = HandDrivenEngine()
+    settings = Settings(miss_batching="continuous", batch_deadline_s=1.0)
+    pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    backlog = [f"oak shelf {n}" for n in range(8)]
+    first = await pipeline.begin([message(q.encode(), i) for i, q in enumerate(backlog)])
+    queued = await pipeline.begin([message(b"teak desk", 8), message(b"elm chair", 9)])
+    # The runner reads every step's misses as they finish, from the moment the step begins.
+    queued_parts = asyncio.create_task(_parts(queued))
+    await asyncio.sleep(0)
+    earlier = [part async for part in _finishing(engine, backlog, first, every_s=0.3)]
+    # 2.4 s behind the backlog, past the 1 s deadline, but the model never stopped finishing parses.
+    engine.finish("teak desk")
+    served, stuck = await queued_parts
+    assert [m.offset for m in served.messages] == ["8"] and not served.outcome.dead_letters
+    # "elm chair" never finishes and nothing else does: a second later it is dead-lettered.
+    assert [m.offset for m in stuck.messages] == ["9"]
+    assert dict(stuck.outcome.dead_letters[0].headers)["qustream.error.class"] == b"TimeoutError"
+    assert sum(len(part.outcome.parsed) for part in earlier) == len(backlog)
+
+
+async def _finishing(engine: HandDrivenEngine, queries: list[str], step: Any, every_s: float) -> AsyncIterator[Any]:
+    """Finishes ``queries`` one every ``every_s`` while collecting ``step``'s parts."""
+    remaining = step.remaining()
+    for query in queries:
+        await asyncio.sleep(every_s)
+        engine.finish(query)
+        yield await anext(remaining)
+
+
+async def _parts(step: Any) -> list[Any]:
+    return [part async for part in step.remaining()]

@@ -32,6 +32,12 @@ def gqa_sdpa_forward(
     import torch
 
     shared_prefix = kwargs.get("shared_prefix")
+    packed_plan = kwargs.get("packed_plan")
+    if packed_plan is not None and shared_prefix is not None:
+        from workers.packed import attend_packed
+
+        return attend_packed(query, key, value, module.layer_idx, packed_plan, shared_prefix[module.layer_idx],
+                             scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if shared_prefix is not None:
         prefix_keys, prefix_values = shared_prefix[module.layer_idx]
         return attend_with_shared_prefix(query, key, value, attention_mask, prefix_keys, prefix_values,

@@ -2,9 +2,10 @@
 
 ``ConstrainedEngine.submit`` hands a query to the engine's ``ContinuousBatcher``, which owns a daemon
 thread and one ``DecodeLoop`` on the dynamic stepper. At every step boundary the thread takes new
-submissions (up to ``capacity`` active rows); their prefill chunk goes into the same forward pass as
-the running rows' next tokens. A row's future is resolved the moment its row finishes. With no row
-active the thread sleeps on the submission queue.
+submissions (up to ``capacity`` active rows); on packed steps (``workers.packed``) their prompt
+suffixes go into the running rows' forward pass, on padded steps into a pass of their own. A row's
+future is resolved the moment its row finishes. With no row active the thread sleeps on the
+submission queue.
 
 Each step holds the engine's lock (``parse_batch`` may run from other threads between steps). A step
 that raises (CUDA out of memory, a grammar error) costs only the row that causes it: every row of
@@ -164,9 +165,9 @@ class ContinuousBatcher:
         (and queries whose row cannot be built) go straight to ``ready``."""
         rows: list[_Row] = []
         room = self.capacity - len(self._loop.active)
-        if self._loop.active and self._waiting and room < self.join_group:
-            # Each join costs the running batch a forward pass of its own: a full batch takes
-            # joiners a group at a time, unless they have waited a few steps already.
+        if self._loop.active and self._waiting and room < self.join_group and not self.engine.packed:
+            # On padded steps each join costs the running batch a forward pass of its own: a full
+            # batch takes joiners a group at a time, unless they have waited a few steps already.
             self._held_steps += 1
             if self._held_steps < MAX_HELD_STEPS:
                 return rows

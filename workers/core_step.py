@@ -296,6 +296,10 @@ class ParsePipeline:
         #: Misses waiting for the next model batch (``miss_batching=batch``), and the task parsing them.
         self._queued_misses: list[str] = []
         self._miss_batches: asyncio.Task[None] | None = None
+        #: When a model parse last finished, for any step: a miss's deadline runs from its submission
+        #: or from this, whichever is later. Waiting behind a backlog the model works through is not a
+        #: failure (a burst would dead-letter valid queries); a model that finishes nothing is.
+        self._model_progress = 0.0
 
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         """The whole step at once: every output after the step's misses were parsed. Never raises:
@@ -514,10 +518,12 @@ class ParsePipeline:
         if submit is not None:
             for query in new:
                 in_flight[query] = asyncio.wrap_future(submit(query))
+                in_flight[query].add_done_callback(self._note_model_progress)
         elif new:
             loop = asyncio.get_running_loop()
             for query in new:
                 in_flight[query] = loop.create_future()
+                in_flight[query].add_done_callback(self._note_model_progress)
             self._queued_misses.extend(new)
             if self._miss_batches is None or self._miss_batches.done():
                 self._miss_batches = asyncio.create_task(self._parse_queued_misses())
@@ -525,10 +531,18 @@ class ParsePipeline:
                 self._miss_batches.add_done_callback(self._background.discard)
         return {in_flight[query]: query for query in queries}, set(new)
 
+    def _note_model_progress(self, _: object) -> None:
+        self._model_progress = time.perf_counter()
+
+    def _deadline(self, submitted: float) -> float:
+        return max(submitted, self._model_progress) + self.settings.batch_deadline_s
+
     def _misses_join_running_batch(self) -> bool:
         mode = self.settings.miss_batching
         if mode == "auto":
-            return getattr(self.engine, "device", "cpu") != "cpu"
+            # A join is cheap where the engine packs its steps (it rides in the running step) and on an
+            # accelerator; a padded CPU engine would pay a forward pass of its own for every join.
+            return bool(getattr(self.engine, "packed", False)) or getattr(self.engine, "device", "cpu") != "cpu"
         return mode == "continuous"
 
     async def _parse_queued_misses(self) -> None:
@@ -605,11 +619,12 @@ class ParsePipeline:
     ) -> AsyncIterator[tuple[dict[str, ParseResult], dict[str, tuple[str, str]], float]]:
         """Parses (and failures) of the queries behind ``futures``, as they finish."""
         submitted = time.perf_counter()
-        deadline = submitted + self.settings.batch_deadline_s
         pending: set[asyncio.Future[ParseResult]] = set(futures)
         while pending:
-            finished, pending = await asyncio.wait(pending, timeout=max(deadline - time.perf_counter(), 0),
-                                                   return_when=asyncio.FIRST_COMPLETED)
+            timeout = max(self._deadline(submitted) - time.perf_counter(), 0)
+            finished, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not finished and time.perf_counter() < self._deadline(submitted):
+                continue  # the model finished other steps' misses meanwhile: these are queued, not stuck
             inference_ms = (time.perf_counter() - submitted) * 1000
             inferred: dict[str, ParseResult] = {}
             failures: dict[str, tuple[str, str]] = {}
@@ -625,7 +640,8 @@ class ParsePipeline:
                     failures[futures[future]] = (type(exc).__name__, str(exc) or type(exc).__name__)
                     log.error("inference.failed", error_class=type(exc).__name__, error=str(exc)[:300])
             if not finished:
-                # Past the deadline. The rows are not cancelled: another step may share them.
+                # The model finished nothing for batch_deadline_s. The rows are not cancelled: another
+                # step may share them.
                 for future in pending:
                     failures[futures[future]] = ("TimeoutError", f"no parse within batch_deadline_s="
                                                  f"{self.settings.batch_deadline_s}")

@@ -36,6 +36,7 @@ from schemas.settings import Settings
 from schemas.spec import ParseSpec
 from schemas.vocabulary import Vocabulary
 from workers.grammar import Grounding, RowGrammar, build_row_grammar, load_checked_spec, normalize_parse
+from workers.packed import PackedStepper
 from workers.prompt import prompt_prefix, prompt_suffix
 
 if TYPE_CHECKING:
@@ -327,6 +328,11 @@ class ConstrainedEngine:
             from workers.attention import use_gqa_sdpa
 
             self._shared_prefix = use_gqa_sdpa(self.model) and use_prefix_cache
+        #: Packed steps (``workers.packed``) need the shared prefix's attention function.
+        self.packed = self._shared_prefix and settings.decode_layout != "padded"
+        if settings.decode_layout == "packed" and not self.packed:
+            log.warning("engine.packed_unavailable", device=loaded.device,
+                        reason="packed steps need the shared-prefix attention (CPU, sdpa model, prefix cache)")
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
 
@@ -445,8 +451,11 @@ class ConstrainedEngine:
         return ids
 
     def _length_groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows sorted by prefill length, split where padding the group would waste too much."""
+        """Rows sorted by prefill length, split where padding the group would waste too much (packed
+        steps pad nothing: one group)."""
         ordered = sorted(rows, key=lambda r: len(r.feed), reverse=True)
+        if self.packed:
+            return [ordered] if ordered else []
         groups: list[list[_Row]] = []
         current: list[_Row] = []
         for row in ordered:
@@ -480,6 +489,8 @@ class ConstrainedEngine:
         return self._dynamic_stepper(batch, longest_feed)
 
     def _dynamic_stepper(self, batch: int, longest_feed: int) -> Stepper:
+        if self.packed:
+            return PackedStepper(self.model, self.loaded.device, batch, self._prefix_cache(), len(self._prefix_ids))
         prefix = self._prefix_cache() if self.use_prefix_cache else None
         return DynamicStepper(self.model, self.loaded.device, batch, prefix, shared=self._shared_prefix)
 
@@ -501,7 +512,8 @@ class ConstrainedEngine:
             return 0
         if not self.jump_forward:
             return 1
-        if self.jump_forward_width == "full" or self.device != "cpu":
+        # A packed step costs the tokens fed, not rows x widest: every row feeds its whole run.
+        if self.jump_forward_width == "full" or self.device != "cpu" or self.packed:
             return lengths[-1]
         best_width, best_score = lengths[-1], 0.0
         for deciding, width in enumerate(lengths, start=1):
@@ -560,6 +572,9 @@ class DecodeLoop:
             row.steps = 0
         if self._stepper is None or not self.active:
             self._stepper = self._make_stepper(len(rows), max(len(r.feed) for r in rows))
+        elif isinstance(self._stepper, PackedStepper):
+            self._stepper.add_rows(len(rows))  # their suffixes go into the running rows' next step
+            self.stats.joined += len(rows)
         else:
             self._joining += len(rows)  # prefilled apart at the next step, then absorbed
             self.stats.joined += len(rows)
@@ -637,8 +652,9 @@ class DecodeLoop:
             row.steps += 1
         logits = stepper.step(ids, step_mask, positions)
         stats.forwards += 1
-        stats.positions += len(rows) * width
-        stats.padded_positions += len(rows) * width - sum(len(c) for c in chunks)
+        fed = sum(len(c) for c in chunks)
+        stats.positions += fed if engine.packed else len(rows) * width
+        stats.padded_positions += 0 if engine.packed else len(rows) * width - fed
         return logits
 
     def _keep(self, keep: list[int]) -> None:

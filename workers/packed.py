@@ -1,0 +1,211 @@
+"""Packed decoding steps: every row's new tokens in one sequence, each row's keys/values kept apart.
+
+A padded step costs ``rows x widest chunk`` positions in every linear layer: a row joining with a
+twenty-token suffix widens every decoding row's step to twenty, so joins had to be prefilled in a
+forward pass of their own, and on a CPU each pass carries a fixed overhead. Here the rows' chunks are
+concatenated into one sequence (batch 1), so linear layers cost the real tokens only and a joining
+row's suffix rides in the running rows' pass. Only attention needs rows apart: ``attend_packed``
+writes each token's key/value into its row's own cache, then attends per group of rows of similar
+chunk length, against the shared prompt prefix (held once) and the row's own cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+#: Own-cache columns allocated at a time; the cache grows by whole blocks.
+CACHE_BLOCK = 64
+
+
+@dataclass
+class _Group:
+    """Rows of similar chunk length attended together: their padded token slots in the packed sequence."""
+
+    rows: torch.Tensor  # (rows,) row indices into the cache
+    slots: torch.Tensor  # (rows, width) packed-sequence index of each token, 0 where padded
+    valid: torch.Tensor  # (rows, width) bool
+    allowed: torch.Tensor  # (rows, 1, width, length) bool: which own-cache columns each token sees
+    length: int  # own-cache columns this group reads
+
+
+@dataclass
+class PackedPlan:
+    """Where each packed token goes (row, column) and how rows are grouped; shared by every layer."""
+
+    token_rows: torch.Tensor  # (tokens,)
+    token_columns: torch.Tensor  # (tokens,)
+    groups: list[_Group]
+    cache: PackedCache
+
+
+class PackedCache:
+    """Per layer, every row's own keys/values (rows, kv heads, capacity, dim); the prefix is not here."""
+
+    def __init__(self, layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+        self.rows = 0
+        self.capacity = 0
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor,
+              columns: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's keys/values ((kv heads, tokens, dim) each) at (row, column)."""
+        import torch
+
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None or keys.shape[0] < self.rows or keys.shape[2] < needed:
+            capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+            shape = (self.rows, key.shape[0], capacity, key.shape[2])
+            grown_keys = torch.zeros(shape, dtype=key.dtype, device=key.device)
+            grown_values = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            if keys is not None and values is not None:
+                kept, width = min(keys.shape[0], self.rows), keys.shape[2]
+                grown_keys[:kept, :, :width] = keys[:kept]
+                grown_values[:kept, :, :width] = values[:kept]
+            keys, values = grown_keys, grown_values
+            self.keys[layer], self.values[layer] = keys, values
+        keys[rows, :, columns] = key.transpose(0, 1)
+        values[rows, :, columns] = value.transpose(0, 1)
+        return keys, values
+
+    def keep(self, indices: list[int]) -> None:
+        import torch
+
+        if not indices:
+            self.keys = [None] * len(self.keys)
+            self.values = [None] * len(self.values)
+            self.rows = 0
+            return
+        index = torch.tensor(indices)
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            if keys is not None and values is not None:
+                self.keys[layer] = keys.index_select(0, index.to(keys.device))
+                self.values[layer] = values.index_select(0, index.to(values.device))
+        self.rows = len(indices)
+
+
+def plan_step(cache: PackedCache, lengths: list[int], starts: list[int], device: str) -> tuple[PackedPlan, int]:
+    """The plan of one step where row ``i`` feeds ``lengths[i]`` tokens from own-cache column
+    ``starts[i]`` (0 = right after the prefix); returns it and the own-cache columns needed."""
+    import torch
+
+    token_rows: list[int] = []
+    token_columns: list[int] = []
+    offsets: list[int] = []
+    for row, (count, start) in enumerate(zip(lengths, starts, strict=True)):
+        offsets.append(len(token_rows))
+        token_rows.extend([row] * count)
+        token_columns.extend(range(start, start + count))
+    needed = max(start + count for start, count in zip(starts, lengths, strict=True))
+    groups = [_group(members, lengths, starts, offsets, device) for members in _split_by_width(lengths)]
+    plan = PackedPlan(torch.tensor(token_rows, device=device), torch.tensor(token_columns, device=device),
+                      groups, cache)
+    return plan, needed
+
+
+def _split_by_width(lengths: list[int]) -> list[list[int]]:
+    """Rows in at most two groups by chunk length, split where padding the attention costs least."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best, best_cost = len(order), len(order) * lengths[order[-1]]
+    for cut in range(1, len(order)):
+        cost = cut * lengths[order[cut - 1]] + (len(order) - cut) * lengths[order[-1]]
+        if cost < best_cost:
+            best, best_cost = cut, cost
+    return [part for part in (order[:best], order[best:]) if part]
+
+
+def _group(members: list[int], lengths: list[int], starts: list[int], offsets: list[int], device: str) -> _Group:
+    import torch
+
+    width = max(lengths[i] for i in members)
+    length = max(starts[i] + lengths[i] for i in members)
+    slots = torch.zeros((len(members), width), dtype=torch.long)
+    valid = torch.zeros((len(members), width), dtype=torch.bool)
+    last_column = torch.full((len(members), width), -1, dtype=torch.long)
+    for g, row in enumerate(members):
+        n = lengths[row]
+        slots[g, :n] = torch.arange(offsets[row], offsets[row] + n)
+        valid[g, :n] = True
+        last_column[g, :n] = torch.arange(starts[row], starts[row] + n)
+    # A token sees its row's columns up to its own (written before attention); a padded slot sees
+    # none of them, only the prefix, so its softmax stays finite and its output is dropped.
+    allowed = torch.arange(length).view(1, 1, length) <= last_column.unsqueeze(2)
+    return _Group(torch.tensor(members, device=device), slots.to(device), valid.to(device),
+                  allowed.unsqueeze(1).to(device), length)
+
+
+def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, plan: PackedPlan,
+                  prefix: tuple[torch.Tensor, torch.Tensor], scaling: float) -> torch.Tensor:
+    """``query`` (1, heads, tokens, dim), ``key``/``value`` (1, kv heads, tokens, dim) of the packed step;
+    returns the attention output (1, tokens, heads, dim)."""
+    import torch
+
+    from workers.attention import attend_with_shared_prefix
+
+    needed = max(group.length for group in plan.groups)
+    keys, values = plan.cache.write(layer, key[0], value[0], plan.token_rows, plan.token_columns, needed)
+    heads, dim = query.shape[1], query.shape[3]
+    output = torch.zeros((query.shape[2], heads, dim), dtype=query.dtype, device=query.device)
+    flat = query[0].transpose(0, 1)  # (tokens, heads, dim)
+    for group in plan.groups:
+        grouped_query = flat[group.slots].permute(0, 2, 1, 3)  # (rows, heads, width, dim)
+        own_keys = keys[group.rows, :, : group.length]
+        own_values = values[group.rows, :, : group.length]
+        attended, _ = attend_with_shared_prefix(grouped_query, own_keys, own_values, group.allowed,
+                                                prefix[0], prefix[1], scaling)
+        output[group.slots[group.valid]] = attended[group.valid]
+    return output.unsqueeze(0)
+
+
+class PackedStepper:
+    """Decoding over packed steps (``Stepper``): rows may join at any step without a pass of their own.
+
+    Takes the same left-padded chunks as ``DynamicStepper`` and packs their real tokens; a row's
+    own-cache column is its position after the prefix, so rotary positions match a padded batch."""
+
+    #: Joining rows ride in the running rows' pass: no separate prefill, no ``absorb``.
+    joins_in_step = True
+
+    def __init__(self, model: Any, device: str, batch: int, prefix: list[tuple[torch.Tensor, torch.Tensor]],
+                 prefix_length: int) -> None:
+        self.model = model
+        self.device = device
+        self.prefix = prefix
+        self.prefix_length = prefix_length
+        self.cache = PackedCache(len(prefix))
+        self.cache.rows = batch
+
+    def add_rows(self, count: int) -> None:
+        """``count`` new rows after the active ones, with empty caches."""
+        self.cache.rows += count
+
+    def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        real = step_mask.bool()
+        lengths = real.sum(dim=1).tolist()
+        # Left-padded: a row's first real token is at column width - length.
+        starts = [int(positions[i, ids.shape[1] - n]) - self.prefix_length for i, n in enumerate(lengths)]
+        plan, _ = plan_step(self.cache, lengths, starts, self.device)
+        packed_ids = ids[real].unsqueeze(0).to(self.device)
+        packed_positions = positions[real].unsqueeze(0).to(self.device)
+        last = torch.tensor(lengths).cumsum(0) - 1
+        out = self.model(
+            input_ids=packed_ids,
+            position_ids=packed_positions,
+            use_cache=False,
+            logits_to_keep=last.to(self.device),
+            packed_plan=plan,
+            shared_prefix=self.prefix,
+        )
+        return out.logits[0].float().cpu()
+
+    def keep(self, indices: list[int]) -> None:
+        self.cache.keep(indices)
+
+    def absorb(self, joining: Any) -> None:
+        raise TypeError("rows join a packed stepper with add_rows, in the running rows' step")
