@@ -540,9 +540,7 @@ class ParsePipeline:
     def _misses_join_running_batch(self) -> bool:
         mode = self.settings.miss_batching
         if mode == "auto":
-            # A join is cheap where the engine packs its steps (it rides in the running step) and on an
-            # accelerator; a padded CPU engine would pay a forward pass of its own for every join.
-            return bool(getattr(self.engine, "packed", False)) or getattr(self.engine, "device", "cpu") != "cpu"
+            return getattr(self.engine, "device", "cpu") != "cpu"
         return mode == "continuous"
 
     async def _parse_queued_misses(self) -> None:
