@@ -35,7 +35,7 @@ def test_packed_attention_matches_each_row_alone(history: list[int], chunks: lis
     query = randn(1, heads, sum(chunks), dim)
     new_keys = torch.cat([k[:, h:] for k, h in zip(own_keys, history, strict=True)], dim=1).unsqueeze(0)
     new_values = torch.cat([v[:, h:] for v, h in zip(own_values, history, strict=True)], dim=1).unsqueeze(0)
-    plan, _ = plan_step(cache, chunks, history, "cpu")
+    plan = plan_step(cache, chunks, history, "cpu")
     packed = attend_packed(query, new_keys, new_values, 0, plan, (prefix_keys, prefix_values), dim**-0.5)
 
     start = 0

@@ -653,8 +653,9 @@ class DecodeLoop:
         logits = stepper.step(ids, step_mask, positions)
         stats.forwards += 1
         fed = sum(len(c) for c in chunks)
-        stats.positions += fed if engine.packed else len(rows) * width
-        stats.padded_positions += 0 if engine.packed else len(rows) * width - fed
+        computed = fed if isinstance(stepper, PackedStepper) else len(rows) * width
+        stats.positions += computed
+        stats.padded_positions += computed - fed
         return logits
 
     def _keep(self, keep: list[int]) -> None:

@@ -49,7 +49,6 @@ class PackedCache:
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
         self.rows = 0
-        self.capacity = 0
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor,
               columns: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +87,9 @@ class PackedCache:
         self.rows = len(indices)
 
 
-def plan_step(cache: PackedCache, lengths: list[int], starts: list[int], device: str) -> tuple[PackedPlan, int]:
+def plan_step(cache: PackedCache, lengths: list[int], starts: list[int], device: str) -> PackedPlan:
     """The plan of one step where row ``i`` feeds ``lengths[i]`` tokens from own-cache column
-    ``starts[i]`` (0 = right after the prefix); returns it and the own-cache columns needed."""
+    ``starts[i]`` (0 = right after the prefix)."""
     import torch
 
     token_rows: list[int] = []
@@ -100,11 +99,9 @@ def plan_step(cache: PackedCache, lengths: list[int], starts: list[int], device:
         offsets.append(len(token_rows))
         token_rows.extend([row] * count)
         token_columns.extend(range(start, start + count))
-    needed = max(start + count for start, count in zip(starts, lengths, strict=True))
     groups = [_group(members, lengths, starts, offsets, device) for members in _split_by_width(lengths)]
-    plan = PackedPlan(torch.tensor(token_rows, device=device), torch.tensor(token_columns, device=device),
+    return PackedPlan(torch.tensor(token_rows, device=device), torch.tensor(token_columns, device=device),
                       groups, cache)
-    return plan, needed
 
 
 def _split_by_width(lengths: list[int]) -> list[list[int]]:
@@ -190,7 +187,7 @@ class PackedStepper:
         lengths = real.sum(dim=1).tolist()
         # Left-padded: a row's first real token is at column width - length.
         starts = [int(positions[i, ids.shape[1] - n]) - self.prefix_length for i, n in enumerate(lengths)]
-        plan, _ = plan_step(self.cache, lengths, starts, self.device)
+        plan = plan_step(self.cache, lengths, starts, self.device)
         packed_ids = ids[real].unsqueeze(0).to(self.device)
         packed_positions = positions[real].unsqueeze(0).to(self.device)
         last = torch.tensor(lengths).cumsum(0) - 1
