@@ -164,9 +164,6 @@ class PackedStepper:
     Takes the same left-padded chunks as ``DynamicStepper`` and packs their real tokens; a row's
     own-cache column is its position after the prefix, so rotary positions match a padded batch."""
 
-    #: Joining rows ride in the running rows' pass: no separate prefill, no ``absorb``.
-    joins_in_step = True
-
     def __init__(self, model: Any, device: str, batch: int, prefix: list[tuple[torch.Tensor, torch.Tensor]],
                  prefix_length: int) -> None:
         self.model = model
