@@ -324,16 +324,26 @@ def queryner(
     out: Annotated[Path, typer.Option(help="Labelled JSONL to write.")] = Path("tests/data/quality_ecommerce.jsonl"),
     spec: Annotated[str, typer.Option(help="Parse spec whose fields the labels follow.")] = "ecommerce",
     limit: Annotated[int, typer.Option(min=0, help="Only the first N rows (0 = all).")] = 0,
+    brands_out: Annotated[Path | None, typer.Option(
+        help="Instead: write the split's brand catalog (a mentions_file), e.g. schemas/specs/ecommerce_brands.txt."
+    )] = None,
 ) -> None:
     """QueryNER's labelled shopping queries as labelled JSONL for `qustream eval` (and training).
 
     Example: qustream bench queryner --split validation --out tests/data/quality_ecommerce.jsonl
     """
-    from bench.queryner import convert
+    from bench.queryner import FIELD_TO_ENTITY, convert, mention_catalog
     from workers.grammar import load_checked_spec
 
     if split not in ("train", "validation"):
         raise typer.BadParameter("train or validation; the test split is held out", param_hint="--split")
+    if brands_out is not None:
+        phrases = mention_catalog(source / f"{split}.jsonl", FIELD_TO_ENTITY["brand"])
+        header = (f"# Brands of QueryNER's {split} split (Palen-Michel et al., LREC-COLING 2024; CC BY 4.0),\n"
+                  f"# written by: qustream bench queryner --split {split} --brands-out {brands_out}\n")
+        brands_out.write_text(header + "".join(p + "\n" for p in phrases), encoding="utf-8")
+        print(f"{len(phrases)} brands -> {brands_out}")
+        return
     rows = convert(source / f"{split}.jsonl", load_checked_spec(spec), limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

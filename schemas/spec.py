@@ -7,7 +7,10 @@ parse's pydantic model, the output grammar, the prompt, the cache version, the e
 
 Field kinds:
 
-- ``span``: null or a run of the query's own words, optionally lowercased and singularised.
+- ``span``: null or a run of the query's own words, optionally lowercased and singularised. A span
+  field may also know its values: ``mentions`` (phrases such as a brand catalog) and ``patterns``
+  (regular expressions such as '32 inch' sizes) that, found in the query, are offered to the model
+  or, with ``fill: mentioned``, taken without asking it.
 - ``vocabulary``: null or one canonical value whose surface form (the value or a synonym) occurs in
   the query. Values may sit in a separate file, so a catalog can list thousands of facet values.
 - ``category``: null or one label of a closed set that need not occur in the query (a department,
@@ -83,9 +86,23 @@ class SpecField(BaseModel):
     )
     fill: FillRule = Field(
         "model",
-        description="vocabulary fields: 'model' lets the model choose a mentioned value or null; 'mentioned' "
-        "takes a mentioned value whenever no other field claims those words, without asking the model "
-        "(for unambiguous words such as 'womens'; the model still chooses among several mentions).",
+        description="vocabulary fields, and span fields with mentions or patterns: 'model' lets the model choose "
+        "a mentioned value or null (a span field: or another run of the query's words); 'mentioned' takes a "
+        "mentioned value whenever no other field claims those words, without asking the model (for "
+        "unambiguous words such as 'womens'; the model still chooses among several mentions).",
+    )
+    mentions: list[Annotated[str, Field(min_length=1, max_length=80)]] = Field(
+        default_factory=list,
+        description="span fields: phrases that are this field's value where the query says them (a brand "
+        "catalog); matched as whole words, case and punctuation aside, the longest mention first.",
+    )
+    mentions_file: str | None = Field(
+        None, description="span fields: more mentions from a text file beside the spec, one phrase a line."
+    )
+    patterns: list[Annotated[str, Field(min_length=1, max_length=400)]] = Field(
+        default_factory=list,
+        description="span fields: regular expressions (Python syntax) over the lowercased query whose matches "
+        "are this field's value ('\\d+ ?(inch|ft)' for sizes); a match is a mention, as above.",
     )
     values: list[SpecValue] = Field(
         default_factory=list, description="vocabulary and category fields: the canonical values."
@@ -107,14 +124,19 @@ class SpecField(BaseModel):
 
     @model_validator(mode="after")
     def _values_match_kind(self) -> SpecField:
-        if self.fill != "model" and self.kind != "vocabulary":
-            raise ValueError(f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields only")
-        if self.stop_at and self.kind != "span":
-            raise ValueError(f"field {self.name!r}: stop_at applies to span fields only")
+        if self.kind != "span":
+            for option in ("stop_at", "mentions", "mentions_file", "patterns"):
+                if getattr(self, option):
+                    raise ValueError(f"field {self.name!r}: {option} applies to span fields only")
+        if self.fill != "model" and not (self.kind == "vocabulary" or self.mentions or self.patterns):
+            raise ValueError(
+                f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields and to span fields "
+                "with mentions or patterns"
+            )
         if self.kind == "span":
             if self.values or self.values_file:
-                raise ValueError(f"field {self.name!r}: a span field takes no values")
-            return self
+                raise ValueError(f"field {self.name!r}: a span field takes no values (mentions are its known values)")
+            return self._mentions_and_patterns_usable()
         if not self.values:
             raise ValueError(f"field {self.name!r}: a {self.kind} field needs values (or a values_file)")
         seen: dict[str, str] = {}
@@ -130,9 +152,27 @@ class SpecField(BaseModel):
                 seen[key] = entry.value
         return self
 
+    def _mentions_and_patterns_usable(self) -> SpecField:
+        for mention in self.mentions:
+            if not match_form(mention):
+                raise ValueError(f"field {self.name!r}: mention {mention!r} has no letters or digits")
+        for pattern in self.patterns:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                problem = f"pattern {pattern!r} is not a regular expression: {exc}"
+                raise ValueError(f"field {self.name!r}: {problem}") from None
+            if compiled.match(""):
+                raise ValueError(f"field {self.name!r}: pattern {pattern!r} matches empty text")
+        return self
+
     @property
     def canonical_values(self) -> list[str]:
         return [entry.value for entry in self.values]
+
+    @cached_property
+    def compiled_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(pattern) for pattern in self.patterns)
 
 
 class SpecExample(BaseModel):
@@ -276,12 +316,17 @@ def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
         raise SpecError(f"{path}: a spec is a mapping with name, version, description, fields, examples")
     problems: list[str] = []
     for index, raw_field in enumerate(data.get("fields") or []):
-        if isinstance(raw_field, dict) and raw_field.get("values_file"):
-            try:
+        if not isinstance(raw_field, dict):
+            continue
+        try:
+            if raw_field.get("values_file"):
                 extra = _read_values(path.parent, raw_field["values_file"])
                 raw_field["values"] = [*(raw_field.get("values") or []), *extra]
-            except SpecError as exc:
-                problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
+            if raw_field.get("mentions_file"):
+                phrases = _read_values(path.parent, raw_field["mentions_file"], "mentions_file")
+                raw_field["mentions"] = [*(raw_field.get("mentions") or []), *(p["value"] for p in phrases)]
+        except SpecError as exc:
+            problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
     if problems:
         raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems))
     return parse_spec_data(data, source=str(path))
@@ -309,19 +354,21 @@ def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _read_values(base: Path, name: str) -> list[Any]:
+def _read_values(base: Path, name: str, option: str = "values_file") -> list[Any]:
+    """A values file (YAML/JSON list, or text: a value a line, its forms after commas); a mentions file
+    is text, one phrase a line (commas belong to the phrase)."""
     path = (base / name).resolve()
     if not path.is_file():
-        raise SpecError(f"values_file {name!r} not found (looked for {path})")
+        raise SpecError(f"{option} {name!r} not found (looked for {path})")
     text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml", ".json"):
+    if option == "values_file" and path.suffix in (".yaml", ".yml", ".json"):
         values = yaml.safe_load(text)
         if not isinstance(values, list):
-            raise SpecError(f"values_file {name!r} must hold a list of values")
+            raise SpecError(f"{option} {name!r} must hold a list of values")
         return values
     entries: list[Any] = []
     for line in text.splitlines():
-        parts = [part.strip() for part in line.split(",")]
+        parts = [line.strip()] if option == "mentions_file" else [part.strip() for part in line.split(",")]
         if parts and parts[0] and not parts[0].startswith("#"):
             entries.append({"value": parts[0], "forms": [p for p in parts[1:] if p]})
     return entries

@@ -1,11 +1,14 @@
-"""Matching a parse spec's vocabulary fields against queries: surface forms to canonical values.
+"""Matching a parse spec's known values against queries: surface forms to canonical values.
 
 Built from the active ``ParseSpec``; the grammar asks it which canonical values a query mentions
 (``candidates``), and normalisation maps any surface form to its canonical value (``canonicalize``).
+Known values are those of vocabulary fields and the mentions of span fields (a span field's mention
+is its own canonical value); a span field's patterns add the text they match.
 """
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 
 from schemas.spec import ParseSpec, match_form
@@ -14,7 +17,7 @@ __all__ = ["Vocabulary", "match_form"]
 
 
 class Vocabulary:
-    """Surface-form index over the spec's ``vocabulary`` fields (category and span fields have none)."""
+    """Surface-form index over the spec's vocabulary fields and span fields' mentions and patterns."""
 
     def __init__(self, spec: ParseSpec) -> None:
         self.spec = spec
@@ -24,14 +27,17 @@ class Vocabulary:
         """Per vocabulary field: surface form (match form) -> canonical value."""
         index: dict[str, dict[str, str]] = {}
         for spec_field in self.spec.fields:
-            if spec_field.kind != "vocabulary":
-                continue
             forms: dict[str, str] = {}
-            for entry in spec_field.values:
-                surface = {match_form(entry.value), *(match_form(f) for f in entry.forms)}
-                for form in sorted((f for f in surface if f), key=len, reverse=True):
-                    forms.setdefault(form, entry.value)
-            index[spec_field.name] = forms
+            if spec_field.kind == "vocabulary":
+                for entry in spec_field.values:
+                    surface = {match_form(entry.value), *(match_form(f) for f in entry.forms)}
+                    for form in sorted((f for f in surface if f), key=len, reverse=True):
+                        forms.setdefault(form, entry.value)
+            elif spec_field.mentions:
+                for mention in spec_field.mentions:
+                    forms.setdefault(match_form(mention), " ".join(mention.lower().split()))
+            if forms:
+                index[spec_field.name] = forms
         return index
 
     @cached_property
@@ -60,6 +66,7 @@ class Vocabulary:
                 end = start + len(form_words)
                 if tuple(words[start:end]) == form_words:
                     found.append((name, value, start, end))
+        found.extend(self._pattern_matches(query))
         kept: list[tuple[str, str, int, int]] = []
         for match in sorted(found, key=lambda m: m[3] - m[2], reverse=True):
             _, _, start, end = match
@@ -67,6 +74,27 @@ class Vocabulary:
             if not hidden:
                 kept.append(match)
         return sorted(kept, key=lambda m: (m[2], -m[3]))
+
+    @cached_property
+    def _patterns(self) -> list[tuple[str, re.Pattern[str]]]:
+        return [(f.name, pattern) for f in self.spec.fields for pattern in f.compiled_patterns]
+
+    def _pattern_matches(self, query: str) -> list[tuple[str, str, int, int]]:
+        """Span fields' pattern matches as mentions: the matched text, at the words it covers (a match
+        that starts or ends inside a word is not a mention of whole words and is dropped)."""
+        if not self._patterns:
+            return []
+        text = " ".join(query.lower().split())
+        found: list[tuple[str, str, int, int]] = []
+        for name, pattern in self._patterns:
+            for match in pattern.finditer(text):
+                before, matched = text[: match.start()], match.group().strip()
+                covered = match_form(matched).split()
+                if not covered or not _word_edge(text, match.start(), match.end()):
+                    continue
+                start = len(match_form(before).split())
+                found.append((name, matched, start, start + len(covered)))
+        return found
 
     def candidates(self, field: str, query: str) -> list[str]:
         """Canonical values of ``field`` mentioned in ``query`` (whole words, longest mention wins)."""
@@ -89,3 +117,8 @@ class Vocabulary:
             canonical = self.canonicalize(field, value) or value
             return canonical in self.candidates(field, query)
         return False
+
+
+def _word_edge(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] begins and ends at word boundaries."""
+    return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())

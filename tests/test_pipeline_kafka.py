@@ -167,7 +167,10 @@ def test_other_specs_end_to_end(make_settings: Callable[..., Settings], tmp_path
     if spec_name == "ecommerce":
         by_query = {event["query"]: event["parse"] for event in events.values()}
         assert by_query["stainless steel water bottle"]["material"] == "stainless steel"
-        assert by_query["samsung 55 inch tv"]["product_type"] == "tv"
+        # The brand catalog and the size patterns: known values the model is not asked for.
+        assert by_query["samsung 55 inch tv"] == {**by_query["samsung 55 inch tv"], "product_type": "tv",
+                                                  "brand": "samsung", "size": "55 inch"}
+        assert by_query["kids rain boots size 12"]["size"] == "size 12"
     else:
         systems = {event["parse"]["system"] for event in events.values()}
         assert systems <= {None, *spec.field("system").canonical_values}

@@ -1,12 +1,14 @@
-"""Spec field options that shape the grammar: ``fill: mentioned`` (vocabulary) and ``stop_at`` (span)."""
+"""Spec field options that shape the grammar: ``fill: mentioned`` (vocabulary), ``stop_at`` (span),
+and a span field's known values (``mentions``, ``mentions_file``, ``patterns``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from schemas.spec import ParseSpec, SpecError, parse_spec_data
+from schemas.spec import ParseSpec, SpecError, load_spec, parse_spec_data
 from schemas.vocabulary import Vocabulary
 from workers.grammar import build_row_grammar
 
@@ -32,6 +34,22 @@ AUDIENCE: dict[str, Any] = {
     "values": [{"value": "women", "forms": ["womens", "ladies"]}],
 }
 ITEM: dict[str, Any] = {"name": "item", "kind": "span", "description": "The item."}
+MAKER: dict[str, Any] = {
+    "name": "maker",
+    "kind": "span",
+    "description": "The maker.",
+    "fill": "mentioned",
+    "trim_edges": False,
+    "mentions": ["le creuset", "oxo"],
+}
+CAPACITY: dict[str, Any] = {
+    "name": "capacity",
+    "kind": "span",
+    "description": "How much it holds.",
+    "fill": "mentioned",
+    "trim_edges": False,
+    "patterns": [r"\b\d+(?:\.\d+)? ?(?:qt|quart|l)\b"],
+}
 
 
 def make_spec(*fields: dict[str, Any]) -> ParseSpec:
@@ -57,9 +75,10 @@ def forced_output(spec: ParseSpec, query: str) -> str:
     return str(xgr.GrammarMatcher(compiler.compile_grammar(grammar.ebnf)).find_jump_forward_string())
 
 
-def test_fill_applies_to_vocabulary_fields_only() -> None:
-    with pytest.raises(SpecError, match=r"field 'item'.*vocabulary fields only"):
+def test_fill_applies_to_vocabulary_fields_and_span_fields_with_known_values() -> None:
+    with pytest.raises(SpecError, match=r"field 'item'.*vocabulary fields and to span fields with mentions"):
         make_spec({**ITEM, "fill": "mentioned"})
+    assert make_spec(MAKER).field("maker").fill == "mentioned"
     with pytest.raises(SpecError, match="fill"):
         make_spec({**AUDIENCE, "fill": "always"})
     assert make_spec(ITEM).field("item").fill == "model"
@@ -108,3 +127,71 @@ def test_stop_at_takes_runs_from_the_words_before_a_connective() -> None:
     assert "kids" in (build_row_grammar("2 for kids", Vocabulary(spec), "catalog").allowed["item"] or ())
     with pytest.raises(SpecError, match=r"field 'colour'.*span fields only"):
         make_spec({**COLOUR, "stop_at": ["for"]})
+
+
+def test_a_mentioned_known_value_is_taken_and_its_words_leave_the_other_spans() -> None:
+    spec = make_spec(ITEM, MAKER, CAPACITY)
+    query = "Le-Creuset 5.5 qt dutch oven"
+    # The mention is written as the catalog writes it; the pattern's match as the query says it.
+    assert accepts(spec, query, ' {"item": "dutch oven", "maker": "le creuset", "capacity": "5.5 qt"}')
+    assert not accepts(spec, query, ' {"item": "dutch oven", "maker": null, "capacity": "5.5 qt"}')
+    assert not accepts(spec, query, ' {"item": "dutch oven", "maker": "le creuset", "capacity": null}')
+    # Both are forced text once the model has chosen the item.
+    assert forced_output(make_spec(MAKER, CAPACITY, ITEM), query).startswith(
+        ' {"maker": "le creuset", "capacity": "5.5 qt", "item": ')
+    allowed = build_row_grammar(query, Vocabulary(spec), "catalog").allowed["item"]
+    assert allowed is not None and "dutch oven" in allowed
+    assert not any("creuset" in run or "qt" in run for run in allowed)
+    # Nothing known in the query: the model chooses a run of words or null, as for any span field.
+    assert accepts(spec, "staub dutch oven", ' {"item": "dutch oven", "maker": "staub", "capacity": null}')
+    assert accepts(spec, "staub dutch oven", ' {"item": "dutch oven", "maker": null, "capacity": null}')
+
+
+def test_without_fill_a_mention_is_offered_beside_the_other_runs() -> None:
+    spec = make_spec(ITEM, {**MAKER, "fill": "model"})
+    assert accepts(spec, "oxo peeler", ' {"item": "peeler", "maker": "oxo"}')
+    assert accepts(spec, "oxo peeler", ' {"item": "peeler", "maker": null}')
+
+
+def test_patterns_match_whole_words_only() -> None:
+    vocabulary = Vocabulary(make_spec(ITEM, CAPACITY))
+    assert vocabulary.candidates("capacity", "6 qt pot") == ["6 qt"]
+    assert vocabulary.candidates("capacity", "A6 qt pot") == []
+    assert vocabulary.candidates("capacity", "6 qts pot") == []
+    # Under span grounding known values play no part (it ignores every catalog).
+    grammar = build_row_grammar("6 qt pot", vocabulary, "span")
+    assert grammar.allowed["capacity"] is not None and "pot" in grammar.allowed["capacity"]
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ({**CAPACITY, "patterns": ["(unclosed"]}, r"field 'capacity'.*pattern '\(unclosed' is not a regular"),
+        ({**CAPACITY, "patterns": ["x*"]}, r"field 'capacity'.*matches empty text"),
+        ({**MAKER, "mentions": ["--"]}, r"field 'maker'.*mention '--' has no letters or digits"),
+        ({**COLOUR, "mentions": ["oxo"]}, r"field 'colour'.*mentions applies to span fields only"),
+        ({**COLOUR, "patterns": ["red"]}, r"field 'colour'.*patterns applies to span fields only"),
+        ({**MAKER, "values": ["oxo"]}, r"field 'maker'.*takes no values \(mentions are its known values\)"),
+    ],
+)
+def test_bad_known_values_name_the_field(field: dict[str, Any], expected: str) -> None:
+    with pytest.raises(SpecError, match=expected):
+        make_spec(ITEM, field)
+
+
+def test_mentions_file_adds_phrases_one_a_line(tmp_path: Path) -> None:
+    (tmp_path / "makers.txt").write_text("# kitchen makers\nall-clad\nsmith, wesson & co\n\n", encoding="utf-8")
+    spec_file = tmp_path / "kitchen.yaml"
+    spec_file.write_text(
+        "name: kitchen\nversion: '1'\ndescription: kitchenware\nfields:\n"
+        "  - {name: item, kind: span, description: The item.}\n"
+        "  - {name: maker, kind: span, description: The maker., fill: mentioned, mentions: [oxo],"
+        " mentions_file: makers.txt}\n",
+        encoding="utf-8",
+    )
+    spec = load_spec(spec_file)
+    assert spec.field("maker").mentions == ["oxo", "all-clad", "smith, wesson & co"]
+    assert Vocabulary(spec).candidates("maker", "All Clad skillet") == ["all-clad"]
+    (tmp_path / "makers.txt").unlink()
+    with pytest.raises(SpecError, match=r"\(maker\).*mentions_file 'makers.txt' not found"):
+        load_spec(spec_file)

@@ -154,9 +154,11 @@ def allowed_values(
         return None
     if grounding == "catalog" and spec_field.kind == "vocabulary":
         return tuple(vocabulary.candidates(spec_field.name, query))
-    return tuple(
-        query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
-    )
+    mentioned = vocabulary.candidates(spec_field.name, query) if grounding == "catalog" else []
+    if mentioned and spec_field.fill == "mentioned":
+        return tuple(mentioned)
+    runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
+    return tuple(dict.fromkeys([*mentioned, *runs]))
 
 
 def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) -> RowGrammar:

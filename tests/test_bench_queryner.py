@@ -1,0 +1,57 @@
+"""``qustream bench queryner``: QueryNER rows as labelled JSONL, and the brand catalog of a split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from bench.cli import app as bench_app
+from bench.queryner import mention_catalog
+from schemas.spec import load_spec
+
+
+def write_split(folder: Path, rows: list[tuple[str, dict[str, list[str]]]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps({"query": q, "spans": spans}) + "\n" for q, spans in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [
+    ("apple watch band", {"creator": ["apple"], "core_product_type": ["watch band"]}),
+    ("apple ipad case", {"creator": ["apple"], "core_product_type": ["case"]}),
+    ("apple cider vinegar", {"core_product_type": ["apple cider vinegar"]}),
+    ("pink hoodie", {"color": ["pink"], "core_product_type": ["hoodie"]}),
+    ("pink sweatpants", {"creator": ["pink"], "core_product_type": ["sweatpants"]}),
+    ("pink socks", {"color": ["pink"], "core_product_type": ["socks"]}),
+    ("Under-Armour shorts", {"creator": ["Under-Armour"], "core_product_type": ["shorts"]}),
+    ("under armour shirt", {"creator": ["under armour"], "core_product_type": ["shirt"]}),
+    ("365 water", {"creator": ["365"], "core_product_type": ["water"]}),
+]
+
+
+def test_a_phrase_joins_the_catalog_when_most_queries_that_say_it_label_it(tmp_path: Path) -> None:
+    catalog = mention_catalog(write_split(tmp_path, ROWS), "creator")
+    # apple: a brand in 2 of its 3 queries; pink: in 1 of 3; a phrase without letters never joins; one
+    # phrase per match form, as the split first writes it.
+    assert catalog == ["apple", "under-armour"]
+
+
+def test_brands_out_writes_a_mentions_file_the_spec_loads(tmp_path: Path) -> None:
+    source = tmp_path / "queryner"
+    write_split(source, ROWS)
+    out = tmp_path / "brands.txt"
+    result = CliRunner().invoke(bench_app, ["queryner", "--split", "train", "--source", str(source),
+                                      "--brands-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 brands" in result.output
+    spec_file = tmp_path / "shop.yaml"
+    spec_file.write_text(
+        "name: shop\nversion: '1'\ndescription: shop\nfields:\n"
+        "  - {name: item, kind: span, description: The item.}\n"
+        f"  - {{name: brand, kind: span, description: The brand., fill: mentioned, mentions_file: {out.name}}}\n",
+        encoding="utf-8",
+    )
+    assert load_spec(spec_file).field("brand").mentions == ["apple", "under-armour"]
