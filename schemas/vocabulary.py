@@ -24,7 +24,7 @@ class Vocabulary:
 
     @cached_property
     def surface_index(self) -> dict[str, dict[str, str]]:
-        """Per vocabulary field: surface form (match form) -> canonical value."""
+        """Per field with known values: surface form (match form) -> canonical value."""
         index: dict[str, dict[str, str]] = {}
         for spec_field in self.spec.fields:
             forms: dict[str, str] = {}

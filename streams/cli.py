@@ -15,7 +15,7 @@ from rich.table import Table
 from schemas.settings import Settings
 
 if TYPE_CHECKING:
-    from schemas.spec import ParseSpec
+    from schemas.spec import ParseSpec, SpecField
 
 
 class _CommandLine(typer.Typer):
@@ -173,8 +173,11 @@ def spec_check(
     """Validate a parse spec: every problem is listed with the field it concerns; exits 2 if any.
     Example: qustream spec check my_catalog.yaml"""
     parse_spec = spec_or_exit(spec)
-    kinds = ", ".join(f"{f.name} ({f.kind}{f', {len(f.values)} values' if f.values else ''})"
-                      for f in parse_spec.fields)
+    def known(f: SpecField) -> str:
+        counts = [(len(f.values), "values"), (len(f.mentions), "mentions"), (len(f.patterns), "patterns")]
+        return "".join(f", {n} {what}" for n, what in counts if n)
+
+    kinds = ", ".join(f"{f.name} ({f.kind}{known(f)})" for f in parse_spec.fields)
     print(f"ok: {parse_spec.name} version {parse_spec.version}: {kinds}; {len(parse_spec.examples)} examples")
 
 
@@ -190,7 +193,7 @@ def spec_schema() -> None:
 def spec_show(
     spec: Annotated[str | None, typer.Argument(help="A spec name or file (default: the active QUSTREAM_PARSE_SPEC).")]
     = None,
-    values: Annotated[bool, typer.Option(help="Print every vocabulary/category value too.")] = False,
+    values: Annotated[bool, typer.Option(help="Print every value and mention too.")] = False,
 ) -> None:
     """Print the active parse spec: fields, kinds, values, examples, and the prompt's instruction.
     Example: QUSTREAM_PARSE_SPEC=ecommerce qustream spec show"""
@@ -204,9 +207,15 @@ def spec_show(
     for column in ("field", "kind", "description", "values"):
         table.add_column(column)
     for spec_field in parse_spec.fields:
-        listed = spec_field.canonical_values
+        listed = spec_field.canonical_values or spec_field.mentions
         more = "" if values or len(listed) <= 8 else f", … ({len(listed)})"
         shown = ", ".join(listed if values else listed[:8]) + more
+        if spec_field.mentions:
+            shown = "mentions: " + shown
+        if spec_field.patterns:
+            shown += ("; " if shown else "") + f"{len(spec_field.patterns)} patterns"
+        if spec_field.fill == "mentioned":
+            shown += " (fill: mentioned)"
         table.add_row(spec_field.name, spec_field.kind, spec_field.description, shown)
     out.print(table)
     examples = Table(title="examples")

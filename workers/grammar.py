@@ -4,7 +4,8 @@ The output is always ``json.dumps`` of the parse with the schema's key order, pr
 (the prompt ends with ``JSON:``). What a value may be depends on the grounding mode:
 
 - ``catalog``: a vocabulary field admits null or the canonical values whose surface forms occur in
-  the query; a span field admits null or a run of the query's own words.
+  the query; a span field admits null or a run of the query's own words, its known values (mentions,
+  pattern matches) the query says first, or with ``fill: mentioned`` only those.
 - ``span``: span and vocabulary fields admit null or a run of the query's words.
 - ``free``: span and vocabulary fields admit null or any short string (values absent from the query
   are flagged).
