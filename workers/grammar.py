@@ -146,18 +146,18 @@ MAX_COMBINATIONS = 512
 
 
 def allowed_values(
-    spec_field: SpecField, query: str, vocabulary: Vocabulary, grounding: Grounding, claimed: frozenset[str]
+    spec_field: SpecField, query: str, grounding: Grounding, claimed: frozenset[str], mentioned: tuple[str, ...]
 ) -> tuple[str, ...] | None:
-    """What one field may take for ``query`` (besides null); None means any short string."""
+    """What one field may take for ``query`` (besides null); None means any short string. ``mentioned``:
+    the field's known values the query says (catalog grounding only)."""
     if spec_field.kind == "category":
         return tuple(spec_field.canonical_values)
     if grounding == "free":
         return None
     if grounding == "catalog" and spec_field.kind == "vocabulary":
-        return tuple(vocabulary.candidates(spec_field.name, query))
-    mentioned = vocabulary.candidates(spec_field.name, query) if grounding == "catalog" else []
+        return mentioned
     if mentioned and spec_field.fill == "mentioned":
-        return tuple(mentioned)
+        return mentioned
     runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
     return tuple(dict.fromkeys([*mentioned, *runs]))
 
@@ -167,7 +167,13 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
     spec = vocabulary.spec
     mentions = vocabulary.matches(query) if grounding == "catalog" else []
     claimed = frozenset(w for _, _, s, e in mentions for w in match_form(query).split()[s:e])
-    allowed = {f.name: allowed_values(f, query, vocabulary, grounding, claimed) for f in spec.fields}
+    # One pass over the query's mentions serves every field (``Vocabulary.candidates`` would rescan it).
+    mentioned: dict[str, dict[str, None]] = {}
+    for name, value, _, _ in mentions:
+        mentioned.setdefault(name, {})[value] = None
+    allowed = {
+        f.name: allowed_values(f, query, grounding, claimed, tuple(mentioned.get(f.name, ()))) for f in spec.fields
+    }
     rules: list[str] = []
     for index, spec_field in enumerate(spec.fields):
         values = allowed[spec_field.name]
