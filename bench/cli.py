@@ -327,23 +327,33 @@ def queryner(
     brands_out: Annotated[Path | None, typer.Option(
         help="Instead: write the split's brand catalog (a mentions_file), e.g. schemas/specs/ecommerce_brands.txt."
     )] = None,
+    heads_out: Annotated[Path | None, typer.Option(
+        help="Instead: write the split's product-type heads (a heads_file), e.g. "
+        "schemas/specs/ecommerce_product_heads.txt."
+    )] = None,
 ) -> None:
     """QueryNER's labelled shopping queries as labelled JSONL for `qustream eval` (and training).
 
     Example: qustream bench queryner --split validation --out tests/data/quality_ecommerce.jsonl
     """
-    from bench.queryner import FIELD_TO_ENTITY, convert, mention_catalog
+    from bench.queryner import FIELD_TO_ENTITY, convert, head_catalog, mention_catalog
     from workers.grammar import load_checked_spec
 
     if split not in ("train", "validation"):
         raise typer.BadParameter("train or validation; the test split is held out", param_hint="--split")
-    if brands_out is not None:
-        phrases = mention_catalog(source / f"{split}.jsonl", FIELD_TO_ENTITY["brand"])
-        header = (f"# Brands of QueryNER's {split} split (Palen-Michel et al., LREC-COLING 2024; CC BY 4.0),\n"
-                  f"# written by: qustream bench queryner --split {split} --brands-out {brands_out}\n")
-        brands_out.write_text(header + "".join(p + "\n" for p in phrases), encoding="utf-8")
-        print(f"{len(phrases)} brands -> {brands_out}")
-        return
+    rows_file = source / f"{split}.jsonl"
+    catalogs = [
+        (brands_out, "--brands-out", "brands", lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["brand"])),
+        (heads_out, "--heads-out", "product-type heads", lambda: head_catalog(rows_file, load_checked_spec(spec))),
+    ]
+    for path, option, what, build in catalogs:
+        if path is not None:
+            entries = build()
+            header = (f"# The {what} of QueryNER's {split} split (Palen-Michel et al., LREC-COLING 2024; CC BY 4.0),\n"
+                      f"# written by: qustream bench queryner --split {split} {option} {path}\n")
+            path.write_text(header + "".join(e + "\n" for e in entries), encoding="utf-8")
+            print(f"{len(entries)} {what} -> {path}")
+            return
     rows = convert(source / f"{split}.jsonl", load_checked_spec(spec), limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

@@ -22,6 +22,8 @@ from workers.grammar import normalize_value
 #: that say it: "apple" (a brand in most queries that name it) joins, "pink" (mostly a colour) does not.
 #: Chosen by five-fold cross-validation on the train split (0.3 to 0.7 within noise of each other).
 MENTION_MIN_SHARE = 0.5
+#: A word joins the product-type heads when this many train queries end a product type with it.
+HEAD_MIN_COUNT = 1
 #: Longest phrase, in words, a catalog keeps (the brand field's ``max_words``).
 MENTION_MAX_WORDS = 3
 
@@ -62,6 +64,23 @@ def convert(source: Path, spec: ParseSpec, limit: int = 0) -> list[dict[str, Any
         raise ValueError(f"spec {spec.name!r} has fields QueryNER does not label: {missing}")
     vocabulary = Vocabulary(spec)
     return [label_row(row, spec, vocabulary) for row in rows]
+
+
+def head_catalog(
+    source: Path, spec: ParseSpec, field: str = "product_type", min_count: int = HEAD_MIN_COUNT
+) -> list[str]:
+    """The last words of ``field``'s labelled values in the QueryNER rows of ``source`` (written as the
+    parse writes them: singular), said by at least ``min_count`` rows, as a span field's ``heads_file``."""
+    vocabulary = Vocabulary(spec)
+    counts: Counter[str] = Counter()
+    for line in source.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        value = label_row(json.loads(line), spec, vocabulary)[field]
+        values = value if isinstance(value, list) else [value]
+        lasts = {match_form(v).split()[-1] for v in values if v and match_form(v)}
+        counts.update(last for last in lasts if any(c.isalpha() for c in last))
+    return sorted(word for word, count in counts.items() if count >= min_count)
 
 
 def mention_catalog(source: Path, entity: str, min_share: float = MENTION_MIN_SHARE) -> list[str]:

@@ -10,7 +10,9 @@ Field kinds:
 - ``span``: null or a run of the query's own words, optionally lowercased and singularised. A span
   field may also know its values: ``mentions`` (phrases such as a brand catalog) and ``patterns``
   (regular expressions such as '32 inch' sizes) that, found in the query, are offered to the model
-  or, with ``fill: mentioned``, taken without asking it.
+  or, with ``fill: mentioned``, taken without asking it. ``heads`` (the head nouns of product
+  types) restrict the runs offered to those ending in one, and leave the field null in a query that
+  says none.
 - ``vocabulary``: null or one canonical value whose surface form (the value or a synonym) occurs in
   the query. Values may sit in a separate file, so a catalog can list thousands of facet values.
 - ``category``: null or one label of a closed set that need not occur in the query (a department,
@@ -104,6 +106,15 @@ class SpecField(BaseModel):
         description="span fields: regular expressions (Python syntax) over the lowercased query whose matches "
         "are this field's value ('\\d+ ?(inch|ft)' for sizes); a match is a mention, as above.",
     )
+    heads: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        default_factory=list,
+        description="span fields: the words a value may end with (the head nouns of product types: 'case', "
+        "'shoe'); a query word matches as written or singular. A query that says none of them leaves the "
+        "field null. Catalog grounding only.",
+    )
+    heads_file: str | None = Field(
+        None, description="span fields: more heads from a text file beside the spec, one word a line."
+    )
     values: list[SpecValue] = Field(
         default_factory=list, description="vocabulary and category fields: the canonical values."
     )
@@ -125,7 +136,7 @@ class SpecField(BaseModel):
     @model_validator(mode="after")
     def _values_match_kind(self) -> SpecField:
         if self.kind != "span":
-            for option in ("stop_at", "mentions", "mentions_file", "patterns"):
+            for option in ("stop_at", "mentions", "mentions_file", "patterns", "heads", "heads_file"):
                 if getattr(self, option):
                     raise ValueError(f"field {self.name!r}: {option} applies to span fields only")
         if self.fill != "model" and not (self.kind == "vocabulary" or self.mentions or self.patterns):
@@ -164,11 +175,18 @@ class SpecField(BaseModel):
                 raise ValueError(f"field {self.name!r}: {problem}") from None
             if compiled.match(""):
                 raise ValueError(f"field {self.name!r}: pattern {pattern!r} matches empty text")
+        for head in self.heads:
+            if len(match_form(head).split()) != 1:
+                raise ValueError(f"field {self.name!r}: head {head!r} is not one word")
         return self
 
     @property
     def canonical_values(self) -> list[str]:
         return [entry.value for entry in self.values]
+
+    @cached_property
+    def head_words(self) -> frozenset[str]:
+        return frozenset(match_form(head) for head in self.heads)
 
     @cached_property
     def compiled_patterns(self) -> tuple[re.Pattern[str], ...]:
@@ -325,6 +343,9 @@ def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
             if raw_field.get("mentions_file"):
                 phrases = _read_values(path.parent, raw_field["mentions_file"], "mentions_file")
                 raw_field["mentions"] = [*(raw_field.get("mentions") or []), *(p["value"] for p in phrases)]
+            if raw_field.get("heads_file"):
+                words = _read_values(path.parent, raw_field["heads_file"], "heads_file")
+                raw_field["heads"] = [*(raw_field.get("heads") or []), *(w["value"] for w in words)]
         except SpecError as exc:
             problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
     if problems:
@@ -355,8 +376,8 @@ def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
 
 
 def _read_values(base: Path, name: str, option: str = "values_file") -> list[Any]:
-    """A values file (YAML/JSON list, or text: a value a line, its forms after commas); a mentions file
-    is text, one phrase a line (commas belong to the phrase)."""
+    """A values file (YAML/JSON list, or text: a value a line, its forms after commas); a mentions or
+    heads file is text, one phrase or word a line (commas belong to the phrase)."""
     path = (base / name).resolve()
     if not path.is_file():
         raise SpecError(f"{option} {name!r} not found (looked for {path})")
@@ -368,7 +389,7 @@ def _read_values(base: Path, name: str, option: str = "values_file") -> list[Any
         return values
     entries: list[Any] = []
     for line in text.splitlines():
-        parts = [line.strip()] if option == "mentions_file" else [part.strip() for part in line.split(",")]
+        parts = [line.strip()] if option != "values_file" else [part.strip() for part in line.split(",")]
         if parts and parts[0] and not parts[0].startswith("#"):
             entries.append({"value": parts[0], "forms": [p for p in parts[1:] if p]})
     return entries

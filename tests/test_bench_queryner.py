@@ -1,4 +1,5 @@
-"""``qustream bench queryner``: QueryNER rows as labelled JSONL, and the brand catalog of a split."""
+"""``qustream bench queryner``: QueryNER rows as labelled JSONL, and the brand catalog and product-type
+heads of a split."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from bench.cli import app as bench_app
-from bench.queryner import mention_catalog
+from bench.queryner import head_catalog, mention_catalog
 from schemas.spec import load_spec
 
 
@@ -39,14 +40,18 @@ def test_a_phrase_joins_the_catalog_when_most_queries_that_say_it_label_it(tmp_p
     assert catalog == ["apple", "under-armour"]
 
 
-def test_brands_out_writes_a_mentions_file_the_spec_loads(tmp_path: Path) -> None:
+def write_catalog(tmp_path: Path, option: str, out: Path) -> str:
+    """Run ``bench queryner --split train OPTION OUT`` on ROWS; its output."""
     source = tmp_path / "queryner"
     write_split(source, ROWS)
-    out = tmp_path / "brands.txt"
-    result = CliRunner().invoke(bench_app, ["queryner", "--split", "train", "--source", str(source),
-                                      "--brands-out", str(out)])
+    result = CliRunner().invoke(bench_app, ["queryner", "--split", "train", "--source", str(source), option, str(out)])
     assert result.exit_code == 0, result.output
-    assert "2 brands" in result.output
+    return result.output
+
+
+def test_brands_out_writes_a_mentions_file_the_spec_loads(tmp_path: Path) -> None:
+    out = tmp_path / "brands.txt"
+    assert "2 brands" in write_catalog(tmp_path, "--brands-out", out)
     spec_file = tmp_path / "shop.yaml"
     spec_file.write_text(
         "name: shop\nversion: '1'\ndescription: shop\nfields:\n"
@@ -55,3 +60,19 @@ def test_brands_out_writes_a_mentions_file_the_spec_loads(tmp_path: Path) -> Non
         encoding="utf-8",
     )
     assert load_spec(spec_file).field("brand").mentions == ["apple", "under-armour"]
+
+
+def test_heads_are_the_last_words_of_labelled_product_types_written_singular(tmp_path: Path) -> None:
+    spec = load_spec("ecommerce")
+    assert head_catalog(write_split(tmp_path, ROWS), spec) == [
+        "band", "case", "hoodie", "shirt", "shorts", "sock", "sweatpants", "vinegar", "water"]
+    assert head_catalog(write_split(tmp_path, [*ROWS, ("wool socks", {"core_product_type": ["socks"]})]),
+                        spec, min_count=2) == ["sock"]
+
+
+def test_heads_out_writes_a_heads_file(tmp_path: Path) -> None:
+    out = tmp_path / "heads.txt"
+    assert "9 product-type heads" in write_catalog(tmp_path, "--heads-out", out)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# The product-type heads of QueryNER's train split")
+    assert lines[2:] == ["band", "case", "hoodie", "shirt", "shorts", "sock", "sweatpants", "vinegar", "water"]

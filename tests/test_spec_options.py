@@ -1,5 +1,5 @@
 """Spec field options that shape the grammar: ``fill: mentioned`` (vocabulary), ``stop_at`` (span),
-and a span field's known values (``mentions``, ``mentions_file``, ``patterns``)."""
+a span field's known values (``mentions``, ``mentions_file``, ``patterns``) and its ``heads``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from schemas.spec import ParseSpec, SpecError, load_spec, parse_spec_data
 from schemas.vocabulary import Vocabulary
-from workers.grammar import build_row_grammar
+from workers.grammar import build_row_grammar, load_checked_spec
 
 COLOUR: dict[str, Any] = {
     "name": "colour",
@@ -172,6 +172,8 @@ def test_patterns_match_whole_words_only() -> None:
         ({**COLOUR, "mentions": ["oxo"]}, r"field 'colour'.*mentions applies to span fields only"),
         ({**COLOUR, "patterns": ["red"]}, r"field 'colour'.*patterns applies to span fields only"),
         ({**MAKER, "values": ["oxo"]}, r"field 'maker'.*takes no values \(mentions are its known values\)"),
+        ({**COLOUR, "heads": ["pot"]}, r"field 'colour'.*heads applies to span fields only"),
+        ({**MAKER, "heads": ["dutch oven"]}, r"field 'maker'.*head 'dutch oven' is not one word"),
     ],
 )
 def test_bad_known_values_name_the_field(field: dict[str, Any], expected: str) -> None:
@@ -179,19 +181,54 @@ def test_bad_known_values_name_the_field(field: dict[str, Any], expected: str) -
         make_spec(ITEM, field)
 
 
-def test_mentions_file_adds_phrases_one_a_line(tmp_path: Path) -> None:
-    (tmp_path / "makers.txt").write_text("# kitchen makers\nall-clad\nsmith, wesson & co\n\n", encoding="utf-8")
-    spec_file = tmp_path / "kitchen.yaml"
+def write_kitchen_spec(folder: Path, fields: list[str], examples: str = "") -> Path:
+    """A spec file in ``folder`` with these fields (YAML flow mappings) and examples (YAML)."""
+    spec_file = folder / "kitchen.yaml"
     spec_file.write_text(
         "name: kitchen\nversion: '1'\ndescription: kitchenware\nfields:\n"
-        "  - {name: item, kind: span, description: The item.}\n"
-        "  - {name: maker, kind: span, description: The maker., fill: mentioned, mentions: [oxo],"
-        " mentions_file: makers.txt}\n",
+        + "".join(f"  - {{{field}}}\n" for field in fields) + examples,
         encoding="utf-8",
     )
+    return spec_file
+
+
+def test_mentions_file_adds_phrases_one_a_line(tmp_path: Path) -> None:
+    (tmp_path / "makers.txt").write_text("# kitchen makers\nall-clad\nsmith, wesson & co\n\n", encoding="utf-8")
+    spec_file = write_kitchen_spec(tmp_path, [
+        "name: item, kind: span, description: The item.",
+        "name: maker, kind: span, description: The maker., fill: mentioned, mentions: [oxo], mentions_file: makers.txt",
+    ])
     spec = load_spec(spec_file)
     assert spec.field("maker").mentions == ["oxo", "all-clad", "smith, wesson & co"]
     assert Vocabulary(spec).candidates("maker", "All Clad skillet") == ["all-clad"]
     (tmp_path / "makers.txt").unlink()
     with pytest.raises(SpecError, match=r"\(maker\).*mentions_file 'makers.txt' not found"):
+        load_spec(spec_file)
+
+
+def test_heads_keep_the_runs_that_end_in_one_and_leave_a_query_without_one_null() -> None:
+    spec = make_spec({**ITEM, "heads": ["oven", "Pot"], "stop_at": ["for"]})
+    vocabulary = Vocabulary(spec)
+    allowed = build_row_grammar("cast iron dutch ovens for camping", vocabulary, "catalog").allowed["item"]
+    # Plural or singular, any case: a run ends in a head or is not offered.
+    assert allowed == ("cast iron dutch ovens", "iron dutch ovens", "dutch ovens", "ovens")
+    assert accepts(spec, "stock pot lid", ' {"item": "stock pot"}')
+    assert not accepts(spec, "stock pot lid", ' {"item": "stock pot lid"}')
+    # No head in the query (a model name, a title): null is the only answer.
+    assert forced_output(spec, "instant pro plus") == ' {"item": null}'
+    # Under span grounding heads play no part, as catalogs do not.
+    assert "lid" in (build_row_grammar("stock pot lid", vocabulary, "span").allowed["item"] or ())
+
+
+def test_heads_file_and_examples_that_must_end_in_a_head(tmp_path: Path) -> None:
+    (tmp_path / "heads.txt").write_text("# product heads\nskillet\n", encoding="utf-8")
+    spec_file = write_kitchen_spec(
+        tmp_path, ["name: item, kind: span, description: The item., heads: [pan], heads_file: heads.txt"],
+        "examples:\n  - {query: all clad skillet lid, parse: {item: skillet lid}}\n",
+    )
+    assert load_spec(spec_file).field("item").head_words == {"pan", "skillet"}
+    with pytest.raises(SpecError, match=r"skillet lid'.*does not end with one of the field's heads"):
+        load_checked_spec(str(spec_file))
+    (tmp_path / "heads.txt").unlink()
+    with pytest.raises(SpecError, match=r"\(item\).*heads_file 'heads.txt' not found"):
         load_spec(spec_file)

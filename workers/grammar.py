@@ -26,7 +26,7 @@ from typing import Literal
 
 from schemas.spec import ParseSpec, SpecError, SpecField, load_spec
 from schemas.vocabulary import Vocabulary, match_form
-from workers.inflection import singular_phrase
+from workers.inflection import singular_noun, singular_phrase
 
 Grounding = Literal["catalog", "span", "free"]
 
@@ -82,6 +82,7 @@ def query_spans(
     exclude: frozenset[str] = frozenset(),
     trim_edges: bool = True,
     stop_at: frozenset[str] = frozenset(),
+    heads: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Distinct contiguous runs of up to ``max_words`` query words, in order of first appearance.
 
@@ -89,25 +90,36 @@ def query_spans(
     word) when those words hold an acceptable run, else from the whole query. They may not contain a
     word of ``exclude`` (in match form: words another field's vocabulary claims, e.g. the "oak" of
     "oak dining table") and, with ``trim_edges``, may not start or end with a stopword or a number.
-    Falls back to every run when that leaves nothing.
+    Falls back to every run when that leaves nothing. With ``heads``, only runs ending in one of
+    them (as written or singular) count, the fallback included: none may be left.
     """
     words = query_words(query)
     stop = next((i for i, word in enumerate(words) if i and word.lower() in stop_at), None)
     if stop is not None:
-        before = _runs(words[:stop], max_words, exclude, trim_edges)
+        before = _runs(words[:stop], max_words, exclude, trim_edges, heads)
         if before:
             return before
-    runs = _runs(words, max_words, exclude, trim_edges)
+    runs = _runs(words, max_words, exclude, trim_edges, heads)
     if not runs and (exclude or words):
-        runs = _runs(words, max_words, frozenset(), trim_edges=False)
+        runs = _runs(words, max_words, frozenset(), False, heads)
     return runs
 
 
-def _runs(words: list[str], max_words: int, exclude: frozenset[str], trim_edges: bool) -> list[str]:
+def ends_in_head(word: str, heads: frozenset[str]) -> bool:
+    """Whether ``word`` (the last word of a run) is one of ``heads``, as written or singular."""
+    pieces = match_form(word).split()
+    return bool(pieces) and (pieces[-1] in heads or singular_noun(pieces[-1]) in heads)
+
+
+def _runs(
+    words: list[str], max_words: int, exclude: frozenset[str], trim_edges: bool, heads: frozenset[str] = frozenset()
+) -> list[str]:
     seen: dict[str, None] = {}
     for start in range(len(words)):
         for end in range(start + 1, min(len(words), start + max_words) + 1):
             if trim_edges and not (_edge_ok(words[start]) and _edge_ok(words[end - 1])):
+                continue
+            if heads and not ends_in_head(words[end - 1], heads):
                 continue
             if exclude and any(piece in exclude for w in words[start:end] for piece in match_form(w).split()):
                 continue
@@ -158,7 +170,9 @@ def allowed_values(
         return mentioned
     if mentioned and spec_field.fill == "mentioned":
         return mentioned
-    runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, frozenset(spec_field.stop_at))
+    heads = spec_field.head_words if grounding == "catalog" else frozenset()
+    stop_at = frozenset(spec_field.stop_at)
+    runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, stop_at, heads)
     return tuple(dict.fromkeys([*mentioned, *runs]))
 
 
@@ -349,6 +363,8 @@ def check_examples(spec: ParseSpec) -> list[str]:
             problem = check_value(spec_field, value, example.query, vocabulary)
             if problem is not None:
                 problems.append(f"{where}: {problem}")
+            elif spec_field.head_words and not ends_in_head(value.split()[-1], spec_field.head_words):
+                problems.append(f"{where}: field {name!r}: {value!r} does not end with one of the field's heads")
             elif spec_field.kind == "span" and normalize_value(spec_field, value, vocabulary) != value:
                 problems.append(f"{where}: field {name!r}: write {value!r} as the parse does: "
                                 f"{normalize_value(spec_field, value, vocabulary)!r}")
