@@ -108,9 +108,9 @@ class SpecField(BaseModel):
     )
     heads: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
         default_factory=list,
-        description="span fields: the words a value may end with (the head nouns of product types: 'case', "
-        "'shoe'); a query word matches as written or singular. A query that says none of them leaves the "
-        "field null. Catalog grounding only.",
+        description="span fields: the words a value may end with, written singular (the head nouns of product "
+        "types: 'case', 'shoe'); a query word matches as written or singular. A query that says none of them "
+        "leaves the field null. Catalog grounding only.",
     )
     heads_file: str | None = Field(
         None, description="span fields: more heads from a text file beside the spec, one word a line."
