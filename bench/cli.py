@@ -331,6 +331,10 @@ def queryner(
         help="Instead: write the split's product-type heads (a heads_file), e.g. "
         "schemas/specs/ecommerce_product_heads.txt."
     )] = None,
+    product_types_out: Annotated[Path | None, typer.Option(
+        help="Instead: write the split's product-type catalog (a mentions_file), e.g. "
+        "schemas/specs/ecommerce_product_types.txt."
+    )] = None,
 ) -> None:
     """QueryNER's labelled shopping queries as labelled JSONL for `qustream eval` (and training).
 
@@ -345,6 +349,8 @@ def queryner(
     catalogs = [
         (brands_out, "--brands-out", "brands", lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["brand"])),
         (heads_out, "--heads-out", "product-type heads", lambda: head_catalog(rows_file, load_checked_spec(spec))),
+        (product_types_out, "--product-types-out", "product types",
+         lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["product_type"])),
     ]
     for path, option, what, build in catalogs:
         if path is not None:

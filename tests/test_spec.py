@@ -50,6 +50,17 @@ def test_builtin_specs_load_with_their_examples_checked(name: str) -> None:
     jsonschema.validate(yaml.safe_load((REPO / "schemas" / "specs" / f"{name}.yaml").read_text()), spec_json_schema())
 
 
+def test_ecommerce_takes_the_known_values_a_query_says() -> None:
+    vocabulary = Vocabulary(load_checked_spec("ecommerce"))
+    allowed = build_row_grammar("sippy cup for toddlers", vocabulary, "catalog").allowed
+    # A catalogued product type is taken whole (the model prefers the bare head, "cup").
+    assert allowed["product_type"] == ("sippy cup",) and allowed["audience"] == ("toddler",)
+    allowed = build_row_grammar("samsung 55 inch tv", vocabulary, "catalog").allowed
+    assert (allowed["product_type"], allowed["brand"], allowed["size"]) == (("tv",), ("samsung",), ("55 inch",))
+    # No product-type head at all (a model name): null without a model step.
+    assert build_row_grammar("galaxy s21 ultra", vocabulary, "catalog").allowed["product_type"] == ()
+
+
 def _field(data: dict[str, Any], name: str) -> dict[str, Any]:
     return next(f for f in data["fields"] if f["name"] == name)
 
@@ -150,7 +161,7 @@ def test_spec_commands(tmp_path: Path) -> None:
     assert "mentions: " in shown.stdout and "4 patterns" in shown.stdout and "1524 heads" in shown.stdout
     builtin = cli("spec", "check", "ecommerce")
     assert "brand (span, 1286 mentions)" in builtin.stdout and "size (span, 4 patterns)" in builtin.stdout
-    assert "product_type (span, 1524 heads)" in builtin.stdout
+    assert "product_type (span, 3416 mentions, 1524 heads)" in builtin.stdout
 
 
 def test_the_worker_refuses_a_bad_spec_at_start(tmp_path: Path) -> None:
