@@ -76,3 +76,10 @@ def test_heads_out_writes_a_heads_file(tmp_path: Path) -> None:
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("# The product-type heads of QueryNER's train split")
     assert lines[2:] == ["band", "case", "hoodie", "shirt", "shorts", "sock", "sweatpants", "vinegar", "water"]
+
+
+def test_product_types_out_writes_the_catalogued_product_types(tmp_path: Path) -> None:
+    out = tmp_path / "product_types.txt"
+    assert "9 product types" in write_catalog(tmp_path, "--product-types-out", out)
+    assert out.read_text(encoding="utf-8").splitlines()[2:] == [
+        "apple cider vinegar", "case", "hoodie", "shirt", "shorts", "socks", "sweatpants", "watch band", "water"]
