@@ -48,11 +48,11 @@ GOOD = [
     {"query": "womens leather boots", "product_type": "boot", "audience": "women", "material": "leather"},
     {"query": "samsung 55 inch tv", "product_type": "tv", "brand": "samsung", "size": "55 inch"},
     {"query": "red cotton t shirt", "product_type": "t shirt", "color": "red", "material": "cotton"},
-    {"query": "kids rain jacket", "product_type": "rain jacket", "audience": "kids"},
+    {"query": "kids rain boots", "product_type": "rain boot", "audience": "kids"},
     {"query": "stainless steel water bottle", "product_type": "water bottle", "material": "stainless steel"},
-    {"query": "nike running shoes men", "product_type": "running shoe", "brand": "nike", "audience": "men"},
+    {"query": "adidas sneakers men", "product_type": "sneaker", "brand": "adidas", "audience": "men"},
     {"query": "black wool blanket", "product_type": "blanket", "color": "black", "material": "wool"},
-    {"query": "apple watch band", "product_type": "watch band", "brand": "apple"},
+    {"query": "apple phone case", "product_type": "phone case", "brand": "apple"},
     {"query": "baby girl dress", "product_type": "dress", "audience": ["baby", "girls"]},
     {"query": "queen size bed sheets", "product_type": "bed sheet", "size": "queen size"},
 ]
@@ -134,6 +134,12 @@ def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dic
     # Material and audience are forced (``fill: mentioned``), so the model's last decision is the size;
     # forced text after it is never fed.
     assert text.endswith('"size": null')
+    # A run of the query's words that the spec's grammar never writes: product_type takes the
+    # catalogued mention ("jacket"), so a "rain jacket" label would teach what serving cannot decode.
+    unwritable = tmp_path / "unwritable.jsonl"
+    unwritable.write_text(json.dumps({"query": "kids rain jacket", "product_type": "rain jacket"}) + "\n")
+    problems = load_training_data(engine, unwritable).problems
+    assert [(n, "offers no value written 'rain jacket'" in reason) for n, reason in problems] == [(1, True)]
 
 
 def test_a_worker_serves_the_trained_folder(trained: tuple[Path, dict[str, Any]],

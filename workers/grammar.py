@@ -335,8 +335,10 @@ def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocab
     name = spec_field.name
     if spec_field.kind == "span":
         runs = query_spans(query, spec_field.max_words, trim_edges=False, stop_at=frozenset(spec_field.stop_at))
-        if normalize_value(spec_field, value, vocabulary) not in {normalize_value(spec_field, r, vocabulary)
-                                                                  for r in runs}:
+        # Compared in match form: a catalogued mention keeps the catalog's spelling ("t-shirt" for
+        # "t shirt"), and the engine writes it so.
+        written = {match_form(normalize_value(spec_field, r, vocabulary)) for r in runs}
+        if match_form(normalize_value(spec_field, value, vocabulary)) not in written:
             return f"field {name!r}: {value!r} is not a run of the query's words"
     elif spec_field.kind == "vocabulary":
         canonical = vocabulary.canonicalize(name, value)
