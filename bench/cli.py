@@ -342,6 +342,7 @@ def queryner(
     """
     from bench.queryner import FIELD_TO_ENTITY, convert, head_catalog, mention_catalog
     from workers.grammar import load_checked_spec
+    from workers.inflection import singular_noun
 
     if split not in ("train", "validation"):
         raise typer.BadParameter("train or validation; the test split is held out", param_hint="--split")
@@ -350,17 +351,18 @@ def queryner(
         (brands_out, "--brands-out", "brands", lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["brand"])),
         (heads_out, "--heads-out", "product-type heads", lambda: head_catalog(rows_file, load_checked_spec(spec))),
         (product_types_out, "--product-types-out", "product types",
-         lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["product_type"])),
+         lambda: mention_catalog(rows_file, FIELD_TO_ENTITY["product_type"], singular=singular_noun)),
     ]
-    for path, option, what, build in catalogs:
-        if path is not None:
-            entries = build()
-            header = (f"# The {what} of QueryNER's {split} split (Palen-Michel et al., LREC-COLING 2024; CC BY 4.0),\n"
-                      f"# written by: qustream bench queryner --split {split} {option} {path}\n")
-            path.write_text(header + "".join(e + "\n" for e in entries), encoding="utf-8")
-            print(f"{len(entries)} {what} -> {path}")
-            return
-    rows = convert(source / f"{split}.jsonl", load_checked_spec(spec), limit)
+    wanted = [(path, option, what, build) for path, option, what, build in catalogs if path is not None]
+    for path, option, what, build in wanted:
+        entries = build()
+        header = (f"# The {what} of QueryNER's {split} split (Palen-Michel et al., LREC-COLING 2024; CC BY 4.0),\n"
+                  f"# written by: qustream bench queryner --split {split} {option} {path}\n")
+        path.write_text(header + "".join(e + "\n" for e in entries), encoding="utf-8")
+        print(f"{len(entries)} {what} -> {path}")
+    if wanted:
+        return
+    rows = convert(rows_file, load_checked_spec(spec), limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     print(f"{len(rows)} labelled queries -> {out}")

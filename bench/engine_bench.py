@@ -196,13 +196,12 @@ def run_engine_bench(
     include_batched: bool = True,
 ) -> dict[str, Any]:
     from bench.baselines import BatchedGenerate, SequentialGenerate
-    from schemas.vocabulary import Vocabulary
     from workers.engine import ConstrainedEngine
-    from workers.grammar import load_checked_spec
+    from workers.grammar import load_checked_spec, spec_vocabulary
     from workers.model import load_model
 
     spec = load_checked_spec(settings.parse_spec)
-    vocabulary = Vocabulary(spec)
+    vocabulary = spec_vocabulary(spec)
     queries, cases = load_bench_queries(spec, queries_path)
     loaded = load_model(settings)
     # Built first so every variant, baselines included, runs with the same attention implementation.

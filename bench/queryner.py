@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from schemas.spec import ParseSpec, match_form
 from schemas.vocabulary import Vocabulary
-from workers.grammar import normalize_value
+from workers.grammar import normalize_value, spec_vocabulary
 
 #: A phrase joins a mention catalog when it carries the label in at least this share of the queries
 #: that say it: "apple" (a brand in most queries that name it) joins, "pink" (mostly a colour) does not.
@@ -63,7 +64,7 @@ def convert(source: Path, spec: ParseSpec, limit: int = 0) -> list[dict[str, Any
     missing = sorted(set(spec.field_names) - set(FIELD_TO_ENTITY))
     if missing:
         raise ValueError(f"spec {spec.name!r} has fields QueryNER does not label: {missing}")
-    vocabulary = Vocabulary(spec)
+    vocabulary = spec_vocabulary(spec)
     return [label_row(row, spec, vocabulary) for row in rows]
 
 
@@ -72,7 +73,7 @@ def head_catalog(
 ) -> list[str]:
     """The last words of ``field``'s labelled values in the QueryNER rows of ``source`` (written as the
     parse writes them: singular), said by at least ``min_count`` rows, as a span field's ``heads_file``."""
-    vocabulary = Vocabulary(spec)
+    vocabulary = spec_vocabulary(spec)
     counts: Counter[str] = Counter()
     for line in source.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -84,23 +85,31 @@ def head_catalog(
     return sorted(word for word, count in counts.items() if count >= min_count)
 
 
-def mention_catalog(source: Path, entity: str, min_share: float = MENTION_MIN_SHARE) -> list[str]:
+def mention_catalog(
+    source: Path, entity: str, min_share: float = MENTION_MIN_SHARE, singular: Callable[[str], str] | None = None
+) -> list[str]:
     """Phrases labelled ``entity`` in the QueryNER rows of ``source`` that carry that label in at least
     ``min_share`` of the rows whose query says them, as a span field's ``mentions_file`` (sorted; one
-    phrase per match form)."""
+    phrase per match form, spelled as most rows spell it). With ``singular``, a phrase is counted
+    whichever number its last word is in, as a field written singular matches it."""
+
+    def key_of(words: Sequence[str]) -> str:
+        return " ".join([*words[:-1], singular(words[-1])] if singular and words else words)
+
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     labelled: Counter[str] = Counter()
-    written: dict[str, str] = {}
+    spellings: dict[str, Counter[str]] = {}
     for row in rows:
         for span in dict.fromkeys(row["spans"].get(entity, [])):
-            key = match_form(span)
+            key = key_of(match_form(span).split())
             if key and len(key.split()) <= MENTION_MAX_WORDS and any(c.isalpha() for c in key):
                 labelled[key] += 1
-                written.setdefault(key, " ".join(span.lower().split()))
+                spellings.setdefault(key, Counter())[" ".join(span.lower().split())] += 1
     said: Counter[str] = Counter()
     for row in rows:
         words = match_form(row["query"]).split()
-        runs = {" ".join(words[i:j]) for i in range(len(words))
+        runs = {key_of(words[i:j]) for i in range(len(words))
                 for j in range(i + 1, min(len(words), i + MENTION_MAX_WORDS) + 1)}
         said.update(run for run in runs if run in labelled)
-    return sorted(written[key] for key, count in labelled.items() if count >= min_share * max(said[key], 1))
+    return sorted(spellings[key].most_common(1)[0][0] for key, count in labelled.items()
+                  if count >= min_share * max(said[key], 1))

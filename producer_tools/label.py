@@ -24,7 +24,7 @@ from typing import Any
 from producer_tools.replay import BadLine, LogReader, ReplayOptions, raw_lines
 from schemas.settings import Settings
 from schemas.spec import ParseSpec
-from schemas.vocabulary import Vocabulary
+from workers.grammar import spec_vocabulary
 from workers.normalize import normalize_query
 from workers.training import BadRow, check_record
 
@@ -93,7 +93,7 @@ def label(
     progress: Any = None,
 ) -> LabelSummary:
     """Write the labelled JSONL; ``teacher`` (a ParseEngine) labels every query, else the items' own labels."""
-    vocabulary = Vocabulary(spec)
+    vocabulary = spec_vocabulary(spec)
     summary = LabelSummary()
     seen: set[str] = set()
     pending: list[tuple[str, dict[str, Any]]] = []

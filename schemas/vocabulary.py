@@ -9,6 +9,7 @@ is its own canonical value); a span field's patterns add the text they match.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cached_property
 
 from schemas.spec import ParseSpec, match_form
@@ -19,8 +20,14 @@ __all__ = ["Vocabulary", "match_form"]
 class Vocabulary:
     """Surface-form index over the spec's vocabulary fields and span fields' mentions and patterns."""
 
-    def __init__(self, spec: ParseSpec) -> None:
+    def __init__(self, spec: ParseSpec, singular: Callable[[str], str] | None = None) -> None:
+        """``singular`` (a word's singular): the mentions of span fields written singular then match
+        whichever number the query uses for their last word ("running shoe" in "running shoes")."""
         self.spec = spec
+        self._singular = singular
+        self._number_blind = frozenset(
+            f.name for f in spec.fields if singular is not None and f.kind == "span" and "singular" in f.normalize
+        )
 
     @cached_property
     def surface_index(self) -> dict[str, dict[str, str]]:
@@ -40,17 +47,36 @@ class Vocabulary:
                 index[spec_field.name] = forms
         return index
 
+    def _singular_last(self, words: tuple[str, ...]) -> tuple[str, ...]:
+        assert self._singular is not None
+        return (*words[:-1], self._singular(words[-1]))
+
     @cached_property
     def _form_index(self) -> dict[str, list[tuple[tuple[str, ...], str, str]]]:
-        """First word -> (form words, field, canonical value), longest forms first."""
+        """First word -> (form words, field, canonical value), longest forms first; the forms of
+        number-blind fields with their last word singular, each once."""
         index: dict[str, list[tuple[tuple[str, ...], str, str]]] = {}
+        seen: set[tuple[tuple[str, ...], str]] = set()
         for name, forms in self.surface_index.items():
             for form, value in forms.items():
                 words = tuple(form.split())
-                index.setdefault(words[0], []).append((words, name, value))
+                if name in self._number_blind:
+                    words = self._singular_last(words)
+                if (words, name) not in seen:
+                    seen.add((words, name))
+                    index.setdefault(words[0], []).append((words, name, value))
         for entries in index.values():
             entries.sort(key=lambda e: len(e[0]), reverse=True)
         return index
+
+    def _forms_from(self, word: str) -> list[tuple[tuple[str, ...], str, str]]:
+        """The forms that may start at ``word``: those of a one-word number-blind form by its singular too."""
+        entries = self._form_index.get(word, [])
+        if self._number_blind:
+            singular = self._singular(word) if self._singular is not None else word
+            if singular != word:
+                entries = entries + [e for e in self._form_index.get(singular, ()) if len(e[0]) == 1]
+        return entries
 
     def matches(self, query: str) -> list[tuple[str, str, int, int]]:
         """(field, canonical value, first word, end word) of every vocabulary mention in ``query``.
@@ -62,9 +88,12 @@ class Vocabulary:
         words = match_form(query).split()
         found: list[tuple[str, str, int, int]] = []
         for start, word in enumerate(words):
-            for form_words, name, value in self._form_index.get(word, ()):
+            for form_words, name, value in self._forms_from(word):
                 end = start + len(form_words)
-                if tuple(words[start:end]) == form_words:
+                said = tuple(words[start:end])
+                if name in self._number_blind and len(said) == len(form_words):
+                    said = self._singular_last(said)
+                if said == form_words:
                     found.append((name, value, start, end))
         found.extend(self._pattern_matches(query))
         kept: list[tuple[str, str, int, int]] = []

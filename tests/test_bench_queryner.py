@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from bench.cli import app as bench_app
 from bench.queryner import head_catalog, mention_catalog
 from schemas.spec import load_spec
+from workers.inflection import singular_noun
 
 
 def write_split(folder: Path, rows: list[tuple[str, dict[str, list[str]]]]) -> Path:
@@ -36,8 +37,20 @@ ROWS = [
 def test_a_phrase_joins_the_catalog_when_most_queries_that_say_it_label_it(tmp_path: Path) -> None:
     catalog = mention_catalog(write_split(tmp_path, ROWS), "creator")
     # apple: a brand in 2 of its 3 queries; pink: in 1 of 3; a phrase without letters never joins; one
-    # phrase per match form, as the split first writes it.
+    # phrase per match form, as most of the split's rows write it (the first, on a tie).
     assert catalog == ["apple", "under-armour"]
+
+
+def test_a_catalog_written_singular_counts_either_number_of_a_phrase(tmp_path: Path) -> None:
+    rows = [
+        ("running shoes", {"core_product_type": ["running shoes"]}),
+        ("running shoes men", {"core_product_type": ["running shoes"]}),
+        ("nike running shoe", {"creator": ["nike"], "core_product_type": ["running shoe"]}),
+        ("running shoe laces", {"core_product_type": ["laces"]}),
+    ]
+    source = write_split(tmp_path, rows)
+    assert mention_catalog(source, "core_product_type") == ["laces", "running shoe", "running shoes"]
+    assert mention_catalog(source, "core_product_type", singular=singular_noun) == ["laces", "running shoes"]
 
 
 def write_catalog(tmp_path: Path, option: str, out: Path) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from schemas.spec import ParseSpec, SpecError, load_spec, parse_spec_data
 from schemas.vocabulary import Vocabulary
-from workers.grammar import build_row_grammar, load_checked_spec
+from workers.grammar import build_row_grammar, check_value, load_checked_spec, spec_vocabulary
 
 COLOUR: dict[str, Any] = {
     "name": "colour",
@@ -232,3 +232,44 @@ def test_heads_file_and_examples_that_must_end_in_a_head(tmp_path: Path) -> None
     (tmp_path / "heads.txt").unlink()
     with pytest.raises(SpecError, match=r"\(item\).*heads_file 'heads.txt' not found"):
         load_spec(spec_file)
+
+
+def test_a_field_written_singular_finds_its_mentions_in_either_number() -> None:
+    spec = make_spec({**ITEM, "normalize": ["lowercase", "singular"], "fill": "mentioned",
+                      "mentions": ["running shoe", "boots", "shoe rack"]})
+    vocabulary = spec_vocabulary(spec)
+    assert build_row_grammar("nike running shoes", vocabulary, "catalog").allowed["item"] == ("running shoe",)
+    assert build_row_grammar("rain boot", vocabulary, "catalog").allowed["item"] == ("boots",)
+    # Matched as written without the engine's singular, and only the last word's number is free.
+    assert "running shoe" not in (build_row_grammar("nike running shoes", Vocabulary(spec), "catalog").allowed["item"]
+                                  or ())
+    assert vocabulary.candidates("item", "shoe racks") == ["shoe rack"]
+    assert vocabulary.candidates("item", "shoes rack") == []
+    assert spec_vocabulary(make_spec(ITEM, MAKER)).candidates("maker", "oxos peeler") == []
+
+
+def test_a_mention_after_a_stop_word_gives_way_to_the_words_before_it() -> None:
+    spec = make_spec({**ITEM, "stop_at": ["for", "with"], "fill": "mentioned", "mentions": ["phone case", "toys"],
+                      "heads": ["charger", "case"]})
+    vocabulary = spec_vocabulary(spec)
+    assert build_row_grammar("charger for phone case", vocabulary, "catalog").allowed["item"] == ("charger",)
+    assert build_row_grammar("phone case with charger", vocabulary, "catalog").allowed["item"] == ("phone case",)
+    # Nothing the field could take before the stop word: the mention after it stands.
+    assert build_row_grammar("bathbombs with toys inside", vocabulary, "catalog").allowed["item"] == ("toys",)
+
+
+def test_an_example_the_grammar_cannot_write_is_reported(tmp_path: Path) -> None:
+    spec_file = write_kitchen_spec(
+        tmp_path, ["name: item, kind: span, description: The item., fill: mentioned, mentions: [oven]"],
+        "examples:\n  - {query: dutch oven, parse: {item: dutch oven}}\n",
+    )
+    with pytest.raises(SpecError, match=r"examples\[0\].*the grammar offers \['oven'\] for this query, not 'dutch"):
+        load_checked_spec(str(spec_file))
+
+
+def test_a_value_without_letters_or_digits_is_no_label() -> None:
+    spec = make_spec(ITEM)
+    problem = check_value(spec.field("item"), "-", "shirt - blue", spec_vocabulary(spec))
+    assert problem is not None and "has no letters or digits" in problem
+    # Punctuation aside, the catalog's spelling is the query's words.
+    assert check_value(spec.field("item"), "t-shirt", "red t shirt", spec_vocabulary(spec)) is None

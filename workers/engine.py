@@ -34,8 +34,14 @@ import structlog
 
 from schemas.settings import Settings
 from schemas.spec import ParseSpec
-from schemas.vocabulary import Vocabulary
-from workers.grammar import Grounding, RowGrammar, build_row_grammar, load_checked_spec, normalize_parse
+from workers.grammar import (
+    Grounding,
+    RowGrammar,
+    build_row_grammar,
+    load_checked_spec,
+    normalize_parse,
+    spec_vocabulary,
+)
 from workers.packed import PackedStepper
 from workers.prompt import prompt_prefix, prompt_suffix
 
@@ -289,7 +295,7 @@ class ConstrainedEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.spec = spec
-        self.vocabulary = Vocabulary(spec)
+        self.vocabulary = spec_vocabulary(spec)
         self.model_id = loaded.model_id
         #: Where the model runs ("cpu", "cuda", "mps"): the pipeline chooses how misses reach it by it.
         self.device = loaded.device

@@ -180,6 +180,8 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
     """The grammar of one query's output (see the module docstring for the modes)."""
     spec = vocabulary.spec
     mentions = vocabulary.matches(query) if grounding == "catalog" else []
+    for spec_field in spec.fields:
+        mentions = _drop_mentions_past_stop(spec_field, query, mentions)
     claimed = frozenset(w for _, _, s, e in mentions for w in match_form(query).split()[s:e])
     # One pass over the query's mentions serves every field (``Vocabulary.candidates`` would rescan it).
     mentioned: dict[str, dict[str, None]] = {}
@@ -216,6 +218,26 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
     parts.append(_ebnf_literal("}"))
     ebnf = "root ::= " + " ".join(parts) + "\n" + "\n".join(rules) + "\n"
     return RowGrammar(ebnf=ebnf, allowed=allowed)
+
+
+def _drop_mentions_past_stop(
+    spec_field: SpecField, query: str, mentions: list[tuple[str, str, int, int]]
+) -> list[tuple[str, str, int, int]]:
+    """``mentions`` without the field's mentions after its first ``stop_at`` word when the words before
+    that stop hold a mention or an acceptable run ("charger for phone case": the charger, not the case);
+    the same words the runs come from."""
+    stop_at = frozenset(spec_field.stop_at)
+    words = match_form(query).split()
+    stop = next((i for i, word in enumerate(words) if i and word in stop_at), None)
+    own = [m for m in mentions if m[0] == spec_field.name]
+    if stop is None or not any(m[2] >= stop for m in own):
+        return mentions
+    before = " ".join(words[:stop])
+    if not any(m[2] < stop for m in own) and not query_spans(
+        before, spec_field.max_words, trim_edges=spec_field.trim_edges, heads=spec_field.head_words
+    ):
+        return mentions
+    return [m for m in mentions if m[0] != spec_field.name or m[2] < stop]
 
 
 def _exclusive_groups(spec: ParseSpec, mentions: list[tuple[str, str, int, int]]) -> dict[int, tuple[int, str]]:
@@ -333,12 +355,11 @@ def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocab
     run of the query's words, a vocabulary value outside the vocabulary or not mentioned, a label
     outside the set. Spec examples and training data are checked with it."""
     name = spec_field.name
+    if spec_field.kind != "category" and not match_form(value):
+        return f"field {name!r}: {value!r} has no letters or digits"
     if spec_field.kind == "span":
         runs = query_spans(query, spec_field.max_words, trim_edges=False, stop_at=frozenset(spec_field.stop_at))
-        # Compared in match form: a catalogued mention keeps the catalog's spelling ("t-shirt" for
-        # "t shirt"), and the engine writes it so.
-        written = {match_form(normalize_value(spec_field, r, vocabulary)) for r in runs}
-        if match_form(normalize_value(spec_field, value, vocabulary)) not in written:
+        if not any(same_value(spec_field, value, run, vocabulary) for run in runs):
             return f"field {name!r}: {value!r} is not a run of the query's words"
     elif spec_field.kind == "vocabulary":
         canonical = vocabulary.canonicalize(name, value)
@@ -352,9 +373,10 @@ def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocab
 
 
 def check_examples(spec: ParseSpec) -> list[str]:
-    """Problems with the spec's examples, one line each: those of ``check_value``, and values not
+    """Problems with the spec's examples, one line each: those of ``check_value``, span values the
+    catalog-grounded grammar cannot write (a catalogued mention or a head decides), and values not
     written as the parse writes them (singular, canonical)."""
-    vocabulary = Vocabulary(spec)
+    vocabulary = spec_vocabulary(spec)
     problems: list[str] = []
     for index, example in enumerate(spec.examples):
         where = f"examples[{index}] ({example.query!r})"
@@ -363,10 +385,12 @@ def check_examples(spec: ParseSpec) -> list[str]:
                 continue
             spec_field = spec.field(name)
             problem = check_value(spec_field, value, example.query, vocabulary)
+            if problem is None and spec_field.kind == "span":
+                problem = _unwritable_span(spec_field, value, example.query, vocabulary)
+                if problem is not None and spec_field.head_words and not ends_in_head(value, spec_field.head_words):
+                    problem = f"field {name!r}: {value!r} does not end with one of the field's heads"
             if problem is not None:
                 problems.append(f"{where}: {problem}")
-            elif spec_field.head_words and not ends_in_head(value.split()[-1], spec_field.head_words):
-                problems.append(f"{where}: field {name!r}: {value!r} does not end with one of the field's heads")
             elif spec_field.kind == "span" and normalize_value(spec_field, value, vocabulary) != value:
                 problems.append(f"{where}: field {name!r}: write {value!r} as the parse does: "
                                 f"{normalize_value(spec_field, value, vocabulary)!r}")
@@ -376,6 +400,29 @@ def check_examples(spec: ParseSpec) -> list[str]:
             elif spec_field.kind == "category" and value not in spec_field.canonical_values:
                 problems.append(f"{where}: field {name!r}: {value!r} is not one of {spec_field.canonical_values}")
     return problems
+
+
+def same_value(spec_field: SpecField, first: str, second: str, vocabulary: Vocabulary) -> bool:
+    """Whether two values of a field are written the same by the parse, punctuation aside: a catalogued
+    mention keeps the catalog's spelling ("t-shirt" for the query's "t shirt")."""
+    return match_form(normalize_value(spec_field, first, vocabulary)) == match_form(
+        normalize_value(spec_field, second, vocabulary)
+    )
+
+
+def _unwritable_span(spec_field: SpecField, value: str, query: str, vocabulary: Vocabulary) -> str | None:
+    """Why the catalog-grounded grammar cannot write ``value`` for ``query`` (a catalogued mention or a
+    run without a head takes its place), or None."""
+    offered = build_row_grammar(query, vocabulary, "catalog").allowed[spec_field.name] or ()
+    if any(same_value(spec_field, value, option, vocabulary) for option in offered):
+        return None
+    return f"field {spec_field.name!r}: the grammar offers {list(offered)} for this query, not {value!r}"
+
+
+def spec_vocabulary(spec: ParseSpec) -> Vocabulary:
+    """The spec's known values as the engine matches them: span fields written singular find their
+    mentions in either number."""
+    return Vocabulary(spec, singular=singular_noun)
 
 
 def load_checked_spec(ref: str) -> ParseSpec:

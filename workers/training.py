@@ -41,10 +41,10 @@ import structlog
 import typer
 
 from schemas.settings import Settings
-from schemas.spec import ParseSpec, match_form
+from schemas.spec import ParseSpec
 from schemas.vocabulary import Vocabulary
 from workers.evaluation import QualityCase, parse_cases, quality_case, score
-from workers.grammar import build_row_grammar, check_value, normalize_value
+from workers.grammar import build_row_grammar, check_value, same_value
 from workers.model import MODEL_CARD
 from workers.normalize import normalize_query
 from workers.prompt import format_parse
@@ -146,8 +146,7 @@ def grammar_output(engine: ConstrainedEngine, record: dict[str, Any]) -> str:
         if offered is None:  # free grounding: any short string
             raw[spec_field.name] = labels[0]
             continue
-        wanted = {match_form(normalize_value(spec_field, label, engine.vocabulary)) for label in labels}
-        written = [v for v in offered if match_form(normalize_value(spec_field, v, engine.vocabulary)) in wanted]
+        written = [v for v in offered if any(same_value(spec_field, v, label, engine.vocabulary) for label in labels)]
         if not written:
             raise BadRow(f"field {spec_field.name!r}: the grammar offers no value written {labels[0]!r} for this "
                          f"query under {engine.grounding} grounding")
