@@ -21,8 +21,8 @@ from workers.grammar import normalize_value, spec_vocabulary
 
 #: A phrase joins a mention catalog when it carries the label in at least this share of the queries
 #: that say it: "apple" (a brand in most queries that name it) joins, "pink" (mostly a colour) does not.
-#: Chosen for brands by five-fold cross-validation on the train split (0.3 to 0.7 within noise of each
-#: other); product types use the same share.
+#: Chosen for brands by five-fold cross-validation on the train split (figures in
+#: bench/results/quality_ecommerce.json); product types use the same share.
 MENTION_MIN_SHARE = 0.5
 #: A word joins the product-type heads when this many train queries end a product type with it.
 HEAD_MIN_COUNT = 1

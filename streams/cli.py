@@ -175,7 +175,7 @@ def spec_check(
     parse_spec = spec_or_exit(spec)
     def known(f: SpecField) -> str:
         counts = [(len(f.values), "values"), (len(f.mentions), "mentions"), (len(f.patterns), "patterns"),
-                  (len(f.heads), "heads")]
+                  (len(f.head_words), "heads")]
         return "".join(f", {n} {what}" for n, what in counts if n)
 
     kinds = ", ".join(f"{f.name} ({f.kind}{known(f)})" for f in parse_spec.fields)
@@ -216,7 +216,7 @@ def spec_show(
         if spec_field.patterns:
             shown += ("; " if shown else "") + f"{len(spec_field.patterns)} patterns"
         if spec_field.heads:
-            shown += ("; " if shown else "") + f"{len(spec_field.heads)} heads"
+            shown += ("; " if shown else "") + f"{len(spec_field.head_words)} heads"
         if spec_field.fill == "mentioned":
             shown += " (fill: mentioned)"
         table.add_row(spec_field.name, spec_field.kind, spec_field.description, shown)
