@@ -294,6 +294,8 @@ def train_bench(
     seed: Annotated[int, typer.Option()] = 0,
     precision: Annotated[Literal["auto", "bf16", "fp32"], typer.Option(
         help="Step arithmetic (see `qustream train --help`).")] = "auto",
+    catalog_folds: Annotated[int, typer.Option(min=1, help="Folds of cross-fitted catalogs (see `qustream train "
+                                                           "--help`; 1 = the catalog as it is).")] = 5,
 ) -> None:
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
@@ -310,7 +312,7 @@ def train_bench(
     options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
                            train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
                            held_out=held_out, eval_every=eval_every, seed=seed,
-                           precision=precision)
+                           precision=precision, catalog_folds=catalog_folds)
     report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit)
     print_report(report)
 

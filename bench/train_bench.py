@@ -73,7 +73,8 @@ def run_train_bench(
         "training": {key: training[key] for key in (
             "base_model", "method", "precision", "few_shot", "learning_rate", "parameters", "trainable_parameters",
             "rows", "train_rows", "held_out_rows", "steps", "epochs", "stopped", "train_seconds", "seconds",
-            "peak_rss_mb", "best_step", "prefix_tokens", "tokens_per_row", "chosen_tokens_per_row")}
+            "peak_rss_mb", "best_step", "prefix_tokens", "tokens_per_row", "chosen_tokens_per_row",
+            "catalog_folds", "mentions_dropped_per_fold")}
         | {"skipped_rows": len(training["skipped"]), "train_layers": options.train_layers,
            "batch_size": options.batch_size, "model_folder": str(model_out)},
         "variants": [{"name": "base, few-shot", **base}, {"name": "student", **student}],

@@ -18,13 +18,14 @@ from typer.testing import CliRunner
 
 from producer_tools.label import parsed_event_item, provenance_path
 from schemas.settings import Settings
-from schemas.spec import load_spec
+from schemas.spec import load_spec, parse_spec_data
 from streams.cli import app, register_plugin_commands
 from streams.topics import ensure_topics
 from tests.engine_fixtures import tiny_folder
 from tests.support import WorkerProcess, read_topic, run
 from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
 from workers.evaluation import load_quality
+from workers.grammar import spec_vocabulary
 from workers.model import MODEL_CARD, load_model
 from workers.training import (
     CHART,
@@ -37,7 +38,10 @@ from workers.training import (
     learning_rate_factor,
     load_training_data,
     parameter_count,
+    split_records,
+    teach,
     train,
+    without_own_mentions,
 )
 
 __all__ = ["tiny_folder"]
@@ -87,7 +91,7 @@ def trained(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     work = tmp_path_factory.mktemp("trained")
     data = write_data(work / "labels.jsonl")
     options = TrainOptions(data=data, out=work / "model", max_steps=12, max_epochs=20, batch_size=8,
-                           learning_rate=3e-3, held_out=2, patience=100, progress=False)
+                           learning_rate=3e-3, held_out=2, patience=100, progress=False, catalog_folds=1)
     return options.out, train(tiny_settings(tiny_folder), options)
 
 
@@ -97,7 +101,7 @@ def test_training_lowers_the_loss_and_saves_a_model_card(trained: tuple[Path, di
     losses = [loss for _, loss in report["losses"]]
     assert len(losses) == 12 and report["stopped"] == "max steps"
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
-    assert report["train_rows"] == 8 and report["held_out_rows"] == 2
+    assert report["train_rows"] == 8 and report["held_out_rows"] == 2 and report["catalog_folds"] == 1
     assert [e["step"] for e in report["evals"]][:2] == [0, 1]  # the base model, then every epoch (one batch)
     assert report["peak_rss_mb"] > 0 and report["method"] == "full"
     assert {"product_type_acc", "all_fields_acc", "invented_absent"} <= set(report["best"])
@@ -271,7 +275,8 @@ def test_bf16_steps_lower_the_loss_and_fp32_is_kept_where_asked(tiny_folder: Pat
     assert choose_precision("cpu", "fp32") == "fp32" and choose_precision("cuda:0", "bf16") == "bf16"
     data = write_data(tmp_path / "labels.jsonl", bad=False)
     options = TrainOptions(data=data, out=tmp_path / "model", max_steps=12, max_epochs=20, batch_size=8,
-                           learning_rate=3e-3, held_out=2, patience=100, progress=False, precision="bf16")
+                           learning_rate=3e-3, held_out=2, patience=100, progress=False, precision="bf16",
+                           catalog_folds=1)
     report = train(tiny_settings(tiny_folder), options)
     losses = [loss for _, loss in report["losses"]]
     assert report["precision"] == "bf16"
@@ -282,3 +287,48 @@ def test_bf16_steps_lower_the_loss_and_fp32_is_kept_where_asked(tiny_folder: Pat
 
     saved = AutoModelForCausalLM.from_pretrained(options.out)
     assert {p.dtype for p in saved.parameters()} == {torch.float32}
+
+
+def test_each_fold_is_taught_under_the_catalog_without_the_mentions_only_it_labels(tiny_folder: Path,
+                                                                                  tmp_path: Path) -> None:
+    vocabulary = spec_vocabulary(ECOMMERCE)
+    own = [{"query": "apple backpack", "product_type": "backpack", "brand": "apple"}]
+    # Another fold labels the same product type in the other number: the catalog keeps it.
+    others = [{"query": "samsung backpacks", "product_type": "backpacks", "brand": "samsung"}]
+    kept, dropped = without_own_mentions(ECOMMERCE, vocabulary, own, others)
+    assert dropped == 1 and "apple" not in kept.field("brand").mentions and "apple" in ECOMMERCE.field("brand").mentions
+    assert "backpack" in kept.field("product_type").mentions
+    alone, dropped = without_own_mentions(ECOMMERCE, vocabulary, own, [])
+    assert dropped == 2 and "backpack" not in alone.field("product_type").mentions
+    # Under the full catalog the product type and brand are forced text; without them, the model chooses.
+    settings = tiny_settings(tiny_folder)
+    loaded = load_model(settings)
+    full = teach(ConstrainedEngine(settings, loaded, ECOMMERCE), 1, own[0])
+    cross_fitted = teach(ConstrainedEngine(settings, loaded, alone), 1, own[0])
+    assert full is not None and cross_fitted is not None
+    assert len(cross_fitted.chosen) > len(full.chosen)
+    # A query's repeats stay on one side of the held-out split, which holds out at most a fifth.
+    queries = ["a", "b", "a", "c", "a", "d", "e", "f", "g", "h"]
+    records = [(n, {"query": q}) for n, q in enumerate(queries, 1)]
+    for seed in range(20):
+        kept_records, held = split_records(records, 5, seed=seed)
+        assert 1 <= len(held) <= 2 and len(kept_records) + len(held) == len(records)
+        assert "a" not in {r["query"] for _, r in held}  # its three repeats would pass a fifth
+    # A field whose every mention is dropped falls back to the model's choice (``fill: mentioned`` needs some).
+    tools = parse_spec_data({
+        "name": "tools", "version": "1", "description": "hand tools",
+        "fields": [{"name": "maker", "kind": "span", "description": "The maker.", "fill": "mentioned",
+                    "mentions": ["stanley"]}]})
+    bare, dropped = without_own_mentions(tools, spec_vocabulary(tools), [{"query": "stanley saw", "maker": "stanley"}],
+                                         [{"query": "a saw", "maker": None}])
+    assert dropped == 1 and bare.field("maker").mentions == [] and bare.field("maker").fill == "model"
+    # The run reports the folds and what each went without.
+    options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
+                           max_steps=1, batch_size=8, held_out=2, progress=False, catalog_folds=3)
+    report = train(settings, options)
+    assert report["catalog_folds"] == 3 and len(report["mentions_dropped_per_fold"]) == 4
+    assert report["rows"] == len(GOOD) and report["held_out_rows"] == 2
+    # The rows a fold's catalog cannot write say so ("t shirt" where only "shirt" is left to force).
+    fold_skips = [row for row in report["skipped"] if "(fold " in row["reason"]]
+    assert fold_skips and all(row["line"] <= len(GOOD) for row in fold_skips)
+    assert report["train_rows"] == len(GOOD) - 2 - len(fold_skips)

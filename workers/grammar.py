@@ -180,9 +180,11 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
     """The grammar of one query's output (see the module docstring for the modes)."""
     spec = vocabulary.spec
     mentions = vocabulary.matches(query) if grounding == "catalog" else []
+    words = match_form(query).split()
     for spec_field in spec.fields:
-        mentions = _drop_mentions_past_stop(spec_field, query, mentions)
-    claimed = frozenset(w for _, _, s, e in mentions for w in match_form(query).split()[s:e])
+        if spec_field.stop_at:
+            mentions = _drop_mentions_past_stop(spec_field, words, mentions)
+    claimed = frozenset(w for _, _, s, e in mentions for w in words[s:e])
     # One pass over the query's mentions serves every field (``Vocabulary.candidates`` would rescan it).
     mentioned: dict[str, dict[str, None]] = {}
     for name, value, _, _ in mentions:
@@ -221,13 +223,12 @@ def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) 
 
 
 def _drop_mentions_past_stop(
-    spec_field: SpecField, query: str, mentions: list[tuple[str, str, int, int]]
+    spec_field: SpecField, words: list[str], mentions: list[tuple[str, str, int, int]]
 ) -> list[tuple[str, str, int, int]]:
     """``mentions`` without the field's mentions after its first ``stop_at`` word when the words before
     that stop hold a mention or an acceptable run ("charger for phone case": the charger, not the case);
-    the same words the runs come from."""
+    ``words``: the query's words in match form, the same words the runs come from."""
     stop_at = frozenset(spec_field.stop_at)
-    words = match_form(query).split()
     stop = next((i for i, word in enumerate(words) if i and word in stop_at), None)
     own = [m for m in mentions if m[0] == spec_field.name]
     if stop is None or not any(m[2] >= stop for m in own):

@@ -22,6 +22,13 @@ Choices that make a CPU run affordable:
 Rows that cannot be learned (bad JSON, no query, unknown fields, values outside the vocabulary or
 category set, spans that are not words of the query, values the engine's grammar cannot write) are
 reported with their line number and reason, and skipped.
+
+**Cross-fitted catalogs** (``--catalog-folds``). A span field's mentions are forced text where the query
+says them, and a catalog built from the same labelled queries says every training query's product type:
+the model would be taught almost no product-type decisions, and the held-out score would measure the
+catalog. So each fold of the training rows is taught under the catalog without the mentions that only
+that fold labels (as if the catalog had been built without it), and the held-out rows are scored under
+the catalog without the mentions that only they label. The saved model serves with the whole catalog.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -41,10 +50,10 @@ import structlog
 import typer
 
 from schemas.settings import Settings
-from schemas.spec import ParseSpec
-from schemas.vocabulary import Vocabulary
+from schemas.spec import ParseSpec, SpecField
+from schemas.vocabulary import Vocabulary, match_form
 from workers.evaluation import QualityCase, parse_cases, quality_case, score
-from workers.grammar import build_row_grammar, check_value, same_value
+from workers.grammar import build_row_grammar, check_value, normalize_value, same_value
 from workers.model import MODEL_CARD
 from workers.normalize import normalize_query
 from workers.prompt import format_parse
@@ -154,9 +163,10 @@ def grammar_output(engine: ConstrainedEngine, record: dict[str, Any]) -> str:
     return format_parse(spec, raw)
 
 
-def load_training_data(engine: ConstrainedEngine, path: Path) -> TrainingData:
-    """Every usable row of a labelled JSONL file in the engine's token stream; the rest reported."""
-    rows: list[TrainingRow] = []
+def read_labelled(spec: ParseSpec, vocabulary: Vocabulary, path: Path) -> tuple[list[tuple[int, dict[str, Any]]],
+                                                                              list[tuple[int, str]]]:
+    """The checked records of a labelled JSONL file with their line numbers, and (line, reason) for the rest."""
+    records: list[tuple[int, dict[str, Any]]] = []
     problems: list[tuple[int, str]] = []
     with path.open(encoding="utf-8", errors="strict") as handle:
         for number, line in enumerate(handle, start=1):
@@ -167,34 +177,146 @@ def load_training_data(engine: ConstrainedEngine, path: Path) -> TrainingData:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise BadRow(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-                checked = check_record(engine.spec, engine.vocabulary, record)
-                output = grammar_output(engine, checked)
-                taught = engine.teacher_forcing(checked["query"], output)
-                if taught is None:
-                    raise BadRow(f"the engine's grammar rejects the output {output.strip()!r}")
+                records.append((number, check_record(spec, vocabulary, record)))
             except BadRow as exc:
                 problems.append((number, str(exc)))
-                continue
-            ids, chosen = taught
-            if chosen:  # a row whose whole output is forced teaches nothing
-                rows.append(TrainingRow(number, checked, tuple(ids), tuple(chosen)))
+    return records, problems
+
+
+def teach(engine: ConstrainedEngine, number: int, record: dict[str, Any]) -> TrainingRow | None:
+    """A checked record in the engine's token stream; None when its whole output is forced (it teaches
+    nothing). Raises ``BadRow`` when the engine's grammar cannot write its labels."""
+    output = grammar_output(engine, record)
+    taught = engine.teacher_forcing(record["query"], output)
+    if taught is None:
+        raise BadRow(f"the engine's grammar rejects the output {output.strip()!r}")
+    ids, chosen = taught
+    return TrainingRow(number, record, tuple(ids), tuple(chosen)) if chosen else None
+
+
+def teach_all(engine: ConstrainedEngine, records: list[tuple[int, dict[str, Any]]], note: str = "") -> TrainingData:
+    """Every record taught by ``engine``; the unwritable ones as problems, their reason followed by ``note``."""
+    rows: list[TrainingRow] = []
+    problems: list[tuple[int, str]] = []
+    for number, record in records:
+        try:
+            row = teach(engine, number, record)
+        except BadRow as exc:
+            problems.append((number, f"{exc}{note}"))
+            continue
+        if row is not None:
+            rows.append(row)
     return TrainingData(rows, problems)
 
 
-def split_rows(rows: list[TrainingRow], held_out: int, seed: int) -> tuple[list[TrainingRow], list[TrainingRow]]:
-    """(train, held-out): a seeded shuffle, the same for the same data and seed."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held_out = min(held_out, len(rows) // 5)
-    held = sorted(order[:held_out])
-    kept = sorted(order[held_out:])
-    return [rows[i] for i in kept], [rows[i] for i in held]
+def load_training_data(engine: ConstrainedEngine, path: Path) -> TrainingData:
+    """Every usable row of a labelled JSONL file in the engine's token stream; the rest reported."""
+    records, problems = read_labelled(engine.spec, engine.vocabulary, path)
+    data = teach_all(engine, records)
+    return TrainingData(data.rows, sorted(problems + data.problems))
+
+
+def split_records(records: list[tuple[int, dict[str, Any]]], held_out: int, seed: int
+                  ) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, dict[str, Any]]]]:
+    """(train, held-out): a seeded shuffle of the distinct queries, the same for the same data and seed; a
+    query's repeats stay on one side (at most ``held_out`` and a fifth of the records are held out)."""
+    queries = list(dict.fromkeys(record["query"] for _, record in records))
+    random.Random(seed).shuffle(queries)
+    wanted = min(held_out, len(records) // 5)
+    per_query = Counter(record["query"] for _, record in records)
+    held_queries: set[str] = set()
+    count = 0
+    for query in queries:
+        if count + per_query[query] <= wanted:
+            held_queries.add(query)
+            count += per_query[query]
+    held = [(n, r) for n, r in records if r["query"] in held_queries]
+    return [(n, r) for n, r in records if r["query"] not in held_queries], held
+
+
+# -- cross-fitted catalogs ---------------------------------------------------------------------------
+def fold_of(query: str, folds: int, seed: int) -> int:
+    """A query's fold: seeded, and the same for its repeats."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{query}".encode()).digest()[:8], "big") % folds
+
+
+def mention_fields(spec: ParseSpec) -> list[str]:
+    return [f.name for f in spec.fields if f.kind == "span" and f.mentions]
+
+
+def without_own_mentions(spec: ParseSpec, vocabulary: Vocabulary, own: list[dict[str, Any]],
+                         others: list[dict[str, Any]]) -> tuple[ParseSpec, int]:
+    """The spec minus the span mentions that records of ``own`` label and no record of ``others`` does:
+    the catalog as it would be had it been built without ``own``'s labels; and how many were dropped.
+
+    A catalog built from the same labelled queries knows almost every training query's product type, which
+    new queries do not: its forced text would leave the model few decisions to learn from. Values are
+    compared as the training check compares them (``same_value``: written as the parse writes them).
+    A ``fill: mentioned`` field left without mentions or patterns falls back to the model's choice."""
+
+    def keys(spec_field: SpecField, records: list[dict[str, Any]]) -> set[str]:
+        return {match_form(normalize_value(spec_field, value, vocabulary))
+                for record in records for value in _label_values(record.get(spec_field.name), spec_field.name)}
+
+    data = spec.model_dump(mode="json")
+    dropped = 0
+    for raw_field, spec_field in zip(data["fields"], spec.fields, strict=True):
+        if spec_field.kind != "span" or not spec_field.mentions:
+            continue
+        only_own = keys(spec_field, own) - keys(spec_field, others)
+        kept = [m for m in spec_field.mentions
+                if match_form(normalize_value(spec_field, m, vocabulary)) not in only_own]
+        dropped += len(spec_field.mentions) - len(kept)
+        raw_field["mentions"] = kept
+        if not kept and not spec_field.patterns:
+            raw_field["fill"] = "model"
+    return ParseSpec.model_validate(data), dropped
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     order = list(range(count))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order
+
+
+def teach_cross_fitted(
+    engine: ConstrainedEngine, engine_for: Callable[[ParseSpec], ConstrainedEngine],
+    train_records: list[tuple[int, dict[str, Any]]], held_records: list[tuple[int, dict[str, Any]]],
+    folds: int, seed: int,
+) -> tuple[TrainingData, ConstrainedEngine, list[int]]:
+    """The training rows, each taught under the catalog without the mentions only its fold labels, and the
+    engine that scores the held-out rows (the catalog without the mentions only they label); with one
+    fold, ``engine`` does both. Also the mentions each fold, then the held-out, went without. Each
+    fold's catalog is the one built from every other labelled row, the held-out ones included, as the
+    served catalog was."""
+    if folds <= 1:
+        return teach_all(engine, train_records), engine, []
+    by_fold: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in range(folds)]
+    for number, record in train_records:
+        by_fold[fold_of(record["query"], folds, seed)].append((number, record))
+    held = [record for _, record in held_records]
+    rows: list[TrainingRow] = []
+    problems: list[tuple[int, str]] = []
+    dropped: list[int] = []
+    for fold, own in enumerate(by_fold):
+        others = [r for k, rows_of in enumerate(by_fold) if k != fold for _, r in rows_of] + held
+        variant, count = without_own_mentions(engine.spec, engine.vocabulary, [r for _, r in own], others)
+        dropped.append(count)
+        taught = teach_all(engine_for(variant), own,
+                           note=f" (fold {fold + 1} of {folds}: the catalog without the {count} mentions only "
+                                "its rows label)")
+        rows.extend(taught.rows)
+        problems.extend(taught.problems)
+    held_variant, count = without_own_mentions(engine.spec, engine.vocabulary, held, [r for _, r in train_records])
+    dropped.append(count)
+    rows.sort(key=lambda row: row.line)
+    return TrainingData(rows, problems), engine_for(held_variant), dropped
+
+
+#: Shared by ``qustream train`` and ``qustream bench train``.
+CATALOG_FOLDS_HELP = ("Span mentions (a catalog) built from these labels would force almost every training row's "
+                      "value: teach each of N folds of the rows under the catalog without the mentions only that "
+                      "fold labels, and score the held-out rows likewise (1 = the catalog as it is).")
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -223,6 +345,9 @@ class TrainOptions:
     #: Stop after this many evaluations without a better held-out score.
     patience: int = 3
     progress: bool = True
+    #: Teach each row under the spec's catalog minus the mentions only its fold labels (1 = the catalog as
+    #: it is); the held-out rows are scored under the catalog minus the mentions only they label.
+    catalog_folds: int = 5
 
 
 def parameter_count(model: Any) -> int:
@@ -371,7 +496,8 @@ def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     return {"model": settings.model, "spec": spec.fingerprint, "grounding": settings.grounding, "method": method,
             "train_layers": options.train_layers, "lora_rank": options.lora_rank, "few_shot": options.few_shot,
-            "data": digest, "seed": options.seed, "held_out": options.held_out, "batch_size": options.batch_size}
+            "data": digest, "seed": options.seed, "held_out": options.held_out, "batch_size": options.batch_size,
+            "catalog_folds": options.catalog_folds}
 
 
 def _weights_digest(folder: Path) -> str:
@@ -407,15 +533,31 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     loaded = load_model(settings.model_copy(update={"dtype": "float32"}))
     loaded.card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
     engine = ConstrainedEngine(settings, loaded, spec)
-    data = load_training_data(engine, options.data)
+
+    def engine_for(variant: ParseSpec) -> ConstrainedEngine:
+        sibling = ConstrainedEngine(settings, replace(loaded, card=model_card(
+            variant, options.few_shot, loaded.model_id, settings.grounding)), variant)
+        if sibling._prefix_ids != engine._prefix_ids:
+            raise TrainingError("the spec's prompt depends on its mentions; --catalog-folds 1 trains without folds")
+        return sibling
+
+    records, problems = read_labelled(spec, engine.vocabulary, options.data)
+    train_records, held_records = split_records(records, options.held_out, options.seed)
+    cross_fit = settings.grounding == "catalog" and mention_fields(spec) and len(train_records) >= options.catalog_folds
+    folds = options.catalog_folds if cross_fit else 1
+    taught, held_engine, dropped = teach_cross_fitted(engine, engine_for, train_records, held_records, folds,
+                                                      options.seed)
+    data = TrainingData(taught.rows, sorted(problems + taught.problems))
+    held_cases = [quality_case(spec, record) for _, record in held_records]
     for number, reason in data.problems[:20]:
         console.print(f"{options.data}:{number}: skipped: {reason}", markup=False, highlight=False)
     if len(data.problems) > 20:
         console.print(f"... and {len(data.problems) - 20} more skipped lines (all listed in {REPORT})")
-    if len(data.rows) < 2:
+    if not data.rows:
         raise TrainingError(f"{options.data}: {len(data.rows)} usable rows; nothing to train on")
-    train_rows, held_rows = split_rows(data.rows, options.held_out, options.seed)
-    held_cases = [quality_case(spec, row.record) for row in held_rows]
+    if not held_cases:
+        raise TrainingError(f"{options.data}: {len(records)} checked rows, too few to hold any out (a fifth at most)")
+    train_rows = data.rows
     method = choose_method(loaded.model, options.method)
     trained = make_trainable(loaded, method, options)
     parameters = [p for p in trained.parameters() if p.requires_grad]
@@ -448,7 +590,7 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     def run_eval() -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
         nonlocal best
-        metrics = evaluate(engine, held_cases)
+        metrics = evaluate(held_engine, held_cases)
         state.evals.append({"step": state.step, "epoch": state.epoch, "metrics": metrics})
         if metrics[SELECT_BY] > state.best_score:
             state.best_score, state.best_step, state.evals_since_best = metrics[SELECT_BY], state.step, 0
@@ -518,7 +660,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
         spec=spec.ref | {"fingerprint": spec.fingerprint}, base_model=loaded.model_id, method=method,
         grounding=settings.grounding, few_shot=options.few_shot, learning_rate=learning_rate, precision=precision,
         parameters=parameter_count(loaded.model), trainable_parameters=sum(p.numel() for p in parameters),
-        rows=len(data.rows), train_rows=len(train_rows), held_out_rows=len(held_rows),
+        rows=len(records), train_rows=len(train_rows), held_out_rows=len(held_cases),
+        catalog_folds=folds, mentions_dropped_per_fold=dropped,
         chosen_tokens_per_row=sum(len(r.chosen) for r in train_rows) / len(train_rows),
         tokens_per_row=sum(len(r.ids) for r in train_rows) / len(train_rows),
         prefix_tokens=len(runner.prefix_ids), skipped=[{"line": n, "reason": r} for n, r in data.problems],
@@ -607,6 +750,7 @@ def train_command(
     patience: Annotated[int, typer.Option(min=1, help="Evaluations without improvement before stopping.")] = 3,
     precision: Annotated[Precision, typer.Option(help="Step arithmetic: bf16 autocast (float32 weights), fp32, or "
                                                       "auto (bf16 where the CPU or GPU has it natively).")] = "auto",
+    catalog_folds: Annotated[int, typer.Option(min=1, help=CATALOG_FOLDS_HELP)] = 5,
 ) -> None:
     """Fine-tune the parser on labelled queries, in the engine's exact prompt and output format.
 
@@ -623,7 +767,7 @@ def train_command(
                            seed=seed, resume=resume, batch_size=batch_size, learning_rate=learning_rate,
                            method=method, train_layers=train_layers, lora_rank=lora_rank, few_shot=few_shot,
                            held_out=held_out, eval_every=eval_every, patience=patience,
-                           precision=precision)
+                           precision=precision, catalog_folds=catalog_folds)
     try:
         report = train(Settings(**overrides), options)
     except TrainingError as exc:
