@@ -360,7 +360,7 @@ def check_value(spec_field: SpecField, value: str, query: str, vocabulary: Vocab
         return f"field {name!r}: {value!r} has no letters or digits"
     if spec_field.kind == "span":
         runs = query_spans(query, spec_field.max_words, trim_edges=False, stop_at=frozenset(spec_field.stop_at))
-        if not any(same_value(spec_field, value, run, vocabulary) for run in runs):
+        if written_form(spec_field, value, vocabulary) not in {written_form(spec_field, r, vocabulary) for r in runs}:
             return f"field {name!r}: {value!r} is not a run of the query's words"
     elif spec_field.kind == "vocabulary":
         canonical = vocabulary.canonicalize(name, value)
@@ -403,19 +403,18 @@ def check_examples(spec: ParseSpec) -> list[str]:
     return problems
 
 
-def same_value(spec_field: SpecField, first: str, second: str, vocabulary: Vocabulary) -> bool:
-    """Whether two values of a field are written the same by the parse, punctuation aside: a catalogued
-    mention keeps the catalog's spelling ("t-shirt" for the query's "t shirt")."""
-    return match_form(normalize_value(spec_field, first, vocabulary)) == match_form(
-        normalize_value(spec_field, second, vocabulary)
-    )
+def written_form(spec_field: SpecField, value: str, vocabulary: Vocabulary) -> str:
+    """A value as the parse writes it, punctuation aside: values with the same form are the same value
+    (a catalogued mention keeps the catalog's spelling, "t-shirt" for the query's "t shirt")."""
+    return match_form(normalize_value(spec_field, value, vocabulary))
+
 
 
 def _unwritable_span(spec_field: SpecField, value: str, query: str, vocabulary: Vocabulary) -> str | None:
     """Why the catalog-grounded grammar cannot write ``value`` for ``query`` (a catalogued mention or a
     run without a head takes its place), or None."""
     offered = build_row_grammar(query, vocabulary, "catalog").allowed[spec_field.name] or ()
-    if any(same_value(spec_field, value, option, vocabulary) for option in offered):
+    if written_form(spec_field, value, vocabulary) in {written_form(spec_field, o, vocabulary) for o in offered}:
         return None
     return f"field {spec_field.name!r}: the grammar offers {list(offered)} for this query, not {value!r}"
 

@@ -24,9 +24,9 @@ category set, spans that are not words of the query, values the engine's grammar
 reported with their line number and reason, and skipped.
 
 **Cross-fitted catalogs** (``--catalog-folds``). A span field's mentions are forced text where the query
-says them, and a catalog built from the same labelled queries says every training query's product type:
-the model would be taught almost no product-type decisions, and the held-out score would measure the
-catalog. So each fold of the training rows is taught under the catalog without the mentions that only
+says them, and a catalog built from the same labelled queries knows almost every training query's
+product type: the model would be taught few product-type decisions, and the held-out score would
+measure the catalog. So each fold of the training rows is taught under the catalog without the mentions that only
 that fold labels (as if the catalog had been built without it), and the held-out rows are scored under
 the catalog without the mentions that only they label. The saved model serves with the whole catalog.
 """
@@ -51,9 +51,9 @@ import typer
 
 from schemas.settings import Settings
 from schemas.spec import ParseSpec, SpecField
-from schemas.vocabulary import Vocabulary, match_form
+from schemas.vocabulary import Vocabulary
 from workers.evaluation import QualityCase, parse_cases, quality_case, score
-from workers.grammar import build_row_grammar, check_value, normalize_value, same_value
+from workers.grammar import build_row_grammar, check_value, written_form
 from workers.model import MODEL_CARD
 from workers.normalize import normalize_query
 from workers.prompt import format_parse
@@ -155,7 +155,8 @@ def grammar_output(engine: ConstrainedEngine, record: dict[str, Any]) -> str:
         if offered is None:  # free grounding: any short string
             raw[spec_field.name] = labels[0]
             continue
-        written = [v for v in offered if any(same_value(spec_field, v, label, engine.vocabulary) for label in labels)]
+        wanted = {written_form(spec_field, label, engine.vocabulary) for label in labels}
+        written = [v for v in offered if written_form(spec_field, v, engine.vocabulary) in wanted]
         if not written:
             raise BadRow(f"field {spec_field.name!r}: the grammar offers no value written {labels[0]!r} for this "
                          f"query under {engine.grounding} grounding")
@@ -251,11 +252,11 @@ def without_own_mentions(spec: ParseSpec, vocabulary: Vocabulary, own: list[dict
 
     A catalog built from the same labelled queries knows almost every training query's product type, which
     new queries do not: its forced text would leave the model few decisions to learn from. Values are
-    compared as the training check compares them (``same_value``: written as the parse writes them).
+    compared as the training check compares them (``written_form``: as the parse writes them).
     A ``fill: mentioned`` field left without mentions or patterns falls back to the model's choice."""
 
     def keys(spec_field: SpecField, records: list[dict[str, Any]]) -> set[str]:
-        return {match_form(normalize_value(spec_field, value, vocabulary))
+        return {written_form(spec_field, value, vocabulary)
                 for record in records for value in _label_values(record.get(spec_field.name), spec_field.name)}
 
     data = spec.model_dump(mode="json")
@@ -264,8 +265,7 @@ def without_own_mentions(spec: ParseSpec, vocabulary: Vocabulary, own: list[dict
         if spec_field.kind != "span" or not spec_field.mentions:
             continue
         only_own = keys(spec_field, own) - keys(spec_field, others)
-        kept = [m for m in spec_field.mentions
-                if match_form(normalize_value(spec_field, m, vocabulary)) not in only_own]
+        kept = [m for m in spec_field.mentions if written_form(spec_field, m, vocabulary) not in only_own]
         dropped += len(spec_field.mentions) - len(kept)
         raw_field["mentions"] = kept
         if not kept and not spec_field.patterns:
