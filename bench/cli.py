@@ -296,12 +296,19 @@ def train_bench(
         help="Step arithmetic (see `qustream train --help`).")] = "auto",
     catalog_folds: Annotated[int, typer.Option(min=1, help="Folds of cross-fitted catalogs (see `qustream train "
                                                            "--help`; 1 = the catalog as it is).")] = 5,
+    score_only: Annotated[bool, typer.Option(help="Do not train: score the model an earlier run left in "
+                                                  "--model-out (e.g. under a changed spec) beside the base model.")]
+    = False,
+    base_spec: Annotated[str | None, typer.Option(help="Spec the few-shot base model is scored under (default: "
+                                                       "--spec), e.g. ecommerce beside --spec ecommerce_student.")]
+    = None,
 ) -> None:
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
-    Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce
-    --train-data /tmp/queryner_train_ecommerce.jsonl --eval-data tests/data/quality_ecommerce.jsonl
-    --max-minutes 40 --eval-every 200 --out bench/results/train_ecommerce/
+    Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce_student
+    --base-spec ecommerce --train-data /tmp/queryner_train_ecommerce.jsonl
+    --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --eval-every 200
+    --out bench/results/train_ecommerce/
     """
     from bench.train_bench import print_report, run_train_bench
     from schemas.settings import Settings
@@ -313,7 +320,8 @@ def train_bench(
                            train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
                            held_out=held_out, eval_every=eval_every, seed=seed,
                            precision=precision, catalog_folds=catalog_folds)
-    report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit)
+    report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit,
+                             score_only=score_only, base_spec=base_spec)
     print_report(report)
 
 

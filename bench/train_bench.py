@@ -6,7 +6,8 @@ The full run (QueryNER train split, 40 minutes of training on the 2-core CPU, th
 the whole validation split):
 
     qustream bench queryner --split train --out /tmp/queryner_train_ecommerce.jsonl
-    qustream bench train --spec ecommerce --train-data /tmp/queryner_train_ecommerce.jsonl \\
+    qustream bench train --spec ecommerce_student --base-spec ecommerce \\
+        --train-data /tmp/queryner_train_ecommerce.jsonl \\
         --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --eval-every 200 \\
         --out bench/results/train_ecommerce/
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.settings import Settings
+from workers.grammar import load_checked_spec
 from workers.training import CHART, REPORT, TrainOptions, train
 
 #: The issue's targets for the student against the few-shot base model.
@@ -50,16 +52,25 @@ def evaluate_model(settings: Settings, eval_data: Path, limit: int, batch_size: 
 
 def run_train_bench(
     spec: str, train_data: Path, eval_data: Path, out: Path, model_out: Path, options: TrainOptions,
-    eval_limit: int = 0, batch_size: int = 32,
+    eval_limit: int = 0, batch_size: int = 32, score_only: bool = False, base_spec: str | None = None,
 ) -> dict[str, Any]:
+    """Train (unless ``score_only``: the model in ``model_out`` and its training report are kept, e.g. to
+    score it again under a changed spec), then score both models: the student under ``spec``, the few-shot
+    base model under ``base_spec`` (default ``spec``: a spec written for a trained model may not suit it)."""
     base_settings = Settings(parse_spec=spec)
     options.data, options.out = train_data, model_out
-    training = train(base_settings, options)
+    if score_only:
+        if not (model_out / REPORT).exists():
+            raise FileNotFoundError(f"{model_out / REPORT} not found: nothing trained there to score")
+        training = json.loads((model_out / REPORT).read_text())
+    else:
+        training = train(base_settings, options)
     out.mkdir(parents=True, exist_ok=True)
     for name in (REPORT, CHART):
         if (model_out / name).exists():
             shutil.copy(model_out / name, out / name)
-    base = evaluate_model(base_settings, eval_data, eval_limit, batch_size)
+    scored_under, base_scored_under = load_checked_spec(spec), load_checked_spec(base_spec or spec)
+    base = evaluate_model(Settings(parse_spec=base_spec or spec), eval_data, eval_limit, batch_size)
     student = evaluate_model(Settings(parse_spec=spec, model=str(model_out)), eval_data, eval_limit, batch_size)
     gain = student["metrics"]["all_fields_acc"] - base["metrics"]["all_fields_acc"]
     met = {
@@ -69,7 +80,9 @@ def run_train_bench(
         "engine_speed": student["queries_per_s"] >= base["queries_per_s"],
     }
     report = {
-        "spec": training["spec"], "train_data": str(train_data), "eval_data": str(eval_data),
+        "spec": {**scored_under.ref, "fingerprint": scored_under.fingerprint}, "trained_for_spec": training["spec"],
+        "base_spec": {**base_scored_under.ref, "fingerprint": base_scored_under.fingerprint},
+        "score_only": score_only, "train_data": str(train_data), "eval_data": str(eval_data),
         "training": {key: training[key] for key in (
             "base_model", "method", "precision", "few_shot", "learning_rate", "parameters", "trainable_parameters",
             "rows", "train_rows", "held_out_rows", "steps", "epochs", "stopped", "train_seconds", "seconds",

@@ -12,7 +12,8 @@ Field kinds:
   (regular expressions such as '32 inch' sizes) that, found in the query, are offered to the model
   or, with ``fill: mentioned``, taken without asking it. ``heads`` (the head nouns of product
   types) restrict the runs offered to those ending in one, and leave the field null in a query that
-  says none.
+  says none (or, with ``without_head: runs``, offer every run there). ``null_bias`` (any kind) holds
+  the model to a higher bar before it writes a value rather than null.
 - ``vocabulary``: null or one canonical value whose surface form (the value or a synonym) occurs in
   the query. Values may sit in a separate file, so a catalog can list thousands of facet values.
 - ``category``: null or one label of a closed set that need not occur in the query (a department,
@@ -115,6 +116,26 @@ class SpecField(BaseModel):
     heads_file: str | None = Field(
         None, description="span fields: more heads from a text file beside the spec, one word a line."
     )
+    without_head: Literal["null", "runs"] = Field(
+        "null",
+        description="span fields with heads: what a query that ends no run in a head gets: 'null' (the field is "
+        "null), or 'runs' (every run is offered, as without heads: for a model trained to choose, since heads "
+        "taken from labelled queries miss the rare and misspelled ones).",
+    )
+    extend_mentions: bool = Field(
+        False,
+        description="span fields with fill: mentioned: also offer the longer runs of the query that contain a "
+        "mentioned value, and let the model choose ('pencil case' where the catalog knows 'case'); for a model "
+        "trained to choose.",
+    )
+    null_bias: float = Field(
+        0.0,
+        ge=0.0,
+        le=20.0,
+        description="how much more the model must prefer writing a value over null before it writes one, in "
+        "logits (0: plain greedy choice). Trades the field's recall for fewer invented values where the model "
+        "decides (a brand no catalog knows); values the grammar forces are unaffected.",
+    )
     values: list[SpecValue] = Field(
         default_factory=list, description="vocabulary and category fields: the canonical values."
     )
@@ -136,7 +157,8 @@ class SpecField(BaseModel):
     @model_validator(mode="after")
     def _values_match_kind(self) -> SpecField:
         if self.kind != "span":
-            for option in ("stop_at", "mentions", "mentions_file", "patterns", "heads", "heads_file"):
+            for option in ("stop_at", "mentions", "mentions_file", "patterns", "heads", "heads_file",
+                           "extend_mentions"):
                 if getattr(self, option):
                     raise ValueError(f"field {self.name!r}: {option} applies to span fields only")
         if self.fill != "model" and not (self.kind == "vocabulary" or self.mentions or self.patterns):
@@ -144,6 +166,10 @@ class SpecField(BaseModel):
                 f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields and to span fields "
                 "with mentions or patterns"
             )
+        if self.without_head != "null" and not (self.heads or self.heads_file):
+            raise ValueError(f"field {self.name!r}: without_head applies to span fields with heads")
+        if self.extend_mentions and self.fill != "mentioned":
+            raise ValueError(f"field {self.name!r}: extend_mentions applies to fields with fill: mentioned")
         if self.kind == "span":
             if self.values or self.values_file:
                 raise ValueError(f"field {self.name!r}: a span field takes no values (mentions are its known values)")

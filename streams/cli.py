@@ -219,6 +219,12 @@ def spec_show(
             shown += ("; " if shown else "") + f"{len(spec_field.head_words)} heads"
         if spec_field.fill == "mentioned":
             shown += " (fill: mentioned)"
+        if spec_field.extend_mentions:
+            shown += " (extend_mentions)"
+        if spec_field.without_head != "null":
+            shown += f" (without_head: {spec_field.without_head})"
+        if spec_field.null_bias:
+            shown += f" (null_bias: {spec_field.null_bias:g})"
         table.add_row(spec_field.name, spec_field.kind, spec_field.description, shown)
     out.print(table)
     examples = Table(title="examples")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from schemas.settings import Settings
-from schemas.spec import ParseSpec, load_spec
+from schemas.spec import ParseSpec, load_spec, parse_spec_data
 from schemas.vocabulary import Vocabulary
 from tests.engine_fixtures import real_loaded, tiny_loaded
 from tests.test_grammar import ADVERSARIAL
@@ -139,6 +139,42 @@ def test_version_tracks_inputs() -> None:
     assert base != engine_version("m", more_forms, "catalog")
     assert base != engine_version("m", FURNITURE.model_copy(update={"examples": FURNITURE.examples[:-1]}), "catalog")
     assert len(base) == 12
+
+
+def kitchen_spec(maker_null_bias: float) -> ParseSpec:
+    return parse_spec_data({
+        "name": "kitchenware", "version": "1", "description": "kitchenware",
+        "fields": [
+            {"name": "item", "kind": "span", "description": "The kind of item, e.g. 'garlic press'."},
+            {"name": "maker", "kind": "span", "description": "The brand, e.g. 'oxo'.", "fill": "mentioned",
+             "mentions": ["oxo"], "null_bias": maker_null_bias},
+        ],
+        "examples": [
+            {"query": "lodge cast iron skillet", "parse": {"item": "cast iron skillet", "maker": "lodge"}},
+            {"query": "wooden spoon set", "parse": {"item": "wooden spoon set"}},
+            {"query": "cuisinart food processor", "parse": {"item": "food processor", "maker": "cuisinart"}},
+        ],
+    })
+
+
+KITCHEN_QUERIES = ["vitamix blender", "kitchenaid stand mixer", "garlic press", "le creuset dutch oven",
+                   "pyrex measuring cup", "bamboo cutting board", "oxo salad spinner"]
+
+
+@pytest.mark.e2e
+def test_null_bias_raises_the_bar_for_values_the_model_chooses(real_loaded: LoadedModel) -> None:
+    results = {bias: make_engine(real_loaded, spec=kitchen_spec(bias), jump_forward=True).parse_batch(KITCHEN_QUERIES)
+               for bias in (0.0, 2.0, 20.0)}
+    makers = {bias: [r.parse["maker"] for r in found] for bias, found in results.items()}
+    chosen = {bias: sum(m is not None for m in found[:-1]) for bias, found in makers.items()}
+    assert chosen[0.0] >= 2, makers  # the model names brands from the examples' pattern unbiased
+    assert chosen[0.0] >= chosen[2.0] >= chosen[20.0] == 0, makers
+    # A value the grammar forces (a catalogued maker with fill: mentioned) is written whatever the bias.
+    assert all(found[-1] == "oxo" for found in makers.values()), makers
+    # The field before the biased one is decided as without the bias.
+    items = {bias: [r.parse["item"] for r in found] for bias, found in results.items()}
+    assert items[0.0] == items[2.0] == items[20.0]
+    assert engine_version("m", kitchen_spec(0.0), "catalog") != engine_version("m", kitchen_spec(2.0), "catalog")
 
 
 @pytest.mark.parametrize("grounding", ["span", "free"])

@@ -41,13 +41,27 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["furniture", "ecommerce"])
+@pytest.mark.parametrize("name", ["furniture", "ecommerce", "ecommerce_student"])
 def test_builtin_specs_load_with_their_examples_checked(name: str) -> None:
     assert name in builtin_specs()
     spec = load_checked_spec(name)
-    assert spec.name == name and spec.examples
+    assert spec.name == name.removesuffix("_student") and spec.examples
     # The editor schema accepts the shipped files as written.
     jsonschema.validate(yaml.safe_load((REPO / "schemas" / "specs" / f"{name}.yaml").read_text()), spec_json_schema())
+
+
+def test_the_student_spec_is_the_ecommerce_contract_with_a_wider_product_type_grammar() -> None:
+    """``ecommerce_student`` repeats ``ecommerce``: any other difference than these is drift."""
+    shipped, student = load_spec("ecommerce").model_dump(), load_spec("ecommerce_student").model_dump()
+    assert student.pop("version") == shipped.pop("version") + "-student"
+    widened = student["fields"][0]
+    assert widened["name"] == "product_type" and widened["extend_mentions"] and widened["without_head"] == "runs"
+    widened.update(extend_mentions=False, without_head="null")
+    assert student == shipped
+    vocabulary = Vocabulary(load_checked_spec("ecommerce_student"))
+    assert build_row_grammar("sippy cup for toddlers", vocabulary, "catalog").allowed["product_type"] == ("sippy cup",)
+    assert build_row_grammar("star wars pencil case", vocabulary, "catalog").allowed["product_type"] == (
+        "case", "star wars pencil case", "wars pencil case", "pencil case")
 
 
 def test_ecommerce_takes_the_known_values_a_query_says() -> None:
@@ -114,7 +128,7 @@ def test_examples_are_checked_against_the_fields(tmp_path: Path, example: dict[s
 
 
 def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="built-in specs: ecommerce, furniture"):
+    with pytest.raises(SpecError, match="built-in specs: ecommerce, ecommerce_student, furniture"):
         load_spec("electronics")
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.yaml")
@@ -173,7 +187,7 @@ def test_the_worker_refuses_a_bad_spec_at_start(tmp_path: Path) -> None:
     assert "field 'material'" in started.stderr and "'walnut'" in started.stderr
     unknown = cli("worker", env={"QUSTREAM_PARSE_SPEC": "electronics", "QUSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
                   timeout=60)
-    assert unknown.returncode == 2 and "built-in specs: ecommerce, furniture" in unknown.stderr
+    assert unknown.returncode == 2 and "built-in specs: ecommerce, ecommerce_student, furniture" in unknown.stderr
 
 
 class SpecEngine:

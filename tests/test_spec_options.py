@@ -273,3 +273,43 @@ def test_a_value_without_letters_or_digits_is_no_label() -> None:
     assert problem is not None and "has no letters or digits" in problem
     # Punctuation aside, the catalog's spelling is the query's words.
     assert check_value(spec.field("item"), "t-shirt", "red t shirt", spec_vocabulary(spec)) is None
+
+
+def test_extend_mentions_offers_the_longer_runs_that_contain_a_mention() -> None:
+    item = {**ITEM, "normalize": ["lowercase", "singular"], "fill": "mentioned", "mentions": ["case"],
+            "heads": ["case", "lid"]}
+    forced = spec_vocabulary(make_spec(item))
+    assert build_row_grammar("star wars pencil cases", forced, "catalog").allowed["item"] == ("case",)
+    extended = spec_vocabulary(make_spec({**item, "extend_mentions": True}))
+    # The mention first, then every run that contains it (either number) and ends in a head; no null.
+    allowed = build_row_grammar("star wars pencil cases", extended, "catalog").allowed["item"]
+    assert allowed == ("case", "star wars pencil cases", "wars pencil cases", "pencil cases")
+    spec = make_spec({**item, "extend_mentions": True})
+    assert accepts(spec, "star wars pencil case", ' {"item": "pencil case"}')
+    assert not accepts(spec, "star wars pencil case", ' {"item": null}')
+    assert not accepts(spec, "pot lid case", ' {"item": "pot lid"}')
+    # Words another field claims stay out of the longer runs.
+    both = spec_vocabulary(make_spec({**item, "extend_mentions": True}, {**MAKER, "mentions": ["oxo"]}))
+    assert build_row_grammar("oxo pencil case", both, "catalog").allowed["item"] == ("case", "pencil case")
+
+
+def test_without_head_runs_offers_every_run_where_no_run_ends_in_a_head() -> None:
+    item = {**ITEM, "heads": ["oven"]}
+    assert forced_output(make_spec(item), "instant pro plus") == ' {"item": null}'
+    spec = make_spec({**item, "without_head": "runs"})
+    allowed = build_row_grammar("instant pro plus", spec_vocabulary(spec), "catalog").allowed["item"]
+    assert allowed is not None and "instant pro plus" in allowed and "pro" in allowed
+    assert accepts(spec, "instant pro plus", ' {"item": null}')
+    # A query with a head keeps the heads' runs only.
+    allowed = build_row_grammar("dutch oven lid", spec_vocabulary(spec), "catalog").allowed["item"]
+    assert allowed == ("dutch oven", "oven")
+
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ({**ITEM, "without_head": "runs"}, "without_head applies to span fields with heads"),
+    ({**ITEM, "extend_mentions": True, "mentions": ["pot"]}, "extend_mentions applies to fields with fill: mentioned"),
+    ({**COLOUR, "extend_mentions": True}, "extend_mentions applies to span fields only"),
+])
+def test_grammar_widening_options_name_their_misuse(field: dict[str, Any], expected: str) -> None:
+    with pytest.raises(SpecError, match=expected):
+        make_spec(field)

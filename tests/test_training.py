@@ -120,6 +120,29 @@ def test_training_lowers_the_loss_and_saves_a_model_card(trained: tuple[Path, di
     assert [r.parse.keys() for r in engine.parse_batch(["blue jeans"])] == [dict.fromkeys(ECOMMERCE.field_names).keys()]
 
 
+def test_bench_scores_a_trained_folder_again_without_training(trained: tuple[Path, dict[str, Any]],
+                                                               tiny_folder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.train_bench import run_train_bench
+
+    folder, report = trained
+    card = (folder / MODEL_CARD).read_text()
+    monkeypatch.setenv("QUSTREAM_MODEL", str(tiny_folder))
+    monkeypatch.setenv("QUSTREAM_DEVICE", "cpu")
+    options = TrainOptions(data=Path("unused.jsonl"), out=folder, max_steps=1)
+    bench = run_train_bench("ecommerce", Path("unused.jsonl"), Path("tests/data/quality_ecommerce.jsonl"),
+                            tmp_path / "out", folder, options, eval_limit=4, score_only=True)
+    assert (folder / MODEL_CARD).read_text() == card  # nothing was trained
+    assert bench["score_only"] and bench["training"]["steps"] == report["steps"]
+    assert [v["model"] for v in bench["variants"]] == [str(tiny_folder), str(folder)]
+    assert all(v["queries"] == 4 for v in bench["variants"])
+    assert bench["spec"]["fingerprint"] == ECOMMERCE.fingerprint == bench["trained_for_spec"]["fingerprint"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["score_only"] is True
+    with pytest.raises(FileNotFoundError, match="nothing trained there"):
+        run_train_bench("ecommerce", Path("unused.jsonl"), Path("tests/data/quality_ecommerce.jsonl"),
+                        tmp_path / "out", tmp_path / "empty", options, eval_limit=4, score_only=True)
+
+
 def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dict[str, Any]],
                                                        tiny_folder: Path, tmp_path: Path) -> None:
     _, report = trained
@@ -318,10 +341,11 @@ def test_each_fold_is_taught_under_the_catalog_without_the_mentions_only_it_labe
     tools = parse_spec_data({
         "name": "tools", "version": "1", "description": "hand tools",
         "fields": [{"name": "maker", "kind": "span", "description": "The maker.", "fill": "mentioned",
-                    "mentions": ["stanley"]}]})
+                    "mentions": ["stanley"], "extend_mentions": True}]})
     bare, dropped = without_own_mentions(tools, spec_vocabulary(tools), [{"query": "stanley saw", "maker": "stanley"}],
                                          [{"query": "a saw", "maker": None}])
     assert dropped == 1 and bare.field("maker").mentions == [] and bare.field("maker").fill == "model"
+    assert not bare.field("maker").extend_mentions
     # The run reports the folds and what each went without.
     options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
                            max_steps=1, batch_size=8, held_out=2, progress=False, catalog_folds=3)

@@ -13,7 +13,8 @@ How a batch is parsed:
    (e.g. ``, "color": null, "style": null}`` when the query names no colour or style) finishes
    without another forward pass. With ``jump_forward`` the forced tokens before a decision go into
    the model together, as many per step as the step's width (``_step_width``) allows; without it
-   they go one per step, keeping rows in step.
+   they go one per step, keeping rows in step. Where a field with a ``null_bias`` begins, null's
+   tokens get that bias before the choice.
 
 One ``DecodeLoop`` runs the steps: ``parse_batch`` runs one per length group until its rows are
 done; ``submit`` feeds a continuously running one (``workers.continuous``) whose rows join at the
@@ -341,6 +342,15 @@ class ConstrainedEngine:
                         reason="packed steps need the shared-prefix attention (CPU, sdpa model, prefix cache)")
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        #: The written key that a field's value follows, and the bias its null gets there (``null_bias``).
+        self._null_bias = {json.dumps(f.name) + ":": f.null_bias for f in spec.fields if f.null_bias}
+        self._null_ids: list[int] = []
+        if self._null_bias:
+            # Every token that can begin the literal null: the value's first token decides null or not.
+            self._null_ids = [
+                i for i, text in enumerate(self._tokenizer_info.decoded_vocab)
+                if text.strip() and b"null".startswith(text.lstrip())
+            ]
 
     # ----------------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -528,6 +538,15 @@ class ConstrainedEngine:
                 best_width, best_score = width, score
         return best_width
 
+    def _bias_null(self, logits: torch.Tensor, rows: list[_Row], deciding: list[int]) -> None:
+        """Raise null's logits for the rows about to choose the value of a field with a ``null_bias``."""
+        for i in deciding:
+            written = self.tokenizer.decode(rows[i].out_ids).rstrip()
+            for key, bias in self._null_bias.items():
+                if written.endswith(key):
+                    logits[i, self._null_ids] += bias
+                    break
+
     def _decide(self, row: _Row, token: int) -> None:
         if not row.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected a masked token {token}")
@@ -621,6 +640,8 @@ class DecodeLoop:
             for i in deciding:
                 active[i].matcher.fill_next_token_bitmask(bitmask, i)
             xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
+            if engine._null_bias:
+                engine._bias_null(logits, active, deciding)
             chosen = logits.argmax(dim=-1).tolist()
             for i in deciding:
                 engine._decide(active[i], int(chosen[i]))

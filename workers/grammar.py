@@ -5,7 +5,8 @@ The output is always ``json.dumps`` of the parse with the schema's key order, pr
 
 - ``catalog``: a vocabulary field admits null or the canonical values whose surface forms occur in
   the query; a span field admits null or a run of the query's own words, its known values (mentions,
-  pattern matches) the query says first, or with ``fill: mentioned`` only those.
+  pattern matches) the query says first, or with ``fill: mentioned`` only those (with
+  ``extend_mentions``, those and the longer runs that contain them).
 - ``span``: span and vocabulary fields admit null or a run of the query's words.
 - ``free``: span and vocabulary fields admit null or any short string (values absent from the query
   are flagged).
@@ -168,12 +169,26 @@ def allowed_values(
         return None
     if grounding == "catalog" and spec_field.kind == "vocabulary":
         return mentioned
-    if mentioned and spec_field.fill == "mentioned":
-        return mentioned
     heads = spec_field.head_words if grounding == "catalog" else frozenset()
     stop_at = frozenset(spec_field.stop_at)
+    if mentioned and spec_field.fill == "mentioned":
+        if not spec_field.extend_mentions:
+            return mentioned
+        # The runs may use the mentions' own words, and must contain one of them.
+        own = frozenset(piece for value in mentioned for piece in match_form(value).split())
+        keys = [_number_blind(value) for value in mentioned]
+        runs = query_spans(query, spec_field.max_words, claimed - own, spec_field.trim_edges, stop_at, heads)
+        longer = [run for run in runs
+                  if any(key != (blind := _number_blind(run)) and f" {key} " in f" {blind} " for key in keys)]
+        return tuple(dict.fromkeys([*mentioned, *longer]))
     runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, stop_at, heads)
+    if not runs and heads and spec_field.without_head == "runs":
+        runs = query_spans(query, spec_field.max_words, claimed, spec_field.trim_edges, stop_at)
     return tuple(dict.fromkeys([*mentioned, *runs]))
+
+
+def _number_blind(text: str) -> str:
+    return " ".join(singular_noun(word) for word in match_form(text).split())
 
 
 def build_row_grammar(query: str, vocabulary: Vocabulary, grounding: Grounding) -> RowGrammar:

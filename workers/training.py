@@ -270,6 +270,7 @@ def without_own_mentions(spec: ParseSpec, vocabulary: Vocabulary, own: list[dict
         raw_field["mentions"] = kept
         if not kept and not spec_field.patterns:
             raw_field["fill"] = "model"
+            raw_field["extend_mentions"] = False
     return ParseSpec.model_validate(data), dropped
 
 
