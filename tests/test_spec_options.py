@@ -291,6 +291,9 @@ def test_extend_mentions_offers_the_longer_runs_that_contain_a_mention() -> None
     # Words another field claims stay out of the longer runs.
     both = spec_vocabulary(make_spec({**item, "extend_mentions": True}, {**MAKER, "mentions": ["oxo"]}))
     assert build_row_grammar("oxo pencil case", both, "catalog").allowed["item"] == ("case", "pencil case")
+    # The mention in the other number: the same runs, still trimmed and without the other field's words.
+    assert build_row_grammar("oxo pencil cases", both, "catalog").allowed["item"] == ("case", "pencil cases")
+    assert build_row_grammar("set of oxo pencil cases", both, "catalog").allowed["item"] == ("case", "pencil cases")
 
 
 def test_without_head_runs_offers_every_run_where_no_run_ends_in_a_head() -> None:

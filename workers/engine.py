@@ -346,10 +346,10 @@ class ConstrainedEngine:
         self._null_bias = {json.dumps(f.name) + ":": f.null_bias for f in spec.fields if f.null_bias}
         self._null_ids: list[int] = []
         if self._null_bias:
-            # Every token that can begin the literal null: the value's first token decides null or not.
+            # Every token that can begin the literal null (the grammar masks those it does not allow).
             self._null_ids = [
                 i for i, text in enumerate(self._tokenizer_info.decoded_vocab)
-                if text.strip() and b"null".startswith(text.lstrip())
+                if (start := text.lstrip()) and (b"null".startswith(start) or start.startswith(b"null"))
             ]
 
     # ----------------------------------------------------------------------------------------

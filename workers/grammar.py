@@ -84,6 +84,7 @@ def query_spans(
     trim_edges: bool = True,
     stop_at: frozenset[str] = frozenset(),
     heads: frozenset[str] = frozenset(),
+    fallback: bool = True,
 ) -> list[str]:
     """Distinct contiguous runs of up to ``max_words`` query words, in order of first appearance.
 
@@ -91,8 +92,8 @@ def query_spans(
     word) when those words hold an acceptable run, else from the whole query. They may not contain a
     word of ``exclude`` (in match form: words another field's vocabulary claims, e.g. the "oak" of
     "oak dining table") and, with ``trim_edges``, may not start or end with a stopword or a number.
-    Falls back to every run when that leaves nothing. With ``heads``, only runs ending in one of
-    them (as written or singular) count, the fallback included: none may be left.
+    Falls back to every run when that leaves nothing (unless not ``fallback``). With ``heads``, only
+    runs ending in one of them (as written or singular) count, the fallback included: none may be left.
     """
     words = query_words(query)
     stop = next((i for i, word in enumerate(words) if i and word.lower() in stop_at), None)
@@ -101,7 +102,7 @@ def query_spans(
         if before:
             return before
     runs = _runs(words, max_words, exclude, trim_edges, heads)
-    if not runs and (exclude or words):
+    if not runs and fallback and (exclude or words):
         runs = _runs(words, max_words, frozenset(), False, heads)
     return runs
 
@@ -174,10 +175,12 @@ def allowed_values(
     if mentioned and spec_field.fill == "mentioned":
         if not spec_field.extend_mentions:
             return mentioned
-        # The runs may use the mentions' own words, and must contain one of them.
-        own = frozenset(piece for value in mentioned for piece in match_form(value).split())
+        # The runs may use the mentions' own words (in whichever number the query says them), must
+        # contain one of them, and keep every other rule: no fallback to untrimmed runs.
         keys = [_number_blind(value) for value in mentioned]
-        runs = query_spans(query, spec_field.max_words, claimed - own, spec_field.trim_edges, stop_at, heads)
+        own = frozenset(piece for key in keys for piece in key.split())
+        exclude = frozenset(word for word in claimed if singular_noun(word) not in own)
+        runs = query_spans(query, spec_field.max_words, exclude, spec_field.trim_edges, stop_at, heads, fallback=False)
         longer = [run for run in runs
                   if any(key != (blind := _number_blind(run)) and f" {key} " in f" {blind} " for key in keys)]
         return tuple(dict.fromkeys([*mentioned, *longer]))
