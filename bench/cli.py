@@ -302,6 +302,8 @@ def train_bench(
     base_spec: Annotated[str | None, typer.Option(help="Spec the few-shot base model is scored under (default: "
                                                        "--spec), e.g. ecommerce beside --spec ecommerce_student.")]
     = None,
+    few_shot: Annotated[bool, typer.Option(help="Train and serve the student with the spec's examples in the "
+                                                "prompt (see `qustream train --help`).")] = False,
 ) -> None:
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
@@ -319,7 +321,7 @@ def train_bench(
     options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
                            train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
                            held_out=held_out, eval_every=eval_every, seed=seed,
-                           precision=precision, catalog_folds=catalog_folds)
+                           precision=precision, catalog_folds=catalog_folds, few_shot=few_shot)
     report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit,
                              score_only=score_only, base_spec=base_spec)
     print_report(report)

@@ -1,6 +1,7 @@
 """Choose a field's ``null_bias`` on a trained model's held-out rows, not on the set you report.
 
-Scores the model on the rows ``qustream train`` held out (the same seeded split), under the catalog
+Scores the model on the rows ``qustream train`` held out (the same seeded split, read from the
+model's training report), under the catalog
 without the mentions only those rows label (as training scored them), once per bias::
 
     python -m bench.null_bias_sweep --model <trained folder> --data /tmp/queryner_train_ecommerce.jsonl \\
@@ -19,7 +20,13 @@ from workers.engine import ConstrainedEngine
 from workers.evaluation import parse_cases, quality_case, score
 from workers.grammar import load_checked_spec, spec_vocabulary
 from workers.model import load_model
-from workers.training import read_labelled, split_records, without_own_mentions
+from workers.training import REPORT, read_labelled, split_records, without_own_mentions
+
+
+def held_out_split(model: Path) -> tuple[int, int]:
+    """The held-out size and seed the model was trained with, from its training report."""
+    options = json.loads((model / REPORT).read_text())["options"]
+    return int(options["held_out"]), int(options["seed"])
 
 
 def main() -> None:
@@ -29,13 +36,12 @@ def main() -> None:
     parser.add_argument("--spec", default="ecommerce")
     parser.add_argument("--field", default="brand")
     parser.add_argument("--biases", default="0,1,2,3,4")
-    parser.add_argument("--held-out", type=int, default=200, help="As given to `qustream train`.")
-    parser.add_argument("--seed", type=int, default=0, help="As given to `qustream train`.")
     args = parser.parse_args()
+    held_out, seed = held_out_split(Path(args.model))
     spec = load_checked_spec(args.spec)
     vocabulary = spec_vocabulary(spec)
     records, _ = read_labelled(spec, vocabulary, args.data)
-    train_records, held_records = split_records(records, args.held_out, args.seed)
+    train_records, held_records = split_records(records, held_out, seed)
     held = [record for _, record in held_records]
     settings = Settings(parse_spec=args.spec, model=args.model)
     loaded = load_model(settings)

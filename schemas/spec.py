@@ -19,13 +19,15 @@ Field kinds:
 - ``category``: null or one label of a closed set that need not occur in the query (a department,
   an intent); the model chooses and the grammar restricts it to the set.
 
-Loading checks the structure here; the examples are checked against the grammar's notion of spans
-and vocabulary mentions by ``workers.grammar.check_examples`` when an engine is built or
-``qustream spec check`` runs.
+A spec file may ``extends`` another (a built-in name or a relative path) and give only what changes:
+its fields merge into the base's by name. Loading checks the structure here; the examples are
+checked against the grammar's notion of spans and vocabulary mentions by
+``workers.grammar.check_examples`` when an engine is built or ``qustream spec check`` runs.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -349,34 +351,82 @@ def resolve_spec_path(ref: str | Path) -> Path:
     return path
 
 
+#: Field options that name a file, read relative to the spec that names it.
+_FILE_OPTIONS = ("values_file", "mentions_file", "heads_file")
+#: Where a field's files are, per option, while ``extends`` merges fields of specs in other folders.
+_FOLDERS = "__folders__"
+
+
 def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
-    """Read, resolve values files and validate a spec; ``SpecError`` lists every problem found."""
+    """Read, resolve ``extends`` and values files, and validate a spec; ``SpecError`` lists every problem."""
     path = resolve_spec_path(ref)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: a spec is a mapping with name, version, description, fields, examples")
+    data = _read_spec_data(path, ())
     problems: list[str] = []
     for index, raw_field in enumerate(data.get("fields") or []):
         if not isinstance(raw_field, dict):
             continue
+        folders = raw_field.pop(_FOLDERS, {})
         try:
             if raw_field.get("values_file"):
-                extra = _read_values(path.parent, raw_field["values_file"])
+                extra = _read_values(folders["values_file"], raw_field["values_file"])
                 raw_field["values"] = [*(raw_field.get("values") or []), *extra]
             if raw_field.get("mentions_file"):
-                phrases = _read_values(path.parent, raw_field["mentions_file"], "mentions_file")
+                phrases = _read_values(folders["mentions_file"], raw_field["mentions_file"], "mentions_file")
                 raw_field["mentions"] = [*(raw_field.get("mentions") or []), *(p["value"] for p in phrases)]
             if raw_field.get("heads_file"):
-                words = _read_values(path.parent, raw_field["heads_file"], "heads_file")
+                words = _read_values(folders["heads_file"], raw_field["heads_file"], "heads_file")
                 raw_field["heads"] = [*(raw_field.get("heads") or []), *(w["value"] for w in words)]
         except SpecError as exc:
             problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
     if problems:
         raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems))
     return parse_spec_data(data, source=str(path))
+
+
+def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
+    """A spec file's mapping with ``extends`` merged in: the base spec's (a built-in name, or a path
+    relative to this file) with this file's keys over it, and its fields merged by name (this file's
+    options over the base field's; fields the base lacks added after its own). A file option stays as
+    written (it is part of the spec's fingerprint) and is read from the folder of the spec that set it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a mapping with name, version, description, fields, examples")
+    for raw_field in data.get("fields") or []:
+        if isinstance(raw_field, dict):
+            raw_field[_FOLDERS] = {option: path.parent for option in _FILE_OPTIONS if option in raw_field}
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise SpecError(f"{path}: extends names a spec: a built-in name or a YAML path")
+    looks_like_path = "/" in base_ref or base_ref.endswith((".yaml", ".yml", ".json"))
+    try:
+        base_path = resolve_spec_path(path.parent / base_ref if looks_like_path else base_ref).resolve()
+    except SpecError as exc:
+        raise SpecError(f"{path}: extends: {exc}") from None
+    chain = (*extending, path.resolve())
+    if base_path in chain:
+        raise SpecError(f"{path}: extends loops: {' -> '.join(str(p) for p in (*chain, base_path))}")
+    base = _read_spec_data(base_path, chain)
+    fields = data.pop("fields", None)
+    merged = {**base, **data}
+    if fields is not None:
+        if not isinstance(fields, list):
+            raise SpecError(f"{path}: fields is a list")
+        own = [dict(field) for field in base.get("fields") or []]
+        by_name = {field.get("name"): field for field in own if isinstance(field, dict)}
+        for field in fields:
+            if isinstance(field, dict) and field.get("name") in by_name:
+                folders = {**by_name[field["name"]].get(_FOLDERS, {}), **field.get(_FOLDERS, {})}
+                by_name[field["name"]].update(field)
+                by_name[field["name"]][_FOLDERS] = folders
+            else:
+                own.append(field)
+        merged["fields"] = own
+    return merged
 
 
 def parse_spec_data(data: dict[str, Any], source: str = "<spec>") -> ParseSpec:
@@ -427,6 +477,14 @@ def spec_json_schema() -> dict[str, Any]:
     # A value may be written as a plain string when it has no other forms.
     values = schema["$defs"]["SpecField"]["properties"]["values"]
     values["items"] = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 80}, values["items"]]}
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "qustream parse spec"
-    return schema
+    # A spec that extends another gives only what it changes: each field by name, with its new options.
+    definitions = schema.pop("$defs")
+    definitions["SpecFieldChange"] = {**copy.deepcopy(definitions["SpecField"]), "required": ["name"]}
+    extending = copy.deepcopy(schema)
+    extending["properties"]["extends"] = {
+        "type": "string", "minLength": 1,
+        "description": "The spec this one changes: a built-in name or a YAML path relative to this file."}
+    extending["properties"]["fields"] = {"type": "array", "items": {"$ref": "#/$defs/SpecFieldChange"}}
+    extending["required"] = ["extends"]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "qustream parse spec",
+            "$defs": definitions, "anyOf": [schema, extending]}

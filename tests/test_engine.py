@@ -177,6 +177,29 @@ def test_null_bias_raises_the_bar_for_values_the_model_chooses(real_loaded: Load
     assert engine_version("m", kitchen_spec(0.0), "catalog") != engine_version("m", kitchen_spec(2.0), "catalog")
 
 
+DECODE_PATHS = {
+    "padded, token by token": {"decode_layout": "padded"},
+    "padded, jump-forward": {"decode_layout": "padded", "jump_forward": True},
+    "packed, token by token": {"decode_layout": "packed"},
+    "packed, jump-forward": {"decode_layout": "packed", "jump_forward": True},
+}
+
+
+@pytest.mark.e2e
+def test_null_bias_acts_on_every_decode_path(real_loaded: LoadedModel) -> None:
+    # The real model: the tiny random one writes null everywhere unbiased, so the bias would show nothing.
+    expected = [None] * (len(KITCHEN_QUERIES) - 1) + ["oxo"]
+    for path, options in DECODE_PATHS.items():
+        engine = make_engine(real_loaded, spec=kitchen_spec(20.0), **options)
+        assert [r.parse["maker"] for r in engine.parse_batch(KITCHEN_QUERIES)] == expected, path
+    # Rows that join a running batch one by one (the continuous batcher) get the same bias.
+    engine = make_engine(real_loaded, spec=kitchen_spec(20.0), decode_layout="packed", jump_forward=True)
+    try:
+        assert [engine.submit(q).result(timeout=120).parse["maker"] for q in KITCHEN_QUERIES] == expected
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("grounding", ["span", "free"])
 def test_other_grounding_modes_stay_valid(tiny_loaded: LoadedModel, grounding: str) -> None:
     settings = Settings(device="cpu", cpu_threads=2, grounding=grounding)

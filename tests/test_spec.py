@@ -51,7 +51,7 @@ def test_builtin_specs_load_with_their_examples_checked(name: str) -> None:
 
 
 def test_the_student_spec_is_the_ecommerce_contract_with_a_wider_product_type_grammar() -> None:
-    """``ecommerce_student`` repeats ``ecommerce``: any other difference than these is drift."""
+    """``ecommerce_student`` extends ``ecommerce``: any other difference than these is drift."""
     shipped, student = load_spec("ecommerce").model_dump(), load_spec("ecommerce_student").model_dump()
     assert student.pop("version") == shipped.pop("version") + "-student"
     widened = student["fields"][0]
@@ -136,6 +136,48 @@ def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None
     _field(data, "color").update(values_file="colours.txt")
     with pytest.raises(SpecError, match=r"fields\[2\] \(color\): values_file 'colours.txt' not found"):
         load_spec(write(tmp_path, data))
+
+
+def test_a_spec_extends_another_by_changing_fields_by_name(tmp_path: Path) -> None:
+    base = load_spec("ecommerce")
+    (tmp_path / "lines.txt").write_text("mercedes\nhot wheels\n")
+    (tmp_path / "team.yaml").write_text(yaml.safe_dump({
+        "extends": "ecommerce", "name": "toys", "version": "1",
+        "fields": [{"name": "brand", "mentions_file": "lines.txt"},  # read beside this file
+                   {"name": "age", "kind": "span", "description": "The age the toy is for, e.g. '3 years'."}],
+    }))
+    spec = load_spec(tmp_path / "team.yaml")
+    assert (spec.name, spec.version, spec.description) == ("toys", "1", base.description)
+    assert spec.field_names == (*base.field_names, "age")
+    assert spec.field("brand").mentions == ["mercedes", "hot wheels"]  # the option replaced, not added to
+    assert spec.field("brand").max_words == base.field("brand").max_words
+    # The base's own files are read beside the base, and its other fields are untouched.
+    assert spec.field("product_type").mentions == base.field("product_type").mentions
+    assert spec.field("color") == base.field("color") and spec.examples == base.examples
+    jsonschema.validate(yaml.safe_load((tmp_path / "team.yaml").read_text()), spec_json_schema())
+    # A path is relative to the extending file; the chain may be longer.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "store.yaml").write_text("extends: ../team.yaml\nversion: '2'\n")
+    store = load_spec(tmp_path / "sub" / "store.yaml")
+    assert store.model_dump() == spec.model_copy(update={"version": "2"}).model_dump()
+
+
+@pytest.mark.parametrize(("extends", "expected"), [
+    ("electronics", "extends: unknown built-in parse spec 'electronics'; built-in specs: ecommerce"),
+    ("loop.yaml", "extends loops"),
+    ("", "extends names a spec"),
+])
+def test_a_bad_extends_says_what_is_wrong(tmp_path: Path, extends: str, expected: str) -> None:
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"extends": extends, "version": "1"}))
+    with pytest.raises(SpecError, match=expected):
+        load_spec(tmp_path / "loop.yaml")
+
+
+def test_a_changed_field_is_validated_as_a_whole(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(
+        {"extends": "ecommerce", "fields": [{"name": "color", "extend_mentions": True}]}))
+    with pytest.raises(SpecError, match=r"field 'color'.*extend_mentions"):
+        load_spec(tmp_path / "bad.yaml")
 
 
 def test_values_files_in_text_and_yaml(tmp_path: Path) -> None:

@@ -120,6 +120,21 @@ def test_training_lowers_the_loss_and_saves_a_model_card(trained: tuple[Path, di
     assert [r.parse.keys() for r in engine.parse_batch(["blue jeans"])] == [dict.fromkeys(ECOMMERCE.field_names).keys()]
 
 
+def test_a_trained_model_under_another_spec_is_warned_about_once(trained: tuple[Path, dict[str, Any]]) -> None:
+    from structlog.testing import capture_logs
+
+    folder, _ = trained
+    for spec, event, few_shot in (("ecommerce_student", "engine.card_spec_changed", False),
+                                  ("furniture", "engine.card_spec_mismatch", True)):
+        settings = Settings(model=str(folder), device="cpu", cpu_threads=2, parse_spec=spec)
+        with capture_logs() as logs:
+            version = version_for(settings)  # what the worker computes before the model loads
+            engine = build_engine(settings)
+        assert [e["event"] for e in logs if e["event"].startswith("engine.card")] == [event], spec
+        assert isinstance(engine, ConstrainedEngine) and engine.few_shot is few_shot
+        assert engine.version == version
+
+
 def test_bench_scores_a_trained_folder_again_without_training(trained: tuple[Path, dict[str, Any]],
                                                                tiny_folder: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,13 +106,19 @@ def uses_few_shot(spec: ParseSpec, card: dict[str, Any] | None) -> bool:
     says it was trained for this spec without them. A model trained for another spec keeps them."""
     if card is None or card.get("few_shot", True):
         return True
-    trained_for = card.get("spec") or {}
+    return bool((card.get("spec") or {}).get("name") != spec.name)
+
+
+def warn_about_card(spec: ParseSpec, card: dict[str, Any] | None) -> None:
+    """Say once, when the engine is built, that a trained model serves a spec other than its own."""
+    trained_for = (card or {}).get("spec")
+    if not trained_for:
+        return
     if trained_for.get("name") != spec.name:
-        log.warning("engine.card_spec_mismatch", trained_for=trained_for, spec=spec.name)
-        return True
-    if trained_for.get("fingerprint") != spec.fingerprint:
+        log.warning("engine.card_spec_mismatch", trained_for=trained_for, spec=spec.name,
+                    few_shot=uses_few_shot(spec, card))
+    elif trained_for.get("fingerprint") != spec.fingerprint:
         log.warning("engine.card_spec_changed", trained_for=trained_for, fingerprint=spec.fingerprint)
-    return False
 
 
 def engine_version(model_id: str, spec: ParseSpec, grounding: str, card: dict[str, Any] | None = None) -> str:
@@ -308,6 +314,7 @@ class ConstrainedEngine:
         self.min_group = min_group
         self.max_pad_waste = max_pad_waste
         self.step_overhead_positions = step_overhead_positions
+        warn_about_card(spec, loaded.card)
         self.few_shot = uses_few_shot(spec, loaded.card)
         self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
@@ -344,6 +351,8 @@ class ConstrainedEngine:
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
         #: The written key that a field's value follows, and the bias its null gets there (``null_bias``).
         self._null_bias = {json.dumps(f.name) + ":": f.null_bias for f in spec.fields if f.null_bias}
+        #: A token decodes to one character or more, so this many last tokens hold a whole key.
+        self._null_key_tokens = max((len(key) for key in self._null_bias), default=0)
         self._null_ids: list[int] = []
         if self._null_bias:
             # Every token that can begin the literal null (the grammar masks those it does not allow).
@@ -541,7 +550,8 @@ class ConstrainedEngine:
     def _bias_null(self, logits: torch.Tensor, rows: list[_Row], deciding: list[int]) -> None:
         """Raise null's logits for the rows about to choose the value of a field with a ``null_bias``."""
         for i in deciding:
-            written = self.tokenizer.decode(rows[i].out_ids).rstrip()
+            # Only the tail: decoding each row's whole output on every step grows with its length.
+            written = self.tokenizer.decode(rows[i].out_ids[-self._null_key_tokens :]).rstrip()
             for key, bias in self._null_bias.items():
                 if written.endswith(key):
                     logits[i, self._null_ids] += bias
