@@ -416,7 +416,7 @@ def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
     if fields is not None:
         if not isinstance(fields, list):
             raise SpecError(f"{path}: fields is a list")
-        own = [dict(field) for field in base.get("fields") or []]
+        own = [dict(field) if isinstance(field, dict) else field for field in base.get("fields") or []]
         by_name = {field.get("name"): field for field in own if isinstance(field, dict)}
         for field in fields:
             if isinstance(field, dict) and field.get("name") in by_name:

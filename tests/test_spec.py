@@ -173,6 +173,13 @@ def test_a_bad_extends_says_what_is_wrong(tmp_path: Path, extends: str, expected
         load_spec(tmp_path / "loop.yaml")
 
 
+def test_a_malformed_base_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"name": "b", "fields": ["not a mapping"]}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "fields": [{"name": "x"}]}))
+    with pytest.raises(SpecError, match="invalid parse spec"):
+        load_spec(tmp_path / "child.yaml")
+
+
 def test_a_changed_field_is_validated_as_a_whole(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(
         {"extends": "ecommerce", "fields": [{"name": "color", "extend_mentions": True}]}))
