@@ -283,6 +283,9 @@ def train_bench(
                                                         "<model cache>/models/student-<spec>).")] = None,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="Training time budget.")] = 40.0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    method: Annotated[Literal["auto", "full", "lora"], typer.Option(
+        help="See `qustream train --help`; lora also saves the adapter alone (what ships).")] = "auto",
+    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
     train_layers: Annotated[int, typer.Option(min=0, help="Top decoder layers trained (0 = all).")] = 0,
     learning_rate: Annotated[float | None, typer.Option(help="Default: `qustream train`'s.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -300,17 +303,17 @@ def train_bench(
                                                   "--model-out (e.g. under a changed spec) beside the base model.")]
     = False,
     base_spec: Annotated[str | None, typer.Option(help="Spec the few-shot base model is scored under (default: "
-                                                       "--spec), e.g. ecommerce beside --spec ecommerce_student.")]
+                                                       "--spec), e.g. ecommerce_few_shot beside --spec ecommerce.")]
     = None,
     few_shot: Annotated[bool, typer.Option(help="Train and serve the student with the spec's examples in the "
                                                 "prompt (see `qustream train --help`).")] = False,
 ) -> None:
     """Fine-tune the default model on labelled queries and compare it with the few-shot base model.
 
-    Example (the full run, see bench/train_bench.py): qustream bench train --spec ecommerce_student
-    --base-spec ecommerce --train-data /tmp/queryner_train_ecommerce.jsonl
+    Example (the run of the shipped adapter, see bench/train_bench.py): qustream bench train --spec ecommerce
+    --base-spec ecommerce_few_shot --method lora --train-data /tmp/queryner_train_ecommerce.jsonl
     --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --eval-every 200
-    --out bench/results/train_ecommerce/
+    --out bench/results/train_ecommerce_lora/
     """
     from bench.train_bench import print_report, run_train_bench
     from schemas.settings import Settings
@@ -319,7 +322,8 @@ def train_bench(
 
     folder = model_out or Settings().model_cache_dir / "models" / f"student-{load_spec(spec).name}"
     options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
-                           train_layers=train_layers, learning_rate=learning_rate, batch_size=batch_size,
+                           method=method, lora_rank=lora_rank, train_layers=train_layers,
+                           learning_rate=learning_rate, batch_size=batch_size,
                            held_out=held_out, eval_every=eval_every, seed=seed,
                            precision=precision, catalog_folds=catalog_folds, few_shot=few_shot)
     report = run_train_bench(spec, train_data, eval_data, out, folder, options, eval_limit=eval_limit,

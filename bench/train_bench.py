@@ -2,14 +2,14 @@
 with the few-shot base model on a labelled set, side by side: per-field accuracy, invented values,
 all-fields-right, engine queries/s, training time and peak RSS.
 
-The full run (QueryNER train split, 40 minutes of training on the 2-core CPU, then both models on
-the whole validation split):
+The run whose adapter ships as ``workers/adapters/ecommerce`` (QueryNER train split, at most 40 minutes
+of training on the 2-core CPU, then both models on the whole validation split):
 
     qustream bench queryner --split train --out /tmp/queryner_train_ecommerce.jsonl
-    qustream bench train --spec ecommerce_student --base-spec ecommerce \\
+    qustream bench train --spec ecommerce --base-spec ecommerce_few_shot --method lora \\
         --train-data /tmp/queryner_train_ecommerce.jsonl \\
         --eval-data tests/data/quality_ecommerce.jsonl --max-minutes 40 --eval-every 200 \\
-        --out bench/results/train_ecommerce/
+        --out bench/results/train_ecommerce_lora/ --model-out /tmp/lora_student
 
 The model folder goes to ``--model-out`` (default: under the model cache, not into the repository);
 ``--out`` gets ``report.json``, the training report and its chart.
@@ -25,7 +25,8 @@ from typing import Any
 
 from schemas.settings import Settings
 from workers.grammar import load_checked_spec
-from workers.training import CHART, REPORT, TrainOptions, train
+from workers.model import MODEL_CARD
+from workers.training import ADAPTER_FOLDER, CHART, REPORT, TrainOptions, train
 
 #: The issue's targets for the student against the few-shot base model.
 TARGETS = {"all_fields_gain": 0.15, "product_type_acc": 0.85, "invented_absent": 0.03}
@@ -70,8 +71,13 @@ def run_train_bench(
         if (model_out / name).exists():
             shutil.copy(model_out / name, out / name)
     scored_under, base_scored_under = load_checked_spec(spec), load_checked_spec(base_spec or spec)
-    base = evaluate_model(Settings(parse_spec=base_spec or spec), eval_data, eval_limit, batch_size)
-    student = evaluate_model(Settings(parse_spec=spec, model=str(model_out)), eval_data, eval_limit, batch_size)
+    # Neither side takes a shipped adapter: the base is the model as it is, and a LoRA student is scored as
+    # its adapter alone (what ships), merged into the base when it loads.
+    base = evaluate_model(Settings(parse_spec=base_spec or spec, adapter="none"), eval_data, eval_limit, batch_size)
+    adapter = model_out / ADAPTER_FOLDER
+    student_settings = (Settings(parse_spec=spec, adapter=str(adapter)) if (adapter / MODEL_CARD).is_file()
+                        else Settings(parse_spec=spec, model=str(model_out), adapter="none"))
+    student = evaluate_model(student_settings, eval_data, eval_limit, batch_size)
     gain = student["metrics"]["all_fields_acc"] - base["metrics"]["all_fields_acc"]
     met = {
         "all_fields_gain": gain >= TARGETS["all_fields_gain"],
@@ -89,7 +95,8 @@ def run_train_bench(
             "peak_rss_mb", "best_step", "prefix_tokens", "tokens_per_row", "chosen_tokens_per_row",
             "catalog_folds", "mentions_dropped_per_fold")}
         | {"skipped_rows": len(training["skipped"]), "train_layers": options.train_layers,
-           "batch_size": options.batch_size, "model_folder": str(model_out)},
+           "batch_size": options.batch_size, "model_folder": str(model_out),
+           "adapter_folder": str(adapter) if (adapter / MODEL_CARD).is_file() else None},
         "variants": [{"name": "base, few-shot", **base}, {"name": "student", **student}],
         "all_fields_gain": gain, "targets": TARGETS, "met": met,
     }

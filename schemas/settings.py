@@ -117,6 +117,13 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------
     model: str = DEFAULT_MODEL
+    adapter: str = Field(
+        "auto",
+        description="A LoRA adapter (a folder `qustream train --method lora` wrote) merged into the model when "
+        "it loads. 'auto': the adapter shipped with qustream that was trained for exactly the active parse "
+        "spec on exactly the configured model, if there is one (the built-in ecommerce spec has one); "
+        "'none': the model as it is.",
+    )
     model_cache_dir: Path = Field(default_factory=_default_cache_dir)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -124,7 +131,8 @@ class Settings(BaseSettings):
     grounding: Literal["catalog", "span", "free"] = "catalog"
     parse_spec: str = Field(
         "furniture",
-        description="The parse spec: a built-in name (furniture, ecommerce) or the path of a YAML spec file.",
+        description="The parse spec: a built-in name (furniture, ecommerce, ecommerce_few_shot) or the path of a "
+        "YAML spec file.",
     )
     # On: faster at every batch size measured on CPU (docs/engine.md, the engine benchmark).
     jump_forward: bool = True

@@ -44,7 +44,7 @@ class DeferredEngine:
         self.model_id = model_id_for(settings)
         self.grounding: str = settings.grounding
         self.spec = spec
-        self.version = engine_version(self.model_id, spec, settings.grounding, card_for(settings))
+        self.version = engine_version(self.model_id, spec, settings.grounding, card_for(settings, spec.fingerprint))
         self.loaded: ParseEngine | None = None
 
     def parse_batch(self, queries: list[str]) -> list[ParseResult]:

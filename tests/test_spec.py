@@ -41,31 +41,34 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["furniture", "ecommerce", "ecommerce_student"])
+@pytest.mark.parametrize("name", ["furniture", "ecommerce", "ecommerce_few_shot"])
 def test_builtin_specs_load_with_their_examples_checked(name: str) -> None:
     assert name in builtin_specs()
     spec = load_checked_spec(name)
-    assert spec.name == name.removesuffix("_student") and spec.examples
+    assert spec.name == name.removesuffix("_few_shot") and spec.examples
     # The editor schema accepts the shipped files as written.
     jsonschema.validate(yaml.safe_load((REPO / "schemas" / "specs" / f"{name}.yaml").read_text()), spec_json_schema())
 
 
-def test_the_student_spec_is_the_ecommerce_contract_with_a_wider_product_type_grammar() -> None:
-    """``ecommerce_student`` extends ``ecommerce``: any other difference than these is drift."""
-    shipped, student = load_spec("ecommerce").model_dump(), load_spec("ecommerce_student").model_dump()
-    assert student.pop("version") == shipped.pop("version") + "-student"
-    widened = student["fields"][0]
-    assert widened["name"] == "product_type" and widened["extend_mentions"] and widened["without_head"] == "runs"
-    widened.update(extend_mentions=False, without_head="null")
-    assert student == shipped
-    vocabulary = Vocabulary(load_checked_spec("ecommerce_student"))
+def test_the_few_shot_spec_is_the_ecommerce_contract_with_a_narrower_product_type_grammar() -> None:
+    """``ecommerce_few_shot`` extends ``ecommerce``: any other difference than these is drift."""
+    shipped, few_shot = load_spec("ecommerce").model_dump(), load_spec("ecommerce_few_shot").model_dump()
+    assert few_shot.pop("version") == shipped.pop("version") + "-few-shot"
+    narrowed = few_shot["fields"][0]
+    assert narrowed["name"] == "product_type" and not narrowed["extend_mentions"]
+    assert narrowed["without_head"] == "null"
+    narrowed.update(extend_mentions=True, without_head="runs")
+    assert few_shot == shipped
+    vocabulary = Vocabulary(load_checked_spec("ecommerce"))
     assert build_row_grammar("sippy cup for toddlers", vocabulary, "catalog").allowed["product_type"] == ("sippy cup",)
     assert build_row_grammar("star wars pencil case", vocabulary, "catalog").allowed["product_type"] == (
         "case", "star wars pencil case", "wars pencil case", "pencil case")
+    # No product-type head at all (a model name): every run, for the trained student to choose or refuse.
+    assert build_row_grammar("galaxy s21 ultra", vocabulary, "catalog").allowed["product_type"]
 
 
 def test_ecommerce_takes_the_known_values_a_query_says() -> None:
-    vocabulary = Vocabulary(load_checked_spec("ecommerce"))
+    vocabulary = Vocabulary(load_checked_spec("ecommerce_few_shot"))
     allowed = build_row_grammar("sippy cup for toddlers", vocabulary, "catalog").allowed
     # A catalogued product type is taken whole (the model prefers the bare head, "cup").
     assert allowed["product_type"] == ("sippy cup",) and allowed["audience"] == ("toddler",)
@@ -128,7 +131,7 @@ def test_examples_are_checked_against_the_fields(tmp_path: Path, example: dict[s
 
 
 def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="built-in specs: ecommerce, ecommerce_student, furniture"):
+    with pytest.raises(SpecError, match="built-in specs: ecommerce, ecommerce_few_shot, furniture"):
         load_spec("electronics")
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.yaml")
@@ -236,7 +239,7 @@ def test_the_worker_refuses_a_bad_spec_at_start(tmp_path: Path) -> None:
     assert "field 'material'" in started.stderr and "'walnut'" in started.stderr
     unknown = cli("worker", env={"QUSTREAM_PARSE_SPEC": "electronics", "QUSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
                   timeout=60)
-    assert unknown.returncode == 2 and "built-in specs: ecommerce, ecommerce_student, furniture" in unknown.stderr
+    assert unknown.returncode == 2 and "built-in specs: ecommerce, ecommerce_few_shot, furniture" in unknown.stderr
 
 
 class SpecEngine:

@@ -26,8 +26,9 @@ from tests.support import WorkerProcess, read_topic, run
 from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
 from workers.evaluation import load_quality
 from workers.grammar import spec_vocabulary
-from workers.model import MODEL_CARD, load_model
+from workers.model import MODEL_CARD, card_for, load_model, resolve_adapter
 from workers.training import (
+    ADAPTER_FOLDER,
     CHART,
     FINAL_LR_FRACTION,
     REPORT,
@@ -82,7 +83,8 @@ def write_data(path: Path, bad: bool = True) -> Path:
 
 
 def tiny_settings(folder: Path, **overrides: Any) -> Settings:
-    return Settings(model=str(folder), device="cpu", cpu_threads=2, parse_spec="ecommerce", **overrides)
+    return Settings(**{"model": str(folder), "device": "cpu", "cpu_threads": 2, "parse_spec": "ecommerce",
+                       **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def test_a_trained_model_under_another_spec_is_warned_about_once(trained: tuple[
     from structlog.testing import capture_logs
 
     folder, _ = trained
-    for spec, event, few_shot in (("ecommerce_student", "engine.card_spec_changed", False),
+    for spec, event, few_shot in (("ecommerce_few_shot", "engine.card_spec_changed", False),
                                   ("furniture", "engine.card_spec_mismatch", True)):
         settings = Settings(model=str(folder), device="cpu", cpu_threads=2, parse_spec=spec)
         with capture_logs() as logs:
@@ -176,11 +178,13 @@ def test_bad_rows_are_reported_line_by_line_and_skipped(trained: tuple[Path, dic
     # Material and audience are forced (``fill: mentioned``), so the model's last decision is the size;
     # forced text after it is never fed.
     assert text.endswith('"size": null')
-    # A run of the query's words that the spec's grammar never writes: product_type takes the
-    # catalogued mention ("jacket"), so a "rain jacket" label would teach what serving cannot decode.
+    # A run of the query's words that the spec's grammar never writes: under the narrower grammar
+    # product_type takes the catalogued mention ("jacket"), so a "rain jacket" label would teach what
+    # serving cannot decode.
     unwritable = tmp_path / "unwritable.jsonl"
     unwritable.write_text(json.dumps({"query": "kids rain jacket", "product_type": "rain jacket"}) + "\n")
-    problems = load_training_data(engine, unwritable).problems
+    narrow = ConstrainedEngine(settings, loaded, load_spec("ecommerce_few_shot"))
+    problems = load_training_data(narrow, unwritable).problems
     assert [(n, "offers no value written 'rain jacket'" in reason) for n, reason in problems] == [(1, True)]
 
 
@@ -273,18 +277,95 @@ def test_resume_goes_on_from_the_checkpoint(tiny_folder: Path, tmp_path: Path) -
         train(tiny_settings(tiny_folder), options)
 
 
-def test_lora_adapters_are_merged_into_a_plain_folder(tiny_folder: Path, tmp_path: Path) -> None:
-    pytest.importorskip("peft")
+@pytest.fixture(scope="module")
+def lora_trained(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    work = tmp_path_factory.mktemp("lora")
+    options = TrainOptions(data=write_data(work / "labels.jsonl", bad=False), out=work / "model", max_steps=3,
+                           batch_size=8, method="lora", lora_rank=4, learning_rate=3e-2, held_out=2,
+                           progress=False, catalog_folds=1)
+    return options.out, train(tiny_settings(tiny_folder), options)
+
+
+def test_lora_adapters_are_merged_into_a_plain_folder(lora_trained: tuple[Path, dict[str, Any]],
+                                                      tiny_folder: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
-                           max_steps=2, batch_size=8, method="lora", lora_rank=4, held_out=2, progress=False)
-    report = train(tiny_settings(tiny_folder), options)
+    folder, report = lora_trained
     assert report["method"] == "lora" and report["trainable_parameters"] < report["parameters"] / 10
-    saved = AutoModelForCausalLM.from_pretrained(options.out)
+    saved = AutoModelForCausalLM.from_pretrained(folder)
     assert not [name for name, _ in saved.named_parameters() if "lora" in name]
     base = AutoModelForCausalLM.from_pretrained(tiny_folder)
     assert parameter_count(saved) == parameter_count(base)
+
+
+def test_a_lora_run_saves_its_adapter_which_serves_like_the_merged_folder(
+        lora_trained: tuple[Path, dict[str, Any]], tiny_folder: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder, report = lora_trained
+    adapter = folder / ADAPTER_FOLDER
+    assert report["adapter_folder"] == str(adapter)
+    assert {t.dtype for t in load_file(adapter / "adapter_model.safetensors").values()} == {torch.bfloat16}
+    card = json.loads((adapter / MODEL_CARD).read_text())
+    assert card["spec"]["fingerprint"] == ECOMMERCE.fingerprint and card["base_model"] == str(tiny_folder)
+    assert card["weights"] != json.loads((folder / MODEL_CARD).read_text())["weights"]
+    merged = build_engine(tiny_settings(folder))
+    with_adapter = build_engine(tiny_settings(tiny_folder, adapter=str(adapter)))
+    base = build_engine(tiny_settings(tiny_folder, adapter="none"))
+    assert isinstance(with_adapter, ConstrainedEngine) and isinstance(base, ConstrainedEngine)
+    assert with_adapter.loaded.card == card and not with_adapter.few_shot and base.few_shot
+    assert merged.loaded.card is not None and merged.loaded.card["weights"] != card["weights"]
+    # A version of its own, known before the model loads (the worker opens its cache with it).
+    assert len({with_adapter.version, base.version, merged.version}) == 3
+    assert version_for(tiny_settings(tiny_folder, adapter=str(adapter))) == with_adapter.version
+    # The adapter holds the weights the merged folder holds (the best of the run: on a random model, the
+    # untrained ones, so a copy with random deltas shows that loading merges them at all).
+    moved = folder / "moved-adapter"
+    shutil.copytree(adapter, moved)
+    generator = torch.Generator().manual_seed(0)
+    weights = load_file(moved / "adapter_model.safetensors")
+    save_file({name: torch.randn(t.shape, generator=generator).to(t.dtype) for name, t in weights.items()},
+              moved / "adapter_model.safetensors")
+    ids = torch.tensor([with_adapter._prefix_ids])
+    models = [load_model(settings).model for settings in (
+        tiny_settings(tiny_folder, adapter=str(adapter)), tiny_settings(folder), tiny_settings(tiny_folder),
+        tiny_settings(tiny_folder, adapter=str(moved)))]
+    with torch.no_grad():
+        served, reference, untrained, perturbed = (model(ids).logits for model in models)
+    assert (served - reference).abs().max() < 1e-3
+    assert (perturbed - untrained).abs().max() > 0.1
+
+
+def test_auto_takes_a_shipped_adapter_only_for_its_own_spec_and_model(
+        lora_trained: tuple[Path, dict[str, Any]], tiny_folder: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from workers import model as model_module
+
+    folder, _ = lora_trained
+    shipped = tmp_path / "adapters"
+    shutil.copytree(folder / ADAPTER_FOLDER, shipped / "ecommerce")
+    monkeypatch.setattr(model_module, "SHIPPED_ADAPTERS", shipped)
+    assert resolve_adapter(tiny_settings(tiny_folder), ECOMMERCE.fingerprint) == shipped / "ecommerce"
+    assert card_for(tiny_settings(tiny_folder), ECOMMERCE.fingerprint) == json.loads(
+        (shipped / "ecommerce" / MODEL_CARD).read_text())
+    few_shot = load_spec("ecommerce_few_shot")
+    assert resolve_adapter(tiny_settings(tiny_folder), few_shot.fingerprint) is None  # another grammar
+    assert resolve_adapter(tiny_settings(folder), ECOMMERCE.fingerprint) is None  # another model
+    assert resolve_adapter(tiny_settings(tiny_folder, adapter="none"), ECOMMERCE.fingerprint) is None
+    engine = build_engine(tiny_settings(tiny_folder))
+    assert isinstance(engine, ConstrainedEngine) and not engine.few_shot
+    assert engine.version == version_for(tiny_settings(tiny_folder))
+
+
+def test_a_folder_that_is_no_adapter_stops_the_engine_with_the_setting_named(tiny_folder: Path,
+                                                                              tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"QUSTREAM_ADAPTER=.*not an adapter folder \(no adapter_config.json\)"):
+        version_for(tiny_settings(tiny_folder, adapter=str(tmp_path)))
 
 
 def test_label_takes_the_parsed_topics_events_made_under_the_spec() -> None:
@@ -361,10 +442,11 @@ def test_each_fold_is_taught_under_the_catalog_without_the_mentions_only_it_labe
                                          [{"query": "a saw", "maker": None}])
     assert dropped == 1 and bare.field("maker").mentions == [] and bare.field("maker").fill == "model"
     assert not bare.field("maker").extend_mentions
-    # The run reports the folds and what each went without.
+    # The run reports the folds and what each went without (under the narrower grammar, where a shorter
+    # catalogued mention is forced).
     options = TrainOptions(data=write_data(tmp_path / "labels.jsonl", bad=False), out=tmp_path / "model",
                            max_steps=1, batch_size=8, held_out=2, progress=False, catalog_folds=3)
-    report = train(settings, options)
+    report = train(tiny_settings(tiny_folder, parse_spec="ecommerce_few_shot"), options)
     assert report["catalog_folds"] == 3 and len(report["mentions_dropped_per_fold"]) == 4
     assert report["rows"] == len(GOOD) and report["held_out_rows"] == 2
     # The rows a fold's catalog cannot write say so ("t shirt" where only "shirt" is left to force).

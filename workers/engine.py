@@ -711,7 +711,7 @@ def version_for(settings: Settings) -> str:
     from workers.model import card_for, model_id_for
 
     spec = load_checked_spec(settings.parse_spec)
-    return engine_version(model_id_for(settings), spec, settings.grounding, card_for(settings))
+    return engine_version(model_id_for(settings), spec, settings.grounding, card_for(settings, spec.fingerprint))
 
 
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> ParseEngine:
@@ -722,7 +722,7 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Parse
 
     spec = load_checked_spec(settings.parse_spec)
     if loaded is None:
-        loaded = load_model(settings)
+        loaded = load_model(settings, spec_fingerprint=spec.fingerprint)
     engine = ConstrainedEngine(settings, loaded, spec)
     log.info("engine.built", model=engine.model_id, grounding=engine.grounding, spec=spec.name,
              spec_version=spec.version, version=engine.version)

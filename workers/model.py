@@ -31,6 +31,9 @@ READY_MARKER = ".qustream-ready"
 #: Written by ``qustream train`` into the model folder it saves: which spec the model was trained
 #: for, whether its prompt keeps the few-shot examples, and a digest of its weights.
 MODEL_CARD = "qustream.json"
+#: Adapters shipped with qustream, one folder each (peft files and the card of the run that trained it).
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -59,9 +62,37 @@ def read_model_card(model_path: str) -> dict[str, Any] | None:
     return card
 
 
-def card_for(settings: Settings) -> dict[str, Any] | None:
-    """The configured model's card, read without loading the model (the bundled default has none)."""
+def card_for(settings: Settings, spec_fingerprint: str | None = None) -> dict[str, Any] | None:
+    """The card of what serves ``settings`` (its adapter's, else the model folder's), read without loading
+    the model (the bundled default has none); ``spec_fingerprint``: the active spec's, for ``adapter: auto``."""
+    adapter = resolve_adapter(settings, spec_fingerprint)
+    if adapter is not None:
+        return read_model_card(str(adapter))
     return None if settings.model == DEFAULT_MODEL else read_model_card(settings.model)
+
+
+def resolve_adapter(settings: Settings, spec_fingerprint: str | None) -> Path | None:
+    """The adapter folder to merge into the model, or None.
+
+    ``auto`` takes a shipped adapter (``workers/adapters/*``) only where its card names exactly the
+    active spec (by fingerprint) and the configured model: an adapter trained under another spec or
+    for another model would serve a contract it never learned."""
+    if settings.adapter == "none":
+        return None
+    if settings.adapter == "auto":
+        if spec_fingerprint is None:
+            return None
+        model_id = model_id_for(settings)
+        for card_path in sorted(SHIPPED_ADAPTERS.glob(f"*/{MODEL_CARD}")):
+            card = read_model_card(str(card_path.parent)) or {}
+            if (card.get("spec") or {}).get("fingerprint") == spec_fingerprint and card.get("base_model") == model_id:
+                return card_path.parent
+        return None
+    folder = Path(settings.adapter)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"QUSTREAM_ADAPTER={settings.adapter!r}: not an adapter folder (no {ADAPTER_CONFIG}); "
+                         "give a folder `qustream train --method lora` wrote, 'auto' or 'none'")
+    return folder
 
 
 def bundled_model_dir(cache_dir: Path) -> Path:
@@ -176,8 +207,9 @@ def select_dtype(device: str, preference: str) -> Any:
     return torch.float32
 
 
-def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel:
-    """Load tokenizer and causal LM for inference on the configured device."""
+def load_model(settings: Settings, model_path: str | None = None, spec_fingerprint: str | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM for inference on the configured device, with the configured adapter
+    merged (``spec_fingerprint``: the active spec's, which ``adapter: auto`` matches shipped adapters to)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,10 +223,19 @@ def load_model(settings: Settings, model_path: str | None = None) -> LoadedModel
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    adapter = resolve_adapter(settings, spec_fingerprint)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    card = read_model_card(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        # Merged once, in the serving dtype: decoding then runs the plain model, at its own speed.
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        card = read_model_card(str(adapter))
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     model_id = model_id_for(settings)
     seconds = time.perf_counter() - started
-    log.info("model.loaded", model=model_id, device=device, dtype=str(dtype), seconds=round(seconds, 2))
-    return LoadedModel(model, tokenizer, model_id, device, dtype, seconds, card=read_model_card(path))
+    log.info("model.loaded", model=model_id, adapter=str(adapter) if adapter else None, device=device,
+             dtype=str(dtype), seconds=round(seconds, 2))
+    return LoadedModel(model, tokenizer, model_id, device, dtype, seconds, card=card)

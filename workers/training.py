@@ -17,7 +17,8 @@ Choices that make a CPU run affordable:
 - **The output layer runs only where the loss is taken**; the input embeddings (tied to it in small
   models) stay frozen.
 - **Full fine-tuning of the top ``--train-layers`` decoder layers** for small models (autograd keeps
-  no activations below the first trainable layer), **LoRA** (peft, merged before saving) for large ones.
+  no activations below the first trainable layer), **LoRA** (peft, merged before saving, and saved alone
+  as ``adapter/`` for ``QUSTREAM_ADAPTER``) for large ones or by choice.
 
 Rows that cannot be learned (bad JSON, no query, unknown fields, values outside the vocabulary or
 category set, spans that are not words of the query, values the engine's grammar cannot write) are
@@ -68,6 +69,9 @@ log = structlog.get_logger(__name__)
 
 Method = Literal["auto", "full", "lora"]
 Precision = Literal["auto", "bf16", "fp32"]
+#: Where a LoRA run saves its adapter, beside the merged model.
+ADAPTER_FOLDER = "adapter"
+
 #: Above this many parameters ``--method auto`` trains LoRA adapters instead of the weights.
 LORA_ABOVE_PARAMS = 400_000_000
 CHECKPOINT = "checkpoint.pt"
@@ -531,7 +535,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     spec = load_checked_spec(settings.parse_spec)
     # Float32 master weights on every device (serving may load bf16 on a GPU): small updates to bf16
     # weights round away; ``precision`` decides the arithmetic of the steps instead.
-    loaded = load_model(settings.model_copy(update={"dtype": "float32"}))
+    # Training starts from the configured model itself, never from a shipped adapter merged into it.
+    loaded = load_model(settings.model_copy(update={"dtype": "float32", "adapter": "none"}))
     loaded.card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
     engine = ConstrainedEngine(settings, loaded, spec)
 
@@ -683,14 +688,40 @@ def _save(loaded: LoadedModel, trained: Any, method: str, best: dict[str, Any], 
     from workers.attention import use_default_sdpa
 
     restore_state(trained, best)
+    trained_at = datetime.now(UTC).isoformat(timespec="seconds")
+    saved: dict[str, Any] = {}
+    if method == "lora":
+        adapter_folder = options.out / ADAPTER_FOLDER
+        _save_adapter(trained, adapter_folder, loaded.model_id)
+        adapter_card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
+        adapter_card.update(trained_at=trained_at, weights=_weights_digest(adapter_folder))
+        (adapter_folder / MODEL_CARD).write_text(json.dumps(adapter_card, indent=2))
+        saved["adapter_folder"] = str(adapter_folder)
     model = trained.merge_and_unload() if method == "lora" else loaded.model
     use_default_sdpa(model)
     model.save_pretrained(options.out)
     loaded.tokenizer.save_pretrained(options.out)
     card = model_card(spec, options.few_shot, loaded.model_id, settings.grounding)
-    card.update(trained_at=datetime.now(UTC).isoformat(timespec="seconds"), weights=_weights_digest(options.out))
+    card.update(trained_at=trained_at, weights=_weights_digest(options.out))
     (options.out / MODEL_CARD).write_text(json.dumps(card, indent=2))
-    return {"model_folder": str(options.out), "card": card}
+    return {"model_folder": str(options.out), "card": card, **saved}
+
+
+def _save_adapter(trained: Any, folder: Path, base_model: str) -> None:
+    """The LoRA adapter alone (``QUSTREAM_ADAPTER=<folder>`` merges it into the base model at load), in
+    bfloat16, small enough to ship in a repository."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    trained.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's blank model-card template; the card is MODEL_CARD
+    # The model's id rather than the folder it was loaded from on the training machine.
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_model},
+                                                           indent=2) + "\n")
+    weights = folder / "adapter_model.safetensors"
+    save_file({name: tensor.to(torch.bfloat16) for name, tensor in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
 
 
 def plot_training(report: dict[str, Any], path: Path) -> None:
@@ -779,4 +810,6 @@ def train_command(
         f"{report['train_seconds']:.0f} s training, peak RSS {report['peak_rss_mb']:.0f} MB); held-out at step "
         f"{report['best_step']}: all fields {best['all_fields_acc']:.1%}, invented {best['invented_absent']:.1%}; "
         f"{len(report['skipped'])} lines skipped. Serve it with QUSTREAM_MODEL={report['model_folder']}"
+        + (f" or its adapter alone with QUSTREAM_ADAPTER={report['adapter_folder']}"
+           if "adapter_folder" in report else "")
     )
