@@ -283,6 +283,7 @@ def train_bench(
                                                         "<model cache>/models/student-<spec>).")] = None,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="Training time budget.")] = 40.0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Passes over the training rows at most.")] = 3,
     method: Annotated[Literal["auto", "full", "lora"], typer.Option(
         help="See `qustream train --help`; lora also saves the adapter alone (what ships).")] = "auto",
     lora_rank: Annotated[int, typer.Option(min=1)] = 16,
@@ -322,6 +323,7 @@ def train_bench(
 
     folder = model_out or Settings().model_cache_dir / "models" / f"student-{load_spec(spec).name}"
     options = TrainOptions(data=train_data, out=folder, max_minutes=max_minutes, max_steps=max_steps,
+                           max_epochs=max_epochs,
                            method=method, lora_rank=lora_rank, train_layers=train_layers,
                            learning_rate=learning_rate, batch_size=batch_size,
                            held_out=held_out, eval_every=eval_every, seed=seed,
