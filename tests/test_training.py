@@ -342,6 +342,24 @@ def test_a_lora_run_saves_its_adapter_which_serves_like_the_merged_folder(
     assert (perturbed - untrained).abs().max() > 0.1
 
 
+def test_bench_scores_a_lora_student_as_its_adapter(lora_trained: tuple[Path, dict[str, Any]], tiny_folder: Path,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.train_bench import run_train_bench
+
+    folder, _ = lora_trained
+    monkeypatch.setenv("QUSTREAM_MODEL", str(tiny_folder))
+    monkeypatch.setenv("QUSTREAM_DEVICE", "cpu")
+    options = TrainOptions(data=Path("unused.jsonl"), out=folder, max_steps=1)
+    bench = run_train_bench("ecommerce", Path("unused.jsonl"), Path("tests/data/quality_ecommerce.jsonl"),
+                            tmp_path / "out", folder, options, eval_limit=4, score_only=True)
+    adapter_card = json.loads((folder / ADAPTER_FOLDER / MODEL_CARD).read_text())
+    assert bench["training"]["adapter_folder"] == str(folder / ADAPTER_FOLDER)
+    # What ships is the adapter over the base model: the student's model id is the base's.
+    assert [v["model"] for v in bench["variants"]] == [str(tiny_folder), str(tiny_folder)]
+    assert bench["variants"][1]["version"] == engine_version(str(tiny_folder), ECOMMERCE, "catalog", adapter_card)
+    assert bench["variants"][0]["version"] == engine_version(str(tiny_folder), ECOMMERCE, "catalog")
+
+
 def test_auto_takes_a_shipped_adapter_only_for_its_own_spec_and_model(
         lora_trained: tuple[Path, dict[str, Any]], tiny_folder: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
