@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import structlog
 import typer
 
-from schemas.settings import Settings
+from schemas.settings import ADAPTER_CONFIG, Settings
 from schemas.spec import ParseSpec, SpecField
 from schemas.vocabulary import Vocabulary
 from workers.evaluation import QualityCase, parse_cases, quality_case, score
@@ -716,9 +716,9 @@ def _save_adapter(trained: Any, folder: Path, base_model: str) -> None:
     trained.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's blank model-card template; the card is MODEL_CARD
     # The model's id rather than the folder it was loaded from on the training machine.
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_model},
-                                                           indent=2) + "\n")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": base_model}, indent=2)
+                                         + "\n")
     weights = folder / "adapter_model.safetensors"
     save_file({name: tensor.to(torch.bfloat16) for name, tensor in load_file(weights).items()}, weights,
               metadata={"format": "pt"})
