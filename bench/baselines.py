@@ -3,6 +3,8 @@
 ``SequentialGenerate`` is the original service: one ``generate()`` per query with the whole prompt,
 free text, last line through ``json.loads``. ``BatchedGenerate`` is the same prompt batched with left
 padding. Neither constrains the output, so either can return invalid JSON (counted, not raised).
+Both need a model that writes the JSON itself: the model as it is, with the spec's examples (a model
+trained by ``qustream train`` learns only the values it chooses, and writes no JSON unconstrained).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Side-by-side benchmark of the parse engine against plain generate(), one process, one model.
+"""Side-by-side benchmark of the parse engine against plain generate(), one process.
 
 Variants: (a) the original service (one generate() per query, full prompt, free text, last line
 json.loads), (b) batched generate() with the full prompt per row, (c) the constrained engine with
-jump-forward off, on at full width, and on at balanced width (the CPU default). All share one loaded
-model and the same queries; (a) runs on a prefix of the queries because it is slow.
+jump-forward off, on at full width, on at balanced width (the CPU default), and packed. All run the
+same queries; (a) runs on a prefix of them because it is slow. The engine runs the model the worker
+serves (with the spec's shipped adapter, if any); (a) and (b) run the model without it, as the original
+service did, sharing the engine's copy where there is no adapter.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class VariantResult:
     seconds: float
     queries_per_s: float
     tokens_out_per_s: float
+    #: Prompt tokens per query (shared prefix included): what each query costs to read.
+    mean_tokens_in: float
     p50_batch_ms: float
     p95_batch_ms: float
     peak_rss_mb: float
@@ -122,6 +126,7 @@ class _Runner:
     parses: list[dict[str, str | None] | None] = field(default_factory=list)
     flags: list[list[str]] = field(default_factory=list)
     tokens_out: int = 0
+    tokens_in: int = 0
     peak_rss: int = 0
 
     def configure(self) -> None:
@@ -150,6 +155,7 @@ class _Runner:
             self.parses.append(result.parse if ok else None)
             self.flags.append(result.ungrounded)
             self.tokens_out += result.tokens_out
+            self.tokens_in += result.tokens_in
 
     def result(self, spec: ParseSpec, cases: list[QualityCase] | None) -> VariantResult:
         seconds = sum(self.latencies)
@@ -162,6 +168,7 @@ class _Runner:
             seconds=round(seconds, 3),
             queries_per_s=round(n / seconds, 3),
             tokens_out_per_s=round(self.tokens_out / seconds, 1),
+            mean_tokens_in=round(self.tokens_in / max(n, 1), 1),
             p50_batch_ms=round(_percentile(self.latencies, 50) * 1000, 1),
             p95_batch_ms=round(_percentile(self.latencies, 95) * 1000, 1),
             peak_rss_mb=round(self.peak_rss / 2**20, 1),
@@ -198,22 +205,27 @@ def run_engine_bench(
     from bench.baselines import BatchedGenerate, SequentialGenerate
     from workers.engine import ConstrainedEngine
     from workers.grammar import load_checked_spec, spec_vocabulary
-    from workers.model import load_model
+    from workers.model import load_model, resolve_adapter
 
     spec = load_checked_spec(settings.parse_spec)
     vocabulary = spec_vocabulary(spec)
     queries, cases = load_bench_queries(spec, queries_path)
-    loaded = load_model(settings)
+    # The engine runs what the worker serves: the spec's fingerprint picks its shipped adapter
+    # (QUSTREAM_ADAPTER=auto). The baselines run the original service: the model without an adapter.
+    loaded = load_model(settings, spec_fingerprint=spec.fingerprint)
     # Built first so every variant, baselines included, runs with the same attention implementation.
     engine = ConstrainedEngine(settings, loaded, spec)
     can_pack = engine.packed
+    baseline_model = loaded
+    if (include_sequential or include_batched) and resolve_adapter(settings, spec.fingerprint) is not None:
+        baseline_model = load_model(settings.model_copy(update={"adapter": "none"}))
     runners: list[_Runner] = []
     if include_sequential:
-        sequential = SequentialGenerate(loaded, vocabulary, settings.max_new_tokens)
+        sequential = SequentialGenerate(baseline_model, vocabulary, settings.max_new_tokens)
         runners.append(_Runner("a_sequential_generate", sequential, queries[:sequential_limit], 1))
     for batch_size in batch_sizes:
         if include_batched:
-            batched = BatchedGenerate(loaded, vocabulary, settings.max_new_tokens)
+            batched = BatchedGenerate(baseline_model, vocabulary, settings.max_new_tokens)
             runners.append(_Runner("b_batched_generate", batched, queries, batch_size))
         for name, (jump, width, packed) in engine_variants(can_pack).items():
             runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width,

@@ -44,7 +44,7 @@ def main() -> None:
     train_records, held_records = split_records(records, held_out, seed)
     held = [record for _, record in held_records]
     settings = Settings(parse_spec=args.spec, model=args.model)
-    loaded = load_model(settings)
+    loaded = load_model(settings, spec_fingerprint=spec.fingerprint)
     for bias in (float(b) for b in args.biases.split(",")):
         data = spec.model_dump(mode="json")
         next(f for f in data["fields"] if f["name"] == args.field)["null_bias"] = bias

@@ -8,23 +8,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from schemas.settings import Settings
+from workers.engine import version_for
+
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def test_bench_engine_runs_every_variant_with_the_same_parses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", ["furniture", "ecommerce"])
+def test_bench_engine_runs_every_variant_with_the_same_parses(tmp_path: Path, spec: str) -> None:
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join((DATA / "quality_furniture.jsonl").read_text(encoding="utf-8").splitlines(True)[:8]))
+    queries.write_text("".join((DATA / f"quality_{spec}.jsonl").read_text(encoding="utf-8").splitlines(True)[:8]))
     out = tmp_path / "engine.json"
     subprocess.run(
         [sys.executable, "-m", "streams.cli", "bench", "engine", "--queries", str(queries), "--batch-size", "4",
-         "--skip-sequential", "--skip-batched", "--spec", "furniture", "--json", str(out)],
+         "--skip-sequential", "--spec", spec, "--json", str(out)],
         check=True, capture_output=True, timeout=600, env={**os.environ, "QUSTREAM_CPU_THREADS": "2"},
     )
     report = json.loads(out.read_text())
+    # What the worker would serve for this spec: for ecommerce, the default model with its shipped adapter.
+    assert report["engine_version"] == version_for(Settings(parse_spec=spec))
     names = [variant["name"] for variant in report["variants"]]
-    assert names == ["c_engine", "c_engine_jump_forward_full", "c_engine_jump_forward_balanced", "c_engine_packed"]
+    assert names == ["b_batched_generate", "c_engine", "c_engine_jump_forward_full",
+                     "c_engine_jump_forward_balanced", "c_engine_packed"]
+    # The baseline is the original service: the model as it is, prompted with the spec's examples (the
+    # shipped student is prompted without them and writes no JSON of its own).
+    baseline, engine = report["variants"][0], report["variants"][1]
+    if spec == "ecommerce":
+        assert baseline["mean_tokens_in"] > engine["mean_tokens_in"] + 100
+        assert baseline["schema_valid"] > 0.5
+    else:
+        assert baseline["mean_tokens_in"] == engine["mean_tokens_in"]
     # Decoding options change speed, never parses: every variant scores the same on the labelled queries.
-    scores = {json.dumps(variant["metrics"], sort_keys=True) for variant in report["variants"]}
+    scores = {json.dumps(variant["metrics"], sort_keys=True) for variant in report["variants"][1:]}
     assert len(scores) == 1
     assert all(variant["queries"] == 8 and variant["queries_per_s"] > 0 for variant in report["variants"])
     assert {"balanced/full@4", "packed/balanced@4"} <= set(report["ratios"])
