@@ -280,7 +280,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = report["variants"]
-    labels = [f"{v['name']}\n(batch {v['batch_size']})" for v in variants]
+    # Split over lines: "c_engine_jump_forward_balanced" on one line is wider than its bar.
+    labels = [v["name"].replace("_", "\n", 1).replace("_forward_", "_forward\n") + f"\n(batch {v['batch_size']})"
+              for v in variants]
     qps = [v["queries_per_s"] for v in variants]
     colors = ["#999999" if v["name"].startswith("a") else "#6b8fb3" if v["name"].startswith("b") else "#d9822b"
               for v in variants]
