@@ -216,8 +216,9 @@ def run_engine_bench(
     # Built first so every variant, baselines included, runs with the same attention implementation.
     engine = ConstrainedEngine(settings, loaded, spec)
     can_pack = engine.packed
+    adapter = resolve_adapter(settings, spec.fingerprint)
     baseline_model = loaded
-    if (include_sequential or include_batched) and resolve_adapter(settings, spec.fingerprint) is not None:
+    if (include_sequential or include_batched) and adapter is not None:
         baseline_model = load_model(settings.model_copy(update={"adapter": "none"}))
     runners: list[_Runner] = []
     if include_sequential:
@@ -259,6 +260,8 @@ def run_engine_bench(
         "grounding": settings.grounding,
         "spec": spec.ref,
         "engine_version": engine.version,
+        #: The adapter merged into the engine's model; (a) and (b) always run the model without one.
+        "engine_adapter": str(adapter) if adapter else None,
         "queries": len(queries),
         "sequential_queries": min(sequential_limit, len(queries)) if include_sequential else 0,
         "variants": [asdict(v) for v in variants],

@@ -29,6 +29,7 @@ def test_bench_engine_runs_every_variant_with_the_same_parses(tmp_path: Path, sp
     report = json.loads(out.read_text())
     # What the worker would serve for this spec: for ecommerce, the default model with its shipped adapter.
     assert report["engine_version"] == version_for(Settings(parse_spec=spec))
+    assert (report["engine_adapter"] is not None) == (spec == "ecommerce")
     names = [variant["name"] for variant in report["variants"]]
     assert names == ["b_batched_generate", "c_engine", "c_engine_jump_forward_full",
                      "c_engine_jump_forward_balanced", "c_engine_packed"]
