@@ -150,7 +150,8 @@ def attention(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """The engine's shared-prefix attention against a prefix copied into every row and against
-    batch-broadcast matmuls, one layer's call at decoding shapes, interleaved.
+    batch-broadcast matmuls, one layer's call at decoding shapes, interleaved; and its packed-step
+    attention against the per-group formulation it replaced.
 
     Example: qustream bench attention --json bench/results/attention.json
     """
@@ -171,7 +172,17 @@ def attention(
                       f"{row['engine']['median_ms']:.2f}",
                       f"{copied['median']:.2f} ({copied['min']:.2f}–{copied['max']:.2f})",
                       f"{broadcast['median']:.2f} ({broadcast['min']:.2f}–{broadcast['max']:.2f})")
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    packed = Table(title=f"one packed-step attention call, ms (median of {rounds} rounds, {threads} thread(s))")
+    for column in ("step", "rows", "tokens", "slots", "prefix", "prefix per group", "engine", "× (min–max)"):
+        packed.add_column(column, justify="right")
+    for row in report["packed_steps"]:
+        speedup = row["speedup_vs_prefix_per_group"]
+        packed.add_row(row["step"], str(row["rows"]), str(row["tokens"]), str(row["slots"]), str(row["prefix"]),
+                       f"{row['prefix_per_group']['median_ms']:.2f}", f"{row['engine']['median_ms']:.2f}",
+                       f"{speedup['median']:.2f} ({speedup['min']:.2f}–{speedup['max']:.2f})")
+    console.print(packed)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")

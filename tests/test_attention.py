@@ -33,10 +33,21 @@ def test_shared_prefix_attention_matches_a_copied_prefix(batch: int, width: int,
 
 
 def test_attention_benchmark_checks_the_variants_agree_and_times_each() -> None:
-    from bench.attention_bench import SHAPES, VARIANTS, run_attention_bench
+    from bench.attention_bench import PACKED_PREFIXES, PACKED_STEPS, PACKED_VARIANTS, SHAPES, VARIANTS, \
+        run_attention_bench
 
     report = run_attention_bench(rounds=3, target_ms=1.0)
     assert [(row["batch"], row["width"], row["prefix"]) for row in report["shapes"]] == list(SHAPES)
     for row in report["shapes"]:
         assert all(row[name]["median_ms"] > 0 for name in VARIANTS)
         assert row["speedup_vs_broadcast_prefix"]["median"] > 0
+    packed = report["packed_steps"]
+    assert [(row["step"], row["prefix"]) for row in packed] == [
+        (name, prefix) for name in PACKED_STEPS for prefix in PACKED_PREFIXES]
+    for row in packed:
+        assert all(row[name]["median_ms"] > 0 for name in PACKED_VARIANTS)
+        assert row["tokens"] == sum(length for length, _ in PACKED_STEPS[row["step"]])
+        assert row["slots"] >= row["tokens"]
+    # The case the engine's packed attention is for: a joining row's long chunk pads its group.
+    joining = next(row for row in packed if "joining" in row["step"])
+    assert joining["slots"] > joining["tokens"]

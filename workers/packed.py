@@ -5,8 +5,9 @@ twenty-token suffix widens every decoding row's step to twenty, so joins had to 
 forward pass of their own, and on a CPU each pass carries a fixed overhead. Here the rows' chunks are
 concatenated into one sequence (batch 1), so linear layers cost the real tokens only and a joining
 row's suffix rides in the running rows' pass. Only attention needs rows apart: ``attend_packed``
-writes each token's key/value into its row's own cache, then attends per group of rows of similar
-chunk length, against the shared prompt prefix (held once) and the row's own cache.
+writes each token's key/value into its row's own cache, then attends to the shared prompt prefix
+(held once) over the packed tokens and to the rows' own caches per group of rows of similar chunk
+length.
 """
 
 from __future__ import annotations
@@ -138,24 +139,71 @@ def _group(members: list[int], lengths: list[int], starts: list[int], offsets: l
 def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, plan: PackedPlan,
                   prefix: tuple[torch.Tensor, torch.Tensor], scaling: float) -> torch.Tensor:
     """``query`` (1, heads, tokens, dim), ``key``/``value`` (1, kv heads, tokens, dim) of the packed step;
-    returns the attention output (1, tokens, heads, dim)."""
-    import torch
+    returns the attention output (1, tokens, heads, dim).
 
-    from workers.attention import attend_with_shared_prefix
+    One softmax over the prefix and the row's own cache, taken in two parts and merged by their
+    maxima and sums (as flash attention merges blocks). The prefix part is computed over the packed
+    tokens themselves: every token sees the same prefix, so it needs no row structure, and a group's
+    padded slots, which cost ``slots x prefix`` per layer, are never scored against the prefix. Only
+    the own-cache part (a few dozen columns) runs per group of rows."""
+    import torch
 
     needed = max(group.length for group in plan.groups)
     keys, values = plan.cache.write(layer, key[0], value[0], plan.token_rows, plan.token_columns, needed)
-    heads, dim = query.shape[1], query.shape[3]
-    output = torch.zeros((query.shape[2], heads, dim), dtype=query.dtype, device=query.device)
+    _, heads, tokens, dim = query.shape
+    prefix_keys, prefix_values = prefix
+    kv_heads = prefix_keys.shape[1]
+    groups = heads // kv_heads
+
+    def by_token(part: torch.Tensor) -> torch.Tensor:
+        """(kv heads, groups x tokens, n) -> (tokens, kv heads, groups, n)."""
+        return part.view(kv_heads, groups, tokens, part.shape[-1]).permute(2, 0, 1, 3)
+
+    # Query head h reads key/value head h // groups: each kv head's query heads and tokens in one matrix.
+    folded = query[0].reshape(kv_heads, groups * tokens, dim)
+    on_prefix = torch.matmul(folded, prefix_keys[0].transpose(-1, -2)).float() * scaling
+    prefix_max = on_prefix.amax(dim=-1, keepdim=True)
+    prefix_weights = torch.exp(on_prefix - prefix_max)
+    prefix_sum = by_token(prefix_weights.sum(dim=-1, keepdim=True))
+    from_prefix = by_token(torch.matmul(prefix_weights.to(query.dtype), prefix_values[0]).float())
+    prefix_max = by_token(prefix_max)
+
+    own_max = torch.empty_like(prefix_max)
+    own_sum = torch.empty_like(prefix_sum)
+    from_own = torch.empty_like(from_prefix)
     flat = query[0].transpose(0, 1)  # (tokens, heads, dim)
     for group in plan.groups:
-        grouped_query = flat[group.slots].permute(0, 2, 1, 3)  # (rows, heads, width, dim)
+        rows, width = group.slots.shape
+        # (rows, width, heads, dim) -> (rows, kv heads, groups x width, dim)
+        grouped = flat[group.slots].view(rows, width, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+        grouped = grouped.reshape(rows, kv_heads, groups * width, dim)
         own_keys = keys[group.rows, :, : group.length]
         own_values = values[group.rows, :, : group.length]
-        attended, _ = attend_with_shared_prefix(grouped_query, own_keys, own_values, group.allowed,
-                                                prefix[0], prefix[1], scaling)
-        output[group.slots[group.valid]] = attended[group.valid]
-    return output.unsqueeze(0)
+        on_own = torch.matmul(grouped, own_keys.transpose(-1, -2)).float() * scaling
+        allowed = group.allowed.unsqueeze(2).expand(-1, kv_heads, groups, width, group.length)
+        on_own = on_own.masked_fill(~allowed.reshape(rows, kv_heads, groups * width, group.length), float("-inf"))
+        # A padded slot sees no column: its maximum is -inf; clamped, its weights are 0, not NaN (it is
+        # dropped below anyway).
+        group_max = on_own.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+        weights = torch.exp(on_own - group_max)
+        group_sum = weights.sum(dim=-1, keepdim=True)
+        group_out = torch.matmul(weights.to(query.dtype), own_values).float()
+
+        def valid_tokens(part: torch.Tensor, rows: int = rows, width: int = width,
+                         group: _Group = group) -> torch.Tensor:
+            """(rows, kv heads, groups x width, n) -> (valid tokens, kv heads, groups, n)."""
+            return part.view(rows, kv_heads, groups, width, part.shape[-1]).permute(0, 3, 1, 2, 4)[group.valid]
+
+        slots = group.slots[group.valid]
+        own_max[slots] = valid_tokens(group_max)
+        own_sum[slots] = valid_tokens(group_sum)
+        from_own[slots] = valid_tokens(group_out)
+
+    merged_max = torch.maximum(prefix_max, own_max)
+    prefix_scale = torch.exp(prefix_max - merged_max)
+    own_scale = torch.exp(own_max - merged_max)
+    output = (from_prefix * prefix_scale + from_own * own_scale) / (prefix_sum * prefix_scale + own_sum * own_scale)
+    return output.reshape(tokens, heads, dim).to(query.dtype).unsqueeze(0)
 
 
 class PackedStepper:
