@@ -159,11 +159,14 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
         """(kv heads, groups x tokens, n) -> (tokens, kv heads, groups, n)."""
         return part.view(kv_heads, groups, tokens, part.shape[-1]).permute(2, 0, 1, 3)
 
+    # Scaled once here rather than on every score. The scores are turned into weights in place: at a
+    # batch's first step they are the largest tensors of the layer.
+    scaled = query[0] * scaling
     # Query head h reads key/value head h // groups: each kv head's query heads and tokens in one matrix.
-    folded = query[0].reshape(kv_heads, groups * tokens, dim)
-    on_prefix = torch.matmul(folded, prefix_keys[0].transpose(-1, -2)).float() * scaling
+    folded = scaled.reshape(kv_heads, groups * tokens, dim)
+    on_prefix = torch.matmul(folded, prefix_keys[0].transpose(-1, -2)).float()
     prefix_max = on_prefix.amax(dim=-1, keepdim=True)
-    prefix_weights = torch.exp(on_prefix - prefix_max)
+    prefix_weights = on_prefix.sub_(prefix_max).exp_()
     prefix_sum = by_token(prefix_weights.sum(dim=-1, keepdim=True))
     from_prefix = by_token(torch.matmul(prefix_weights.to(query.dtype), prefix_values[0]).float())
     prefix_max = by_token(prefix_max)
@@ -171,7 +174,7 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
     own_max = torch.empty_like(prefix_max)
     own_sum = torch.empty_like(prefix_sum)
     from_own = torch.empty_like(from_prefix)
-    flat = query[0].transpose(0, 1)  # (tokens, heads, dim)
+    flat = scaled.transpose(0, 1)  # (tokens, heads, dim)
     for group in plan.groups:
         rows, width = group.slots.shape
         # (rows, width, heads, dim) -> (rows, kv heads, groups x width, dim)
@@ -179,13 +182,13 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
         grouped = grouped.reshape(rows, kv_heads, groups * width, dim)
         own_keys = keys[group.rows, :, : group.length]
         own_values = values[group.rows, :, : group.length]
-        on_own = torch.matmul(grouped, own_keys.transpose(-1, -2)).float() * scaling
+        on_own = torch.matmul(grouped, own_keys.transpose(-1, -2)).float()
         allowed = group.allowed.unsqueeze(2).expand(-1, kv_heads, groups, width, group.length)
-        on_own = on_own.masked_fill(~allowed.reshape(rows, kv_heads, groups * width, group.length), float("-inf"))
+        on_own.masked_fill_(~allowed.reshape(rows, kv_heads, groups * width, group.length), float("-inf"))
         # A padded slot sees no column: its maximum is -inf; clamped, its weights are 0, not NaN (it is
         # dropped below anyway).
         group_max = on_own.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
-        weights = torch.exp(on_own - group_max)
+        weights = on_own.sub_(group_max).exp_()
         group_sum = weights.sum(dim=-1, keepdim=True)
         group_out = torch.matmul(weights.to(query.dtype), own_values).float()
 
