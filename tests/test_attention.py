@@ -33,8 +33,14 @@ def test_shared_prefix_attention_matches_a_copied_prefix(batch: int, width: int,
 
 
 def test_attention_benchmark_checks_the_variants_agree_and_times_each() -> None:
-    from bench.attention_bench import PACKED_PREFIXES, PACKED_STEPS, PACKED_VARIANTS, SHAPES, VARIANTS, \
-        run_attention_bench
+    from bench.attention_bench import (
+        PACKED_PREFIXES,
+        PACKED_STEPS,
+        PACKED_VARIANTS,
+        SHAPES,
+        VARIANTS,
+        run_attention_bench,
+    )
 
     report = run_attention_bench(rounds=3, target_ms=1.0)
     assert [(row["batch"], row["width"], row["prefix"]) for row in report["shapes"]] == list(SHAPES)
