@@ -192,21 +192,22 @@ def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
         group_sum = weights.sum(dim=-1, keepdim=True)
         group_out = torch.matmul(weights.to(query.dtype), own_values).float()
 
-        def valid_tokens(part: torch.Tensor, rows: int = rows, width: int = width,
-                         group: _Group = group) -> torch.Tensor:
-            """(rows, kv heads, groups x width, n) -> (valid tokens, kv heads, groups, n)."""
-            return part.view(rows, kv_heads, groups, width, part.shape[-1]).permute(0, 3, 1, 2, 4)[group.valid]
-
         slots = group.slots[group.valid]
-        own_max[slots] = valid_tokens(group_max)
-        own_sum[slots] = valid_tokens(group_sum)
-        from_own[slots] = valid_tokens(group_out)
+        own_max[slots] = _valid_tokens(group_max, group, kv_heads)
+        own_sum[slots] = _valid_tokens(group_sum, group, kv_heads)
+        from_own[slots] = _valid_tokens(group_out, group, kv_heads)
 
     merged_max = torch.maximum(prefix_max, own_max)
     prefix_scale = torch.exp(prefix_max - merged_max)
     own_scale = torch.exp(own_max - merged_max)
     output = (from_prefix * prefix_scale + from_own * own_scale) / (prefix_sum * prefix_scale + own_sum * own_scale)
     return output.reshape(tokens, heads, dim).to(query.dtype).unsqueeze(0)
+
+
+def _valid_tokens(part: torch.Tensor, group: _Group, kv_heads: int) -> torch.Tensor:
+    """A group's (rows, kv heads, query groups x width, n) -> (its real tokens, kv heads, query groups, n)."""
+    rows, width = group.slots.shape
+    return part.view(rows, kv_heads, -1, width, part.shape[-1]).permute(0, 3, 1, 2, 4)[group.valid]
 
 
 class PackedStepper:
