@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -20,6 +18,7 @@ from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
 from streams.topics import ensure_topics_with_retry
 from streams.web import start_web
+from workers.memory import return_freed_tensors_to_the_os
 
 log = structlog.get_logger(__name__)
 
@@ -171,24 +170,6 @@ def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
     worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
                           quiet=True)
     worker.execute_from_commandline()
-
-
-#: glibc's ``mallopt`` parameter for the size from which allocations are mmapped.
-_M_MMAP_THRESHOLD = -3
-
-
-def return_freed_tensors_to_the_os() -> None:
-    """glibc keeps freed heap blocks for reuse, and its mmap threshold grows with every large block
-    freed: the key/value tensors each decoding step allocates and frees then stay in the heap, and the
-    worker's RSS ratchets up to its largest step and never comes down. A fixed threshold of 1 MiB
-    mmaps such tensors, so freeing them gives the memory back (docs/performance.md, "Memory")."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): nothing to tune
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def run_worker(settings: Settings) -> None:

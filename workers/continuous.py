@@ -150,6 +150,9 @@ class ContinuousBatcher:
             else:
                 ready += [(self._futures.pop(row.index), self._outcome(row)) for row in finished]
         _resolve(ready)
+        # Every step of a running loop is of middling size: without a trim its freed tensors leave a
+        # fragmented heap that the worker keeps for good.
+        engine.release_freed_memory()
         if error is not None:
             self._retry_alone(failed, error)
 

@@ -43,6 +43,7 @@ from workers.grammar import (
     normalize_parse,
     spec_vocabulary,
 )
+from workers.memory import HeapTrimmer
 from workers.packed import PackedStepper
 from workers.prompt import prompt_prefix, prompt_suffix
 
@@ -321,6 +322,7 @@ class ConstrainedEngine:
         self._lock = threading.Lock()
         self._batcher: ContinuousBatcher | None = None
         self._batcher_lock = threading.Lock()
+        self._heap_trimmer = HeapTrimmer()
         self._closed = False
         self._vocab_size = int(self.model.config.vocab_size)
         self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
@@ -391,7 +393,12 @@ class ConstrainedEngine:
                 self.last_stats.groups += 1
             results = [self._result(r) for r in rows]
             self.last_stats.seconds = time.perf_counter() - started
-            return results
+        self.release_freed_memory()
+        return results
+
+    def release_freed_memory(self) -> None:
+        """After a batch or a decoding step: the heap's free pages back to the OS, at most once a second."""
+        self._heap_trimmer.maybe_trim()
 
     def submit(self, query: str) -> Future[ParseResult]:
         """Parse one normalized query in the continuously running batch (``workers.continuous``):
