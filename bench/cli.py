@@ -27,6 +27,11 @@ def engine(
     sequential_limit: Annotated[int, typer.Option(help="Queries for (a), one generate() each.")] = 24,
     skip_sequential: Annotated[bool, typer.Option(help="Leave out (a).")] = False,
     skip_batched: Annotated[bool, typer.Option(help="Leave out (b).")] = False,
+    bf16: Annotated[
+        bool | None,
+        typer.Option("--bf16/--no-bf16", help="Also run the default engine variant with the model in bf16; "
+                     "default: where the CPU computes bf16 natively."),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a bar chart (PNG) here.")] = None,
     spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
@@ -50,6 +55,7 @@ def engine(
         sequential_limit=sequential_limit,
         include_sequential=not skip_sequential,
         include_batched=not skip_batched,
+        include_bf16=bf16,
     )
     table = Table(title=f"{report['model']} · {report['device']} · {report['threads']} threads · "
                   f"{report['queries']} queries ((a): {report['sequential_queries']})")
@@ -70,6 +76,8 @@ def engine(
     console = Console(width=160)
     console.print(table)
     console.print("ratios (queries/s):", report["ratios"])
+    if report["bf16_parses_differ"]:
+        console.print("bf16 parses that differ from fp32 (per batch size):", report["bf16_parses_differ"])
     if report["always_null"]:
         console.print("always-null answer:", {k: f"{v:.0%}" for k, v in report["always_null"].items()})
     if json_out:

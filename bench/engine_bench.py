@@ -5,7 +5,9 @@ json.loads), (b) batched generate() with the full prompt per row, (c) the constr
 jump-forward off, on at full width, on at balanced width (the CPU default), and packed. All run the
 same queries; (a) runs on a prefix of them because it is slow. The engine runs the model the worker
 serves (with the spec's shipped adapter, if any); (a) and (b) run the model without it, as the original
-service did, sharing the engine's copy where there is no adapter.
+service did, sharing the engine's copy where there is no adapter. Where the engine runs fp32 on a CPU
+that computes bf16 natively, its default variant also runs with the model in bf16 (``…_bf16``), and the
+report counts the parses that differ from fp32's.
 """
 
 from __future__ import annotations
@@ -201,11 +203,12 @@ def run_engine_bench(
     sequential_limit: int = 24,
     include_sequential: bool = True,
     include_batched: bool = True,
+    include_bf16: bool | None = None,
 ) -> dict[str, Any]:
     from bench.baselines import BatchedGenerate, SequentialGenerate
     from workers.engine import ConstrainedEngine
     from workers.grammar import load_checked_spec, spec_vocabulary
-    from workers.model import load_model, resolve_adapter
+    from workers.model import bf16_native, load_model, resolve_adapter
 
     spec = load_checked_spec(settings.parse_spec)
     vocabulary = spec_vocabulary(spec)
@@ -220,6 +223,15 @@ def run_engine_bench(
     baseline_model = loaded
     if (include_sequential or include_batched) and adapter is not None:
         baseline_model = load_model(settings.model_copy(update={"adapter": "none"}))
+    # The variant the worker decodes with by default, and (where it can) the same in bf16 beside it.
+    default_name = "c_engine_packed" if can_pack else "c_engine_jump_forward_balanced"
+    if include_bf16 is None:
+        include_bf16 = loaded.device == "cpu" and bf16_native("cpu")
+    bf16_engine = None
+    if include_bf16 and str(loaded.dtype) == "torch.float32":
+        bf16_settings = settings.model_copy(update={"dtype": "bfloat16"})
+        bf16_engine = ConstrainedEngine(bf16_settings, load_model(bf16_settings, spec_fingerprint=spec.fingerprint),
+                                        spec)
     runners: list[_Runner] = []
     if include_sequential:
         sequential = SequentialGenerate(baseline_model, vocabulary, settings.max_new_tokens)
@@ -231,7 +243,16 @@ def run_engine_bench(
         for name, (jump, width, packed) in engine_variants(can_pack).items():
             runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width,
                                    packed=packed))
+        if bf16_engine is not None:
+            jump, width, packed = ENGINE_VARIANTS[default_name]
+            runners.append(_Runner(f"{default_name}_bf16", bf16_engine, queries, batch_size, jump_forward=jump,
+                                   jump_forward_width=width, packed=packed))
     variants = run_interleaved(spec, runners, cases)
+    bf16_differ = {
+        runner.batch_size: sum(a != b for a, b in zip(runner.parses, fp32.parses, strict=True))
+        for runner in runners if runner.name.endswith("_bf16")
+        for fp32 in runners if fp32.name == default_name and fp32.batch_size == runner.batch_size
+    }
     engine.jump_forward = settings.jump_forward
     engine.jump_forward_width = settings.jump_forward_width
     engine.packed = can_pack
@@ -252,6 +273,10 @@ def run_engine_bench(
         packed_variant = by_name.get(("c_engine_packed", batch_size))
         if packed_variant:
             ratios[f"packed/balanced@{batch_size}"] = round(packed_variant.queries_per_s / balanced.queries_per_s, 2)
+        bf16_variant = by_name.get((f"{default_name}_bf16", batch_size))
+        if bf16_variant:
+            fp32_variant = by_name[(default_name, batch_size)]
+            ratios[f"bf16/fp32@{batch_size}"] = round(bf16_variant.queries_per_s / fp32_variant.queries_per_s, 2)
     return {
         "model": loaded.model_id,
         "device": loaded.device,
@@ -266,6 +291,8 @@ def run_engine_bench(
         "sequential_queries": min(sequential_limit, len(queries)) if include_sequential else 0,
         "variants": [asdict(v) for v in variants],
         "ratios": ratios,
+        #: Per batch size: queries whose bf16 parse differs from the fp32 one (same variant otherwise).
+        "bf16_parses_differ": bf16_differ,
         "always_null": null_baseline(spec, cases) if cases else {},
     }
 

@@ -12,7 +12,7 @@ from schemas.vocabulary import Vocabulary
 from tests.engine_fixtures import real_loaded, tiny_loaded
 from tests.test_grammar import ADVERSARIAL
 from workers.engine import ConstrainedEngine, build_engine, engine_version
-from workers.model import LoadedModel
+from workers.model import LoadedModel, load_model
 from workers.prompt import full_prompt, prompt_prefix, prompt_suffix
 
 __all__ = ["real_loaded", "tiny_loaded"]
@@ -209,10 +209,16 @@ def test_other_grounding_modes_stay_valid(tiny_loaded: LoadedModel, grounding: s
 
 
 @pytest.mark.e2e
-def test_default_model_quality(real_loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_model_quality(real_loaded: LoadedModel, dtype: str) -> None:
+    """The default spec's quality holds in fp32 (the CPU default) and in bf16 (a GPU's default, and the
+    CPU's opt-in), where rounding flips a few close decisions."""
     from workers.evaluation import load_quality, score
 
-    engine = build_engine(Settings(device="cpu", cpu_threads=2), real_loaded)
+    settings = Settings(device="cpu", cpu_threads=2, dtype=dtype)  # type: ignore[arg-type]
+    loaded = real_loaded if dtype == "float32" else load_model(settings)
+    assert str(loaded.dtype) == f"torch.{dtype}"
+    engine = build_engine(settings, loaded)
     cases = load_quality(FURNITURE)
     parses: list[dict[str, str | None] | None] = []
     for start in range(0, len(cases), 48):

@@ -1,5 +1,6 @@
 """Packed steps (``workers.packed``): attention over packed rows equals each row attended alone, over
-the shared prefix copied in front of the row's own keys/values, whatever the rows' chunk lengths."""
+the shared prefix copied in front of the row's own keys/values, whatever the rows' chunk lengths, in
+fp32 and in bf16 (a GPU's serving dtype, and a CPU's with ``QUSTREAM_DTYPE=bfloat16``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import torch
 
 from workers.packed import PackedCache, attend_packed, plan_step
 
+#: Per dtype: the tolerance against the reference, computed in fp32 from the same (rounded) inputs.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize(("history", "chunks"), [([0], [4]), ([0, 4, 2], [3, 1, 5]), ([6, 0, 1, 9], [1, 1, 7, 2])])
-def test_packed_attention_matches_each_row_alone(history: list[int], chunks: list[int]) -> None:
+def test_packed_attention_matches_each_row_alone(history: list[int], chunks: list[int], dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(sum(history) * 10 + sum(chunks))
     heads, kv_heads, dim, prefix = 6, 2, 8, 5
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(*shape, generator=generator).to(dtype)
 
     prefix_keys, prefix_values = randn(1, kv_heads, prefix, dim), randn(1, kv_heads, prefix, dim)
     rows = len(history)
@@ -46,8 +51,11 @@ def test_packed_attention_matches_each_row_alone(history: list[int], chunks: lis
         # Token j of the chunk sees the prefix, the row's history and the chunk up to itself.
         mask = torch.ones(n, prefix + h + n, dtype=torch.bool).tril(prefix + h)
         expected = torch.nn.functional.scaled_dot_product_attention(
-            row_query, keys, values, attn_mask=mask, enable_gqa=True)
-        torch.testing.assert_close(packed[:, start : start + n], expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+            row_query.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+        assert packed.dtype == dtype
+        tolerance = TOLERANCES[dtype]
+        torch.testing.assert_close(packed[:, start : start + n].float(), expected.transpose(1, 2), rtol=tolerance,
+                                   atol=tolerance)
         start += n
 
 

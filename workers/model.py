@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -198,8 +199,27 @@ def select_dtype(device: str, preference: str) -> Any:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
-    # bf16 matmuls on most CPUs are emulated and slower than fp32.
+    # fp32 even where the CPU computes bf16 natively: bf16's rounding flips a few close decisions
+    # between words, so the quality measured for the built-in specs would not hold
+    # (docs/engine.md, "bf16 on a CPU"). QUSTREAM_DTYPE=bfloat16 trades that for speed.
     return torch.float32
+
+
+@functools.cache
+def _hint_bf16() -> None:
+    """Once per process: an operator on such a CPU should know the option exists."""
+    log.info("model.bf16_available", hint="this CPU computes bfloat16 natively: QUSTREAM_DTYPE=bfloat16 decodes "
+             "faster and changes a few parses (docs/engine.md)")
+
+
+def bf16_native(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware; emulated bf16 on an older CPU is slower than fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def load_model(settings: Settings, model_path: str | None = None, spec_fingerprint: str | None = None) -> LoadedModel:
@@ -233,4 +253,6 @@ def load_model(settings: Settings, model_path: str | None = None, spec_fingerpri
     seconds = time.perf_counter() - started
     log.info("model.loaded", model=model_id, adapter=str(adapter) if adapter else None, device=device,
              dtype=str(dtype), seconds=round(seconds, 2))
+    if device == "cpu" and settings.dtype == "auto" and bf16_native(device):
+        _hint_bf16()
     return LoadedModel(model, tokenizer, model_id, device, dtype, seconds, card=card)

@@ -55,7 +55,7 @@ from schemas.spec import ParseSpec, SpecField
 from schemas.vocabulary import Vocabulary
 from workers.evaluation import QualityCase, parse_cases, quality_case, score
 from workers.grammar import build_row_grammar, check_value, written_form
-from workers.model import MODEL_CARD
+from workers.model import MODEL_CARD, bf16_native
 from workers.normalize import normalize_query
 from workers.prompt import format_parse
 
@@ -363,16 +363,6 @@ def choose_method(model: Any, method: Method) -> Literal["full", "lora"]:
     if method != "auto":
         return method
     return "lora" if parameter_count(model) > LORA_ABOVE_PARAMS else "full"
-
-
-def bf16_native(device: str) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware; emulated bf16 on an older CPU is slower than fp32."""
-    import torch
-
-    if device.startswith("cuda"):
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def choose_precision(device: str, precision: Precision) -> Literal["bf16", "fp32"]:
