@@ -128,6 +128,10 @@ def latency(
     level_seconds: Annotated[float | None, typer.Option(min=1.0, help="Seconds of arrivals per load level and "
                                                                       "runner (default: the plan's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of arrivals and queries (default: the plan's).")] = None,
+    runner: Annotated[list[str] | None, typer.Option(
+        "--runner", help="Another runner beside the three, as NAME:SETTING=VALUE,... (settings as in "
+                         "QUSTREAM_<SETTING>, on top of the defaults); repeat for more. Example: "
+                         "continuous_bf16:miss_batching=continuous,dtype=bfloat16")] = None,
 ) -> None:
     """Open-loop latency of the step-based and the continuous runner side by side: Poisson arrivals at
     50/80/95 % of the model capacity, about 60 % cache hits, hit and miss percentiles, saturation
@@ -135,9 +139,15 @@ def latency(
 
     Example: qustream bench latency (the full run, see bench/latency_bench.py)
     """
-    from bench.latency_bench import Plan, print_summary, run_latency_bench
+    from bench.latency_bench import Plan, parse_runner, print_summary, run_latency_bench
 
     plan = Plan.named("quick" if quick else "full")
+    for text in runner or []:
+        try:
+            name, overrides = parse_runner(text)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--runner") from None
+        plan.extra_runners[name] = overrides
     if level_seconds is not None:
         plan.level_seconds = level_seconds
     if seed is not None:

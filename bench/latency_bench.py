@@ -14,7 +14,8 @@ bench/results/latency_quick.json and .png):
 The three runners are ``qustream worker`` subprocesses (``RUNNERS``: ``QUSTREAM_CONTINUOUS_BATCHING=false``,
 the step-based baseline; ``true`` with ``QUSTREAM_MISS_BATCHING=continuous``; ``true`` with ``batch``),
 against one private tansu broker and the machine's Redis, each with topics and a cache prefix of its
-own, so none ever sees another's cache entries. The run:
+own, so none ever sees another's cache entries. ``--runner NAME:KEY=VALUE,...`` adds runners with other
+settings (the same worker in bf16, say), run and judged beside the three. The run:
 
 1. Saturation: each worker drains backlogs of all-miss queries produced while it was paused
    (messages / seconds), two rounds with the runners' order swapped in the second. The step-based
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
 from bench.pipeline_bench import (
     Pool,
@@ -81,7 +83,6 @@ RUNNERS: dict[str, dict[str, Any]] = {
     "batched": {"continuous_batching": True, "miss_batching": "batch"},
 }
 BASELINE, NEW = "step", "continuous"
-CANDIDATES = [name for name in RUNNERS if name != BASELINE]
 
 HIT_P99_MS = 100.0
 MISS_P99_LOAD = 0.8
@@ -118,6 +119,13 @@ class Plan(WorkerPlan):
     burst_load: float = 10.0
     burst_seconds: float = 10.0
     seed: int = 14
+    #: More runners beside ``RUNNERS`` (name → settings on top of the product's defaults), judged
+    #: against the step-based one like the others: ``--runner continuous_bf16:miss_batching=continuous,dtype=bfloat16``.
+    extra_runners: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def runners(self) -> dict[str, dict[str, Any]]:
+        return {**RUNNERS, **self.extra_runners}
 
     @classmethod
     def named(cls, name: str) -> Plan:
@@ -127,6 +135,30 @@ class Plan(WorkerPlan):
             return cls("quick", batch_size=8, level_seconds=5.0, universe=300, warmup_messages=8,
                        saturation_messages=16, saturation_rounds=1, drain_timeout_s=90.0, burst_seconds=1.0)
         raise ValueError(f"unknown plan {name!r}: full or quick")
+
+
+def parse_runner(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` (settings names, as in ``QUSTREAM_<KEY>``) → name and overrides.
+    Values are checked by the settings when the runner's worker is configured."""
+    name, _, assignments = text.partition(":")
+    name = name.strip()
+    if not name.isidentifier() or name in RUNNERS:
+        raise ValueError(f"runner {text!r}: a new name (letters, digits, _) first; taken: {', '.join(RUNNERS)}")
+    overrides: dict[str, Any] = {}
+    for assignment in filter(None, (part.strip() for part in assignments.split(","))):
+        key, equals, value = assignment.partition("=")
+        key = key.strip().lower()
+        if not equals or key not in Settings.model_fields:
+            raise ValueError(f"runner {text!r}: {assignment!r} is not SETTING=VALUE with a setting qustream has")
+        overrides[key] = value.strip()
+    if not overrides:
+        raise ValueError(f"runner {text!r}: no settings after the name (NAME:KEY=VALUE,...)")
+    try:
+        Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"runner {text!r}: {problems}") from None
+    return name, overrides
 
 
 def _combined_saturation(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -172,7 +204,7 @@ class LatencyBench:
         self.services = Services(self.workdir)
         try:
             p = self.plan
-            for name, overrides in RUNNERS.items():
+            for name, overrides in p.runners.items():
                 self.settings[name] = self.services.settings(
                     name, batch_size=p.batch_size, batch_linger_ms=p.linger_ms, cpu_threads=p.cpu_threads,
                     broker_fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **overrides)
@@ -186,10 +218,14 @@ class LatencyBench:
                            "model": model_id_for(self.settings[BASELINE]), "engine_version": self.version,
                            "runners": {name: " ".join(f"QUSTREAM_{key.upper()}={str(value).lower()}"
                                                   for key, value in overrides.items())
-                                       for name, overrides in RUNNERS.items()}}
+                                       for name, overrides in self.plan.runners.items()}}
         results["targets"] = evaluate_targets(results)
-        results["targets_by_runner"] = {name: evaluate_targets(results, name) for name in CANDIDATES}
+        results["targets_by_runner"] = {name: evaluate_targets(results, name) for name in self.candidates}
         return results
+
+    @property
+    def candidates(self) -> list[str]:
+        return [name for name in self.plan.runners if name != BASELINE]
 
     async def _run_all(self) -> dict[str, Any]:
         p = self.plan
@@ -207,10 +243,10 @@ class LatencyBench:
                 await worker.wait_ready(timeout_s=600.0, partitions=self.settings[name].partitions)
             startup_peak = {name: worker.peak_rss_bytes() for name, worker in self.workers.items()}
             await self._warm_up(producer, collector)
-            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in RUNNERS}
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in p.runners}
             for index in range(p.saturation_rounds):
                 backlog = self.pool.take(p.saturation_messages)
-                order = list(RUNNERS) if index % 2 == 0 else list(reversed(RUNNERS))
+                order = list(p.runners) if index % 2 == 0 else list(reversed(p.runners))
                 for name in order:
                     rounds[name].append(await self._saturation(name, backlog, producer, collector))
             saturation = {name: _combined_saturation(rows) for name, rows in rounds.items()}
@@ -227,7 +263,7 @@ class LatencyBench:
             for worker in self.workers.values():
                 worker.stop()
         workers = {}
-        for name in RUNNERS:
+        for name in p.runners:
             serving = [v for v in [saturation[name]["peak_rss_mib"]] +
                        [level["runners"][name]["peak_rss_mib"] for level in levels] if v is not None]
             start, in_burst = _mib(startup_peak[name]), burst["runners"][name]["peak_rss_mib"]
@@ -241,7 +277,7 @@ class LatencyBench:
                                    f"{p.saturation_messages} all-miss queries, each produced while it was paused "
                                    "(runners in alternating order): messages / Σ(last output − resume)"},
             "saturation": {**saturation, "ratio": round(saturation[NEW]["qps"] / capacity, 4),
-                           "ratios": {name: round(saturation[name]["qps"] / capacity, 4) for name in CANDIDATES}},
+                           "ratios": {name: round(saturation[name]["qps"] / capacity, 4) for name in self.candidates}},
             "levels": levels,
             "burst": burst,
             "workers": workers,
@@ -290,7 +326,7 @@ class LatencyBench:
         queries = [universe[rank] for rank in zipf_ranks(count, p.universe, p.exponent, seed)]
         for settings in self.settings.values():
             await prewarm_cache(settings, self.version, universe[:head])
-        order = list(RUNNERS) if index % 2 == 0 else list(reversed(RUNNERS))
+        order = list(p.runners) if index % 2 == 0 else list(reversed(p.runners))
         self.echo(f"load {load:.0%}: {count} queries at {rate:.2f}/s over {seconds:.0f} s "
                   f"(misses {load * capacity:.2f}/s), {head} popular queries pre-cached; {' then '.join(order)}")
         runners = {name: await self._open_loop(name, queries, offsets, producer, collector) for name in order}
@@ -306,7 +342,7 @@ class LatencyBench:
             "expected_hit_ratio": round(1 - expected_distinct(count, p.universe, p.exponent, head) / count, 4)
             if count else None,
             "order": order,
-            "runners": {name: runners[name] for name in RUNNERS},
+            "runners": {name: runners[name] for name in p.runners},
         }
 
     async def _open_loop(self, name: str, queries: Sequence[BenchQuery], offsets: Sequence[float],
@@ -409,12 +445,14 @@ def run_latency_bench(plan: Plan, output: Path, chart: Path | None,
         except BaseException:
             dump_logs(Path(workdir), echo)
             raise
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Written before the chart too, so that a chart that fails never costs the run's figures.
+    output.write_text(json.dumps(results, indent=2) + "\n")
     if chart is not None:
         from bench.pipeline_charts import write_latency_chart
 
         results["meta"]["chart"] = str(write_latency_chart(results, chart))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+        output.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -447,9 +485,9 @@ def print_summary(results: dict[str, Any]) -> None:
     burst = results["burst"]
     for level, label in [*((level, f"{level['load']:.0%}") for level in results["levels"]),
                          (burst, f"burst {burst['load']:.0f}×, {burst['seconds']:.0f} s")]:
-        for name in RUNNERS:
+        for name in meta["runners"]:
             table.add_row(label, name, f"{level['offered_qps']:.2f}", *cells(level["runners"][name]))
-    for name in RUNNERS:
+    for name in meta["runners"]:
         row = results["saturation"][name]
         table.add_row("saturation", name, "backlog", "-", f"all {row['misses']} misses", "-", "-", f"{row['qps']:.2f}",
                       f"{row['parsed']}/{row['messages']}", f"{row['peak_rss_mib']}")

@@ -113,9 +113,15 @@ def write_latency_chart(results: dict[str, Any], path: Path) -> Path:
     levels = results["levels"]
     loads = [f"{level['load']:.0%}" for level in levels]
     runners = [name for name in results["saturation"] if name not in ("ratio", "ratios")]
+    # The three standard runners keep their colours from run to run; runners added with --runner take
+    # colours far from theirs.
     colors = {"step": "#a0aec0", "continuous": "#2b6cb0", "batched": "#dd6b20"}
+    spare = iter(["#2f855a", "#805ad5", "#c53030", "#b7791f", "#319795", "#d53f8c"])
+    colors.update({name: next(spare, "#444444") for name in runners if name not in colors})
     styles = {"p50_ms": ":", "p95_ms": "--", "p99_ms": "-"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 2, 1]})
+    bars_width = max(1.0, len(runners) / 3)
+    fig, axes = plt.subplots(1, 3, figsize=(13 + 2 * bars_width, 4.5),
+                             gridspec_kw={"width_ratios": [2, 2, bars_width]})
     for ax, kind in zip(axes[:2], ("hits", "misses"), strict=True):
         for runner in runners:
             for key, style in styles.items():
@@ -133,10 +139,12 @@ def write_latency_chart(results: dict[str, Any], path: Path) -> Path:
     bars = axes[2].bar(runners, [saturation[r]["qps"] for r in runners], color=[colors.get(r) for r in runners])
     memory = results["workers"]
     axes[2].bar_label(bars, labels=[f"{saturation[r]['qps']:.2f} q/s\npeak RSS {memory[r]['peak_rss_mib']:.0f} MiB"
-                                    for r in runners], fontsize=8)
+                                    for r in runners], fontsize=8 if len(runners) <= 3 else 6)
+    axes[2].tick_params(axis="x", labelsize=8 if len(runners) <= 3 else 7)
     axes[2].margins(y=0.2)
     ratios = saturation.get("ratios", {"continuous": saturation["ratio"]})
-    axes[2].set_title("saturation, all misses: " + ", ".join(f"{name} {ratio:.0%}" for name, ratio in ratios.items()))
+    axes[2].set_title("saturation, all misses: " + ", ".join(f"{name} {ratio:.0%}" for name, ratio in ratios.items()),
+                      fontsize=None if len(runners) <= 3 else 8, wrap=True)
     axes[2].set_ylabel("queries/s (backlog drained)")
     plan = results["meta"]["plan"]
     fig.suptitle(f"qustream bench latency ({plan['name']}): batch {plan['batch_size']}, Poisson arrivals, "

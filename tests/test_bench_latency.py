@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.latency_bench import RUNNERS, Plan, evaluate_targets, run_latency_bench
+from bench.latency_bench import RUNNERS, Plan, evaluate_targets, parse_runner, run_latency_bench
 from bench.workload import expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
 
 
@@ -72,6 +72,19 @@ def test_targets_are_judged_against_the_step_based_runner() -> None:
     assert evaluate_targets(results)[4]["met"] is True
     results["meta"] = {"plan": {"batch_size": 8}}
     assert evaluate_targets(results)[3]["met"] is None  # the RSS target is set at batch 64 only
+
+
+def test_extra_runners_are_named_settings_checked_before_the_run() -> None:
+    name, overrides = parse_runner("continuous_bf16: miss_batching=continuous, dtype=bfloat16")
+    assert (name, overrides) == ("continuous_bf16", {"miss_batching": "continuous", "dtype": "bfloat16"})
+    plan = Plan.named("quick")
+    plan.extra_runners[name] = overrides
+    assert list(plan.runners) == [*RUNNERS, "continuous_bf16"]
+    for bad, complaint in [("step:dtype=bfloat16", "a new name"), ("fast", "no settings"),
+                           ("fast:nonsense=1", "not SETTING=VALUE"), ("fast:dtype", "not SETTING=VALUE"),
+                           ("fast:dtype=bfloat17", "dtype")]:
+        with pytest.raises(ValueError, match=complaint):
+            parse_runner(bad)
 
 
 @pytest.mark.e2e

@@ -3,12 +3,20 @@ would otherwise keep, and it runs at most once per interval, however often the d
 
 from __future__ import annotations
 
+import os
 import sys
 
 import psutil
 import pytest
 
-from workers.memory import HeapTrimmer, return_freed_tensors_to_the_os, trim_freed_heap
+from workers.memory import (
+    ONEDNN_CACHE_CAPACITY,
+    ONEDNN_CACHE_VARIABLE,
+    HeapTrimmer,
+    bound_onednn_primitive_cache,
+    return_freed_tensors_to_the_os,
+    trim_freed_heap,
+)
 
 
 def test_trimmer_trims_at_most_once_per_interval() -> None:
@@ -36,3 +44,12 @@ def test_trim_gives_back_freed_heap_pages_that_a_block_in_use_above_them_pins() 
     after = process.memory_info().rss
     assert pin[0] == ord("y")
     assert before - after > size * count // 2, f"RSS {before >> 20} MiB -> {after >> 20} MiB"
+
+
+def test_onednn_primitive_cache_is_bounded_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    bound_onednn_primitive_cache()
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == str(ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "512")
+    bound_onednn_primitive_cache()
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "512"

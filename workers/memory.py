@@ -1,4 +1,5 @@
-"""Handing freed memory back to the operating system (glibc on Linux; elsewhere these do nothing).
+"""Handing freed memory back to the operating system (glibc on Linux; elsewhere these do nothing), and
+bounding what oneDNN keeps for bf16 matmuls.
 
 Decoding allocates and frees tensors of many sizes at every step. glibc keeps freed blocks for reuse,
 so without help a worker's RSS stays at its largest step for good, and a continuous decoding loop,
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
 
 #: glibc's ``mallopt`` parameter for the size from which allocations are mmapped.
 _M_MMAP_THRESHOLD = -3
+#: oneDNN's own variable, and the bound qustream gives it unless the operator set one.
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = 32
 
 
 @functools.cache
@@ -35,6 +40,15 @@ def return_freed_tensors_to_the_os() -> None:
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def bound_onednn_primitive_cache() -> None:
+    """bf16 matmuls on a CPU go through oneDNN, which keeps a compiled primitive, with its own buffers,
+    for every matmul shape it has seen, up to 1,024 of them. Decoding meets a new shape with nearly
+    every batch size and step width, so a bf16 worker's memory grew by hundreds of MiB that way; a few
+    dozen primitives hold the shapes in use (docs/engine.md, "bf16 on a CPU"). oneDNN reads the variable
+    when it first builds one, so this works until the first bf16 matmul; an operator's value wins."""
+    os.environ.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_CAPACITY))
 
 
 def trim_freed_heap() -> None:

@@ -228,6 +228,9 @@ def load_model(settings: Settings, model_path: str | None = None, spec_fingerpri
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workers.memory import bound_onednn_primitive_cache
+
+    bound_onednn_primitive_cache()  # before the first matmul, which is when oneDNN reads it
     started = time.perf_counter()
     path = model_path or resolve_model_path(settings)
     device = select_device(settings.device)
