@@ -138,8 +138,8 @@ class Plan(WorkerPlan):
 
 
 def parse_runner(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:KEY=VALUE,KEY=VALUE`` (settings names, as in ``QUSTREAM_<KEY>``) → name and overrides.
-    Values are checked by the settings when the runner's worker is configured."""
+    """``NAME:KEY=VALUE,KEY=VALUE`` (settings names, as in ``QUSTREAM_<KEY>``) → name and overrides,
+    checked against the settings here, before a run that would fail only when its worker starts."""
     name, _, assignments = text.partition(":")
     name = name.strip()
     if not name.isidentifier() or name in RUNNERS:
