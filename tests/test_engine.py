@@ -227,3 +227,19 @@ def test_default_model_quality(real_loaded: LoadedModel, dtype: str) -> None:
     assert metrics["schema_valid"] == 1.0
     assert metrics["core_fields_acc"] >= 0.6, metrics
     assert metrics["invented_absent"] <= 0.05, metrics
+
+
+def test_cuda_keeps_attention_off_cudnn_and_the_cpu_leaves_the_switch_alone() -> None:
+    import torch
+
+    from workers.model import avoid_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -222,6 +222,21 @@ def bf16_native(device: str) -> bool:
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def avoid_cudnn_attention(device: str) -> None:
+    """On CUDA, keep scaled-dot-product attention off cuDNN's kernels, which PyTorch picks for bf16 and
+    fp16 on Hopper: they build an execution graph for every new shape, and decoding meets a new one (rows,
+    cached length) at nearly every step. The flash and memory-efficient kernels need no build
+    (docs/engine.md, "Devices"). Process-wide, like every torch backend switch."""
+    if device != "cuda":
+        return
+    import torch
+
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("model.cudnn_attention_off", reason="cuDNN attention builds a graph per new shape; decoding "
+                 "changes shape at nearly every step")
+
+
 def load_model(settings: Settings, model_path: str | None = None, spec_fingerprint: str | None = None) -> LoadedModel:
     """Load tokenizer and causal LM for inference on the configured device, with the configured adapter
     merged (``spec_fingerprint``: the active spec's, which ``adapter: auto`` matches shipped adapters to)."""
@@ -235,6 +250,7 @@ def load_model(settings: Settings, model_path: str | None = None, spec_fingerpri
     path = model_path or resolve_model_path(settings)
     device = select_device(settings.device)
     dtype = select_dtype(device, settings.dtype)
+    avoid_cudnn_attention(device)
     if device == "cpu":
         torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(path)
