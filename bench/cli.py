@@ -139,7 +139,7 @@ def latency(
 
     Example: qustream bench latency (the full run, see bench/latency_bench.py)
     """
-    from bench.latency_bench import Plan, parse_runner, print_summary, run_latency_bench
+    from bench.latency_bench import Plan, incomplete_phases, parse_runner, print_summary, run_latency_bench
 
     plan = Plan.named("quick" if quick else "full")
     for text in runner or []:
@@ -156,12 +156,10 @@ def latency(
     results = run_latency_bench(plan, output, None if no_chart else chart or output.with_suffix(".png"))
     print_summary(results)
     print(f"results: {output}")
-    # The burst counts too: a query that never came out is a finding, whatever the load.
-    phases = [*results["levels"], results["burst"]]
-    incomplete = [f"{phase['load']:.0%} {name}: {row['missing']} of {row['messages']} never came out"
-                  for phase in phases for name, row in phase["runners"].items() if not row["complete"]]
+    # The burst counts too: a query that did not come out parsed is a finding, whatever the load.
+    incomplete = incomplete_phases(results)
     if incomplete:
-        print("incomplete:", "; ".join(incomplete))
+        print("incomplete:", "; ".join(incomplete), f"(the workers' logs: {results['meta']['logs_kept']})")
         raise typer.Exit(1)
 
 

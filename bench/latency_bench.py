@@ -29,7 +29,10 @@ settings (the same worker in bf16, say), run and judged beside the three. The ru
    into hits (read from the cache: ``cached`` and no model time), shared (``cached``, but a repeat of a
    query whose parse was still in the model, so it waited for it: ``timings.inference_ms`` > 0) and
    misses (``cached`` false). A message still missing when the level's drain times out counts as a miss
-   as old as it was then.
+   as old as it was then. The dead-letter topics are read too: a query that did not come out parsed was
+   dead-lettered (the reasons are counted), or is on neither topic, in which case its input offset is
+   looked up in the worker's committed offsets (committed: lost; not committed: still held). Either
+   makes the phase incomplete, and the workers' logs are then kept next to the JSON.
 4. Burst: misses arrive at ten times capacity for a few seconds (hits on top, as in a level), then
    both workers drain it. Peak RSS over the burst against the steady levels' shows whether memory stays
    flat when the backlog is far beyond what the model can take.
@@ -41,15 +44,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 
 from bench.pipeline_bench import (
@@ -67,6 +72,7 @@ from bench.pipeline_bench import (
 )
 from bench.stack import Collector, Services, Worker
 from bench.workload import BenchQuery, expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
+from schemas.events import DeadLetterReason
 from schemas.settings import Settings
 from streams.kafka_io import make_producer
 from streams.topics import ensure_topics
@@ -172,6 +178,23 @@ def _combined_saturation(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_mib": max(peaks, default=None), "rounds_qps": [row["qps"] for row in rounds]}
 
 
+def _dead_letters(records: Sequence[ConsumerRecord[Any, Any]], parsed: Collection[str]) -> dict[str, str]:
+    """Query id → error class of the round's dead letters (a query also parsed, in an earlier delivery
+    say, is not one)."""
+    dead = {}
+    for record in records:
+        query_id = record.key.decode(errors="replace")
+        if query_id not in parsed:
+            dead[query_id] = DeadLetterReason.from_headers(dict(record.headers)).error_class
+    return dead
+
+
+async def _committed_past(worker: Worker, placed: Sequence[tuple[int, int]]) -> int:
+    """How many of these input positions the worker's group has committed."""
+    committed = await worker.committed()
+    return sum(1 for partition, offset in placed if (committed.get(partition) or 0) > offset)
+
+
 def _ms_summary(seconds: Sequence[float]) -> dict[str, Any]:
     if not seconds:
         return {"count": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
@@ -233,7 +256,9 @@ class LatencyBench:
             await ensure_topics(settings)
             self.workers[name] = Worker(f"worker-{name}", settings, self.workdir / f"worker-{name}.log")
         any_settings = self.settings[BASELINE]
-        collector = Collector(any_settings, [s.topic_parsed for s in self.settings.values()], timed=True)
+        # Dead letters too: a query that did not come out parsed was either dead-lettered (and why) or lost.
+        outputs = [topic for s in self.settings.values() for topic in (s.topic_parsed, s.topic_dlq)]
+        collector = Collector(any_settings, outputs, timed=True)
         producer = make_producer(any_settings)
         await collector.start()
         await producer.start()
@@ -350,8 +375,9 @@ class LatencyBench:
         settings, worker = self.settings[name], self.workers[name]
         tag = round_tag()
         worker.reset_peak_rss()
-        started, late = await produce_scheduled(producer, settings.topic_input, tag, queries, offsets)
-        complete = await collector.wait(settings.topic_parsed, tag, len(queries), self.plan.drain_timeout_s)
+        started, late, placed = await produce_scheduled(producer, settings.topic_input, tag, queries, offsets)
+        complete = await collector.wait([settings.topic_parsed, settings.topic_dlq], tag, len(queries),
+                                        self.plan.drain_timeout_s)
         waited_until = time.time()
         worker.check_alive()
         due = {f"{tag}-{i}": started + offset for i, offset in enumerate(offsets)}
@@ -369,7 +395,10 @@ class LatencyBench:
                 queued.append(event["timings"]["queue_ms"] / 1000)
             last_read = max(last_read, read)
         collector.forget(settings.topic_parsed, tag)
-        missing = [waited_until - at for query_id, at in due.items() if query_id not in seen]
+        dead = _dead_letters(collector.of_round(settings.topic_dlq, tag), seen)
+        collector.forget(settings.topic_dlq, tag)
+        absent = [i for i, query_id in enumerate(due) if query_id not in seen and query_id not in dead]
+        missing = [waited_until - due[f"{tag}-{i}"] for i in absent]
         hits = [latency for latency, kind in seen.values() if kind == "hits"]
         shared = [latency for latency, kind in seen.values() if kind == "shared"]
         misses = [latency for latency, kind in seen.values() if kind == "misses"] + missing
@@ -378,7 +407,11 @@ class LatencyBench:
             "messages": len(queries),
             "parsed": len(seen),
             "missing": len(missing),
-            "complete": complete and not missing,
+            "dead_lettered": len(dead),
+            "dead_letter_reasons": dict(Counter(dead.values())),
+            # A query on neither topic is lost if its offset was committed, else still held by the worker.
+            "missing_committed": await _committed_past(worker, [placed[i] for i in absent]) if absent else 0,
+            "complete": complete and not missing and not dead,
             "hit_ratio": round(len(hits) / len(seen), 4) if seen else None,
             "hits": _ms_summary(hits),
             "shared": _ms_summary(shared),
@@ -394,7 +427,8 @@ class LatencyBench:
         }
         self.echo(f"  {name}: hits p99 {row['hits']['p99_ms']} ms, misses p99 {row['misses']['p99_ms']} ms, "
                   f"{row['shared']['count']} shared (p99 {row['shared']['p99_ms']} ms), "
-                  f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out")
+                  f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out"
+                  + (f", {len(dead)} dead-lettered: {row['dead_letter_reasons']}" if dead else ""))
         return row
 
 
@@ -436,15 +470,31 @@ def evaluate_targets(results: dict[str, Any], runner: str = NEW) -> list[dict[st
     ]
 
 
+def incomplete_phases(results: dict[str, Any]) -> list[str]:
+    """Each phase and runner where a produced query did not come out parsed, and what became of it."""
+    return [f"{phase['load']:.0%} {name}: {row['missing']} of {row['messages']} on neither topic "
+            f"({row['missing_committed']} of them committed), {row['dead_lettered']} dead-lettered "
+            f"{row['dead_letter_reasons']}"
+            for phase in [*results["levels"], results["burst"]] for name, row in phase["runners"].items()
+            if not row["complete"]]
+
+
 def run_latency_bench(plan: Plan, output: Path, chart: Path | None,
                       echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark, write the JSON (and the chart), return the results."""
+    """Run the benchmark, write the JSON (and the chart), return the results. The workers' logs of a
+    run where a query did not come out parsed are kept next to the JSON (``<name>_logs/``)."""
     with tempfile.TemporaryDirectory(prefix="qustream-latency-") as workdir:
         try:
             results = asyncio.run(LatencyBench(plan, Path(workdir), echo).run())
         except BaseException:
             dump_logs(Path(workdir), echo)
             raise
+        if incomplete_phases(results):
+            kept = output.parent / f"{output.stem}_logs"
+            kept.mkdir(parents=True, exist_ok=True)
+            for log_file in Path(workdir).glob("*.log"):
+                shutil.copy(log_file, kept / log_file.name)
+            results["meta"]["logs_kept"] = str(kept)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written before the chart too, so that a chart that fails never costs the run's figures.
     output.write_text(json.dumps(results, indent=2) + "\n")
@@ -472,7 +522,9 @@ def print_summary(results: dict[str, Any]) -> None:
     def cells(row: dict[str, Any]) -> list[str]:
         shared = f"{row['shared']['count']}: {ms(row['shared'])}" if row["shared"]["count"] else "0"
         ratio = f"{row['hit_ratio']:.0%}" if row["hit_ratio"] is not None else "-"
-        out = f"{row['parsed']}/{row['messages']}" + ("" if row["complete"] else " [red]incomplete[/]")
+        out = f"{row['parsed']}/{row['messages']}"
+        out += f" ({row['dead_lettered']} DLQ)" if row.get("dead_lettered") else ""
+        out += "" if row["complete"] else " [red]incomplete[/]"
         return [ms(row["hits"]), ms(row["misses"]), shared, ratio, f"{row['throughput_qps']:.2f}", out,
                 f"{row['peak_rss_mib']}"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -197,16 +197,24 @@ async def produce_open_loop(
     producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery], rate: float
 ) -> float:
     """Send at a fixed rate whatever the worker does (open loop), each stamped with its event time."""
-    started, _ = await produce_scheduled(producer, topic, tag, queries, [i / rate for i in range(len(queries))])
-    return started
+    return (await produce_scheduled(producer, topic, tag, queries, [i / rate for i in range(len(queries))])).started
+
+
+class Scheduled(NamedTuple):
+    started: float
+    #: How late each send went out (seconds).
+    late: list[float]
+    #: Where each query landed: (partition, offset).
+    placed: list[tuple[int, int]]
 
 
 async def produce_scheduled(
     producer: AIOKafkaProducer, topic: str, tag: str, queries: Sequence[BenchQuery], offsets: Sequence[float]
-) -> tuple[float, list[float]]:
+) -> Scheduled:
     """Send query ``i`` ``offsets[i]`` seconds after the start whatever the worker does (open loop),
     with that scheduled time as its event time: a harness that falls behind adds to the measured
-    latency instead of hiding it. Returns the start (epoch seconds) and how late each send went out."""
+    latency instead of hiding it. Returns the start (epoch seconds), how late each send went out and
+    where each landed."""
     started = time.time()
     futures, late = [], []
     for i, (query, offset) in enumerate(zip(queries, offsets, strict=True)):
@@ -216,8 +224,8 @@ async def produce_scheduled(
             await asyncio.sleep(delay)
         late.append(max(0.0, time.time() - due))
         futures.append(await producer.send(topic, _value(query.text, f"{tag}-{i}", due), key=f"{tag}-{i}".encode()))
-    await asyncio.gather(*futures)
-    return started, late
+    placed = [(metadata.partition, metadata.offset) for metadata in await asyncio.gather(*futures)]
+    return Scheduled(started, late, placed)
 
 
 @dataclass

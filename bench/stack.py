@@ -15,12 +15,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas.settings import Settings
 from streams.kafka_io import assign_all, make_consumer
@@ -242,6 +242,19 @@ class Worker(Process):
         raise TimeoutError(f"{self.name} not ready after {timeout_s} s; log:\n{self.log_tail()}")
 
 
+    async def committed(self) -> dict[int, int | None]:
+        """The next offset this worker's group committed, per input partition (read without joining it)."""
+        settings = self.settings
+        consumer = make_consumer(settings, group_id=settings.app_id)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(settings.topic_input, p) for p in range(settings.partitions)]
+            consumer.assign(partitions)
+            return {tp.partition: await consumer.committed(tp) for tp in partitions}
+        finally:
+            await consumer.stop()
+
+
 class Passthrough(Process):
     """The aiokafka pass-through reference process."""
 
@@ -302,11 +315,12 @@ class Collector:
                     if record.key:
                         self.counts[(tp.topic, record.key.split(b"-", 1)[0])] += 1
 
-    async def wait(self, topic: str, tag: str, count: int, timeout_s: float) -> bool:
-        """True once ``count`` records of round ``tag`` arrived on ``topic``; False at the timeout."""
-        key = (topic, tag.encode())
+    async def wait(self, topic: str | Sequence[str], tag: str, count: int, timeout_s: float) -> bool:
+        """True once ``count`` records of round ``tag`` arrived on ``topic`` (on these topics together);
+        False at the timeout."""
+        keys = [(name, tag.encode()) for name in ([topic] if isinstance(topic, str) else topic)]
         deadline = time.monotonic() + timeout_s
-        while self.counts[key] < count:
+        while sum(self.counts[key] for key in keys) < count:
             if time.monotonic() > deadline:
                 return False
             if self._task is not None and self._task.done():

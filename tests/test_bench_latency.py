@@ -9,9 +9,19 @@ import json
 from pathlib import Path
 
 import pytest
+from aiokafka import ConsumerRecord
 
-from bench.latency_bench import RUNNERS, Plan, evaluate_targets, parse_runner, run_latency_bench
+from bench.latency_bench import (
+    RUNNERS,
+    Plan,
+    _dead_letters,
+    evaluate_targets,
+    incomplete_phases,
+    parse_runner,
+    run_latency_bench,
+)
 from bench.workload import expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
+from schemas.events import DeadLetterReason
 
 
 def test_poisson_arrivals_are_seeded_and_at_the_rate() -> None:
@@ -87,6 +97,24 @@ def test_extra_runners_are_named_settings_checked_before_the_run() -> None:
             parse_runner(bad)
 
 
+def test_dead_letters_are_told_from_queries_that_never_came_out() -> None:
+    def dead(key: str, error_class: str) -> ConsumerRecord[bytes, bytes]:
+        headers = DeadLetterReason(stage="infer", error_class=error_class, message="m", source_topic="in",
+                                   source_partition=0, source_offset="1", attempts=1, worker_id="w").to_headers()
+        return ConsumerRecord("dlq", 0, 1, 0, 0, key.encode(), b"{}", None, 2, 2, headers)
+
+    records = [dead("r1-0", "TimeoutError"), dead("r1-1", "TimeoutError"), dead("r1-2", "BatcherClosed")]
+    # r1-1 also came out parsed (an earlier delivery, say): not a dead letter for the consumer.
+    assert _dead_letters(records, {"r1-1", "r1-5"}) == {"r1-0": "TimeoutError", "r1-2": "BatcherClosed"}
+    row = {"complete": False, "missing": 3, "messages": 100, "missing_committed": 1, "dead_lettered": 2,
+           "dead_letter_reasons": {"TimeoutError": 2}}
+    whole = {**row, "complete": True, "missing": 0, "missing_committed": 0, "dead_lettered": 0}
+    results = {"levels": [{"load": 0.5, "runners": {"step": whole, "continuous": whole}}],
+               "burst": {"load": 10.0, "runners": {"step": whole, "continuous": row}}}
+    assert incomplete_phases(results) == [
+        "1000% continuous: 3 of 100 on neither topic (1 of them committed), 2 dead-lettered {'TimeoutError': 2}"]
+
+
 @pytest.mark.e2e
 def test_latency_bench_quick(tmp_path: Path) -> None:
     output, chart = tmp_path / "latency.json", tmp_path / "latency.png"
@@ -108,8 +136,8 @@ def test_latency_bench_quick(tmp_path: Path) -> None:
         assert level["messages"] > 0 and sorted(level["order"]) == sorted(RUNNERS)
         for name in RUNNERS:
             row = level["runners"][name]
-            # Every produced query came out, each counted once as a hit or a miss.
-            assert row["complete"] and row["missing"] == 0
+            # Every produced query came out parsed, each counted once as a hit or a miss.
+            assert row["complete"] and row["missing"] == row["missing_committed"] == row["dead_lettered"] == 0
             assert row["parsed"] == row["messages"] == level["messages"]
             assert row["hits"]["count"] + row["shared"]["count"] + row["misses"]["count"] == row["parsed"]
             assert row["hits"]["count"] > 0 and row["misses"]["count"] > 0
@@ -123,6 +151,7 @@ def test_latency_bench_quick(tmp_path: Path) -> None:
     for name in RUNNERS:
         row = burst["runners"][name]
         assert row["complete"] and row["parsed"] == row["messages"] == burst["messages"] > 0
+        assert row["missing"] == row["dead_lettered"] == 0
         assert saved["workers"][name]["burst_peak_rss_mib"] == row["peak_rss_mib"] > 100
     assert [target["met"] for target in saved["targets"]][3] is None  # quick runs at batch 8
     assert saved["meta"]["runners"] == {

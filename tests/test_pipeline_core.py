@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import pytest
@@ -382,3 +385,82 @@ async def _finishing(engine: HandDrivenEngine, queries: list[str], step: Any, ev
 
 async def _parts(step: Any) -> list[Any]:
     return [part async for part in step.remaining()]
+
+
+class ThreadedEngine(ExplodingEngine):
+    """Decodes continuously as ``ContinuousBatcher`` does: a query in flight shares its future, and rows
+    finish on other threads after seeded random delays."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(poison="never")
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, Future[ParseResult]] = {}
+        self._rows = ThreadPoolExecutor(4)
+
+    def submit(self, query: str) -> Future[ParseResult]:
+        with self._lock:
+            future = self._in_flight.get(query)
+            if future is not None and not future.done():
+                return future
+            future = self._in_flight[query] = Future()
+            future.add_done_callback(partial(self._forget, query))
+            delay = self._rng.uniform(0.0, 0.03)
+        self._rows.submit(self._finish, query, future, delay)
+        return future
+
+    def _forget(self, query: str, future: Future[ParseResult]) -> None:
+        with self._lock:
+            if self._in_flight.get(query) is future:
+                del self._in_flight[query]
+
+    def _finish(self, query: str, future: Future[ParseResult], delay: float) -> None:
+        time.sleep(delay)
+        future.set_result(self.parse_batch([query])[0])
+
+
+async def test_every_message_of_overlapping_steps_comes_out_once_whatever_finishes_first(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Steps that share queries in flight and in the cache, their parts collected concurrently as a runner
+    does, rows finishing in random order: every message is settled exactly once, parsed."""
+    settings = make_settings(batch_deadline_s=30.0, miss_batching="continuous")
+    engine = ThreadedEngine(seed=7)
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="stress",
+                       ttl_s=60, prefix=settings.cache_prefix)
+    pipeline = ParsePipeline(settings, engine, cache)
+    rng = random.Random(11)
+    # A Zipf-like mix: a few queries repeat often (shared in flight, then cached), most are rare.
+    queries = [f"{material} {item}" for material in ("oak", "pine", "teak", "elm", "ash", "birch")
+               for item in ("table", "bed", "desk", "chair", "shelf", "sofa", "lamp", "rug")]
+    weights = [1 / (rank + 1) for rank in range(len(queries))]
+    settled: list[str] = []
+    parsed = dead = 0
+
+    def note(part: Any) -> None:
+        nonlocal parsed, dead
+        settled.extend(m.offset for m in part.messages)
+        parsed += len(part.outcome.parsed)
+        dead += len(part.outcome.dead_letters)
+
+    async def collect(step: Any) -> None:
+        async for part in step.remaining():
+            note(part)
+
+    collectors = []
+    offset = 0
+    for _ in range(120):
+        batch = [message(text.encode(), offset + i)
+                 for i, text in enumerate(rng.choices(queries, weights, k=rng.randint(1, 12)))]
+        offset += len(batch)
+        step = await pipeline.begin(batch)
+        note(step.ready)
+        collectors.append(asyncio.create_task(collect(step)))
+        await asyncio.sleep(rng.uniform(0.0, 0.004))
+    await asyncio.wait_for(asyncio.gather(*collectors), 60)
+    assert sorted(settled, key=int) == [str(i) for i in range(offset)]
+    assert (parsed, dead) == (offset, 0)
+    # Each query reached the model at most once per time it was missing from both the cache and the
+    # rows in flight: far fewer calls than messages.
+    assert len(engine.calls) < len(queries) * 2 < offset
+    await cache.close()
