@@ -310,10 +310,13 @@ class InFlight(Generic[InputsT]):
                 self._room.set()
 
     async def _finish(self, step: RunningStep, inputs_of: Callable[[Sequence[InboundMessage]], InputsT]) -> None:
-        try:
-            async for settled in step.remaining():
+        async for settled in step.remaining():
+            try:
                 await self._deliver(settled, inputs_of)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a delivery bug must not end the runner; the inputs stay unacknowledged
-            log.exception("step.delivery_failed")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A delivery bug must not end the runner, nor strand the step's other parts (their
+                # misses would wait, unpublished and uncommitted, until a restart): this part's inputs
+                # stay unacknowledged and are processed again by the partition's next owner.
+                log.exception("step.delivery_failed", messages=len(settled.messages))

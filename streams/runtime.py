@@ -230,7 +230,14 @@ class WorkerRuntime:
         return step
 
     def record(self, outcome: BatchOutcome) -> None:
-        """Count a batch once its outputs are published."""
+        """Count a batch once its outputs are published. Never raises: a delivery calls it between
+        the broker's acknowledgement and noting the inputs done, and a metrics bug must not stop that."""
+        try:
+            self._record(outcome)
+        except Exception:
+            log.exception("metrics.record_failed")
+
+    def _record(self, outcome: BatchOutcome) -> None:
         self.metrics.observe(outcome)
         self.batches_done += 1
         m = outcome.metrics

@@ -7,10 +7,16 @@ test_kafka_runner.py, test_pipeline_kafka.py and test_redis_transport.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 
+import pytest
+
+from schemas.events import BatchMetricsEvent, SpecRef
 from schemas.settings import Settings
-from streams.delivery import CommitTracker, Retrying
+from streams.delivery import CommitTracker, InFlight, Retrying
 from streams.runtime import WorkerRuntime
+from workers.core_step import BatchOutcome, InboundMessage, RunningStep, Settled
 
 
 class FlakyPublish:
@@ -107,3 +113,62 @@ def test_commit_tracker_never_passes_an_input_whose_outputs_are_not_acknowledged
     tracker.forget(["p"])
     tracker.settle("p", [13, 14])
     assert tracker.take() == {}
+
+
+class _Step:
+    """A core step whose ready part and three finishing parts are given."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+
+    async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+        async def finishing() -> AsyncIterator[Settled]:
+            for message in batch[1:]:
+                await asyncio.sleep(0)
+                yield Settled(_outcome(), [message])
+
+        return RunningStep(Settled(_outcome(), [batch[0]]), finishing())
+
+
+def _outcome() -> BatchOutcome:
+    return BatchOutcome([], [], [], BatchMetricsEvent(batch_id="b", worker_id="w", ts=datetime.now(UTC), size=1,
+                                                      valid=1, unique=1, cache_hits=0, cache_misses=1,
+                                                      cache_errors=0, cache_available=True, parsed=0, cached=0,
+                                                      dead_lettered=0, inference_ms=0.0, batch_ms=0.0, tokens_in=0,
+                                                      tokens_out=0, model="m", spec=SpecRef(name="s", version="1")),
+                        [])
+
+
+class BrokenOnce:
+    """A delivery that raises (a bug, not a broker error) for one input."""
+
+    def __init__(self, broken: str) -> None:
+        self.broken = broken
+        self.delivered: list[str] = []
+
+    async def deliver(self, outcome: BatchOutcome, inputs: list[str]) -> bool:
+        if self.broken in inputs:
+            raise KeyError(self.broken)
+        self.delivered += inputs
+        return True
+
+
+async def test_a_part_whose_delivery_fails_does_not_strand_the_steps_other_parts() -> None:
+    delivery = BrokenOnce(broken="2")
+    flow: InFlight[list[str]] = InFlight(_Step(WorkerRuntime(Settings())), delivery, limit=10)  # type: ignore[arg-type]
+    batch = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(5)]
+    finished = await flow.start(batch, lambda messages: [m.offset for m in messages])
+    await asyncio.wait_for(finished, 5)
+    # The hit at once, the misses as they finish; the part that raised did not take 3 and 4 with it.
+    assert delivery.delivered == ["0", "1", "3", "4"]
+    assert flow.room == 10  # nothing held: the failed part's inputs are simply not acknowledged
+
+
+def test_recording_a_batch_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = WorkerRuntime(Settings())
+
+    def broken(outcome: BatchOutcome) -> None:
+        raise ValueError("a metrics bug")
+
+    monkeypatch.setattr(runtime.metrics, "observe", broken)
+    runtime.record(_outcome())  # logged, not raised: the delivery goes on to note the inputs done
