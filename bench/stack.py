@@ -243,16 +243,19 @@ class Worker(Process):
 
 
     async def committed(self) -> dict[int, int | None]:
-        """The next offset this worker's group committed, per input partition (read without joining it)."""
-        settings = self.settings
-        consumer = make_consumer(settings, group_id=settings.app_id)
-        await consumer.start()
-        try:
-            partitions = [TopicPartition(settings.topic_input, p) for p in range(settings.partitions)]
-            consumer.assign(partitions)
-            return {tp.partition: await consumer.committed(tp) for tp in partitions}
-        finally:
-            await consumer.stop()
+        return await committed_offsets(self.settings)
+
+
+async def committed_offsets(settings: Settings) -> dict[int, int | None]:
+    """The next offset the ``app_id`` group committed, per input partition (read without joining it)."""
+    consumer = make_consumer(settings, group_id=settings.app_id)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(settings.topic_input, p) for p in range(settings.partitions)]
+        consumer.assign(partitions)
+        return {tp.partition: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
 
 
 class Passthrough(Process):

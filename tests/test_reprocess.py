@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiokafka import TopicPartition
 
+from bench.stack import committed_offsets
 from producer_tools.reprocess import GroupActive, reprocess
-from producer_tools.transport import open_sink, start_kafka_consumer
+from producer_tools.transport import open_sink
 from schemas.settings import Settings
 from tests.support import REPO, WorkerProcess, read_topic
 
@@ -37,16 +37,6 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, env={**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)})
 
 
-async def committed(settings: Settings) -> dict[int, int | None]:
-    consumer = await start_kafka_consumer(settings, group_id=settings.app_id)
-    try:
-        tps = [TopicPartition(settings.topic_input, p) for p in range(settings.partitions)]
-        consumer.assign(tps)
-        return {tp.partition: await consumer.committed(tp) for tp in tps}
-    finally:
-        await consumer.stop()
-
-
 @pytest.mark.e2e
 async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
     make_settings: Callable[..., Settings], tmp_path: Path
@@ -67,7 +57,7 @@ async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
         worker.stop()
     # tansu keeps listing members that left (measured: still "Stable" 16 s after a clean stop), so with the
     # worker stopped the operator passes --force, as the refusal message says.
-    before = await committed(settings)
+    before = await committed_offsets(settings)
     assert sum(offset or 0 for offset in before.values()) == 12  # the worker committed the whole input
 
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
@@ -75,7 +65,7 @@ async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
     assert result.returncode == 0, result.stderr
     moves = json.loads(result.stdout.strip().splitlines()[-1])["moves"]
     assert sum(move["to_reparse"] for move in moves) == 6
-    after = await committed(settings)
+    after = await committed_offsets(settings)
     assert sum(before[p] - after[p] for p in after) == 6  # type: ignore[operator]
 
     worker = WorkerProcess(settings, tmp_path / "worker2.log")
