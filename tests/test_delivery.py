@@ -7,16 +7,20 @@ test_kafka_runner.py, test_pipeline_kafka.py and test_redis_transport.py.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from schemas.events import BatchMetricsEvent, SpecRef
 from schemas.settings import Settings
 from streams.delivery import CommitTracker, InFlight, Retrying
+from streams.kafka_runner import KafkaDelivery
 from streams.runtime import WorkerRuntime
-from workers.core_step import BatchOutcome, InboundMessage, RunningStep, Settled
+from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
 
 
 class FlakyPublish:
@@ -172,3 +176,59 @@ def test_recording_a_batch_never_raises(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(runtime.metrics, "observe", broken)
     runtime.record(_outcome())  # logged, not raised: the delivery goes on to note the inputs done
+
+
+class TimingOutPublisher:
+    """Hands records over with acks that arrive in random order; some hand-overs fail the way aiokafka's
+    accumulator fails under a burst (``KafkaTimeoutError``) after handing over part of the records."""
+
+    def __init__(self, failing_calls: set[int], seed: int) -> None:
+        self.failing_calls = failing_calls
+        self.calls = 0
+        self.acknowledged: list[bytes] = []
+        self._rng = random.Random(seed)
+
+    async def enqueue(self, routed: dict[str, list[OutboundRecord]]) -> list[asyncio.Future[None]]:
+        self.calls += 1
+        loop = asyncio.get_running_loop()
+        acks = []
+        for records in routed.values():
+            for record in records:
+                if self.calls in self.failing_calls and acks:
+                    raise KafkaTimeoutError()
+                ack: asyncio.Future[None] = loop.create_future()
+                loop.call_later(self._rng.uniform(0, 0.01), self._acknowledge, ack, record.key or b"")
+                acks.append(ack)
+        return acks
+
+    def _acknowledge(self, ack: asyncio.Future[None], key: bytes) -> None:
+        self.acknowledged.append(key)
+        ack.set_result(None)
+
+    async def publish(self, routed: dict[str, list[OutboundRecord]]) -> None:
+        await asyncio.gather(*await self.enqueue(routed))
+
+    def forget_partitions(self) -> None:
+        pass
+
+
+async def test_outputs_whose_hand_over_timed_out_are_republished_and_their_offsets_settled() -> None:
+    settings = Settings(broker_commit_interval_s=3600.0)
+    runtime = WorkerRuntime(settings)
+    delivery = KafkaDelivery(settings, runtime, None, None, Retrying(runtime, asyncio.Event()))  # type: ignore[arg-type]
+    publisher = TimingOutPublisher(failing_calls={3, 4, 9}, seed=5)
+    delivery.publisher = publisher  # type: ignore[assignment]
+    tp = TopicPartition("in", 0)
+    delivery.offsets.track(tp, range(40))
+
+    async def deliver(offsets: range) -> None:
+        outcome = _outcome()
+        outcome.parsed.extend(OutboundRecord(f"q{offset}".encode(), b"{}") for offset in offsets)
+        await asyncio.sleep(random.Random(offsets.start).uniform(0, 0.01))
+        await delivery.deliver(outcome, {tp: list(offsets)})
+
+    # Steps' parts delivered concurrently, as their misses finish, as InFlight's tasks do.
+    await asyncio.gather(*(deliver(range(start, start + 2)) for start in range(0, 40, 2)))
+    await delivery.settle(wait=True)
+    assert {f"q{offset}".encode() for offset in range(40)} <= set(publisher.acknowledged)
+    assert delivery.offsets.take() == {tp: 40}
