@@ -256,7 +256,7 @@ class LatencyBench:
             await ensure_topics(settings)
             self.workers[name] = Worker(f"worker-{name}", settings, self.workdir / f"worker-{name}.log")
         any_settings = self.settings[BASELINE]
-        # Dead letters too: a query that did not come out parsed was either dead-lettered (and why) or lost.
+        # Dead letters too: a query that did not come out parsed was dead-lettered (and why), held, or lost.
         outputs = [topic for s in self.settings.values() for topic in (s.topic_parsed, s.topic_dlq)]
         collector = Collector(any_settings, outputs, timed=True)
         producer = make_producer(any_settings)

@@ -226,7 +226,7 @@ def avoid_cudnn_attention(device: str) -> None:
     """On CUDA, keep scaled-dot-product attention off cuDNN's kernels, which PyTorch picks for bf16 and
     fp16 on Hopper: they build an execution graph for every new shape, and decoding meets a new one (rows,
     cached length) at nearly every step. The flash and memory-efficient kernels need no build
-    (docs/engine.md, "Devices"). Process-wide, like every torch backend switch."""
+    (docs/engine.md, "On a GPU (H200)"). Process-wide, like every torch backend switch."""
     if device != "cuda":
         return
     import torch
