@@ -189,10 +189,27 @@ def _dead_letters(records: Sequence[ConsumerRecord[Any, Any]], parsed: Collectio
     return dead
 
 
-async def _committed_past(worker: Worker, placed: Sequence[tuple[int, int]]) -> int:
-    """How many of these input positions the worker's group has committed."""
+#: Missing queries described one by one in the results, at most.
+_MISSING_DETAILED = 20
+
+
+async def _missing_detail(worker: Worker, queries: Sequence[BenchQuery], placed: Sequence[tuple[int, int]],
+                          absent: Sequence[int]) -> tuple[int, list[dict[str, Any]]]:
+    """How many of the absent queries' input positions the worker's group committed, and where each of
+    the first few stands: committed (lost), waiting in the worker (its partition has unsettled
+    inputs), or never handed to the core step (nothing unsettled, nothing committed past it)."""
     committed = await worker.committed()
-    return sum(1 for partition, offset in placed if (committed.get(partition) or 0) > offset)
+    partitions = await asyncio.to_thread(worker.partition_gauges)
+    lost = sum(1 for i in absent if (committed.get(placed[i][0]) or 0) > placed[i][1])
+    detail = []
+    for i in absent[:_MISSING_DETAILED]:
+        partition, offset = placed[i]
+        gauges = partitions.get(partition, {})
+        state = ("committed" if (committed.get(partition) or 0) > offset
+                 else "held" if gauges.get("qustream_inputs_unsettled") else "not_handed_over")
+        detail.append({"query": queries[i].text, "partition": partition, "offset": offset,
+                       "committed": committed.get(partition), "state": state, **gauges})
+    return lost, detail
 
 
 def _ms_summary(seconds: Sequence[float]) -> dict[str, Any]:
@@ -402,6 +419,7 @@ class LatencyBench:
         hits = [latency for latency, kind in seen.values() if kind == "hits"]
         shared = [latency for latency, kind in seen.values() if kind == "shared"]
         misses = [latency for latency, kind in seen.values() if kind == "misses"] + missing
+        lost, detail = await _missing_detail(worker, queries, placed, absent) if absent else (0, [])
         duration = last_read - started
         row: dict[str, Any] = {
             "messages": len(queries),
@@ -410,7 +428,7 @@ class LatencyBench:
             "dead_lettered": len(dead),
             "dead_letter_reasons": dict(Counter(dead.values())),
             # A query on neither topic is lost if its offset was committed, else still held by the worker.
-            "missing_committed": await _committed_past(worker, [placed[i] for i in absent]) if absent else 0,
+            "missing_committed": lost,
             "complete": complete and not missing and not dead,
             "hit_ratio": round(len(hits) / len(seen), 4) if seen else None,
             "hits": _ms_summary(hits),
@@ -425,6 +443,8 @@ class LatencyBench:
             "send_late_ms_p99": round(float(np.percentile(late, 99)) * 1000, 1) if late else None,
             "read_lag_ms_p99": round(float(np.percentile(read_lags, 99)) * 1000, 1) if read_lags else None,
         }
+        if detail:
+            row["missing_detail"] = detail
         self.echo(f"  {name}: hits p99 {row['hits']['p99_ms']} ms, misses p99 {row['misses']['p99_ms']} ms, "
                   f"{row['shared']['count']} shared (p99 {row['shared']['p99_ms']} ms), "
                   f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out"
@@ -474,9 +494,16 @@ def incomplete_phases(results: dict[str, Any]) -> list[str]:
     """Each phase and runner where a produced query did not come out parsed, and what became of it."""
     return [f"{phase['load']:.0%} {name}: {row['missing']} of {row['messages']} on neither topic "
             f"({row['missing_committed']} of them committed), {row['dead_lettered']} dead-lettered "
-            f"{row['dead_letter_reasons']}"
+            f"{row['dead_letter_reasons']}{_missing_states(row)}"
             for phase in [*results["levels"], results["burst"]] for name, row in phase["runners"].items()
             if not row["complete"]]
+
+
+def _missing_states(row: dict[str, Any]) -> str:
+    detail = row.get("missing_detail")
+    if not detail:
+        return ""
+    return f"; of the first {len(detail)} missing: {dict(Counter(item['state'] for item in detail))}"
 
 
 def run_latency_bench(plan: Plan, output: Path, chart: Path | None,

@@ -212,6 +212,10 @@ def _set_affinity(pid: int, cpus: list[int]) -> None:
                 os.sched_setaffinity(thread.id, cpus)
 
 
+#: The worker's gauges of each input partition: lag, inputs not settled, and the commit's wait.
+PARTITION_GAUGES = ("qustream_consumer_lag", "qustream_inputs_unsettled", "qustream_commit_waiting_seconds")
+
+
 class Worker(Process):
     """``qustream worker`` as production runs it, configured through its environment."""
 
@@ -242,8 +246,32 @@ class Worker(Process):
         raise TimeoutError(f"{self.name} not ready after {timeout_s} s; log:\n{self.log_tail()}")
 
 
+    def partition_gauges(self) -> dict[int, dict[str, float]]:
+        return partition_gauges(self.settings)
+
     async def committed(self) -> dict[int, int | None]:
         return await committed_offsets(self.settings)
+
+
+def partition_gauges(settings: Settings) -> dict[int, dict[str, float]]:
+    """A worker's gauges of each input partition (``PARTITION_GAUGES``) from its /metrics; empty when
+    it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            text = response.read().decode()
+    except (OSError, ValueError):
+        return {}
+    gauges: dict[int, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in PARTITION_GAUGES:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("topic") == settings.topic_input:
+                gauges.setdefault(int(sample.labels["partition"]), {})[sample.name] = sample.value
+    return gauges
 
 
 async def committed_offsets(settings: Settings) -> dict[int, int | None]:

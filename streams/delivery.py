@@ -171,25 +171,48 @@ class Retrying:
             return True
 
 
+class Waiting(NamedTuple):
+    """A partition's first input whose outputs are not acknowledged, and what waits behind it."""
+
+    offset: int
+    #: Seconds the committable position has waited for this input.
+    seconds: float
+    #: Inputs fetched whose outputs are not acknowledged yet, this one included.
+    inputs: int
+
+
 class CommitTracker(Generic[PartitionT]):
     """Per partition, the position up to which inputs may be committed: the first input whose outputs
     are not yet acknowledged, or past the last one when all are (Kafka: the next offset).
 
     Inputs are ``track``ed in fetch order and ``settle``d in any order (a step's cache hits before
     its misses); the committable position never passes an input whose outputs are not on the broker.
+    ``waiting`` says, per partition, which input the position waits for and since when: an operator's
+    view of a partition that does not move.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._open: dict[PartitionT, deque[int]] = {}
         self._settled: dict[PartitionT, set[int]] = {}
         self._committable: dict[PartitionT, int] = {}
+        #: When each partition's first open input became the one its position waits for.
+        self._head_since: dict[PartitionT, float] = {}
+        #: Past the last input tracked, per partition: where the next fetched one should be.
+        self._next: dict[PartitionT, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self._committable)
 
-    def track(self, partition: PartitionT, offsets: Iterable[int]) -> None:
+    def track(self, partition: PartitionT, offsets: Sequence[int]) -> None:
         """Fetched inputs, in offset order."""
-        self._open.setdefault(partition, deque()).extend(offsets)
+        if not offsets:
+            return
+        waiting = self._open.setdefault(partition, deque())
+        if not waiting:
+            self._head_since[partition] = self._clock()
+        waiting.extend(offsets)
+        self._next[partition] = offsets[-1] + 1
 
     def settle(self, partition: PartitionT, offsets: Iterable[int]) -> None:
         """Inputs whose outputs were acknowledged; ignored for a partition no longer tracked."""
@@ -202,6 +225,7 @@ class CommitTracker(Generic[PartitionT]):
             self._committable[partition] = waiting[-1] + 1
             waiting.clear()
             settled.clear()
+            self._head_since.pop(partition, None)
             return
         moved = None
         while waiting and waiting[0] in settled:
@@ -209,6 +233,24 @@ class CommitTracker(Generic[PartitionT]):
             settled.discard(moved)
         if moved is not None:
             self._committable[partition] = waiting[0] if waiting else moved + 1
+            if waiting:
+                self._head_since[partition] = self._clock()
+            else:
+                self._head_since.pop(partition, None)
+
+    def waiting(self) -> dict[PartitionT, Waiting]:
+        """Partitions with inputs whose outputs are not acknowledged yet: the first of them (the
+        position waits for it), how long it has been the first, and how many there are."""
+        now = self._clock()
+        return {
+            partition: Waiting(waiting[0], now - self._head_since.get(partition, now), len(waiting))
+            for partition, waiting in self._open.items()
+            if waiting
+        }
+
+    def next_expected(self, partition: PartitionT) -> int | None:
+        """Past the last input tracked in ``partition`` (None before the first)."""
+        return self._next.get(partition)
 
     def take(self) -> dict[PartitionT, int]:
         """Everything committable now; ``restore`` it if the commit fails."""
@@ -227,6 +269,8 @@ class CommitTracker(Generic[PartitionT]):
             self._open.pop(partition, None)
             self._settled.pop(partition, None)
             self._committable.pop(partition, None)
+            self._head_since.pop(partition, None)
+            self._next.pop(partition, None)
 
     def retain(self, assigned: Collection[PartitionT]) -> None:
         """After a rebalance: positions of partitions no longer ours are another owner's to commit."""
@@ -257,6 +301,11 @@ class InFlight(Generic[InputsT]):
     def busy(self) -> bool:
         """Steps whose misses are still being parsed or delivered."""
         return bool(self._tasks)
+
+    @property
+    def steps_finishing(self) -> int:
+        """Steps whose misses are still being parsed or delivered."""
+        return len(self._tasks)
 
     async def wait_for_room(self, timeout_s: float) -> int:
         """The room left, after waiting up to ``timeout_s`` for some when there is none."""

@@ -148,11 +148,17 @@ class KafkaDelivery:
         self.names = OutputNames.kafka(settings)
         self.offsets: CommitTracker[TopicPartition] = CommitTracker()
         self._in_flight: deque[_InFlight] = deque()
+        self._settling = 0
         self._last_commit = time.monotonic()
 
     @property
     def in_flight(self) -> bool:
         return bool(self._in_flight)
+
+    @property
+    def batches_unacknowledged(self) -> int:
+        """Batches handed to the producer and not yet settled (being settled included)."""
+        return len(self._in_flight) + self._settling
 
     async def deliver(self, outcome: BatchOutcome, inputs: Settles) -> bool:
         routed = route(outcome, self.names)
@@ -184,16 +190,11 @@ class KafkaDelivery:
         """Wait for the oldest batch's acks (republishing on failure), then count it and note its
         offsets. False when stopping left it unpublished: it and every later batch stay uncommitted."""
         batch = self._in_flight.popleft()
+        self._settling += 1
         try:
-            if batch.acks is None:
-                raise RuntimeError("records were not handed to the producer")
-            await batch.acks
-            published = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("publish.failed", error=f"{type(exc).__name__}: {exc}", note="republishing the batch")
-            published = await self.retrying.publish(lambda: self._republish(batch.routed))
+            published = await self._published(batch)
+        finally:
+            self._settling -= 1
         if not published:
             self._in_flight.clear()  # not committed: processed again by the partition's next owner
             return False
@@ -201,6 +202,19 @@ class KafkaDelivery:
         for tp, offsets in batch.settles.items():
             self.offsets.settle(tp, offsets)
         return True
+
+    async def _published(self, batch: _InFlight) -> bool:
+        """Once the batch's acks arrived (True), republishing it until it lands unless stopping gives it up."""
+        try:
+            if batch.acks is None:
+                raise RuntimeError("records were not handed to the producer")
+            await batch.acks
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("publish.failed", error=f"{type(exc).__name__}: {exc}", note="republishing the batch")
+            return await self.retrying.publish(lambda: self._republish(batch.routed))
 
     async def _republish(self, routed: Routed) -> None:
         try:
@@ -284,7 +298,7 @@ class KafkaBatchRunner:
         if not await self._start_clients():
             await self.producer.stop()
             return
-        lag_reporter = asyncio.create_task(self._report_lag(), name="kafka-lag")
+        lag_reporter = asyncio.create_task(self._report_partitions(), name="kafka-partitions")
         try:
             while not self.stop.is_set():
                 fetched = await self._fetch()
@@ -385,16 +399,72 @@ class KafkaBatchRunner:
         messages = [inbound_from_kafka(record) for records in mine.values() for record in records]
         await self.deliveries.run(messages, lambda part: self.flow.start(part, _settles))
 
-    async def _report_lag(self) -> None:
-        gauge = self.runtime.metrics.consumer_lag
+    async def _report_partitions(self) -> None:
+        report = PartitionReport(self)
         while True:
             await asyncio.sleep(_LAG_INTERVAL_S)
-            for tp in self.consumer.assignment():
-                highwater = self.consumer.highwater(tp)
-                with contextlib.suppress(Exception):  # a partition moving away mid-report
-                    position = await self.consumer.position(tp)
-                    if highwater is not None:
-                        gauge.labels(topic=tp.topic, partition=str(tp.partition)).set(max(highwater - position, 0))
+            await report.once()
+
+    def work_in_progress(self) -> dict[str, Any]:
+        """Where the worker's work stands, for a log line about a partition that waits."""
+        pipeline = self.runtime.pipeline
+        idle = pipeline.model_idle_s() if pipeline is not None else None
+        return {
+            "steps_finishing": self.flow.steps_finishing,
+            "misses_in_flight": pipeline.misses_in_flight if pipeline is not None else 0,
+            "model_idle_s": round(idle, 1) if idle is not None else None,
+            "batches_unacknowledged": self.delivery.batches_unacknowledged,
+        }
+
+
+class PartitionReport:
+    """Every few seconds, per assigned partition: the lag, the inputs whose outputs are not
+    acknowledged yet and how long the committable position has waited for the first of them.
+
+    Logged once each, with where the worker's work stands: a position that has waited twice
+    ``batch_deadline_s`` (a partition that stopped moving looks like one working through a deep
+    backlog only until ``model_idle_s`` is read), and a consumer position that stays past the last
+    input handed to the core step while none is open (transaction markers and compaction leave such
+    gaps; on a topic with neither, records were passed over without being processed).
+    """
+
+    def __init__(self, runner: KafkaBatchRunner) -> None:
+        self.runner = runner
+        self.stall_after_s = 2 * runner.settings.batch_deadline_s
+        self._reported_waits: dict[TopicPartition, int] = {}
+        self._gaps_seen: dict[TopicPartition, int] = {}
+        self._reported_gaps: dict[TopicPartition, int] = {}
+
+    async def once(self) -> None:
+        runner = self.runner
+        metrics = runner.runtime.metrics
+        offsets = runner.delivery.offsets
+        waiting = offsets.waiting()
+        for tp in runner.consumer.assignment():
+            labels = {"topic": tp.topic, "partition": str(tp.partition)}
+            held = waiting.get(tp)
+            metrics.inputs_unsettled.labels(**labels).set(held.inputs if held else 0)
+            metrics.commit_waiting.labels(**labels).set(held.seconds if held else 0.0)
+            with contextlib.suppress(Exception):  # a partition moving away mid-report
+                highwater = runner.consumer.highwater(tp)
+                position = await runner.consumer.position(tp)
+                if highwater is not None:
+                    metrics.consumer_lag.labels(**labels).set(max(highwater - position, 0))
+                stalled = held is not None and held.seconds >= self.stall_after_s
+                if held is not None and stalled and self._reported_waits.get(tp) != held.offset:
+                    self._reported_waits[tp] = held.offset
+                    log.warning("commit.waiting", partition=tp.partition, offset=held.offset,
+                                seconds=round(held.seconds, 1), unsettled=held.inputs, position=position,
+                                highwater=highwater, **runner.work_in_progress())
+                expected = offsets.next_expected(tp)
+                gap = held is None and expected is not None and position > expected
+                # Twice in a row: records fetched a moment ago and about to be handed over are no gap.
+                if gap and self._gaps_seen.get(tp) == position and self._reported_gaps.get(tp) != position:
+                    self._reported_gaps[tp] = position
+                    log.warning("fetch.offsets_passed", partition=tp.partition, first=expected, position=position,
+                                note="not handed to the core step: transaction markers or compaction, else "
+                                "records the consumer skipped (not committed)")
+                self._gaps_seen[tp] = position if gap else -1
 
 
 def _settles(messages: Sequence[InboundMessage]) -> Settles:

@@ -87,6 +87,14 @@ class WorkerMetrics:
         self.batches_in_flight = Gauge("qustream_batches_in_flight", "Batches being processed now.", registry=r)
         self.consumer_lag = Gauge("qustream_consumer_lag", "Messages behind the end of the input, per partition.",
                                   ["topic", "partition"], registry=r)
+        self.inputs_unsettled = Gauge(
+            "qustream_inputs_unsettled",
+            "Inputs fetched whose outputs the broker has not acknowledged yet, per partition.",
+            ["topic", "partition"], registry=r)
+        self.commit_waiting = Gauge(
+            "qustream_commit_waiting_seconds",
+            "How long a partition's committable position has waited for its first unsettled input.",
+            ["topic", "partition"], registry=r)
         self.ready = Gauge("qustream_ready", "1 when the worker is ready to process.", registry=r)
         self.info = Info("qustream_worker", "Worker build and model.", registry=r)
         for outcome in ("inferred", "cached", "dead_lettered"):

@@ -4,6 +4,7 @@ level and runner."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from pathlib import Path
@@ -20,8 +21,10 @@ from bench.latency_bench import (
     parse_runner,
     run_latency_bench,
 )
+from bench.stack import partition_gauges
 from bench.workload import expected_distinct, head_for_hit_ratio, poisson_arrivals, zipf_ranks
 from schemas.events import DeadLetterReason
+from schemas.settings import Settings
 
 
 def test_poisson_arrivals_are_seeded_and_at_the_rate() -> None:
@@ -107,12 +110,37 @@ def test_dead_letters_are_told_from_queries_that_never_came_out() -> None:
     # r1-1 also came out parsed (an earlier delivery, say): not a dead letter for the consumer.
     assert _dead_letters(records, {"r1-1", "r1-5"}) == {"r1-0": "TimeoutError", "r1-2": "BatcherClosed"}
     row = {"complete": False, "missing": 3, "messages": 100, "missing_committed": 1, "dead_lettered": 2,
-           "dead_letter_reasons": {"TimeoutError": 2}}
-    whole = {**row, "complete": True, "missing": 0, "missing_committed": 0, "dead_lettered": 0}
+           "dead_letter_reasons": {"TimeoutError": 2},
+           "missing_detail": [{"state": "committed"}, {"state": "held"}, {"state": "held"}]}
+    whole = {"complete": True, "missing": 0, "messages": 100, "missing_committed": 0, "dead_lettered": 0,
+             "dead_letter_reasons": {}}
     results = {"levels": [{"load": 0.5, "runners": {"step": whole, "continuous": whole}}],
                "burst": {"load": 10.0, "runners": {"step": whole, "continuous": row}}}
     assert incomplete_phases(results) == [
-        "1000% continuous: 3 of 100 on neither topic (1 of them committed), 2 dead-lettered {'TimeoutError': 2}"]
+        "1000% continuous: 3 of 100 on neither topic (1 of them committed), 2 dead-lettered {'TimeoutError': 2}; "
+        "of the first 3 missing: {'committed': 1, 'held': 2}"]
+
+
+async def test_worker_partition_gauges_are_read_from_its_metrics_endpoint() -> None:
+    from streams.local_stack import free_port
+    from streams.runtime import WorkerRuntime
+    from streams.web import start_web
+
+    settings = Settings(web_port=free_port(), topic_input="queries.in")
+    assert await asyncio.to_thread(partition_gauges, settings) == {}  # nothing answers yet
+    runtime = WorkerRuntime(settings)
+    metrics = runtime.metrics
+    metrics.inputs_unsettled.labels(topic="queries.in", partition="2").set(3)
+    metrics.commit_waiting.labels(topic="queries.in", partition="2").set(12.5)
+    metrics.consumer_lag.labels(topic="queries.in", partition="0").set(7)
+    metrics.consumer_lag.labels(topic="elsewhere", partition="0").set(99)
+    web = await start_web(runtime)
+    try:
+        gauges = await asyncio.to_thread(partition_gauges, settings)
+    finally:
+        await web.cleanup()
+    assert gauges == {2: {"qustream_inputs_unsettled": 3.0, "qustream_commit_waiting_seconds": 12.5},
+                      0: {"qustream_consumer_lag": 7.0}}
 
 
 @pytest.mark.e2e

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaTimeoutError
 
 from schemas.events import BatchMetricsEvent, SpecRef
 from schemas.settings import Settings
-from streams.delivery import CommitTracker, InFlight, Retrying
+from streams.delivery import CommitTracker, InFlight, Retrying, Waiting
 from streams.kafka_runner import KafkaDelivery
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
@@ -117,6 +117,29 @@ def test_commit_tracker_never_passes_an_input_whose_outputs_are_not_acknowledged
     tracker.forget(["p"])
     tracker.settle("p", [13, 14])
     assert tracker.take() == {}
+
+
+def test_commit_tracker_says_what_each_partition_waits_for_and_since_when() -> None:
+    now = [100.0]
+    tracker: CommitTracker[str] = CommitTracker(clock=lambda: now[0])
+    assert tracker.waiting() == {} and tracker.next_expected("p") is None
+    tracker.track("p", [3, 5, 8])
+    now[0] = 110.0
+    tracker.track("p", [9])  # more behind the same first input: it has waited since it was fetched
+    tracker.settle("p", [5, 9])
+    assert tracker.waiting() == {"p": Waiting(3, 10.0, 4)}
+    tracker.settle("p", [3])  # the position moves to 8: its wait starts now
+    now[0] = 112.5
+    assert tracker.waiting() == {"p": Waiting(8, 2.5, 2)}
+    assert tracker.next_expected("p") == 10
+    tracker.settle("p", [8])
+    assert tracker.waiting() == {} and tracker.take() == {"p": 10}
+    now[0] = 200.0
+    tracker.track("p", [10])
+    now[0] = 201.0
+    assert tracker.waiting() == {"p": Waiting(10, 1.0, 1)}
+    tracker.forget(["p"])
+    assert tracker.waiting() == {} and tracker.next_expected("p") is None
 
 
 class _Step:
@@ -232,3 +255,72 @@ async def test_outputs_whose_hand_over_timed_out_are_republished_and_their_offse
     await delivery.settle(wait=True)
     assert {f"q{offset}".encode() for offset in range(40)} <= set(publisher.acknowledged)
     assert delivery.offsets.take() == {tp: 40}
+
+
+class _StubConsumer:
+    """What the partition report reads of the consumer: its assignment, positions and high-waters."""
+
+    def __init__(self, positions: dict[TopicPartition, int]) -> None:
+        self.positions = positions
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.positions)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self.positions[tp] + 3
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+
+async def test_partition_report_says_which_input_a_partition_waits_for_and_which_records_were_passed_over() -> None:
+    from structlog.testing import capture_logs
+
+    from streams.kafka_runner import KafkaBatchRunner, PartitionReport
+
+    runtime = WorkerRuntime(Settings(batch_deadline_s=5.0))
+    runner = KafkaBatchRunner(runtime.settings, runtime, asyncio.Event())
+    clients = (runner.consumer, runner.producer)
+    now = [0.0]
+    runner.delivery.offsets = tracker = CommitTracker(clock=lambda: now[0])
+    held, skipped, arriving, fine = (TopicPartition("in", partition) for partition in range(4))
+    consumer = _StubConsumer({held: 9, skipped: 30, arriving: 52, fine: 42})
+    runner.consumer = consumer  # type: ignore[assignment]
+    tracker.track(held, [4, 5, 6])
+    tracker.settle(held, [5, 6])  # 4 is still held (7 and 8, fetched, are on their way)
+    tracker.track(skipped, [20, 21])
+    tracker.settle(skipped, [20, 21])  # all done, but the consumer is at 30: 22-29 never came
+    tracker.track(arriving, [48, 49])
+    tracker.settle(arriving, [48, 49])  # 50 and 51 fetched, handed over before the next report
+    tracker.track(fine, [40, 41])
+    tracker.settle(fine, [40, 41])
+    report = PartitionReport(runner)
+
+    def gauge(name: str, tp: TopicPartition) -> float | None:
+        return runtime.metrics.registry.get_sample_value(name, {"topic": tp.topic, "partition": str(tp.partition)})
+
+    try:
+        with capture_logs() as logs:
+            now[0] = 9.0  # under twice batch_deadline_s
+            await report.once()
+            assert logs == []  # a gap is told only once the next report still sees it
+            tracker.track(arriving, [50, 51])
+            tracker.settle(arriving, [50, 51])
+            await report.once()
+            assert [(entry["event"], entry["partition"], entry["first"], entry["position"]) for entry in logs] == [
+                ("fetch.offsets_passed", 1, 22, 30)]
+            assert gauge("qustream_inputs_unsettled", held) == 3
+            assert gauge("qustream_commit_waiting_seconds", held) == 9.0
+            assert gauge("qustream_inputs_unsettled", fine) == 0
+            assert gauge("qustream_consumer_lag", fine) == 3
+            now[0] = 10.5
+            await report.once()
+            await report.once()
+    finally:
+        await clients[0].stop()
+        await clients[1].stop()
+        await runner.deliveries.close()
+    assert [entry["event"] for entry in logs] == ["fetch.offsets_passed", "commit.waiting"]  # each once
+    wait = logs[1]
+    assert (wait["partition"], wait["offset"], wait["unsettled"], wait["seconds"]) == (0, 4, 3, 10.5)
+    assert wait["steps_finishing"] == 0 and wait["batches_unacknowledged"] == 0 and wait["misses_in_flight"] == 0

@@ -57,6 +57,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "qustream_model_load_seconds": ("gauge", frozenset()),
     "qustream_batches_in_flight": ("gauge", frozenset()),
     "qustream_consumer_lag": ("gauge", frozenset({"topic", "partition"})),
+    "qustream_inputs_unsettled": ("gauge", frozenset({"topic", "partition"})),
+    "qustream_commit_waiting_seconds": ("gauge", frozenset({"topic", "partition"})),
     "qustream_ready": ("gauge", frozenset()),
     "qustream_worker_info": ("info", frozenset({"model", "device", "version", "transport"})),
 }

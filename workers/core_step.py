@@ -301,6 +301,15 @@ class ParsePipeline:
         #: failure (a burst would dead-letter valid queries); a model that finishes nothing is.
         self._model_progress = 0.0
 
+    @property
+    def misses_in_flight(self) -> int:
+        """Distinct misses submitted to the model whose parse no step has settled yet."""
+        return len(self._in_flight)
+
+    def model_idle_s(self) -> float | None:
+        """Seconds since the model last finished a parse for any step (None: not yet)."""
+        return time.perf_counter() - self._model_progress if self._model_progress else None
+
     async def process(self, batch: Sequence[InboundMessage]) -> BatchOutcome:
         """The whole step at once: every output after the step's misses were parsed. Never raises:
         an unexpected error dead-letters the batch rather than stalling the partition."""
