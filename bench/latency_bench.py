@@ -245,9 +245,10 @@ class LatencyBench:
         try:
             p = self.plan
             for name, overrides in p.runners.items():
-                self.settings[name] = self.services.settings(
-                    name, batch_size=p.batch_size, batch_linger_ms=p.linger_ms, cpu_threads=p.cpu_threads,
-                    broker_fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **overrides)
+                # A runner's own settings win over the plan's (a runner that lingers otherwise, say).
+                self.settings[name] = self.services.settings(name, **{
+                    "batch_size": p.batch_size, "batch_linger_ms": p.linger_ms, "cpu_threads": p.cpu_threads,
+                    "broker_fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **overrides})
             self.version = version_for(self.settings[BASELINE])
             results = await self._run_all()
         finally:
@@ -399,11 +400,12 @@ class LatencyBench:
         worker.check_alive()
         due = {f"{tag}-{i}": started + offset for i, offset in enumerate(offsets)}
         seen: dict[str, tuple[float, str]] = {}
-        read_lags, queued, last_read = [], [], started
+        read_lags, queued, last_read, duplicates = [], [], started, 0
         for record in collector.of_round(settings.topic_parsed, tag):
             event = json.loads(record.value)
             if event["query_id"] in seen:
-                continue  # a redelivery: the first copy is the one a consumer acted on
+                duplicates += 1  # a redelivery: the first copy is the one a consumer acted on
+                continue
             read = collector.read_at(record)
             kind = "misses" if not event["cached"] else "shared" if event["timings"]["inference_ms"] else "hits"
             seen[event["query_id"]] = (read - due[event["query_id"]], kind)
@@ -426,6 +428,8 @@ class LatencyBench:
             "parsed": len(seen),
             "missing": len(missing),
             "dead_lettered": len(dead),
+            # At least once: outputs published again (a batch republished after a partial hand-over).
+            "duplicates": duplicates,
             "dead_letter_reasons": dict(Counter(dead.values())),
             # A query on neither topic is lost if its offset was committed, else still held by the worker.
             "missing_committed": lost,
@@ -447,7 +451,8 @@ class LatencyBench:
             row["missing_detail"] = detail
         self.echo(f"  {name}: hits p99 {row['hits']['p99_ms']} ms, misses p99 {row['misses']['p99_ms']} ms, "
                   f"{row['shared']['count']} shared (p99 {row['shared']['p99_ms']} ms), "
-                  f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out"
+                  f"hit ratio {row['hit_ratio']}, {row['parsed']}/{row['messages']} out, "
+                  f"{row['duplicates']} duplicate(s)"
                   + (f", {len(dead)} dead-lettered: {row['dead_letter_reasons']}" if dead else ""))
         return row
 

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -306,8 +306,11 @@ class Passthrough(Process):
 
 
 class Collector:
-    """Reads output topics from their beginning in the background and counts records by round tag
-    (the key's text before the first '-'), so a round ends when its last output arrives.
+    """Reads output topics from their beginning in the background and counts the distinct keys of
+    each round tag (the key's text before the first '-'), so a round ends when an output of each of
+    its queries arrived. Distinct, because delivery is at least once: a batch republished after
+    part of it was handed over puts some outputs on the topic twice, and counting those would end
+    a round while some of its queries are still being processed.
 
     It only appends records while a round runs; decoding waits until the round is over, so the
     reader costs as little CPU as possible on a machine the worker shares with it. ``timed`` also
@@ -321,7 +324,8 @@ class Collector:
         self.settings = settings
         self.topics = topics
         self.records: dict[str, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
-        self.counts: Counter[tuple[str, bytes]] = Counter()
+        #: The distinct keys seen, by (topic, round tag).
+        self.keys: defaultdict[tuple[str, bytes], set[bytes]] = defaultdict(set)
         self._read_at: dict[tuple[str, int, int], float] | None = {} if timed else None
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -344,20 +348,25 @@ class Collector:
                     if self._read_at is not None:
                         self._read_at[(tp.topic, tp.partition, record.offset)] = now
                     if record.key:
-                        self.counts[(tp.topic, record.key.split(b"-", 1)[0])] += 1
+                        self.keys[(tp.topic, record.key.split(b"-", 1)[0])].add(record.key)
 
     async def wait(self, topic: str | Sequence[str], tag: str, count: int, timeout_s: float) -> bool:
-        """True once ``count`` records of round ``tag`` arrived on ``topic`` (on these topics together);
-        False at the timeout."""
+        """True once records with ``count`` distinct keys of round ``tag`` arrived on ``topic`` (on
+        these topics together); False at the timeout."""
         keys = [(name, tag.encode()) for name in ([topic] if isinstance(topic, str) else topic)]
         deadline = time.monotonic() + timeout_s
-        while sum(self.counts[key] for key in keys) < count:
+        while self.distinct(keys) < count:
             if time.monotonic() > deadline:
                 return False
             if self._task is not None and self._task.done():
                 self._task.result()  # surfaces the reader's exception
             await asyncio.sleep(0.01)
         return True
+
+    def distinct(self, keys: Sequence[tuple[str, bytes]]) -> int:
+        """Distinct record keys seen under these (topic, round tag) pairs together."""
+        sets = [self.keys[key] for key in keys]
+        return len(sets[0]) if len(sets) == 1 else len(set().union(*sets))
 
     def read_at(self, record: ConsumerRecord[Any, Any]) -> float:
         """Wall time this reader got ``record`` (a ``timed`` collector only)."""
@@ -372,6 +381,7 @@ class Collector:
         """Drop a finished round's records (large rounds would otherwise pile up in memory)."""
         prefix = tag.encode() + b"-"
         self.records[topic] = [r for r in self.records[topic] if not (r.key and r.key.startswith(prefix))]
+        self.keys.pop((topic, tag.encode()), None)
 
     def since(self, topic: str, timestamp_ms: int) -> list[ConsumerRecord[Any, Any]]:
         return [r for r in self.records[topic] if r.timestamp >= timestamp_ms]

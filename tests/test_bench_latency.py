@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord
@@ -188,3 +189,31 @@ def test_latency_bench_quick(tmp_path: Path) -> None:
         "batched": "QUSTREAM_CONTINUOUS_BATCHING=true QUSTREAM_MISS_BATCHING=batch"}
     assert set(saved["targets_by_runner"]) == {"continuous", "batched"}
     assert saved["targets_by_runner"]["continuous"] == saved["targets"]
+
+
+@pytest.mark.e2e
+async def test_collector_ends_a_round_on_distinct_queries_not_on_records(make_settings: Any) -> None:
+    """At-least-once delivery may put an output on the topic twice (a batch republished after part of
+    it was handed over): the round is not over until every query came out, whatever the duplicates."""
+    from bench.stack import Collector
+    from streams.kafka_io import make_producer
+    from streams.topics import ensure_topics
+
+    settings = make_settings()
+    await ensure_topics(settings, [settings.topic_parsed, settings.topic_dlq])
+    producer = make_producer(settings)
+    collector = Collector(settings, [settings.topic_parsed, settings.topic_dlq])
+    await producer.start()
+    await collector.start()
+    try:
+        for key in (b"r7-0", b"r7-1", b"r7-1", b"r7-0", b"r8-0"):
+            await producer.send_and_wait(settings.topic_parsed, b"{}", key=key)
+        assert not await collector.wait(settings.topic_parsed, "r7", 3, timeout_s=3.0)  # four records, two queries
+        await producer.send_and_wait(settings.topic_dlq, b"", key=b"r7-1")  # dead-lettered once, parsed later
+        assert not await collector.wait([settings.topic_parsed, settings.topic_dlq], "r7", 3, timeout_s=1.0)
+        await producer.send_and_wait(settings.topic_dlq, b"", key=b"r7-2")
+        assert await collector.wait([settings.topic_parsed, settings.topic_dlq], "r7", 3, timeout_s=10.0)
+        assert len(collector.of_round(settings.topic_parsed, "r7")) == 4
+    finally:
+        await producer.stop()
+        await collector.stop()
