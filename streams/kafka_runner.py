@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,54 +73,88 @@ class BatchPublisher:
         await asyncio.gather(*await self.enqueue(routed))
 
     async def enqueue(self, routed: Routed) -> list[asyncio.Future[Any]]:
-        """Hand the records to the producer, in order per partition; the futures resolve on the acks."""
-        acks: list[asyncio.Future[Any]] = []
-        for topic, records in routed.items():
-            if not records:
-                continue
-            partitions = self._partitions.get(topic)
-            if partitions is None:
-                partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
-            by_partition: dict[int, list[OutboundRecord]] = defaultdict(list)
-            for partition, record in zip(partitions_for_keys([r.key for r in records], partitions), records,
-                                         strict=True):
-                by_partition[partition].append(record)
-            for partition, in_order in by_partition.items():
-                acks.extend(await self._send_in_batches(topic, partition, in_order))
-        return acks
+        """Hand the records to the producer, in order per partition; the futures resolve on the acks.
+        ``HandOverIncomplete`` when it failed after some were handed over."""
+        handed = _HandedOver()
+        try:
+            for topic, records in routed.items():
+                if not records:
+                    continue
+                partitions = self._partitions.get(topic)
+                if partitions is None:
+                    partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+                by_partition: dict[int, list[OutboundRecord]] = defaultdict(list)
+                for partition, record in zip(partitions_for_keys([r.key for r in records], partitions), records,
+                                             strict=True):
+                    by_partition[partition].append(record)
+                for partition, in_order in by_partition.items():
+                    await self._send_in_batches(topic, partition, in_order, handed)
+        except Exception as exc:
+            if not handed.acks:
+                raise
+            remaining = {topic: [record for record in records if id(record) not in handed.records]
+                         for topic, records in routed.items()}
+            raise HandOverIncomplete(handed.acks, remaining, exc) from exc
+        return handed.acks
 
     async def _send_in_batches(
-        self, topic: str, partition: int, records: list[OutboundRecord]
-    ) -> list[asyncio.Future[Any]]:
+        self, topic: str, partition: int, records: list[OutboundRecord], handed: _HandedOver
+    ) -> None:
         producer = self._producer
-        acks: list[asyncio.Future[Any]] = []
         batch = producer.create_batch()
+        in_batch: list[OutboundRecord] = []
         for record in records:
             if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
                 if batch.record_count():
-                    acks.append(await producer.send_batch(batch, topic, partition=partition))
-                    batch = producer.create_batch()
+                    handed.add(await producer.send_batch(batch, topic, partition=partition), in_batch)
+                    batch, in_batch = producer.create_batch(), []
                 if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
                     # Larger than a whole producer batch: the record goes on its own.
-                    acks.append(await producer.send(topic, record.value, key=record.key, partition=partition,
-                                                    headers=record.headers))
+                    handed.add(await producer.send(topic, record.value, key=record.key, partition=partition,
+                                                   headers=record.headers), [record])
+                    continue
+            in_batch.append(record)
         if batch.record_count():
-            acks.append(await producer.send_batch(batch, topic, partition=partition))
-        return acks
+            handed.add(await producer.send_batch(batch, topic, partition=partition), in_batch)
 
     def forget_partitions(self) -> None:
         """After a publish error: the topic's partition count is read again (it may have grown)."""
         self._partitions.clear()
 
 
+class _HandedOver:
+    """The producer futures of the records handed over so far, and which records they carry."""
+
+    def __init__(self) -> None:
+        self.acks: list[asyncio.Future[Any]] = []
+        self.records: set[int] = set()
+
+    def add(self, ack: asyncio.Future[Any], records: list[OutboundRecord]) -> None:
+        self.acks.append(ack)
+        self.records.update(map(id, records))
+
+
+class HandOverIncomplete(Exception):
+    """Handing a batch's records to the producer failed after some of them were handed over (aiokafka
+    gives up waiting for a partition's queue under a burst): their acks, and the records still to send."""
+
+    def __init__(self, acks: list[asyncio.Future[Any]], remaining: Routed, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.acks = acks
+        self.remaining = remaining
+
+
 @dataclass
 class _InFlight:
-    """A batch whose outputs are with the producer: committable once ``acks`` resolves."""
+    """A batch whose outputs are with the producer: committable once ``acks`` resolves and whatever
+    was not handed over (``unsent``) was published too."""
 
     acks: asyncio.Future[Any] | None  # None: handing the records over failed; settled by retrying
     routed: Routed
     outcome: BatchOutcome
     settles: Settles
+    #: Records the hand-over did not reach (it failed partway): published when the batch is settled.
+    unsent: Routed | None = None
 
 
 #: Batches whose acks may be outstanding while the next ones are processed: the broker round trip of
@@ -162,12 +196,20 @@ class KafkaDelivery:
 
     async def deliver(self, outcome: BatchOutcome, inputs: Settles) -> bool:
         routed = route(outcome, self.names)
+        unsent: Routed | None = None
         try:
             acks: asyncio.Future[Any] | None = asyncio.gather(*await self.publisher.enqueue(routed))
+        except HandOverIncomplete as partial:
+            # Only what did not reach the producer is sent again: republishing it all would put the
+            # rest on the topics twice.
+            unsent = partial.remaining
+            log.warning("publish.enqueue_incomplete", error=str(partial),
+                        unsent=sum(len(records) for records in unsent.values()))
+            acks = asyncio.gather(*partial.acks)
         except Exception as exc:  # e.g. the broker's metadata is unreachable; retried when settled
             log.warning("publish.enqueue_failed", error=f"{type(exc).__name__}: {exc}")
             acks = None
-        self._in_flight.append(_InFlight(acks, routed, outcome, inputs))
+        self._in_flight.append(_InFlight(acks, routed, outcome, inputs, unsent))
         if len(self._in_flight) > _MAX_IN_FLIGHT:
             return await self._settle_oldest()
         return True
@@ -204,24 +246,38 @@ class KafkaDelivery:
         return True
 
     async def _published(self, batch: _InFlight) -> bool:
-        """Once the batch's acks arrived (True), republishing it until it lands unless stopping gives it up."""
+        """Once the batch's acks arrived and what was not handed over was published (True); on a
+        failure the whole batch is republished until it lands, unless stopping gives it up."""
         try:
             if batch.acks is None:
                 raise RuntimeError("records were not handed to the producer")
             await batch.acks
-            return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("publish.failed", error=f"{type(exc).__name__}: {exc}", note="republishing the batch")
-            return await self.retrying.publish(lambda: self._republish(batch.routed))
+            return await self.retrying.publish(self._sender(batch.routed))
+        return True if batch.unsent is None else await self.retrying.publish(self._sender(batch.unsent))
 
-    async def _republish(self, routed: Routed) -> None:
-        try:
-            await self.publisher.publish(routed)
-        except Exception:
-            self.publisher.forget_partitions()
-            raise
+    def _sender(self, routed: Routed) -> Callable[[], Awaitable[None]]:
+        """One attempt after another at publishing ``routed``: each sends what the ones before did not
+        get onto the broker (an attempt whose hand-over failed partway leaves only the rest)."""
+        pending = routed
+
+        async def attempt() -> None:
+            nonlocal pending
+            try:
+                await self.publisher.publish(pending)
+            except HandOverIncomplete as partial:
+                self.publisher.forget_partitions()
+                await asyncio.gather(*partial.acks)
+                pending = partial.remaining
+                raise
+            except Exception:
+                self.publisher.forget_partitions()
+                raise
+
+        return attempt
 
     def commit_due(self) -> bool:
         return bool(self.offsets) and (

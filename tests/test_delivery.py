@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaTimeoutError
 from schemas.events import BatchMetricsEvent, SpecRef
 from schemas.settings import Settings
 from streams.delivery import CommitTracker, InFlight, Retrying, Waiting
-from streams.kafka_runner import KafkaDelivery
+from streams.kafka_runner import BatchPublisher, KafkaDelivery
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
 
@@ -201,48 +201,60 @@ def test_recording_a_batch_never_raises(monkeypatch: pytest.MonkeyPatch) -> None
     runtime.record(_outcome())  # logged, not raised: the delivery goes on to note the inputs done
 
 
-class TimingOutPublisher:
-    """Hands records over with acks that arrive in random order; some hand-overs fail the way aiokafka's
-    accumulator fails under a burst (``KafkaTimeoutError``) after handing over part of the records."""
+class _ProducerBatch:
+    """aiokafka's ``BatchBuilder`` as the publisher uses it: full at three records."""
 
-    def __init__(self, failing_calls: set[int], seed: int) -> None:
-        self.failing_calls = failing_calls
-        self.calls = 0
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None, headers: object) -> object | None:
+        if len(self.keys) == 3:
+            return None
+        self.keys.append(key or b"")
+        return object()
+
+    def record_count(self) -> int:
+        return len(self.keys)
+
+
+class FlakyProducer:
+    """The producer calls ``BatchPublisher`` makes, with acks in random order; some hand-overs fail
+    the way aiokafka's accumulator fails under a burst (``KafkaTimeoutError`` from ``send_batch``),
+    after earlier batches of the same delivery were handed over."""
+
+    def __init__(self, failing_sends: set[int], seed: int) -> None:
+        self.failing_sends = failing_sends
+        self.sends = 0
         self.acknowledged: list[bytes] = []
         self._rng = random.Random(seed)
 
-    async def enqueue(self, routed: dict[str, list[OutboundRecord]]) -> list[asyncio.Future[None]]:
-        self.calls += 1
-        loop = asyncio.get_running_loop()
-        acks = []
-        for records in routed.values():
-            for record in records:
-                if self.calls in self.failing_calls and acks:
-                    raise KafkaTimeoutError()
-                ack: asyncio.Future[None] = loop.create_future()
-                loop.call_later(self._rng.uniform(0, 0.01), self._acknowledge, ack, record.key or b"")
-                acks.append(ack)
-        return acks
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2, 3}
 
-    def _acknowledge(self, ack: asyncio.Future[None], key: bytes) -> None:
-        self.acknowledged.append(key)
+    def create_batch(self) -> _ProducerBatch:
+        return _ProducerBatch()
+
+    async def send_batch(self, batch: _ProducerBatch, topic: str, *, partition: int) -> asyncio.Future[None]:
+        self.sends += 1
+        if self.sends in self.failing_sends:
+            raise KafkaTimeoutError()
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self._rng.uniform(0, 0.01), self._acknowledge, ack, batch.keys)
+        return ack
+
+    def _acknowledge(self, ack: asyncio.Future[None], keys: list[bytes]) -> None:
+        self.acknowledged.extend(keys)
         ack.set_result(None)
 
-    async def publish(self, routed: dict[str, list[OutboundRecord]]) -> None:
-        await asyncio.gather(*await self.enqueue(routed))
 
-    def forget_partitions(self) -> None:
-        pass
-
-
-async def test_outputs_whose_hand_over_timed_out_are_republished_and_their_offsets_settled() -> None:
+async def test_outputs_whose_hand_over_timed_out_partway_are_sent_once_and_their_offsets_settled() -> None:
     settings = Settings(broker_commit_interval_s=3600.0)
     runtime = WorkerRuntime(settings)
     delivery = KafkaDelivery(settings, runtime, None, None, Retrying(runtime, asyncio.Event()))  # type: ignore[arg-type]
-    publisher = TimingOutPublisher(failing_calls={3, 4, 9}, seed=5)
-    delivery.publisher = publisher  # type: ignore[assignment]
+    producer = FlakyProducer(failing_sends={2, 5, 6, 17, 30}, seed=5)
+    delivery.publisher = BatchPublisher(producer)  # type: ignore[arg-type]
     tp = TopicPartition("in", 0)
-    delivery.offsets.track(tp, range(40))
+    delivery.offsets.track(tp, range(60))
 
     async def deliver(offsets: range) -> None:
         outcome = _outcome()
@@ -250,11 +262,15 @@ async def test_outputs_whose_hand_over_timed_out_are_republished_and_their_offse
         await asyncio.sleep(random.Random(offsets.start).uniform(0, 0.01))
         await delivery.deliver(outcome, {tp: list(offsets)})
 
-    # Steps' parts delivered concurrently, as their misses finish, as InFlight's tasks do.
-    await asyncio.gather(*(deliver(range(start, start + 2)) for start in range(0, 40, 2)))
+    # Steps' parts delivered concurrently, as their misses finish, as InFlight's tasks do; each part's
+    # records span several partitions and producer batches.
+    await asyncio.gather(*(deliver(range(start, start + 12)) for start in range(0, 60, 12)))
     await delivery.settle(wait=True)
-    assert {f"q{offset}".encode() for offset in range(40)} <= set(publisher.acknowledged)
-    assert delivery.offsets.take() == {tp: 40}
+    parsed = [key for key in producer.acknowledged if key.startswith(b"q")]
+    # Every output on the broker once: what the failed hand-over had already given the producer is
+    # not sent again.
+    assert sorted(parsed) == sorted(f"q{offset}".encode() for offset in range(60))
+    assert delivery.offsets.take() == {tp: 60}
 
 
 class _StubConsumer:
