@@ -80,7 +80,13 @@ class Settings(BaseSettings):
     # --- batching --------------------------------------------------------------------------
     # The batch-knob benchmark's best throughput at the lowest latency on CPU (docs/performance.md).
     batch_size: int = Field(64, ge=1, le=4096)
-    batch_linger_ms: int = Field(50, ge=0)
+    batch_linger_ms: int = Field(
+        50, ge=0,
+        description="How long a model batch of misses waits for more before it starts, when the model is idle. "
+        "The step runner (continuous_batching=false) waits at the fetch, since its step is the model batch; with "
+        "continuous batching a step never waits (cache hits go out at once), and with miss_batching=batch the first "
+        "misses to reach an idle model wait this long for others to join them (docs/performance.md).",
+    )
     batch_max_records: int = Field(
         1024, ge=1, le=65_536,
         description="Most records one step takes when they hit the cache (never fewer than batch_size); "
@@ -185,6 +191,12 @@ class Settings(BaseSettings):
             raise ValueError("processing_guarantee=exactly_once needs kafka_runner=faust (Kafka transactions); "
                              "the batch runner delivers at least once")
         return self
+
+    @property
+    def fetch_linger_ms(self) -> int:
+        """How long a step waits for more records after the first: ``batch_linger_ms`` where the step is
+        the model batch (the step runner), none with continuous batching."""
+        return 0 if self.continuous_batching else self.batch_linger_ms
 
     def redacted(self) -> dict[str, Any]:
         """Effective settings with secrets masked, for ``qustream config`` and startup logs."""

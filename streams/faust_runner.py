@@ -126,7 +126,8 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         loghandlers=[],
     )
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    linger_s = max(settings.batch_linger_ms, 1) / 1000
+    # Faust's take wakes every `within`, idle or not: a floor keeps an idle worker from spinning.
+    linger_s = max(settings.fetch_linger_ms, 10) / 1000
     deliveries = KafkaDeliveryCounter(settings)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")

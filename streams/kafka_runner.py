@@ -323,7 +323,7 @@ class KafkaBatchRunner:
         self.stop = stop
         self.topic = settings.topic_input
         self.batch_size = settings.batch_size
-        self.linger_s = settings.batch_linger_ms / 1000
+        self.linger_s = settings.fetch_linger_ms / 1000
         model_batches_per_step = -(-max(settings.batch_size, settings.batch_max_records) // settings.batch_size)
         self.consumer = make_consumer(
             settings,
@@ -414,7 +414,7 @@ class KafkaBatchRunner:
 
     async def _fetch(self) -> Fetched:
         """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
-        ``batch_size`` came, more until ``batch_linger_ms`` (lingering fills model batches only)."""
+        ``batch_size`` came, more until ``Settings.fetch_linger_ms`` (lingering fills model batches only)."""
         room = await self.flow.wait_for_room(_POLL_MS / 1000)
         if not room:  # backpressure: the messages taken are bounded, fetched on once some are delivered
             return {}

@@ -67,7 +67,7 @@ def transport_client(settings: Settings) -> Redis:
     """
     return Redis.from_url(
         settings.redis_url.get_secret_value(),
-        socket_timeout=10.0 + max(settings.batch_linger_ms, 100) / 1000,
+        socket_timeout=10.0 + max(settings.fetch_linger_ms, 100) / 1000,
         socket_connect_timeout=5.0,
         health_check_interval=30,
         retry=Retry(NoBackoff(), 0),
@@ -227,7 +227,7 @@ class RedisStreamConsumer:
         self.group = settings.app_id
         self.consumer = settings.worker_id
         self.batch_size = settings.batch_size
-        self.linger_ms = settings.batch_linger_ms
+        self.linger_ms = settings.fetch_linger_ms
         self.claim_interval_s = max(settings.redis_claim_idle_ms / 2000, 0.2)
         self.retrying = Retrying(runtime, stop)
         self.reader = GroupReader(client, self.group, self.consumer, [self.stream])

@@ -340,3 +340,20 @@ async def test_partition_report_says_which_input_a_partition_waits_for_and_which
     wait = logs[1]
     assert (wait["partition"], wait["offset"], wait["unsettled"], wait["seconds"]) == (0, 4, 3, 10.5)
     assert wait["steps_finishing"] == 0 and wait["batches_unacknowledged"] == 0 and wait["misses_in_flight"] == 0
+
+
+async def test_steps_linger_for_more_records_only_where_the_step_is_the_model_batch() -> None:
+    from streams.kafka_runner import KafkaBatchRunner
+
+    async def linger_of(**overrides: object) -> float:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        runner = KafkaBatchRunner(settings, WorkerRuntime(settings), asyncio.Event())
+        await runner.consumer.stop()
+        await runner.producer.stop()
+        await runner.deliveries.close()
+        return runner.linger_s
+
+    # Continuous batching: cache hits go out at once; misses wait for each other at the model instead.
+    assert await linger_of() == await linger_of(batch_linger_ms=20) == 0.0
+    assert await linger_of(continuous_batching=False) == 0.05
+    assert await linger_of(continuous_batching=False, batch_linger_ms=20) == 0.02

@@ -230,7 +230,7 @@ class HandDrivenEngine(ExplodingEngine):
 async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(batch_deadline_s=2.0, miss_batching="continuous")
+    settings = make_settings(batch_deadline_s=2.0, miss_batching="continuous", batch_linger_ms=0)
     engine = HandDrivenEngine()
     cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
                        prefix=settings.cache_prefix)
@@ -281,7 +281,7 @@ async def test_hits_and_dead_letters_go_out_before_the_steps_misses_are_parsed(
 
 async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() -> None:
     engine = HandDrivenEngine()
-    pipeline = ParsePipeline(Settings(miss_batching="continuous"), engine,
+    pipeline = ParsePipeline(Settings(miss_batching="continuous", batch_linger_ms=0), engine,
                              ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     first = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0)
@@ -322,7 +322,7 @@ class GatedEngine(ExplodingEngine):
 @pytest.mark.parametrize("miss_batching", ["batch", "auto"])  # a CPU engine batches by default
 async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_next(miss_batching: str) -> None:
     engine = GatedEngine()
-    settings = Settings(miss_batching=miss_batching, batch_size=3)
+    settings = Settings(miss_batching=miss_batching, batch_size=3, batch_linger_ms=0)
     pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     first = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0.1)  # its batch is in the model now, held at the gate
@@ -341,10 +341,52 @@ async def test_batched_misses_wait_for_the_running_batch_and_go_together_in_the_
     assert not any(part.outcome.dead_letters for part in parts)
 
 
+async def test_misses_of_steps_begun_within_the_linger_reach_the_model_together() -> None:
+    engine = GatedEngine()
+    engine.gate.set()
+    cache = ParseCache(None, spec=engine.spec, version="v", ttl_s=60)
+    # A step's cache hits never wait; its misses wait for the next steps' up to the linger, and no
+    # longer than it takes batch_size of them to gather.
+    pipeline = ParsePipeline(Settings(miss_batching="batch", batch_size=3, batch_linger_ms=60_000), engine, cache)
+    steps = [await pipeline.begin([message(b"teak desk", 0)])]
+    await asyncio.sleep(0.05)
+    assert engine.calls == []
+    steps.append(await pipeline.begin([message(b"elm chair", 1), message(b"oak bed", 2), message(b"ash stool", 3)]))
+    parts = await asyncio.wait_for(asyncio.gather(*(_parts(step) for step in steps)), timeout=10)
+    assert engine.calls == [3, 1]
+    assert sum(len(part.outcome.parsed) for step_parts in parts for part in step_parts) == 4
+
+    # Without a linger the first step's miss goes alone.
+    engine.calls.clear()
+    pipeline = ParsePipeline(Settings(miss_batching="batch", batch_size=3, batch_linger_ms=0), engine, cache)
+    first = await pipeline.begin([message(b"pine shelf", 0)])
+    await asyncio.sleep(0.05)
+    second = await pipeline.begin([message(b"birch bench", 1)])
+    await asyncio.wait_for(asyncio.gather(_parts(first), _parts(second)), timeout=10)
+    assert engine.calls == [1, 1]
+
+
+async def test_misses_join_the_running_batch_together_when_the_linger_closes() -> None:
+    engine = HandDrivenEngine()
+    settings = Settings(miss_batching="continuous", batch_size=3, batch_linger_ms=200)
+    pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    first = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0.05)
+    second = await pipeline.begin([message(b"elm chair", 1)])
+    await asyncio.sleep(0.01)
+    assert engine.submitted == {}  # both wait for the window
+    await asyncio.sleep(0.5)
+    assert list(engine.submitted) == ["teak desk", "elm chair"]
+    for query in list(engine.submitted):
+        engine.finish(query)
+    parts = await asyncio.wait_for(asyncio.gather(_parts(first), _parts(second)), timeout=10)
+    assert [len(part.outcome.parsed) for step_parts in parts for part in step_parts] == [1, 1]
+
+
 async def test_auto_miss_batching_joins_the_running_batch_on_an_accelerator() -> None:
     engine = HandDrivenEngine()
     engine.device = "cuda"  # type: ignore[attr-defined]
-    pipeline = ParsePipeline(Settings(), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    pipeline = ParsePipeline(Settings(batch_linger_ms=0), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
     step = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0)
     assert list(engine.submitted) == ["teak desk"]

@@ -295,6 +295,9 @@ class ParsePipeline:
         self._background: set[asyncio.Task[None]] = set()
         #: Misses waiting for the next model batch (``miss_batching=batch``), and the task parsing them.
         self._queued_misses: list[str] = []
+        #: The window the misses of steps begun close together share (``_miss_window``), and their count.
+        self._window: asyncio.Future[None] | None = None
+        self._window_misses = 0
         self._miss_batches: asyncio.Task[None] | None = None
         #: When a model parse last finished, for any step: a miss's deadline runs from its submission
         #: or from this, whichever is later. Waiting behind a backlog the model works through is not a
@@ -521,6 +524,9 @@ class ParsePipeline:
         queries this step submitted: the others cost it no model call."""
         if self._engine_loaded is not None:
             await self._engine_loaded()
+        if self.settings.batch_linger_ms > 0:
+            # Shielded: one step's cancellation must not close the window for the others.
+            await asyncio.shield(self._miss_window(len(queries)))
         in_flight = self._in_flight
         new = [query for query in queries if query not in in_flight]
         submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
@@ -539,6 +545,25 @@ class ParsePipeline:
                 self._background.add(self._miss_batches)
                 self._miss_batches.add_done_callback(self._background.discard)
         return {in_flight[query]: query for query in queries}, set(new)
+
+    def _miss_window(self, misses: int) -> asyncio.Future[None]:
+        """When these misses go to the model: with the other misses of steps begun within
+        ``batch_linger_ms`` of the first, once the window closes or ``batch_size`` of them wait.
+
+        A step does not wait for more records (its cache hits go out at once), so this is where misses
+        wait for each other: alone, each step's few misses would make a batch (or a join) of their own,
+        and the next step's would wait behind it.
+        """
+        loop = asyncio.get_running_loop()
+        window = self._window
+        if window is None or window.done():
+            window = self._window = loop.create_future()
+            self._window_misses = 0
+            loop.call_later(self.settings.batch_linger_ms / 1000, _close, window)
+        self._window_misses += misses
+        if self._window_misses >= self.settings.batch_size:
+            _close(window)
+        return window
 
     def _note_model_progress(self, _: object) -> None:
         self._model_progress = time.perf_counter()
@@ -686,6 +711,11 @@ class ParsePipeline:
                 continue
             results.update(zip(chunk, outputs, strict=True))
         return results, failures
+
+
+def _close(window: asyncio.Future[None]) -> None:
+    if not window.done():
+        window.set_result(None)
 
 
 def _exit_if_asked(decoded: Sequence[DecodedQuery], query: str) -> None:
