@@ -67,6 +67,10 @@ class BatchPublisher:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._partitions: dict[str, list[int]] = {}
+        # One hand-over at a time. aiokafka queues one batch per partition and makes the next wait for
+        # it; its wait's timeout shrinks by the whole time waited at each wake-up, so many deliveries
+        # waiting on the same partitions at once (steps' misses finishing together in a burst) time out.
+        self._handing_over = asyncio.Lock()
 
     async def publish(self, routed: Routed) -> None:
         """Enqueue and wait for every acknowledgement."""
@@ -77,18 +81,8 @@ class BatchPublisher:
         ``HandOverIncomplete`` when it failed after some were handed over."""
         handed = _HandedOver()
         try:
-            for topic, records in routed.items():
-                if not records:
-                    continue
-                partitions = self._partitions.get(topic)
-                if partitions is None:
-                    partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
-                by_partition: dict[int, list[OutboundRecord]] = defaultdict(list)
-                for partition, record in zip(partitions_for_keys([r.key for r in records], partitions), records,
-                                             strict=True):
-                    by_partition[partition].append(record)
-                for partition, in_order in by_partition.items():
-                    await self._send_in_batches(topic, partition, in_order, handed)
+            async with self._handing_over:
+                await self._hand_over(routed, handed)
         except Exception as exc:
             if not handed.acks:
                 raise
@@ -96,6 +90,20 @@ class BatchPublisher:
                          for topic, records in routed.items()}
             raise HandOverIncomplete(handed.acks, remaining, exc) from exc
         return handed.acks
+
+    async def _hand_over(self, routed: Routed, handed: _HandedOver) -> None:
+        for topic, records in routed.items():
+            if not records:
+                continue
+            partitions = self._partitions.get(topic)
+            if partitions is None:
+                partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+            by_partition: dict[int, list[OutboundRecord]] = defaultdict(list)
+            for partition, record in zip(partitions_for_keys([r.key for r in records], partitions), records,
+                                         strict=True):
+                by_partition[partition].append(record)
+            for partition, in_order in by_partition.items():
+                await self._send_in_batches(topic, partition, in_order, handed)
 
     async def _send_in_batches(
         self, topic: str, partition: int, records: list[OutboundRecord], handed: _HandedOver

@@ -386,7 +386,8 @@ async def test_misses_join_the_running_batch_together_when_the_linger_closes() -
 async def test_auto_miss_batching_joins_the_running_batch_on_an_accelerator() -> None:
     engine = HandDrivenEngine()
     engine.device = "cuda"  # type: ignore[attr-defined]
-    pipeline = ParsePipeline(Settings(batch_linger_ms=0), engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    cache = ParseCache(None, spec=engine.spec, version="v", ttl_s=60)
+    pipeline = ParsePipeline(Settings(batch_linger_ms=0), engine, cache)
     step = await pipeline.begin([message(b"teak desk", 0)])
     await asyncio.sleep(0)
     assert list(engine.submitted) == ["teak desk"]
