@@ -63,6 +63,7 @@ from bench.pipeline_bench import (
     drain_backlog,
     drop_cache,
     dump_logs,
+    git_head,
     parsed_events,
     prewarm_cache,
     produce_burst,
@@ -240,7 +241,7 @@ class LatencyBench:
         from workers.engine import version_for
         from workers.model import model_id_for
 
-        began, load_before = time.time(), os.getloadavg()
+        began, load_before, commit = time.time(), os.getloadavg(), git_head()
         self.services = Services(self.workdir)
         try:
             p = self.plan
@@ -255,7 +256,7 @@ class LatencyBench:
             for settings in self.settings.values():
                 await drop_cache(self.services.redis_url, settings.cache_prefix)
             self.services.close()
-        results["meta"] = {**run_meta(asdict(self.plan), began, load_before),
+        results["meta"] = {**run_meta(asdict(self.plan), began, load_before, commit),
                            "model": model_id_for(self.settings[BASELINE]), "engine_version": self.version,
                            "runners": {name: " ".join(f"QUSTREAM_{key.upper()}={str(value).lower()}"
                                                   for key, value in overrides.items())

@@ -359,7 +359,7 @@ class PipelineBench:
         worker.stop()
 
     async def run(self) -> dict[str, Any]:
-        began = time.time()
+        began, commit = time.time(), git_head()
         load_before = os.getloadavg()
         self.services = Services(self.workdir)
         self.rss.start()
@@ -370,7 +370,7 @@ class PipelineBench:
             for prefix in self._prefixes:
                 await drop_cache(self.services.redis_url, prefix)
             self.services.close()
-        results["meta"] = self._meta(began, load_before)
+        results["meta"] = self._meta(began, load_before, commit)
         return results
 
     async def _run_all(self) -> dict[str, Any]:
@@ -814,9 +814,9 @@ class PipelineBench:
         return out
 
     # --- metadata -----------------------------------------------------------------------------------
-    def _meta(self, began: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    def _meta(self, began: float, load_before: tuple[float, float, float], commit: str | None) -> dict[str, Any]:
         return {
-            **run_meta(asdict(self.plan), began, load_before),
+            **run_meta(asdict(self.plan), began, load_before, commit),
             "model": self.engine.model_id if self.engine else None,
             "engine_version": self.engine.version if self.engine else None,
             "not_measured": ["GPU (no GPU on this machine)", "Apache Kafka (tansu only)",
@@ -824,8 +824,10 @@ class PipelineBench:
         }
 
 
-def run_meta(plan: dict[str, Any], began: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
-    """What a benchmark result records about its run: plan, times, load, machine, broker."""
+def run_meta(plan: dict[str, Any], began: float, load_before: tuple[float, float, float],
+             commit: str | None) -> dict[str, Any]:
+    """What a benchmark result records about its run: plan, times, load, machine, broker, and the commit
+    measured (``git_head()`` read when the run began: the tree may move on while it runs)."""
     import psutil
     import torch
 
@@ -854,11 +856,11 @@ def run_meta(plan: dict[str, Any], began: float, load_before: tuple[float, float
             "os": platform.platform(),
         },
         "broker": "tansu 0.6 (memory storage), private instance",
-        "commit": _git_head(),
+        "commit": commit,
     }
 
 
-def _git_head() -> str | None:
+def git_head() -> str | None:
     """The commit measured, with ``+dirty`` when the working tree differs from it."""
     import subprocess
 

@@ -82,10 +82,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1, le=4096)
     batch_linger_ms: int = Field(
         50, ge=0,
-        description="How long a model batch of misses waits for more before it starts, when the model is idle. "
-        "The step runner (continuous_batching=false) waits at the fetch, since its step is the model batch; with "
-        "continuous batching a step never waits (cache hits go out at once), and with miss_batching=batch the first "
-        "misses to reach an idle model wait this long for others to join them (docs/performance.md).",
+        description="How long misses wait for the next steps' misses before they go to the model together (closed "
+        "early once batch_size of them wait). The step runner (continuous_batching=false) waits at the fetch instead, "
+        "since its step is the model batch; with continuous batching a step never waits, so its cache hits go out "
+        "at once (docs/performance.md).",
     )
     batch_max_records: int = Field(
         1024, ge=1, le=65_536,
