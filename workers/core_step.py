@@ -511,40 +511,53 @@ class ParsePipeline:
                               cache_error=lookup.error, inference_ms=0.0, inferred={})
         if not waiting:
             return RunningStep(Settled(ready, ready_messages))
-        # Submitted at once, not when the runner first asks for the misses: they join the running
-        # batch while the hits are being published.
-        submitted = asyncio.ensure_future(self._submit(list(waiting)))
+        # Claimed now, so that a step begun meanwhile shares them instead of parsing them again; submitted
+        # at once, not when the runner first asks for the misses: they join the running batch (after
+        # the window they share with the next steps' misses) while the hits are being published.
+        futures, new = self._claim(list(waiting))
+        submitted = asyncio.ensure_future(self._submit(new))
         return RunningStep(Settled(ready, ready_messages),
-                           self._decode_misses(waiting, submitted, started, started_epoch))
+                           self._decode_misses(waiting, futures, set(new), submitted, started, started_epoch))
 
-    async def _submit(self, queries: list[str]) -> tuple[dict[asyncio.Future[ParseResult], str], set[str]]:
-        """Each query's parse to come, once the model is loaded: a query already being parsed for an
-        earlier step is shared, the others join the engine's running batch (with ``miss_batching=batch``,
-        or an engine that does not decode continuously, they queue for the next model batch). Also the
-        queries this step submitted: the others cost it no model call."""
-        if self._engine_loaded is not None:
-            await self._engine_loaded()
-        if self.settings.batch_linger_ms > 0:
-            # Shielded: one step's cancellation must not close the window for the others.
-            await asyncio.shield(self._miss_window(len(queries)))
+    def _claim(self, queries: list[str]) -> tuple[dict[asyncio.Future[ParseResult], str], list[str]]:
+        """Each query's parse to come: a query already being parsed for an earlier step is shared, the
+        others get a future of their own (resolved once ``_submit`` had them parsed). Also those new
+        ones: the shared cost this step no model call."""
         in_flight = self._in_flight
         new = [query for query in queries if query not in in_flight]
-        submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
-        if submit is not None:
+        loop = asyncio.get_running_loop()
+        for query in new:
+            in_flight[query] = loop.create_future()
+            in_flight[query].add_done_callback(self._note_model_progress)
+        return {in_flight[query]: query for query in queries}, new
+
+    async def _submit(self, new: list[str]) -> None:
+        """Once the model is loaded and the misses' window closed: the claimed queries join the engine's
+        running batch (with ``miss_batching=batch``, or an engine that does not decode continuously,
+        they queue for the next model batch). Should that fail, their futures fail with it."""
+        try:
+            if self._engine_loaded is not None:
+                await self._engine_loaded()
+            if new and self.settings.batch_linger_ms > 0:
+                # Shielded: one step's cancellation must not close the window for the others.
+                await asyncio.shield(self._miss_window(len(new)))
+            submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
+            if submit is not None:
+                for query in new:
+                    _pass_on(asyncio.wrap_future(submit(query)), self._in_flight[query])
+            elif new:
+                self._queued_misses.extend(new)
+                if self._miss_batches is None or self._miss_batches.done():
+                    self._miss_batches = asyncio.create_task(self._parse_queued_misses())
+                    self._background.add(self._miss_batches)
+                    self._miss_batches.add_done_callback(self._background.discard)
+        except BaseException as exc:
             for query in new:
-                in_flight[query] = asyncio.wrap_future(submit(query))
-                in_flight[query].add_done_callback(self._note_model_progress)
-        elif new:
-            loop = asyncio.get_running_loop()
-            for query in new:
-                in_flight[query] = loop.create_future()
-                in_flight[query].add_done_callback(self._note_model_progress)
-            self._queued_misses.extend(new)
-            if self._miss_batches is None or self._miss_batches.done():
-                self._miss_batches = asyncio.create_task(self._parse_queued_misses())
-                self._background.add(self._miss_batches)
-                self._miss_batches.add_done_callback(self._background.discard)
-        return {in_flight[query]: query for query in queries}, set(new)
+                future = self._in_flight.get(query)
+                if future is not None and not future.done():
+                    del self._in_flight[query]  # a later step parses it afresh
+                    future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
+            raise
 
     def _miss_window(self, misses: int) -> asyncio.Future[None]:
         """When these misses go to the model: with the other misses of steps begun within
@@ -604,14 +617,14 @@ class ParsePipeline:
                 future.set_exception(InferenceFailed(*failures[query]))
 
     async def _decode_misses(
-        self, waiting: dict[str, list[DecodedQuery]],
-        submitted: asyncio.Future[tuple[dict[asyncio.Future[ParseResult], str], set[str]]], started: float,
-        started_epoch: float,
+        self, waiting: dict[str, list[DecodedQuery]], futures: dict[asyncio.Future[ParseResult], str],
+        owned: set[str], submitted: asyncio.Future[None], started: float, started_epoch: float,
     ) -> AsyncIterator[Settled]:
         """Each finished miss's outputs, grouping those that finish together. Never raises: what is
         left when something unexpected fails is dead-lettered."""
         try:
-            futures, owned = await submitted
+            # The deadline counts from the submission: not while the model loads.
+            await submitted
             async for inferred, failures, inference_ms in self._infer_as_finished(futures):
                 done = {query: waiting[query] for query in (*inferred, *failures)}
                 settled = await self._settle_misses(done, inferred, failures, owned, started, started_epoch,
@@ -711,6 +724,22 @@ class ParsePipeline:
                 continue
             results.update(zip(chunk, outputs, strict=True))
         return results, failures
+
+
+def _pass_on(source: asyncio.Future[ParseResult], target: asyncio.Future[ParseResult]) -> None:
+    """``target`` resolves as ``source`` does."""
+
+    def copy(done: asyncio.Future[ParseResult]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (error := done.exception()) is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
 
 
 def _close(window: asyncio.Future[None]) -> None:
