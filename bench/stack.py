@@ -355,7 +355,7 @@ class Collector:
         these topics together); False at the timeout."""
         keys = [(name, tag.encode()) for name in ([topic] if isinstance(topic, str) else topic)]
         deadline = time.monotonic() + timeout_s
-        while self.distinct(keys) < count:
+        while not self._reached(keys, count):
             if time.monotonic() > deadline:
                 return False
             if self._task is not None and self._task.done():
@@ -367,6 +367,10 @@ class Collector:
         """Distinct record keys seen under these (topic, round tag) pairs together."""
         sets = [self.keys[key] for key in keys]
         return len(sets[0]) if len(sets) == 1 else len(set().union(*sets))
+
+    def _reached(self, keys: Sequence[tuple[str, bytes]], count: int) -> bool:
+        # Polled every 10 ms beside the workers: the union is built only once the sizes could reach it.
+        return sum(len(self.keys[key]) for key in keys) >= count and self.distinct(keys) >= count
 
     def read_at(self, record: ConsumerRecord[Any, Any]) -> float:
         """Wall time this reader got ``record`` (a ``timed`` collector only)."""

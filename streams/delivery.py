@@ -298,11 +298,6 @@ class InFlight(Generic[InputsT]):
         return max(self.limit - self._held, 0)
 
     @property
-    def busy(self) -> bool:
-        """Steps whose misses are still being parsed or delivered."""
-        return bool(self._tasks)
-
-    @property
     def steps_finishing(self) -> int:
         """Steps whose misses are still being parsed or delivered."""
         return len(self._tasks)
