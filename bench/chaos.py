@@ -417,6 +417,10 @@ async def _close_consumer(consumer: AIOKafkaConsumer) -> None:
     except Exception:  # the broker is away: nothing left to close cleanly
         pass
 
+#: Seconds without an output record, while ids are missing, after which the monitor reopens its consumer.
+_MONITOR_SILENCE_S = 10.0
+
+
 class OutputMonitor:
     """Follows the parsed and dead-letter topics from the beginning; survives broker restarts."""
 
@@ -464,20 +468,29 @@ class OutputMonitor:
 
     async def _run(self) -> None:
         consumer: AIOKafkaConsumer | None = None
+        last_record_s = self.now()
         while not self._stopping:
             try:
                 if consumer is None:
                     consumer = await self._open()
                 batches = await consumer.getmany(timeout_ms=100, max_records=5000)
+                # After a broker restart a consumer can go on fetching nothing without an error:
+                # silence while ids are still expected reopens it too, from where it was.
+                if not batches and len(self.done) < len(self.expected) \
+                        and self.now() - last_record_s > _MONITOR_SILENCE_S:
+                    raise TimeoutError(f"no output record for {_MONITOR_SILENCE_S:.0f} s")
             except Exception:
                 # The broker restart is one of the faults: reopen from where we were.
                 self.errors += 1
+                last_record_s = self.now()
                 if consumer is not None:
                     await _close_consumer(consumer)
                     consumer = None
                 await asyncio.sleep(0.2)
                 continue
             received = self.now()
+            if batches:
+                last_record_s = received
             for tp, records in batches.items():
                 for record in records:
                     self._positions[tp] = record.offset + 1

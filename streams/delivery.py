@@ -315,9 +315,11 @@ class InFlight(Generic[InputsT]):
         messages: Sequence[InboundMessage],
         inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
         amend_ready: Callable[[Settled], None] | None = None,
+        delivered: Callable[[Sequence[InboundMessage]], None] | None = None,
     ) -> asyncio.Future[None]:
         """Begin the core step on ``messages`` and deliver its ready part (``amend_ready`` may add the
-        transport's own refusals to it first); the future resolves once every part was delivered."""
+        transport's own refusals to it first); the future resolves once every part was delivered.
+        ``delivered`` is told the messages of each part handed to the delivery, as it happens."""
         self._held += len(messages)
         step = await self.runtime.begin(messages)
         if amend_ready is not None:
@@ -325,12 +327,12 @@ class InFlight(Generic[InputsT]):
             amend_ready(step.ready)
             self._held += len(step.ready.messages) - before
         if step.ready.messages:  # a step of misses only has nothing to deliver yet
-            await self._deliver(step.ready, inputs_of)
+            await self._deliver(step.ready, inputs_of, delivered)
         if not step.pending:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        task = asyncio.create_task(self._finish(step, inputs_of), name="qustream-step-misses")
+        task = asyncio.create_task(self._finish(step, inputs_of, delivered), name="qustream-step-misses")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -345,18 +347,26 @@ class InFlight(Generic[InputsT]):
         for task in self._tasks:
             task.cancel()
 
-    async def _deliver(self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT]) -> None:
+    async def _deliver(
+        self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
+        delivered: Callable[[Sequence[InboundMessage]], None] | None,
+    ) -> None:
         try:
             await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
         finally:
             self._held -= len(settled.messages)
             if self._held < self.limit:
                 self._room.set()
+        if delivered is not None:
+            delivered(settled.messages)
 
-    async def _finish(self, step: RunningStep, inputs_of: Callable[[Sequence[InboundMessage]], InputsT]) -> None:
+    async def _finish(
+        self, step: RunningStep, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
+        delivered: Callable[[Sequence[InboundMessage]], None] | None,
+    ) -> None:
         async for settled in step.remaining():
             try:
-                await self._deliver(settled, inputs_of)
+                await self._deliver(settled, inputs_of, delivered)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -128,7 +128,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     # Faust's take wakes every `within`, idle or not: a floor keeps an idle worker from spinning.
     linger_s = max(settings.fetch_linger_ms, 10) / 1000
-    deliveries = KafkaDeliveryCounter(settings)
+    deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
@@ -147,7 +147,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                               event_of: dict[int, EventT] = event_of) -> list[EventT]:
                     return [event_of[id(message)] for message in settled]
 
-                await deliveries.run(messages, lambda part: flow.start(part, events_of))
+                await deliveries.run(messages, lambda part, delivered: flow.start(part, events_of, delivered=delivered))
                 while not flow.room:  # backpressure: Faust's own buffer fills, then it pauses fetching
                     await flow.wait_for_room(1.0)
         finally:

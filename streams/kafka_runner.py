@@ -349,7 +349,7 @@ class KafkaBatchRunner:
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
         self.retrying = Retrying(runtime, stop)
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
-        self.deliveries = KafkaDeliveryCounter(settings)
+        self.deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
         self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
@@ -461,7 +461,8 @@ class KafkaBatchRunner:
         for tp, records in mine.items():
             self.delivery.offsets.track(tp, [record.offset for record in records])
         messages = [inbound_from_kafka(record) for records in mine.values() for record in records]
-        await self.deliveries.run(messages, lambda part: self.flow.start(part, _settles))
+        await self.deliveries.run(
+            messages, lambda part, delivered: self.flow.start(part, _settles, delivered=delivered))
 
     async def _report_partitions(self) -> None:
         report = PartitionReport(self)

@@ -229,6 +229,12 @@ class WorkerRuntime:
         self.step.observe(len(batch), len(batch) - len(step.ready.messages))
         return step
 
+    async def needs_model(self, batch: Sequence[InboundMessage]) -> list[bool]:
+        """Which messages a step would now hand to the model (``ParsePipeline.needs_model``)."""
+        await self.wait_serving()
+        assert self.pipeline is not None
+        return await self.pipeline.needs_model(batch)
+
     def record(self, outcome: BatchOutcome) -> None:
         """Count a batch once its outputs are published. Never raises: a delivery calls it between
         the broker's acknowledgement and noting the inputs done, and a metrics bug must not stop that."""

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from schemas.events import DeadLetterReason
 from schemas.settings import Settings
 from schemas.spec import load_spec
-from streams.deliveries import KEY_PREFIX, KafkaDeliveryCounter
+from streams.deliveries import KEY_PREFIX, KafkaDeliveryCounter, NeedsModel
 from streams.local_stack import free_port
 from streams.runtime import WorkerRuntime
 from workers.cache import ParseCache, redis_client
@@ -103,16 +103,28 @@ class Delivered:
         return sum(getattr(outcome.metrics, name) for outcome in self.outcomes)
 
 
-async def worker_run(settings: Settings, messages: list[InboundMessage]) -> tuple[CrashingEngine, Delivered | None]:
-    """One worker's life: a fresh runtime and counter on ``messages``; a crash ends it."""
+#: What a step tells the counter of each part it delivered.
+Told = Callable[[Sequence[InboundMessage]], None]
+
+
+async def worker_run(
+    settings: Settings, messages: list[InboundMessage], delivers_first: Callable[[InboundMessage], bool] | None = None,
+    needs_model: NeedsModel | None = None,
+) -> tuple[CrashingEngine, Delivered | None]:
+    """One worker's life: a fresh runtime and counter on ``messages``; a crash ends it.
+    ``delivers_first``: the messages of a step delivered before its model batch, as its cache hits are."""
     engine = CrashingEngine()
     runtime = WorkerRuntime(settings, engine=engine)  # type: ignore[arg-type]
     await runtime.start()
-    counter = KafkaDeliveryCounter(settings)
+    counter = KafkaDeliveryCounter(settings, needs_model=needs_model)
     delivered = Delivered([])
 
-    async def start(part: Sequence[InboundMessage]) -> asyncio.Future[None]:
-        delivered.outcomes.append(await runtime.process(part))
+    async def start(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        early = [item for item in part if delivers_first is not None and delivers_first(item)]
+        if early:
+            told(early)
+        delivered.outcomes.append(await runtime.process([item for item in part if item not in early]))
+        told([item for item in part if item not in early])
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -142,7 +154,8 @@ async def test_kafka_message_that_kills_the_worker_is_dead_lettered_and_the_rest
     # Delivery 2: one at a time, so that only the killer's count grows; it dies again.
     assert outcome is None and engine.batches == [["oak desk"], ["red sofa"], [POISON]]
     engine, outcome = await worker_run(settings, fetched())
-    assert outcome is not None and [[q] for q in queries if q != POISON] == engine.batches
+    # Delivery 3: the two parsed before the killer were cleared; those after it still go one at a time.
+    assert outcome is not None and engine.batches == [["oak desk", "red sofa"], ["grey armchair"], ["teal bookshelf"]]
 
     assert sorted(record.key or b"" for record in outcome.parsed) == sorted(
         f"in-0-{offset}".encode() for offset in (10, 11, 13, 14))
@@ -177,3 +190,133 @@ async def test_counting_stops_but_processing_goes_on_when_redis_is_down(
     engine, outcome = await worker_run(down, messages)
     assert outcome is not None and engine.batches == [["oak desk", "red sofa"]]
     assert [m.deliveries for m in messages] == [1, 1] and len(outcome.parsed) == 2
+
+
+async def test_after_a_crash_only_what_was_not_delivered_runs_one_at_a_time(
+    counter_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """A step's hits are delivered while its misses are in the model: a worker that dies there held only
+    the misses, so its successor goes one at a time through those alone, the rest of the fetch as one
+    batch beside them (a later message included), and each is counted as what it was."""
+    settings = counter_settings(max_deliveries=2)
+    queries = ["oak desk", "red sofa", POISON, "grey armchair", "teal bookshelf"]
+
+    def fetched(last: int = 14) -> list[InboundMessage]:
+        return [message(query, offset) for offset, query in enumerate([*queries, "navy desk"], start=10)
+                if offset <= last]
+
+    def hit(item: InboundMessage) -> bool:
+        return item.value != POISON.encode()
+
+    engine, outcome = await worker_run(settings, fetched(), delivers_first=hit)
+    assert outcome is None and engine.batches == [[POISON]]  # the hits went out, the miss took it down
+
+    refetched = fetched(last=15)
+    engine, outcome = await worker_run(settings, refetched)
+    assert outcome is None
+    assert engine.batches == [["oak desk", "red sofa", "grey armchair", "teal bookshelf", "navy desk"], [POISON]]
+    assert [item.deliveries for item in refetched] == [1, 1, 2, 1, 1, 1]
+
+    # The fresh messages beside a held one were stored too: a worker dying with them counts them up.
+    async def dies(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        raise WorkerDied
+
+    counter = KafkaDeliveryCounter(settings)
+    try:
+        with pytest.raises(WorkerDied):
+            await counter.run(fetched(last=15), dies)
+    finally:
+        await counter.close()
+    refetched = fetched(last=15)
+    engine, outcome = await worker_run(settings, refetched)
+    # All of them held now: one at a time, the poison dead-lettered at its third delivery.
+    assert outcome is not None and engine.batches == [[q] for q in [*queries, "navy desk"] if q != POISON]
+    assert [item.deliveries for item in refetched] == [2, 2, 3, 2, 2, 2]
+    [dead] = outcome.dead_letters
+    assert DeadLetterReason.from_headers(dict(dead.headers)).source_offset == "12"
+    assert await redis.lrange(f"{KEY_PREFIX}:{settings.app_id}:in:0", 0, -1) == []
+
+
+async def test_a_miss_still_in_the_model_when_later_steps_begin_keeps_its_count(
+    counter_settings: Callable[..., Settings]
+) -> None:
+    """Hits go out at once, so later steps begin while an earlier one's miss is in the model; a worker
+    killed then must still have counted that miss, or a query that kills the model loops for ever."""
+    settings = counter_settings(max_deliveries=2)
+    counter = KafkaDeliveryCounter(settings, clear_within_s=3600)  # killed before any clear goes alone
+
+    async def hits_out_miss_in_the_model(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        told([item for item in part if item.value != POISON.encode()])
+        return asyncio.get_running_loop().create_future()  # never finishes: the worker is killed first
+
+    async def all_hits(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        told(part)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    queries = ["oak desk", POISON, "red sofa", "grey armchair", "teal bookshelf", "navy desk"]
+    fetched = [message(query, offset) for offset, query in enumerate(queries, start=10)]
+    await counter.run(fetched[:3], hits_out_miss_in_the_model)
+    await counter.run(fetched[3:5], all_hits)
+    await counter.run(fetched[5:], all_hits)
+    await counter.client.aclose()  # kill -9: no clean stop, and the last clears are never sent
+
+    refetched = [message(query, offset) for offset, query in enumerate(queries, start=10)]
+    engine, outcome = await worker_run(settings, refetched)
+    assert outcome is None  # the poison again, but counted: alone, as its second delivery
+    assert engine.batches == [["oak desk", "red sofa", "grey armchair", "teal bookshelf"], [POISON]]
+    assert [item.deliveries for item in refetched[:2]] == [1, 2]
+    engine, outcome = await worker_run(settings, [message(query, offset) for offset, query in enumerate(queries, 10)])
+    assert outcome is not None and engine.batches == [["oak desk", "red sofa", "grey armchair", "teal bookshelf"],
+                                                      ["navy desk"]]
+    assert [DeadLetterReason.from_headers(dict(dead.headers)).source_offset for dead in outcome.dead_letters] == ["11"]
+
+
+async def test_delivered_parts_are_cleared_soon_without_a_next_step(
+    counter_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The clears ride on the next step's round trip; a worker left waiting sends them alone soon after,
+    so a kill then leaves nothing delivered to be redone one at a time."""
+    settings = counter_settings()
+    counter = KafkaDeliveryCounter(settings, clear_within_s=0.05)
+    key = f"{KEY_PREFIX}:{settings.app_id}:in:0"
+
+    async def hits_out_miss_in_the_model(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        told([item for item in part if item.value != POISON.encode()])
+        return asyncio.get_running_loop().create_future()
+
+    try:
+        await counter.run([message(query, offset) for offset, query in enumerate(["oak desk", POISON, "red sofa"])],
+                          hits_out_miss_in_the_model)
+        assert [entry.split(b":")[:2] for entry in await redis.lrange(key, 0, -1)] == [[b"0", b"2"]]
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if [entry.split(b":")[:2] for entry in await redis.lrange(key, 0, -1)] == [[b"1", b"1"]]:
+                break
+        assert [entry.split(b":")[:2] for entry in await redis.lrange(key, 0, -1)] == [[b"1", b"1"]]
+    finally:
+        await counter.client.aclose()
+
+
+async def test_held_messages_the_model_would_not_see_run_with_the_rest(
+    counter_settings: Callable[..., Settings]
+) -> None:
+    """Only the model can have killed a worker: of the messages it held, those now answered from the
+    cache go with the rest of the fetch, and only those that would reach the model go one at a time."""
+    settings = counter_settings(max_deliveries=2)
+    queries = ["oak desk", "red sofa", POISON, "grey armchair", "teal bookshelf"]
+
+    def fetched() -> list[InboundMessage]:
+        return [message(query, offset) for offset, query in enumerate(queries, start=10)]
+
+    engine, outcome = await worker_run(settings, fetched())
+    assert outcome is None and engine.batches == [queries]  # died holding all five
+
+    async def only_the_poison_misses(batch: Sequence[InboundMessage]) -> list[bool]:
+        return [item.value == POISON.encode() for item in batch]
+
+    refetched = fetched()
+    engine, outcome = await worker_run(settings, refetched, needs_model=only_the_poison_misses)
+    assert outcome is None and engine.batches == [[q for q in queries if q != POISON], [POISON]]
+    assert [item.deliveries for item in refetched] == [1, 1, 2, 1, 1]

@@ -155,14 +155,19 @@ def test_step_size_follows_the_miss_rate_between_batch_size_and_the_maximum() ->
     assert StepSizer(batch_size=128, max_records=32).limit == 128  # never below batch_size
 
 
+def cached_pipeline(settings: Settings) -> tuple[ExplodingEngine, ParseCache, ParsePipeline]:
+    """A pipeline on the real Redis cache (the settings' own prefix) and an engine that parses everything."""
+    engine = ExplodingEngine(poison="never")
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
+                       prefix=settings.cache_prefix)
+    return engine, cache, ParsePipeline(settings, engine, cache)
+
+
 async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings()
-    engine = ExplodingEngine(poison="never")
-    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1", ttl_s=60,
-                       prefix=settings.cache_prefix)
-    pipeline = ParsePipeline(settings, engine, cache)
+    engine, cache, pipeline = cached_pipeline(settings)
     batch = [message(b"oak table", 0), message(b"Oak  TABLE", 1), message(b"pine bed", 2)]
 
     first = await pipeline.process(batch)
@@ -182,6 +187,18 @@ async def test_cache_hits_skip_the_model_and_a_down_redis_only_degrades(
     assert degraded.metrics.cache_errors == 1
     for record in degraded.parsed:
         engine.spec.parse_model.model_validate(json.loads(record.value)["parse"])
+
+
+async def test_needs_model_names_the_messages_a_step_would_send_to_the_model_and_changes_nothing(
+    make_settings: Callable[..., Settings],
+) -> None:
+    engine, cache, pipeline = cached_pipeline(make_settings())
+    await pipeline.process([message(b"oak table", 0)])
+    batch = [message(b"OAK  table", 1), message(b"pine bed", 2), message(b"", 3), message(b"\xff", 4)]
+    assert await pipeline.needs_model(batch) == [False, True, False, False]
+    assert engine.calls == [1]  # a look only: the model was not asked again
+    assert await pipeline.needs_model(batch) == [False, True, False, False]
+    await cache.close()
 
 
 class BrokenCache(ParseCache):

@@ -340,6 +340,18 @@ class ParsePipeline:
         return self._outcome(outputs, time.perf_counter(), size=len(batch), valid=0, unique=0, hits=0, misses=0,
                              cache_error=False, inference_ms=0.0, inferred={})
 
+    async def needs_model(self, batch: Sequence[InboundMessage]) -> list[bool]:
+        """Which messages a step would now hand to the model: those that decode and miss the cache. The
+        others cannot take the worker down there. A look only: nothing is refused, logged or counted."""
+        queries: dict[int, str] = {}
+        for message in batch:
+            try:
+                queries[id(message)] = decode_message(message, self.settings).normalized
+            except Exception:  # refused before the model
+                continue
+        lookup = await self.cache.get_many(list(dict.fromkeys(queries.values())))
+        return [id(message) in queries and queries[id(message)] not in lookup.hits for message in batch]
+
     # --- the parts every step shares ------------------------------------------------------------
 
     def _admit(self, batch: Sequence[InboundMessage], outputs: _StepOutputs) -> list[DecodedQuery]:
