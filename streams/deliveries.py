@@ -16,10 +16,11 @@ the number of stored ranges that hold its offset.
   compare the step's range with what is left. No overlap, the common case: the range is stored and
   the step runs as one batch. The life's own ranges stay until cleared: the misses of its earlier
   steps may still be in the model while later steps begin.
-- Offsets that overlap stored ranges were held by a worker that died. Those messages run one at a
-  time, each stored as its own range first, so the count grows only for the message that kills the
-  worker and not for those that shared its batch. The step's other messages run as one batch, their
-  runs stored first.
+- Offsets that overlap stored ranges were held by a worker that died. Those the model would see now
+  (``needs_model``: they decode and miss the cache; a hit or a poison message cannot be what killed
+  it) run one at a time, each stored as its own range first, so the count grows only for the message
+  that kills the worker and not for those that shared its batch. The fetch's other messages run as
+  one batch, their runs stored first.
 - Each part of a step handed to the delivery is cleared as it goes (a step's cache hits at once, its
   misses as the model finishes them): the runs of offsets it covers are subtracted from every stored
   range (sent with the next step's round trip). So what a killed worker leaves counted is what it

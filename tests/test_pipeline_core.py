@@ -199,6 +199,9 @@ async def test_needs_model_names_the_messages_a_step_would_send_to_the_model_and
     assert engine.calls == [1]  # a look only: the model was not asked again
     assert await pipeline.needs_model(batch) == [False, True, False, False]
     await cache.close()
+    broken = ParsePipeline(make_settings(), engine, BrokenCache(redis_client("redis://127.0.0.1:1/0"),
+                                                                 spec=engine.spec, version="v1", ttl_s=60))
+    assert await broken.needs_model(batch) == [True, True, True, True]  # in doubt, one at a time
 
 
 class BrokenCache(ParseCache):

@@ -342,14 +342,19 @@ class ParsePipeline:
 
     async def needs_model(self, batch: Sequence[InboundMessage]) -> list[bool]:
         """Which messages a step would now hand to the model: those that decode and miss the cache. The
-        others cannot take the worker down there. A look only: nothing is refused, logged or counted."""
+        others cannot take the worker down there. A look only: nothing is refused, logged or counted.
+        Never raises: after an unexpected error every message counts as one the model would see."""
         queries: dict[int, str] = {}
         for message in batch:
             try:
                 queries[id(message)] = decode_message(message, self.settings).normalized
             except Exception:  # refused before the model
                 continue
-        lookup = await self.cache.get_many(list(dict.fromkeys(queries.values())))
+        try:
+            lookup = await self.cache.get_many(list(dict.fromkeys(queries.values())))
+        except Exception:
+            log.exception("needs_model.failed", size=len(batch))
+            return [True] * len(batch)
         return [id(message) in queries and queries[id(message)] not in lookup.hits for message in batch]
 
     # --- the parts every step shares ------------------------------------------------------------
