@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
 from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import InFlight, OutputNames, Retrying, Routed, route
+from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
 
@@ -72,7 +73,15 @@ def inbound_from_faust(event: EventT) -> InboundMessage:
 
 class FaustDelivery:
     """The Faust runner's ``Delivery``: inputs are the batch's events, acked on the stream (Faust
-    commits acked offsets) once the broker acknowledged every output (acks=all)."""
+    commits acked offsets) once the broker acknowledged every output (acks=all), and in offset order
+    per partition.
+
+    Faust commits the first run of consecutive acked offsets without checking that it starts at the
+    committed position (it lets a one-offset gap there pass, and checks nothing before the first
+    commit). A step's hits are delivered before its misses, so acking them as they go would let a
+    commit pass a miss still in the model, and a crash would lose it. An event is acked only once
+    every event taken before it in its partition was delivered (``CommitTracker``).
+    """
 
     def __init__(self, app: faust.App, stream: StreamT[Any], runtime: WorkerRuntime) -> None:
         self.app = app
@@ -81,13 +90,28 @@ class FaustDelivery:
         self.names = OutputNames.kafka(runtime.settings)
         # No stop event: Faust stops the agent by cancelling it, which ends a retry at once.
         self.retrying = Retrying(runtime, stop=None)
+        self.order: CommitTracker[Any] = CommitTracker()
+        self._not_acked: dict[Any, deque[EventT]] = {}
+
+    def track(self, events: Sequence[EventT]) -> None:
+        """Events taken from the stream, in the order taken (each partition's in offset order)."""
+        by_partition: dict[Any, list[EventT]] = {}
+        for event in events:
+            by_partition.setdefault(event.message.tp, []).append(event)
+        for tp, taken in by_partition.items():
+            self.order.track(tp, [event.message.offset for event in taken])
+            self._not_acked.setdefault(tp, deque()).extend(taken)
 
     async def deliver(self, outcome: BatchOutcome, inputs: list[EventT]) -> bool:
         routed = route(outcome, self.names)
         if not await self.retrying.publish(lambda: self._publish(routed)):
             return False
         for event in inputs:
-            await self.stream.ack(event)
+            self.order.settle(event.message.tp, [event.message.offset])
+        for tp, position in self.order.take().items():
+            waiting = self._not_acked.get(tp)
+            while waiting and waiting[0].message.offset < position:
+                await self.stream.ack(waiting.popleft())
         self.runtime.record(outcome)
         return True
 
@@ -135,11 +159,12 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         await runtime.wait_serving()
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
-        flow = InFlight(runtime, FaustDelivery(app, stream, runtime), settings.max_in_flight_messages)
+        delivery = FaustDelivery(app, stream, runtime)
+        flow = InFlight(runtime, delivery, settings.max_in_flight_messages)
         try:
             async for events in batches:
-                # Faust commits each partition up to its first unacked event, so parts of a step may be
-                # acked in any order (hits before misses).
+                # Parts of a step are delivered in any order (hits before misses); ``FaustDelivery``
+                # acks each partition's events in the order they were taken.
                 messages = [inbound_from_faust(event) for event in events]
                 event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
 
@@ -147,6 +172,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                               event_of: dict[int, EventT] = event_of) -> list[EventT]:
                     return [event_of[id(message)] for message in settled]
 
+                delivery.track(events)
                 await deliveries.run(messages, lambda part, delivered: flow.start(part, events_of, delivered=delivered))
                 while not flow.room:  # backpressure: Faust's own buffer fills, then it pauses fetching
                     await flow.wait_for_room(1.0)

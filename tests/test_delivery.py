@@ -10,6 +10,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
@@ -18,6 +19,7 @@ from aiokafka.errors import KafkaTimeoutError
 from schemas.events import BatchMetricsEvent, SpecRef
 from schemas.settings import Settings
 from streams.delivery import CommitTracker, InFlight, Retrying, Waiting
+from streams.faust_runner import FaustDelivery
 from streams.kafka_runner import BatchPublisher, KafkaDelivery
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
@@ -357,3 +359,40 @@ async def test_steps_linger_for_more_records_only_where_the_step_is_the_model_ba
     assert await linger_of() == await linger_of(batch_linger_ms=20) == 0.0
     assert await linger_of(continuous_batching=False) == 0.05
     assert await linger_of(continuous_batching=False, batch_linger_ms=20) == 0.02
+
+
+class AckRecorder:
+    """A Faust stream as far as acking goes."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, int]] = []
+
+    async def ack(self, event: SimpleNamespace) -> bool:
+        self.acked.append((event.message.tp.partition, event.message.offset))
+        return True
+
+
+async def test_faust_events_are_acked_in_offset_order_whatever_order_they_are_delivered_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust commits the first run of consecutive acked offsets: a hit acked before the miss before it
+    would let a commit pass the miss. Each partition's events are acked only behind every earlier one."""
+    stream = AckRecorder()
+    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
+
+    async def published(routed: object) -> None:
+        return None
+
+    monkeypatch.setattr(delivery, "_publish", published)
+
+    def event(partition: int, offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", partition), offset=offset))
+
+    first, second = [event(0, offset) for offset in (0, 1, 2, 3)], [event(1, 7), event(1, 8)]
+    delivery.track([*first, second[0], second[1]])
+    await delivery.deliver(_outcome(), [first[1], first[3], second[1]])  # the hits, before the misses
+    assert stream.acked == []
+    await delivery.deliver(_outcome(), [first[0], second[0]])
+    assert stream.acked == [(0, 0), (0, 1), (1, 7), (1, 8)]
+    await delivery.deliver(_outcome(), [first[2]])
+    assert stream.acked[4:] == [(0, 2), (0, 3)]
