@@ -154,9 +154,9 @@ def offset_ranges(messages: Sequence[InboundMessage]) -> dict[Partition, OffsetR
     return ranges
 
 
-def _runs(messages: Sequence[InboundMessage], chosen: set[int] | None = None) -> list[tuple[Partition, OffsetRange]]:
-    """The offset ranges of each run of consecutive ``chosen`` messages (by ``id``; all of them when
-    None) among a partition's ``messages``, which come in offset order."""
+def _runs(messages: Sequence[InboundMessage], chosen: set[int]) -> list[tuple[Partition, OffsetRange]]:
+    """The offset ranges of each run of consecutive ``chosen`` messages (by ``id``) among a
+    partition's ``messages``, which come in offset order."""
     by_partition: dict[Partition, list[InboundMessage]] = {}
     for message in messages:
         by_partition.setdefault(_partition(message), []).append(message)
@@ -165,7 +165,7 @@ def _runs(messages: Sequence[InboundMessage], chosen: set[int] | None = None) ->
         first: InboundMessage | None = None
         last: InboundMessage | None = None
         for message in in_order:
-            if chosen is None or id(message) in chosen:
+            if id(message) in chosen:
                 first, last = first or message, message
             elif first is not None and last is not None:
                 runs.append((where, (int(first.offset), int(last.offset))))
@@ -231,7 +231,7 @@ class KafkaDeliveryCounter:
             return
         redelivered = [message for message in messages if _within(overlaps.get(_partition(message)), message)]
         if not redelivered:
-            await start(messages, self._clear_when_delivered(messages))
+            await start(messages, self._clear_when_delivered(messages, ranges))
             return
         if self._needs_model is not None:
             # Only the model can be what killed a worker: a held message it would not see now runs
@@ -246,7 +246,7 @@ class KafkaDeliveryCounter:
             runs = _runs([message for message in messages if _partition(message) in overlaps], chosen)
             begins = [(where, first, last, True) for where, (first, last) in runs]
             counted = not begins or await self._run(begins) is not None
-            await start(fresh, self._clear_when_delivered(messages) if counted else _ignore)
+            await start(fresh, self._clear_when_delivered(messages, ranges) if counted else _ignore)
         if redelivered:
             log.warning("deliveries.redelivered", messages=len(redelivered), partitions=sorted(overlaps),
                         note="a worker died holding them: processed one at a time")
@@ -257,18 +257,16 @@ class KafkaDeliveryCounter:
             offset = int(message.offset)
             self._ended([((message.topic, message.partition), (offset, offset))])
 
-    def _clear_when_delivered(self, step: Sequence[InboundMessage]) -> Delivered:
+    def _clear_when_delivered(self, step: Sequence[InboundMessage], ranges: dict[Partition, OffsetRange]) -> Delivered:
         """Clears each part's runs of offsets as it is delivered: runs of the step's own messages, so
-        that a part never clears a message of the step still waiting between two of its own."""
-        if len(step) == 1:
-            return lambda part: self._ended(offset_ranges(part).items())
+        that a part never clears a message of the step still waiting between two of its own. A part
+        that is the whole step (a step of hits) clears the step's ``ranges`` as they are."""
 
         def delivered(part: Sequence[InboundMessage]) -> None:
-            chosen = {id(message) for message in part}
-            if len(chosen) == len(step):
-                self._ended(offset_ranges(step).items())
-                return
-            self._ended(_runs(step, chosen))
+            if len(part) == len(step):
+                self._ended(ranges.items())
+            else:
+                self._ended(_runs(step, {id(message) for message in part}))
 
         return delivered
 

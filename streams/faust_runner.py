@@ -106,8 +106,11 @@ class FaustDelivery:
         routed = route(outcome, self.names)
         if not await self.retrying.publish(lambda: self._publish(routed)):
             return False
+        delivered: dict[Any, list[int]] = {}
         for event in inputs:
-            self.order.settle(event.message.tp, [event.message.offset])
+            delivered.setdefault(event.message.tp, []).append(event.message.offset)
+        for tp, offsets in delivered.items():
+            self.order.settle(tp, offsets)
         for tp, position in self.order.take().items():
             waiting = self._not_acked.get(tp)
             while waiting and waiting[0].message.offset < position:
