@@ -17,7 +17,7 @@ What the transports share lives here:
   themselves with the same policy.
 - ``CommitTracker``: the input positions that may be committed, per partition.
 - ``InFlight``: runs core steps, delivers each part as soon as it is ready, and bounds the messages
-  taken but not yet delivered.
+  taken but not yet delivered or, where a commit position trails the deliveries, not yet committable.
 """
 
 from __future__ import annotations
@@ -248,6 +248,11 @@ class CommitTracker(Generic[PartitionT]):
             if waiting
         }
 
+    def unsettled(self) -> int:
+        """Inputs tracked that the committable position has not passed, over every partition: those
+        not yet delivered, and those delivered behind one that is not."""
+        return sum(len(waiting) for waiting in self._open.values())
+
     def next_expected(self, partition: PartitionT) -> int | None:
         """Past the last input tracked in ``partition`` (None before the first)."""
         return self._next.get(partition)
@@ -282,12 +287,20 @@ class InFlight(Generic[InputsT]):
     step's cache hits and dead letters at once, its misses as their rows finish, in a task of their
     own so that the runner goes on fetching. Counts the messages taken but not yet delivered: past
     ``limit`` the runner waits (``wait_for_room``) instead of fetching, which bounds memory under a
-    burst."""
+    burst.
 
-    def __init__(self, runtime: WorkerRuntime, delivery: Delivery[InputsT], limit: int) -> None:
+    Where inputs are committed in order (Kafka), ``uncommitted`` counts the inputs the commit position
+    has not passed, and the limit bounds those too. A step's hits go out before an earlier miss of
+    their partition has left the model, and the position waits for that miss: without this bound, a
+    miss held up for long (a Redis outage turns every query into one) lets the hits published behind
+    it grow without limit, and a crash then redoes all of them."""
+
+    def __init__(self, runtime: WorkerRuntime, delivery: Delivery[InputsT], limit: int,
+                 uncommitted: Callable[[], int] | None = None) -> None:
         self.runtime = runtime
         self.delivery = delivery
         self.limit = limit
+        self._uncommitted = uncommitted
         self._held = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -295,7 +308,8 @@ class InFlight(Generic[InputsT]):
 
     @property
     def room(self) -> int:
-        return max(self.limit - self._held, 0)
+        held = self._held if self._uncommitted is None else max(self._held, self._uncommitted())
+        return max(self.limit - held, 0)
 
     @property
     def steps_finishing(self) -> int:
@@ -304,7 +318,7 @@ class InFlight(Generic[InputsT]):
 
     async def wait_for_room(self, timeout_s: float) -> int:
         """The room left, after waiting up to ``timeout_s`` for some when there is none."""
-        if self._held >= self.limit:
+        if not self.room:
             self._room.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout_s)
@@ -355,7 +369,7 @@ class InFlight(Generic[InputsT]):
             await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
         finally:
             self._held -= len(settled.messages)
-            if self._held < self.limit:
+            if self.room:
                 self._room.set()
         if delivered is not None:
             delivered(settled.messages)

@@ -102,6 +102,14 @@ class FaustDelivery:
             self.order.track(tp, [event.message.offset for event in taken])
             self._not_acked.setdefault(tp, deque()).extend(taken)
 
+    def forget(self, partitions: Iterable[Any]) -> None:
+        """Partitions revoked: the next owner reads them again from the committed offset, so what was
+        taken here no longer waits to be acked (nor counts against the in-flight limit)."""
+        partitions = list(partitions)
+        self.order.forget(partitions)
+        for tp in partitions:
+            self._not_acked.pop(tp, None)
+
     async def deliver(self, outcome: BatchOutcome, inputs: list[EventT]) -> bool:
         routed = route(outcome, self.names)
         if not await self.retrying.publish(lambda: self._publish(routed)):
@@ -156,6 +164,7 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     # Faust's take wakes every `within`, idle or not: a floor keeps an idle worker from spinning.
     linger_s = max(settings.fetch_linger_ms, 10) / 1000
     deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
+    current: list[FaustDelivery] = []  # the agent's, for the rebalance callback
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
@@ -163,7 +172,8 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         # noack_take is on faust.Stream, not on the StreamT interface.
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
         delivery = FaustDelivery(app, stream, runtime)
-        flow = InFlight(runtime, delivery, settings.max_in_flight_messages)
+        current[:] = [delivery]
+        flow = InFlight(runtime, delivery, settings.max_in_flight_messages, uncommitted=delivery.order.unsettled)
         try:
             async for events in batches:
                 # Parts of a step are delivered in any order (hits before misses); ``FaustDelivery``
@@ -181,6 +191,11 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                     await flow.wait_for_room(1.0)
         finally:
             flow.cancel()  # Faust stops an agent by cancelling it: what was not delivered is redone
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
+        for delivery in current:
+            delivery.forget(tp for tp in revoked if tp.topic == settings.topic_input)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:

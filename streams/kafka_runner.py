@@ -350,7 +350,8 @@ class KafkaBatchRunner:
         self.retrying = Retrying(runtime, stop)
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
         self.deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
-        self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages)
+        self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages,
+                             uncommitted=self.delivery.offsets.unsettled)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()

@@ -396,3 +396,68 @@ async def test_faust_events_are_acked_in_offset_order_whatever_order_they_are_de
     assert stream.acked == [(0, 0), (0, 1), (1, 7), (1, 8)]
     await delivery.deliver(_outcome(), [first[2]])
     assert stream.acked[4:] == [(0, 2), (0, 3)]
+
+
+async def test_hits_delivered_behind_a_miss_count_against_the_in_flight_limit_until_it_is_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crash redoes every input the commit position has not passed, published or not: the limit
+    bounds those, not only the inputs still in the model, so a miss held up for long stops the fetching
+    instead of letting the hits behind it pile up uncommitted."""
+    stream = AckRecorder()
+    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
+
+    async def published(routed: object) -> None:
+        return None
+
+    monkeypatch.setattr(delivery, "_publish", published)
+    miss_parsed = asyncio.Event()
+
+    class MissFirst:
+        """A step whose first message is a miss that waits for ``miss_parsed``; the rest are hits."""
+
+        def __init__(self, runtime: WorkerRuntime) -> None:
+            self.runtime = runtime
+
+        async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+            async def finishing() -> AsyncIterator[Settled]:
+                await miss_parsed.wait()
+                yield Settled(_outcome(), [batch[0]])
+
+            return RunningStep(Settled(_outcome(), list(batch[1:])), finishing())
+
+    flow: InFlight[list[SimpleNamespace]] = InFlight(
+        MissFirst(WorkerRuntime(Settings())), delivery, limit=8, uncommitted=delivery.order.unsettled  # type: ignore[arg-type]
+    )
+    events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
+              for offset in range(6)]
+    messages = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(6)]
+    event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
+    delivery.track(events)
+    finished = await flow.start(messages, lambda settled: [event_of[id(m)] for m in settled])
+    assert stream.acked == []  # the hits are published, but not acked past the miss
+    assert flow.room == 2  # five hits delivered, yet six inputs the commit cannot pass
+    assert await flow.wait_for_room(0.05) == 2
+
+    more_events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
+                   for offset in (6, 7)]
+    delivery.track(more_events)
+    assert flow.room == 0
+    assert await flow.wait_for_room(0.05) == 0  # stays full while the miss is in the model
+
+    waiter = asyncio.ensure_future(flow.wait_for_room(5))
+    miss_parsed.set()
+    await asyncio.wait_for(finished, 5)
+    assert await waiter == 6  # woken as the miss was delivered: only offsets 6 and 7 remain open
+    assert stream.acked == [(0, offset) for offset in range(6)]
+
+
+def test_a_revoked_partition_no_longer_waits_to_be_acked() -> None:
+    stream = AckRecorder()
+    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
+    events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", partition), offset=offset))
+              for partition in (0, 1) for offset in (0, 1)]
+    delivery.track(events)
+    delivery.forget([TopicPartition("in", 0)])
+    assert delivery.order.unsettled() == 2
+    assert set(delivery.order.waiting()) == {TopicPartition("in", 1)}
