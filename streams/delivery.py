@@ -369,8 +369,9 @@ class InFlight(Generic[InputsT]):
             await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
         finally:
             self._held -= len(settled.messages)
-            if self.room:
-                self._room.set()
+            # Woken even while there is no room yet: where the commit position moves only when the
+            # runner settles what it handed over (the batch runner), the runner must go and do it.
+            self._room.set()
         if delivered is not None:
             delivered(settled.messages)
 

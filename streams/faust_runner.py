@@ -104,7 +104,9 @@ class FaustDelivery:
 
     def forget(self, partitions: Iterable[Any]) -> None:
         """Partitions revoked: the next owner reads them again from the committed offset, so what was
-        taken here no longer waits to be acked (nor counts against the in-flight limit)."""
+        taken here no longer waits to be acked (nor counts against the in-flight limit). Faust waits
+        for every taken event to be acked before it revokes (``stream_wait_empty``), so this matters
+        where that wait timed out or is turned off."""
         partitions = list(partitions)
         self.order.forget(partitions)
         for tp in partitions:

@@ -424,8 +424,10 @@ class KafkaBatchRunner:
     async def _fetch(self) -> Fetched:
         """What is there now, up to the step size (``WorkerRuntime.step``); then, while fewer than
         ``batch_size`` came, more until ``Settings.fetch_linger_ms`` (lingering fills model batches only)."""
-        room = await self.flow.wait_for_room(_POLL_MS / 1000)
-        if not room:  # backpressure: the messages taken are bounded, fetched on once some are delivered
+        # No room while batches wait for acks: return at once, so the loop settles them (which may
+        # move the commit positions the room counts) instead of waiting the poll out.
+        room = self.flow.room if self.delivery.in_flight else await self.flow.wait_for_room(_POLL_MS / 1000)
+        if not room:  # backpressure: the messages taken are bounded, fetched on once some are committable
             return {}
         try:
             # With batches in flight, do not wait for input: the loop goes on to settle them.
