@@ -527,3 +527,30 @@ async def test_every_message_of_overlapping_steps_comes_out_once_whatever_finish
     # rows in flight: far fewer calls than messages.
     assert len(engine.calls) < len(queries) * 2 < offset
     await cache.close()
+
+
+async def test_a_queued_miss_that_reached_the_cache_meanwhile_is_served_from_it_not_parsed(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A miss queued behind a model batch is looked up again before its own batch: another worker may
+    have parsed it meanwhile, or Redis, down when its step began, may be back."""
+    engine = GatedEngine()
+    settings = make_settings(miss_batching="batch", batch_size=4, batch_linger_ms=0)
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1",
+                       ttl_s=60, prefix=settings.cache_prefix)
+    pipeline = ParsePipeline(settings, engine, cache)
+    first = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0.1)  # its batch is in the model now, held at the gate
+    second = await pipeline.begin([message(b"elm chair", 1), message(b"Elm Chair", 2), message(b"oak bed", 3)])
+    stored = {"item_type": "armchair", "material": "elm", "color": None, "style": None}
+    await cache.set_many({"elm chair": CachedParse(stored, [])})  # parsed elsewhere meanwhile
+    engine.gate.set()
+
+    parts = [part for step in (first, second) async for part in step.remaining()]
+
+    assert engine.calls == [1, 1]  # teak desk, then oak bed alone: elm chair never reached the model
+    events = {event["source"]["offset"]: event
+              for event in (json.loads(record.value) for part in parts for record in part.outcome.parsed)}
+    assert [events[offset]["parse"] == stored for offset in ("1", "2", "3")] == [True, True, False]
+    assert [events[offset]["cached"] for offset in ("0", "1", "2", "3")] == [False, True, True, False]
+    assert sum(part.outcome.metrics.cached for part in parts) == 2

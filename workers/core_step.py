@@ -614,13 +614,28 @@ class ParsePipeline:
         while self._queued_misses:
             batch, self._queued_misses = self._queued_misses[:size], self._queued_misses[size:]
             try:
-                await self._parse_together(batch)
+                batch = await self._answer_from_cache(batch)
+                if batch:
+                    await self._parse_together(batch)
             except Exception as exc:  # never leave a step waiting for a parse that will not come
                 log.exception("batch.failed", size=len(batch))
                 for query in batch:
                     future = self._in_flight.get(query)
                     if future is not None and not future.done():
                         future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
+
+    async def _answer_from_cache(self, queries: list[str]) -> list[str]:
+        """Queued misses looked up again just before their model batch; returns those still missing.
+
+        Their step looked them up when it began, but they may have queued for long since: behind a
+        backlog, or through a Redis outage (every query a miss) that has ended, or while another worker
+        parsed the same query. One ``MGET`` per model batch; a Redis still down answers at once."""
+        lookup = await self.cache.get_many(queries)
+        for query, hit in lookup.hits.items():
+            future = self._in_flight.get(query)
+            if future is not None and not future.done():
+                future.set_result(_ReadFromCache(hit.parse, list(hit.ungrounded)))
+        return [query for query in queries if query not in lookup.hits]
 
     async def _parse_together(self, queries: list[str]) -> None:
         inferred, failures = await self._infer_isolating_failures(queries)
@@ -661,11 +676,12 @@ class ParsePipeline:
         inference_ms: float,
     ) -> Settled:
         """Outputs of finished misses. A query another step submitted was parsed (and cached) once, by
-        that step: here it is served like a cache hit."""
+        that step: here it is served like a cache hit, as is one found in the cache at last."""
         outputs = _StepOutputs(self.settings.worker_id)
-        mine = {query: result for query, result in inferred.items() if query in owned}
+        mine = {query: result for query, result in inferred.items()
+                if query in owned and not isinstance(result, _ReadFromCache)}
         fresh, invalid = await self._validated(mine)
-        shared, shared_invalid = self._checked({q: r for q, r in inferred.items() if q not in owned})
+        shared, shared_invalid = self._checked({q: r for q, r in inferred.items() if q not in mine})
         for query in done:  # cached now (or failed): a later step looks it up or parses it again
             if query in owned:
                 self._in_flight.pop(query, None)
@@ -741,6 +757,11 @@ class ParsePipeline:
                 continue
             results.update(zip(chunk, outputs, strict=True))
         return results, failures
+
+
+class _ReadFromCache(ParseResult):
+    """A queued miss's parse found in the cache before its model batch (``_answer_from_cache``): served
+    like a cache hit, not cached again nor counted as inferred."""
 
 
 def _pass_on(source: asyncio.Future[ParseResult], target: asyncio.Future[ParseResult]) -> None:
