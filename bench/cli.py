@@ -302,6 +302,28 @@ def chaos(
         raise typer.Exit(1)
 
 
+@app.command("hits-behind-miss")
+def hits_behind_miss(
+    messages: Annotated[int, typer.Option(help="Messages in each backlog, all pre-cached but --misses.")] = 30_000,
+    misses: Annotated[int, typer.Option(help="New queries spread evenly through each backlog.")] = 30,
+    rounds: Annotated[int, typer.Option(help="Backlogs drained by each worker, in alternating order.")] = 2,
+    runner: Annotated[list[str] | None, typer.Option(help="Another worker beside the two, as "
+                                                          "NAME:SETTING=VALUE,...; repeat for more.")] = None,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results as JSON.")]
+    = Path("bench/results/hits_behind_miss.json"),
+) -> None:
+    """A mostly cached backlog with a few misses in it: how soon the hits are out when their offsets must
+    wait for the misses ahead of them (MAX_UNCOMMITTED_MESSAGES at 4096 against the default).
+
+    Example: qustream bench hits-behind-miss --messages 30000 --misses 30
+    """
+    from bench.hits_behind_miss import HitsBehindMissPlan, main
+
+    plan = HitsBehindMissPlan(messages=messages, misses=misses, rounds=rounds)
+    main(plan, runner or [], json_out)
+    typer.echo(f"results: {json_out}")
+
+
 @app.command("train")
 def train_bench(
     train_data: Annotated[Path, typer.Option(help="Labelled JSONL to train on (e.g. `bench queryner --split train`).",

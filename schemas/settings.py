@@ -115,8 +115,15 @@ class Settings(BaseSettings):
     )
     max_in_flight_messages: int = Field(
         4096, ge=1,
-        description="Messages fetched but not yet acknowledged or committed, per worker; past it the runner "
-        "stops fetching until outputs are acknowledged (bounded memory under a burst).",
+        description="Messages taken but not yet delivered (outputs not yet acknowledged), per worker; past it "
+        "the runner stops fetching until outputs are acknowledged (bounded memory under a burst).",
+    )
+    max_uncommitted_messages: int = Field(
+        32768, ge=1,
+        description="Messages taken whose offsets cannot be committed yet, per worker (Kafka runners): not "
+        "delivered, or delivered behind a miss of their partition still in the model. Past it the runner "
+        "stops fetching: a bound on what a crash redoes. Only offsets are held for delivered ones, so it "
+        "is larger than max_in_flight_messages; at it, hits wait for the miss ahead of them.",
     )
     max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
 

@@ -290,16 +290,18 @@ class InFlight(Generic[InputsT]):
     burst.
 
     Where inputs are committed in order (Kafka), ``uncommitted`` counts the inputs the commit position
-    has not passed, and the limit bounds those too. A step's hits go out before an earlier miss of
-    their partition has left the model, and the position waits for that miss: without this bound, a
+    has not passed, and ``uncommitted_limit`` bounds those. A step's hits go out before an earlier miss
+    of their partition has left the model, and the position waits for that miss: without this bound, a
     miss held up for long (a Redis outage turns every query into one) lets the hits published behind
-    it grow without limit, and a crash then redoes all of them."""
+    it grow without limit, and a crash then redoes all of them. A delivered input costs only its
+    offset, so this bound is the larger one: at it, hits wait for the miss ahead of them."""
 
     def __init__(self, runtime: WorkerRuntime, delivery: Delivery[InputsT], limit: int,
-                 uncommitted: Callable[[], int] | None = None) -> None:
+                 uncommitted: Callable[[], int] | None = None, uncommitted_limit: int | None = None) -> None:
         self.runtime = runtime
         self.delivery = delivery
         self.limit = limit
+        self.uncommitted_limit = limit if uncommitted_limit is None else uncommitted_limit
         self._uncommitted = uncommitted
         self._held = 0
         self._room = asyncio.Event()
@@ -308,8 +310,10 @@ class InFlight(Generic[InputsT]):
 
     @property
     def room(self) -> int:
-        held = self._held if self._uncommitted is None else max(self._held, self._uncommitted())
-        return max(self.limit - held, 0)
+        room = self.limit - self._held
+        if self._uncommitted is not None:
+            room = min(room, self.uncommitted_limit - self._uncommitted())
+        return max(room, 0)
 
     @property
     def steps_finishing(self) -> int:

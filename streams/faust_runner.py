@@ -175,7 +175,8 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
         batches = stream.noack_take(settings.batch_size, within=linger_s)  # type: ignore[attr-defined]
         delivery = FaustDelivery(app, stream, runtime)
         current[:] = [delivery]
-        flow = InFlight(runtime, delivery, settings.max_in_flight_messages, uncommitted=delivery.order.unsettled)
+        flow = InFlight(runtime, delivery, settings.max_in_flight_messages, uncommitted=delivery.order.unsettled,
+                        uncommitted_limit=settings.max_uncommitted_messages)
         try:
             async for events in batches:
                 # Parts of a step are delivered in any order (hits before misses); ``FaustDelivery``

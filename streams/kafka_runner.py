@@ -351,7 +351,8 @@ class KafkaBatchRunner:
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
         self.deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
         self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages,
-                             uncommitted=self.delivery.offsets.unsettled)
+                             uncommitted=self.delivery.offsets.unsettled,
+                             uncommitted_limit=settings.max_uncommitted_messages)
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()

@@ -452,6 +452,51 @@ async def test_hits_delivered_behind_a_miss_count_against_the_in_flight_limit_un
     assert stream.acked == [(0, offset) for offset in range(6)]
 
 
+async def test_hits_delivered_behind_a_miss_are_bounded_apart_from_the_messages_not_yet_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivered hit holds only its offset until the miss ahead of it is out: it counts against the
+    larger uncommitted bound, not against the in-flight limit, so hits go on flowing past that limit."""
+    stream = AckRecorder()
+    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
+
+    async def published(routed: object) -> None:
+        return None
+
+    monkeypatch.setattr(delivery, "_publish", published)
+    miss_parsed = asyncio.Event()
+
+    class MissFirst:
+        def __init__(self, runtime: WorkerRuntime) -> None:
+            self.runtime = runtime
+
+        async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+            async def finishing() -> AsyncIterator[Settled]:
+                await miss_parsed.wait()
+                yield Settled(_outcome(), [batch[0]])
+
+            return RunningStep(Settled(_outcome(), list(batch[1:])), finishing())
+
+    flow: InFlight[list[SimpleNamespace]] = InFlight(
+        MissFirst(WorkerRuntime(Settings())), delivery, limit=4,  # type: ignore[arg-type]
+        uncommitted=delivery.order.unsettled, uncommitted_limit=10,
+    )
+    events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
+              for offset in range(6)]
+    messages = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(6)]
+    event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
+    delivery.track(events)
+    finished = await flow.start(messages, lambda settled: [event_of[id(m)] for m in settled])
+    # One miss held, six offsets open: room under both bounds, though six exceed the in-flight limit.
+    assert flow.room == 3
+    delivery.track([SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
+                    for offset in range(6, 10)])
+    assert flow.room == 0  # ten offsets open: the uncommitted bound
+    miss_parsed.set()
+    await asyncio.wait_for(finished, 5)
+    assert flow.room == 4  # the six are acked; 6-9 stay open (tracked only, never started)
+
+
 def test_a_revoked_partition_no_longer_waits_to_be_acked() -> None:
     stream = AckRecorder()
     delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
