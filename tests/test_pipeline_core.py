@@ -322,6 +322,39 @@ async def test_a_miss_already_being_parsed_for_an_earlier_step_is_parsed_once() 
     assert engine.calls == [1, 1]
 
 
+async def test_misses_beyond_the_engines_rows_wait_and_are_looked_up_again_before_they_join(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With continuous batching, at most ``batch_size`` misses hold a row in the engine; the rest wait in
+    the pipeline and are looked up in the cache again as rows free: misses queued through a Redis outage,
+    or parsed by another worker meanwhile, never reach the model."""
+    engine = HandDrivenEngine()
+    settings = make_settings(miss_batching="continuous", batch_size=2, batch_linger_ms=0)
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=engine.spec, version="v1",
+                       ttl_s=60, prefix=settings.cache_prefix)
+    pipeline = ParsePipeline(settings, engine, cache)
+    step = await pipeline.begin([message(b"teak desk", 0), message(b"oak bed", 1), message(b"elm chair", 2),
+                                 message(b"pine shelf", 3)])
+    await asyncio.sleep(0.05)
+    assert list(engine.submitted) == ["teak desk", "oak bed"]  # two rows; the others wait for one
+    stored = {"item_type": "armchair", "material": "elm", "color": None, "style": None}
+    await cache.set_many({"elm chair": CachedParse(stored, [])})  # parsed elsewhere meanwhile
+    engine.finish("teak desk")
+    await asyncio.sleep(0.05)
+    assert list(engine.submitted) == ["teak desk", "oak bed", "pine shelf"]  # elm chair came from the cache
+    engine.finish("oak bed")
+    engine.finish("pine shelf")
+
+    parts = await asyncio.wait_for(_parts(step), timeout=10)
+
+    events = {event["source"]["offset"]: event
+              for event in (json.loads(record.value) for part in parts for record in part.outcome.parsed)}
+    assert events["2"]["parse"] == stored
+    assert [events[offset]["cached"] for offset in ("0", "1", "2", "3")] == [False, False, True, False]
+    assert pipeline.misses_in_flight == 0
+    await cache.close()
+
+
 class GatedEngine(ExplodingEngine):
     """Holds every model batch until the test opens the gate; must not be asked to decode continuously."""
 

@@ -13,10 +13,11 @@ import os
 import time
 import uuid
 from asyncio import CancelledError
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -299,6 +300,12 @@ class ParsePipeline:
         self._window: asyncio.Future[None] | None = None
         self._window_misses = 0
         self._miss_batches: asyncio.Task[None] | None = None
+        #: With continuous batching: misses waiting for a free row, their rows in the engine now, and
+        #: the task that lets the waiting ones join (``_join_queued_misses``).
+        self._waiting_for_rows: list[str] = []
+        self._rows_in_engine = 0
+        self._row_freed = asyncio.Event()
+        self._joins: asyncio.Task[None] | None = None
         #: When a model parse last finished, for any step: a miss's deadline runs from its submission
         #: or from this, whichever is later. Waiting behind a backlog the model works through is not a
         #: failure (a burst would dead-letter valid queries); a model that finishes nothing is.
@@ -560,14 +567,16 @@ class ParsePipeline:
                 await asyncio.shield(self._miss_window(len(new)))
             submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
             if submit is not None:
-                for query in new:
-                    _pass_on(asyncio.wrap_future(submit(query)), self._in_flight[query])
+                room = 0 if self._waiting_for_rows else max(self.settings.batch_size - self._rows_in_engine, 0)
+                self._join(submit, new[:room])
+                if new[room:]:
+                    self._waiting_for_rows.extend(new[room:])
+                    if self._joins is None or self._joins.done():
+                        self._joins = self._in_background(self._join_queued_misses(submit))
             elif new:
                 self._queued_misses.extend(new)
                 if self._miss_batches is None or self._miss_batches.done():
-                    self._miss_batches = asyncio.create_task(self._parse_queued_misses())
-                    self._background.add(self._miss_batches)
-                    self._miss_batches.add_done_callback(self._background.discard)
+                    self._miss_batches = self._in_background(self._parse_queued_misses())
         except BaseException as exc:
             for query in new:
                 future = self._in_flight.get(query)
@@ -575,6 +584,47 @@ class ParsePipeline:
                     del self._in_flight[query]  # a later step parses it afresh
                     future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
             raise
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _join(self, submit: Callable[[str], Future[ParseResult]], queries: list[str]) -> None:
+        """``queries`` join the engine's running loop, a row each."""
+        for query in queries:
+            target = self._in_flight.get(query)
+            if target is None or target.done():
+                continue
+            row = asyncio.wrap_future(submit(query))
+            self._rows_in_engine += 1
+            row.add_done_callback(self._row_done)
+            _pass_on(row, target)
+
+    def _row_done(self, _: object) -> None:
+        self._rows_in_engine -= 1
+        self._row_freed.set()
+
+    async def _join_queued_misses(self, submit: Callable[[str], Future[ParseResult]]) -> None:
+        """Continuous batching: misses beyond ``batch_size`` rows wait here rather than in the engine,
+        and join as rows free, each looked up in the cache again just before (``_answer_from_cache``):
+        misses queued through a Redis outage, or parsed by another worker meanwhile, are served from it."""
+        while self._waiting_for_rows:
+            room = self.settings.batch_size - self._rows_in_engine
+            if room <= 0:
+                self._row_freed.clear()
+                await self._row_freed.wait()
+                continue
+            queries, self._waiting_for_rows = self._waiting_for_rows[:room], self._waiting_for_rows[room:]
+            try:
+                self._join(submit, await self._answer_from_cache(queries))
+            except Exception as exc:  # never leave a step waiting for a parse that will not come
+                log.exception("batch.failed", size=len(queries))
+                for query in queries:
+                    future = self._in_flight.get(query)
+                    if future is not None and not future.done():
+                        future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
 
     def _miss_window(self, misses: int) -> asyncio.Future[None]:
         """When these misses go to the model: with the other misses of steps begun within
