@@ -9,7 +9,8 @@ The harness starts its own stack, so it never touches a server someone else runs
 
 It produces ``messages`` queries with distinct ids ``chaos-{i}`` (a few percent poison), then, at
 seeded random points of progress, kills the worker with SIGKILL ``kills`` times and restarts it,
-takes Redis away for ``redis_outage_s`` seconds, and kills and restarts the broker once. A monitor
+takes Redis away for ``redis_outage_s`` seconds (the next input segment arrives during the outage),
+and kills and restarts the broker once. A monitor
 follows the parsed and dead-letter topics the whole time; at the end a fresh consumer reads both
 topics from the beginning and every produced id must be there as a parsed event or a dead letter.
 
@@ -165,7 +166,7 @@ class FaultRecord:
     #: free of the monitor's own reconnect time (which recovery_s includes after a broker restart).
     resumed_s: float | None = None
     outputs_during_s: int = 0  # output records the worker created while the component was down
-    queued_ids: int = 0  # produced ids not out yet when the fault fired
+    queued_ids: int = 0  # produced ids not out yet when the fault fired (a Redis outage: with the segment it brings)
 
 
 @dataclass
@@ -704,6 +705,7 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             done_at_fault = len(monitor.done)
             fault = FaultRecord(kind, kind, done_at_fault / len(messages), monitor.now())
+            produced_during = False
             if kind == "worker_kill":
                 fault.label = f"worker kill -9 #{sum(f.kind == 'worker_kill' for f in faults) + 1}"
                 worker.kill9()
@@ -711,7 +713,13 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
             elif kind == "redis_outage":
                 fault.label = f"redis down {config.redis_outage_s:.0f}s"
                 await asyncio.to_thread(stack.stop_redis)
-                await asyncio.sleep(config.redis_outage_s)
+                # The broker is up: the next segment arrives during the outage, so the worker meets new
+                # traffic without its cache (and always has input left, whatever the monitor has read).
+                outage_ends = monitor.now() + config.redis_outage_s
+                if index + 2 < len(bounds):
+                    await _produce(settings, messages[bounds[index + 1]: bounds[index + 2]])
+                    produced_during = True
+                await asyncio.sleep(max(outage_ends - monitor.now(), 0.0))
                 await asyncio.to_thread(stack.start_redis)
             else:
                 fault.label = "broker kill -9 + restart"
@@ -719,12 +727,12 @@ async def _run_on_stack(config: ChaosConfig, stack: ChaosStack, say: _Log, clock
                 await asyncio.to_thread(stack.start_broker)
             fault.duration_s = monitor.now() - fault.at_s
             faults.append(fault)
-            fault.queued_ids = bounds[index + 1] - done_at_fault
+            fault.queued_ids = bounds[index + (2 if produced_during else 1)] - done_at_fault
             say(f"{fault.label} at {fault.progress:.0%} of all ids ({fault.queued_ids} produced ids not out yet); "
                 f"down {fault.duration_s:.1f}s")
             # The next segment arrives once the faulty part is back (the harness's producer is not
             # under test), then this fault's recovery is awaited before the next one fires.
-            if index + 2 < len(bounds):
+            if index + 2 < len(bounds) and not produced_during:
                 await _produce(settings, messages[bounds[index + 1]: bounds[index + 2]])
             await wait_until(lambda f=fault: monitor.first_output_after(f.at_s) is not None, 600)
         await wait_until(lambda: monitor.all_done_s is not None, config.timeout_s)
