@@ -385,10 +385,7 @@ async def test_faust_events_are_acked_in_offset_order_whatever_order_they_are_de
 
     monkeypatch.setattr(delivery, "_publish", published)
 
-    def event(partition: int, offset: int) -> SimpleNamespace:
-        return SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", partition), offset=offset))
-
-    first, second = [event(0, offset) for offset in (0, 1, 2, 3)], [event(1, 7), event(1, 8)]
+    first, second = [_event(0, offset) for offset in (0, 1, 2, 3)], [_event(1, 7), _event(1, 8)]
     delivery.track([*first, second[0], second[1]])
     await delivery.deliver(_outcome(), [first[1], first[3], second[1]])  # the hits, before the misses
     assert stream.acked == []
@@ -398,58 +395,65 @@ async def test_faust_events_are_acked_in_offset_order_whatever_order_they_are_de
     assert stream.acked[4:] == [(0, 2), (0, 3)]
 
 
+def _event(partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", partition), offset=offset))
+
+
+class _MissFirst:
+    """A Faust delivery and steps whose first message is a miss that waits for ``miss_parsed``; the rest
+    are hits, delivered at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.runtime = WorkerRuntime(Settings())
+        self.stream = AckRecorder()
+        self.delivery = FaustDelivery(SimpleNamespace(producer=None), self.stream, self.runtime)  # type: ignore[arg-type]
+
+        async def published(routed: object) -> None:
+            return None
+
+        monkeypatch.setattr(self.delivery, "_publish", published)
+        self.miss_parsed = asyncio.Event()
+
+    async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
+        async def finishing() -> AsyncIterator[Settled]:
+            await self.miss_parsed.wait()
+            yield Settled(_outcome(), [batch[0]])
+
+        return RunningStep(Settled(_outcome(), list(batch[1:])), finishing())
+
+    async def start(self, flow: InFlight[list[SimpleNamespace]], offsets: range) -> asyncio.Future[None]:
+        """Partition 0's ``offsets`` tracked and begun as one step."""
+        events = [_event(0, offset) for offset in offsets]
+        messages = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in offsets]
+        event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
+        self.delivery.track(events)
+        return await flow.start(messages, lambda settled: [event_of[id(m)] for m in settled])
+
+
 async def test_hits_delivered_behind_a_miss_count_against_the_in_flight_limit_until_it_is_delivered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A crash redoes every input the commit position has not passed, published or not: the limit
     bounds those, not only the inputs still in the model, so a miss held up for long stops the fetching
     instead of letting the hits behind it pile up uncommitted."""
-    stream = AckRecorder()
-    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
-
-    async def published(routed: object) -> None:
-        return None
-
-    monkeypatch.setattr(delivery, "_publish", published)
-    miss_parsed = asyncio.Event()
-
-    class MissFirst:
-        """A step whose first message is a miss that waits for ``miss_parsed``; the rest are hits."""
-
-        def __init__(self, runtime: WorkerRuntime) -> None:
-            self.runtime = runtime
-
-        async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
-            async def finishing() -> AsyncIterator[Settled]:
-                await miss_parsed.wait()
-                yield Settled(_outcome(), [batch[0]])
-
-            return RunningStep(Settled(_outcome(), list(batch[1:])), finishing())
-
+    steps = _MissFirst(monkeypatch)
     flow: InFlight[list[SimpleNamespace]] = InFlight(
-        MissFirst(WorkerRuntime(Settings())), delivery, limit=8, uncommitted=delivery.order.unsettled  # type: ignore[arg-type]
+        steps, steps.delivery, limit=8, uncommitted=steps.delivery.order.unsettled  # type: ignore[arg-type]
     )
-    events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
-              for offset in range(6)]
-    messages = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(6)]
-    event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
-    delivery.track(events)
-    finished = await flow.start(messages, lambda settled: [event_of[id(m)] for m in settled])
-    assert stream.acked == []  # the hits are published, but not acked past the miss
+    finished = await steps.start(flow, range(6))
+    assert steps.stream.acked == []  # the hits are published, but not acked past the miss
     assert flow.room == 2  # five hits delivered, yet six inputs the commit cannot pass
     assert await flow.wait_for_room(0.05) == 2
 
-    more_events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
-                   for offset in (6, 7)]
-    delivery.track(more_events)
+    steps.delivery.track([_event(0, 6), _event(0, 7)])
     assert flow.room == 0
     assert await flow.wait_for_room(0.05) == 0  # stays full while the miss is in the model
 
     waiter = asyncio.ensure_future(flow.wait_for_room(5))
-    miss_parsed.set()
+    steps.miss_parsed.set()
     await asyncio.wait_for(finished, 5)
     assert await asyncio.wait_for(waiter, 1) == 6  # woken as the miss was delivered: 6 and 7 remain open
-    assert stream.acked == [(0, offset) for offset in range(6)]
+    assert steps.stream.acked == [(0, offset) for offset in range(6)]
 
 
 async def test_hits_delivered_behind_a_miss_are_bounded_apart_from_the_messages_not_yet_delivered(
@@ -457,42 +461,17 @@ async def test_hits_delivered_behind_a_miss_are_bounded_apart_from_the_messages_
 ) -> None:
     """A delivered hit holds only its offset until the miss ahead of it is out: it counts against the
     larger uncommitted bound, not against the in-flight limit, so hits go on flowing past that limit."""
-    stream = AckRecorder()
-    delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]
-
-    async def published(routed: object) -> None:
-        return None
-
-    monkeypatch.setattr(delivery, "_publish", published)
-    miss_parsed = asyncio.Event()
-
-    class MissFirst:
-        def __init__(self, runtime: WorkerRuntime) -> None:
-            self.runtime = runtime
-
-        async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
-            async def finishing() -> AsyncIterator[Settled]:
-                await miss_parsed.wait()
-                yield Settled(_outcome(), [batch[0]])
-
-            return RunningStep(Settled(_outcome(), list(batch[1:])), finishing())
-
+    steps = _MissFirst(monkeypatch)
     flow: InFlight[list[SimpleNamespace]] = InFlight(
-        MissFirst(WorkerRuntime(Settings())), delivery, limit=4,  # type: ignore[arg-type]
-        uncommitted=delivery.order.unsettled, uncommitted_limit=10,
+        steps, steps.delivery, limit=4,  # type: ignore[arg-type]
+        uncommitted=steps.delivery.order.unsettled, uncommitted_limit=10,
     )
-    events = [SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
-              for offset in range(6)]
-    messages = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(6)]
-    event_of = {id(message): event for message, event in zip(messages, events, strict=True)}
-    delivery.track(events)
-    finished = await flow.start(messages, lambda settled: [event_of[id(m)] for m in settled])
+    finished = await steps.start(flow, range(6))
     # One miss held, six offsets open: room under both bounds, though six exceed the in-flight limit.
     assert flow.room == 3
-    delivery.track([SimpleNamespace(message=SimpleNamespace(tp=TopicPartition("in", 0), offset=offset))
-                    for offset in range(6, 10)])
+    steps.delivery.track([_event(0, offset) for offset in range(6, 10)])
     assert flow.room == 0  # ten offsets open: the uncommitted bound
-    miss_parsed.set()
+    steps.miss_parsed.set()
     await asyncio.wait_for(finished, 5)
     assert flow.room == 4  # the six are acked; 6-9 stay open (tracked only, never started)
 

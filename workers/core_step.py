@@ -620,11 +620,7 @@ class ParsePipeline:
             try:
                 self._join(submit, await self._answer_from_cache(queries))
             except Exception as exc:  # never leave a step waiting for a parse that will not come
-                log.exception("batch.failed", size=len(queries))
-                for query in queries:
-                    future = self._in_flight.get(query)
-                    if future is not None and not future.done():
-                        future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
+                self._fail_queued(queries, exc)
 
     def _miss_window(self, misses: int) -> asyncio.Future[None]:
         """When these misses go to the model: with the other misses of steps begun within
@@ -668,11 +664,14 @@ class ParsePipeline:
                 if batch:
                     await self._parse_together(batch)
             except Exception as exc:  # never leave a step waiting for a parse that will not come
-                log.exception("batch.failed", size=len(batch))
-                for query in batch:
-                    future = self._in_flight.get(query)
-                    if future is not None and not future.done():
-                        future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
+                self._fail_queued(batch, exc)
+
+    def _fail_queued(self, queries: list[str], exc: Exception) -> None:
+        log.exception("batch.failed", size=len(queries))
+        for query in queries:
+            future = self._in_flight.get(query)
+            if future is not None and not future.done():
+                future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
 
     async def _answer_from_cache(self, queries: list[str]) -> list[str]:
         """Queued misses looked up again just before their model batch; returns those still missing.
