@@ -355,6 +355,59 @@ async def test_misses_beyond_the_engines_rows_wait_and_are_looked_up_again_befor
     await cache.close()
 
 
+async def test_a_step_looking_up_waiting_misses_keeps_their_rows_from_a_step_submitting_meanwhile(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Misses taken from the waiting line count as rows while the cache is asked about them: a step
+    that submits meanwhile waits its turn rather than filling the engine past ``batch_size``."""
+    engine = HandDrivenEngine()
+    settings = make_settings(miss_batching="continuous", batch_size=2, batch_linger_ms=0)
+    pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    lookup_may_end = asyncio.Event()
+    looking_up = asyncio.Event()
+    plain_lookup = pipeline._answer_from_cache
+
+    async def slow_lookup(queued: Any) -> Any:
+        looking_up.set()
+        await lookup_may_end.wait()
+        return await plain_lookup(queued)
+
+    pipeline._answer_from_cache = slow_lookup  # type: ignore[method-assign]
+    first = await pipeline.begin([message(b"teak desk", 0), message(b"oak bed", 1), message(b"elm chair", 2)])
+    await asyncio.sleep(0.05)
+    engine.finish("teak desk")  # a row frees: elm chair is taken from the line and looked up
+    await asyncio.wait_for(looking_up.wait(), 5)
+    second = await pipeline.begin([message(b"pine shelf", 3)])
+    await asyncio.sleep(0.05)
+    assert list(engine.submitted) == ["teak desk", "oak bed"]
+    lookup_may_end.set()
+    await asyncio.sleep(0.05)
+    assert list(engine.submitted) == ["teak desk", "oak bed", "elm chair"]  # pine shelf still waits
+    engine.finish("oak bed")
+    await asyncio.sleep(0.05)
+    assert list(engine.submitted)[-1] == "pine shelf"
+    engine.finish("elm chair")
+    engine.finish("pine shelf")
+    parts = await asyncio.wait_for(asyncio.gather(_parts(first), _parts(second)), timeout=10)
+    assert sum(len(part.outcome.parsed) for step_parts in parts for part in step_parts) == 4
+
+
+async def test_a_queued_miss_resolves_for_the_steps_sharing_it_after_its_claim_was_dropped() -> None:
+    """A step that shares another's queued miss gets its parse even if that query left the in-flight
+    map meanwhile (its owner settled it at its deadline): the queue keeps the future, not the name."""
+    engine = GatedEngine()
+    settings = Settings(miss_batching="batch", batch_size=4, batch_linger_ms=0)
+    pipeline = ParsePipeline(settings, engine, ParseCache(None, spec=engine.spec, version="v", ttl_s=60))
+    first = await pipeline.begin([message(b"teak desk", 0)])
+    await asyncio.sleep(0.1)  # its batch is in the model now, held at the gate
+    second = await pipeline.begin([message(b"oak bed", 1)])
+    await asyncio.sleep(0.05)
+    del pipeline._in_flight["oak bed"]  # as its owner does when its deadline passes
+    engine.gate.set()
+    parts = await asyncio.wait_for(asyncio.gather(_parts(first), _parts(second)), timeout=10)
+    assert [[len(part.outcome.parsed) for part in step_parts] for step_parts in parts] == [[1], [1]]
+
+
 class GatedEngine(ExplodingEngine):
     """Holds every model batch until the test opens the gate; must not be asked to decode continuously."""
 

@@ -270,6 +270,10 @@ class _StepOutputs:
 Inferred = tuple[dict[str, ParseResult], dict[str, tuple[str, str]]]
 
 
+#: A queued miss: its normalized query and the future the steps that need its parse hold.
+_Queued = tuple[str, "asyncio.Future[ParseResult]"]
+
+
 class ParsePipeline:
     def __init__(
         self,
@@ -295,14 +299,14 @@ class ParsePipeline:
         self._in_flight: dict[str, asyncio.Future[ParseResult]] = {}
         self._background: set[asyncio.Task[None]] = set()
         #: Misses waiting for the next model batch (``miss_batching=batch``), and the task parsing them.
-        self._queued_misses: list[str] = []
+        self._queued_misses: list[_Queued] = []
         #: The window the misses of steps begun close together share (``_miss_window``), and their count.
         self._window: asyncio.Future[None] | None = None
         self._window_misses = 0
         self._miss_batches: asyncio.Task[None] | None = None
         #: With continuous batching: misses waiting for a free row, their rows in the engine now, and
         #: the task that lets the waiting ones join (``_join_queued_misses``).
-        self._waiting_for_rows: list[str] = []
+        self._waiting_for_rows: list[_Queued] = []
         self._rows_in_engine = 0
         self._row_freed = asyncio.Event()
         self._joins: asyncio.Task[None] | None = None
@@ -566,15 +570,17 @@ class ParsePipeline:
                 # Shielded: one step's cancellation must not close the window for the others.
                 await asyncio.shield(self._miss_window(len(new)))
             submit = getattr(self.engine, "submit", None) if self._misses_join_running_batch() else None
+            # Each with the future its steps hold: resolved even if the query leaves ``_in_flight`` first.
+            queued = [(query, future) for query in new if (future := self._in_flight.get(query)) is not None]
             if submit is not None:
                 room = 0 if self._waiting_for_rows else max(self.settings.batch_size - self._rows_in_engine, 0)
-                self._join(submit, new[:room])
-                if new[room:]:
-                    self._waiting_for_rows.extend(new[room:])
+                self._join(submit, queued[:room])
+                if queued[room:]:
+                    self._waiting_for_rows.extend(queued[room:])
                     if self._joins is None or self._joins.done():
                         self._joins = self._in_background(self._join_queued_misses(submit))
-            elif new:
-                self._queued_misses.extend(new)
+            elif queued:
+                self._queued_misses.extend(queued)
                 if self._miss_batches is None or self._miss_batches.done():
                     self._miss_batches = self._in_background(self._parse_queued_misses())
         except BaseException as exc:
@@ -591,11 +597,10 @@ class ParsePipeline:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _join(self, submit: Callable[[str], Future[ParseResult]], queries: list[str]) -> None:
-        """``queries`` join the engine's running loop, a row each."""
-        for query in queries:
-            target = self._in_flight.get(query)
-            if target is None or target.done():
+    def _join(self, submit: Callable[[str], Future[ParseResult]], queued: list[_Queued]) -> None:
+        """``queued`` misses join the engine's running loop, a row each."""
+        for query, target in queued:
+            if target.done():
                 continue
             row = asyncio.wrap_future(submit(query))
             self._rows_in_engine += 1
@@ -616,11 +621,19 @@ class ParsePipeline:
                 self._row_freed.clear()
                 await self._row_freed.wait()
                 continue
-            queries, self._waiting_for_rows = self._waiting_for_rows[:room], self._waiting_for_rows[room:]
+            chunk, self._waiting_for_rows = self._waiting_for_rows[:room], self._waiting_for_rows[room:]
             try:
-                self._join(submit, await self._answer_from_cache(queries))
-            except Exception as exc:  # never leave a step waiting for a parse that will not come
-                self._fail_queued(queries, exc)
+                # Counted as rows while they are looked up: a step submitting meanwhile leaves them room.
+                self._rows_in_engine += len(chunk)
+                try:
+                    missing = await self._answer_from_cache(chunk)
+                finally:
+                    self._rows_in_engine -= len(chunk)
+                self._join(submit, missing)
+            except BaseException as exc:  # never leave a step waiting for a parse that will not come
+                self._fail_queued(chunk, exc)
+                if not isinstance(exc, Exception):
+                    raise
 
     def _miss_window(self, misses: int) -> asyncio.Future[None]:
         """When these misses go to the model: with the other misses of steps begun within
@@ -666,31 +679,29 @@ class ParsePipeline:
             except Exception as exc:  # never leave a step waiting for a parse that will not come
                 self._fail_queued(batch, exc)
 
-    def _fail_queued(self, queries: list[str], exc: Exception) -> None:
-        log.exception("batch.failed", size=len(queries))
-        for query in queries:
-            future = self._in_flight.get(query)
-            if future is not None and not future.done():
+    def _fail_queued(self, queued: list[_Queued], exc: BaseException) -> None:
+        log.exception("batch.failed", size=len(queued))
+        for _, future in queued:
+            if not future.done():
                 future.set_exception(InferenceFailed(type(exc).__name__, str(exc) or type(exc).__name__))
 
-    async def _answer_from_cache(self, queries: list[str]) -> list[str]:
+    async def _answer_from_cache(self, queued: list[_Queued]) -> list[_Queued]:
         """Queued misses looked up again just before their model batch; returns those still missing.
 
         Their step looked them up when it began, but they may have queued for long since: behind a
         backlog, or through a Redis outage (every query a miss) that has ended, or while another worker
         parsed the same query. One ``MGET`` per model batch; a Redis still down answers at once."""
-        lookup = await self.cache.get_many(queries)
-        for query, hit in lookup.hits.items():
-            future = self._in_flight.get(query)
-            if future is not None and not future.done():
+        lookup = await self.cache.get_many([query for query, _ in queued])
+        for query, future in queued:
+            hit = lookup.hits.get(query)
+            if hit is not None and not future.done():
                 future.set_result(_ReadFromCache(hit.parse, list(hit.ungrounded)))
-        return [query for query in queries if query not in lookup.hits]
+        return [(query, future) for query, future in queued if not future.done()]
 
-    async def _parse_together(self, queries: list[str]) -> None:
-        inferred, failures = await self._infer_isolating_failures(queries)
-        for query in queries:
-            future = self._in_flight.get(query)
-            if future is None or future.done():
+    async def _parse_together(self, queued: list[_Queued]) -> None:
+        inferred, failures = await self._infer_isolating_failures([query for query, _ in queued])
+        for query, future in queued:
+            if future.done():
                 continue
             if query in inferred:
                 future.set_result(inferred[query])
