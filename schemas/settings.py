@@ -122,8 +122,8 @@ class Settings(BaseSettings):
         32768, ge=1,
         description="Messages taken whose offsets cannot be committed yet, per worker (Kafka runners): not "
         "delivered, or delivered behind a miss of their partition still in the model. Past it the runner "
-        "stops fetching: a bound on what a crash redoes. Only offsets are held for delivered ones, so it "
-        "is larger than max_in_flight_messages; at it, hits wait for the miss ahead of them.",
+        "stops fetching: a bound on what a crash redoes. A delivered one holds only its offset (Faust: its "
+        "event), so it is larger than max_in_flight_messages; at it, hits wait for the miss ahead of them.",
     )
     max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
 
