@@ -76,6 +76,9 @@ def engine(
     console = Console(width=160)
     console.print(table)
     console.print("ratios (queries/s):", report["ratios"])
+    if report["guessed_parses_differ"]:
+        console.print("parses with guessed choices that differ (per batch size; must be 0):",
+                      report["guessed_parses_differ"])
     if report["bf16_parses_differ"]:
         console.print("bf16 parses that differ from fp32 (per batch size):", report["bf16_parses_differ"])
     if report["always_null"]:

@@ -2,7 +2,8 @@
 
 Variants: (a) the original service (one generate() per query, full prompt, free text, last line
 json.loads), (b) batched generate() with the full prompt per row, (c) the constrained engine with
-jump-forward off, on at full width, on at balanced width (the CPU default), and packed. All run the
+jump-forward off, on at full width, on at balanced width, packed without guessed choices, and packed
+(the CPU default, which guesses choices: ``workers.drafting``). All run the
 same queries; (a) runs on a prefix of them because it is slow. The engine runs the model the worker
 serves (with the spec's shipped adapter, if any); (a) and (b) run the model without it, as the original
 service did, sharing the engine's copy where there is no adapter. Where the engine runs fp32 on a CPU
@@ -28,17 +29,19 @@ from workers.evaluation import QualityCase, load_quality, null_baseline, schema_
 
 log = structlog.get_logger(__name__)
 
-#: The engine's variants: name → (jump_forward, jump_forward_width, packed steps). The packed variant
-#: runs only where the engine can pack (CPU: the shared-prefix attention); its width is always full.
-ENGINE_VARIANTS: dict[str, tuple[bool, str, bool]] = {
-    "c_engine": (False, "full", False),
-    "c_engine_jump_forward_full": (True, "full", False),
-    "c_engine_jump_forward_balanced": (True, "balanced", False),
-    "c_engine_packed": (True, "full", True),
+#: The engine's variants: name → (jump_forward, jump_forward_width, packed steps, guessed choices as
+#: configured). The packed variants run only where the engine can pack (CPU: the shared-prefix
+#: attention); their width is always full. Only packed steps guess.
+ENGINE_VARIANTS: dict[str, tuple[bool, str, bool, bool]] = {
+    "c_engine": (False, "full", False, False),
+    "c_engine_jump_forward_full": (True, "full", False, False),
+    "c_engine_jump_forward_balanced": (True, "balanced", False, False),
+    "c_engine_packed_unguessed": (True, "full", True, False),
+    "c_engine_packed": (True, "full", True, True),
 }
 
 
-def engine_variants(can_pack: bool) -> dict[str, tuple[bool, str, bool]]:
+def engine_variants(can_pack: bool) -> dict[str, tuple[bool, str, bool, bool]]:
     return {name: v for name, v in ENGINE_VARIANTS.items() if can_pack or not v[2]}
 
 
@@ -56,6 +59,8 @@ class VariantResult:
     p95_batch_ms: float
     peak_rss_mb: float
     schema_valid: float
+    #: Forward passes per query (the engine's variants).
+    forwards_per_query: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,7 +129,9 @@ class _Runner:
     jump_forward: bool | None = None
     jump_forward_width: str | None = None
     packed: bool | None = None
+    guess_choices: int | None = None
     latencies: list[float] = field(default_factory=list)
+    forwards: int = 0
     parses: list[dict[str, str | None] | None] = field(default_factory=list)
     flags: list[list[str]] = field(default_factory=list)
     tokens_out: int = 0
@@ -139,6 +146,8 @@ class _Runner:
             self.engine.jump_forward_width = self.jump_forward_width
         if self.packed is not None:
             self.engine.packed = self.packed
+        if self.guess_choices is not None:
+            self.engine.guess_choices = self.guess_choices
 
     def batches(self) -> list[list[str]]:
         return [self.queries[i : i + self.batch_size] for i in range(0, len(self.queries), self.batch_size)]
@@ -152,6 +161,8 @@ class _Runner:
         results = self.engine.parse_batch(chunk)
         self.latencies.append(time.perf_counter() - t0)
         self.peak_rss = max(self.peak_rss, rss.read())
+        if self.guess_choices is not None:
+            self.forwards += self.engine.last_stats.forwards
         valid = baseline_valid(self.engine) or [schema_valid(spec, r.parse) for r in results]
         for result, ok in zip(results, valid, strict=True):
             self.parses.append(result.parse if ok else None)
@@ -175,6 +186,7 @@ class _Runner:
             p95_batch_ms=round(_percentile(self.latencies, 95) * 1000, 1),
             peak_rss_mb=round(self.peak_rss / 2**20, 1),
             schema_valid=round(sum(p is not None for p in self.parses) / max(n, 1), 4),
+            forwards_per_query=round(self.forwards / max(n, 1), 3) if self.guess_choices is not None else None,
             metrics={k: round(v, 4) for k, v in metrics.items()},
         )
 
@@ -240,14 +252,21 @@ def run_engine_bench(
         if include_batched:
             batched = BatchedGenerate(baseline_model, vocabulary, settings.max_new_tokens)
             runners.append(_Runner("b_batched_generate", batched, queries, batch_size))
-        for name, (jump, width, packed) in engine_variants(can_pack).items():
+        for name, (jump, width, packed, guessed) in engine_variants(can_pack).items():
             runners.append(_Runner(name, engine, queries, batch_size, jump_forward=jump, jump_forward_width=width,
-                                   packed=packed))
+                                   packed=packed, guess_choices=settings.guess_choices if guessed else 0))
         if bf16_engine is not None:
-            jump, width, packed = ENGINE_VARIANTS[default_name]
+            jump, width, packed, guessed = ENGINE_VARIANTS[default_name]
             runners.append(_Runner(f"{default_name}_bf16", bf16_engine, queries, batch_size, jump_forward=jump,
-                                   jump_forward_width=width, packed=packed))
+                                   jump_forward_width=width, packed=packed,
+                                   guess_choices=settings.guess_choices if guessed else 0))
     variants = run_interleaved(spec, runners, cases)
+    # Guessed choices must not change a parse: any count above 0 here is a defect.
+    guessed_differ = {
+        runner.batch_size: sum(a != b for a, b in zip(runner.parses, plain.parses, strict=True))
+        for runner in runners if runner.name == "c_engine_packed"
+        for plain in runners if plain.name == "c_engine_packed_unguessed" and plain.batch_size == runner.batch_size
+    }
     bf16_differ = {
         runner.batch_size: sum(a != b for a, b in zip(runner.parses, fp32.parses, strict=True))
         for runner in runners if runner.name.endswith("_bf16")
@@ -256,6 +275,7 @@ def run_engine_bench(
     engine.jump_forward = settings.jump_forward
     engine.jump_forward_width = settings.jump_forward_width
     engine.packed = can_pack
+    engine.guess_choices = settings.guess_choices
     ratios: dict[str, float] = {}
     by_name = {(v.name, v.batch_size): v for v in variants}
     seq = next((v for v in variants if v.name == "a_sequential_generate"), None)
@@ -270,9 +290,12 @@ def run_engine_bench(
         full = by_name[("c_engine_jump_forward_full", batch_size)]
         balanced = by_name[("c_engine_jump_forward_balanced", batch_size)]
         ratios[f"balanced/full@{batch_size}"] = round(balanced.queries_per_s / full.queries_per_s, 2)
-        packed_variant = by_name.get(("c_engine_packed", batch_size))
-        if packed_variant:
-            ratios[f"packed/balanced@{batch_size}"] = round(packed_variant.queries_per_s / balanced.queries_per_s, 2)
+        unguessed = by_name.get(("c_engine_packed_unguessed", batch_size))
+        if unguessed:
+            ratios[f"packed/balanced@{batch_size}"] = round(unguessed.queries_per_s / balanced.queries_per_s, 2)
+            guessed_variant = by_name[("c_engine_packed", batch_size)]
+            ratios[f"guessed/unguessed@{batch_size}"] = round(guessed_variant.queries_per_s / unguessed.queries_per_s,
+                                                              2)
         bf16_variant = by_name.get((f"{default_name}_bf16", batch_size))
         if bf16_variant:
             fp32_variant = by_name[(default_name, batch_size)]
@@ -293,6 +316,8 @@ def run_engine_bench(
         "ratios": ratios,
         #: Per batch size: queries whose bf16 parse differs from the fp32 one (same variant otherwise).
         "bf16_parses_differ": bf16_differ,
+        #: Per batch size: queries whose parse with guessed choices differs from the one without (must be 0).
+        "guessed_parses_differ": guessed_differ,
         "always_null": null_baseline(spec, cases) if cases else {},
     }
 

@@ -167,6 +167,13 @@ class Settings(BaseSettings):
         "chunk and prefills joining rows in a pass of their own. 'auto' is packed on CPU, padded elsewhere "
         "(fused attention kernels and the static CUDA cache want fixed shapes). Same outputs either way.",
     )
+    guess_choices: int = Field(
+        4,
+        ge=0,
+        description="Packed steps: how many of a row's next choices are guessed from the choices made before at "
+        "the same place of the output and checked in the same forward pass (workers/drafting.py). The model's "
+        "choice keeps or replaces each guess, so outputs do not change; right guesses save passes. 0 = off.",
+    )
     max_new_tokens: int = 48
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")
 

@@ -15,6 +15,9 @@ How a batch is parsed:
    the model together, as many per step as the step's width (``_step_width``) allows; without it
    they go one per step, keeping rows in step. Where a field with a ``null_bias`` begins, null's
    tokens get that bias before the choice.
+5. On packed steps, each row's next choices are guessed from earlier choices at the same place of the
+   output (``workers.drafting``) and fed in the same pass; the model's choice at each guessed position
+   keeps the guess or replaces it and ends the chain. Same outputs, fewer passes.
 
 One ``DecodeLoop`` runs the steps: ``parse_batch`` runs one per length group until its rows are
 done; ``submit`` feeds a continuously running one (``workers.continuous``) whose rows join at the
@@ -35,6 +38,7 @@ import structlog
 
 from schemas.settings import Settings
 from schemas.spec import ParseSpec
+from workers.drafting import DraftTable, draft_context
 from workers.grammar import (
     Grounding,
     RowGrammar,
@@ -141,6 +145,24 @@ def engine_version(model_id: str, spec: ParseSpec, grounding: str, card: dict[st
 
 
 @dataclass
+class _Choice:
+    """A place in a row's feed where the model chooses the next token, planned before the pass."""
+
+    #: Index in the row's feed of the token whose logits choose; -1 for the last choice: the feed's
+    #: last token, however the feed is cut into steps (a guessed choice's feed goes in one step).
+    at: int
+    #: Output tokens written before the choice: a replaced guess rolls the output back to here.
+    written: int
+    context: tuple[str, bool]
+    #: The grammar's mask at this place (1, vocabulary words), filled when the place was reached.
+    bitmask: torch.Tensor
+    #: Added to null's logits here (the field's ``null_bias``).
+    null_bias: float
+    #: The guessed token, already accepted into the grammar and the feed; None for the last choice.
+    guess: int | None = None
+
+
+@dataclass
 class _Row:
     index: int
     query: str
@@ -150,9 +172,13 @@ class _Row:
     tokens_in: int
     out_ids: list[int] = field(default_factory=list)
     position: int = 0
+    #: The position of the first token of the last chunk fed.
+    fed_from: int = 0
     #: Forward passes this row has been in; its first feeds the whole prefill chunk.
     steps: int = 0
     done: bool = False
+    #: The choices its feed leads to, in order; only the last one may lack a guess.
+    choices: list[_Choice] = field(default_factory=list)
 
 
 @dataclass
@@ -163,6 +189,9 @@ class DecodeStats:
     positions: int = 0
     padded_positions: int = 0
     decisions: int = 0
+    #: Guessed choices the model judged (guesses after a replaced one are not), and those it kept.
+    guessed: int = 0
+    guesses_kept: int = 0
     groups: int = 0
     #: Rows that joined a batch already decoding (continuous batching).
     joined: int = 0
@@ -346,6 +375,9 @@ class ConstrainedEngine:
             self._shared_prefix = use_gqa_sdpa(self.model) and use_prefix_cache
         #: Packed steps (``workers.packed``) need the shared prefix's attention function.
         self.packed = self._shared_prefix and settings.decode_layout != "padded"
+        #: Choices a row guesses ahead per pass (``workers.drafting``); packed steps only.
+        self.guess_choices = settings.guess_choices
+        self._guesses = DraftTable()
         if settings.decode_layout == "packed" and not self.packed:
             log.warning("engine.packed_unavailable", device=loaded.device,
                         reason="packed steps need the shared-prefix attention (CPU, sdpa model, prefix cache)")
@@ -353,8 +385,6 @@ class ConstrainedEngine:
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
         #: The written key that a field's value follows, and the bias its null gets there (``null_bias``).
         self._null_bias = {json.dumps(f.name) + ":": f.null_bias for f in spec.fields if f.null_bias}
-        #: A token decodes to one character or more, so this many last tokens hold a whole key.
-        self._null_key_tokens = max((len(key) for key in self._null_bias), default=0)
         self._null_ids: list[int] = []
         if self._null_bias:
             # Every token that can begin the literal null (the grammar masks those it does not allow).
@@ -554,15 +584,74 @@ class ConstrainedEngine:
                 best_width, best_score = width, score
         return best_width
 
-    def _bias_null(self, logits: torch.Tensor, rows: list[_Row], deciding: list[int]) -> None:
-        """Raise null's logits for the rows about to choose the value of a field with a ``null_bias``."""
-        for i in deciding:
-            # Only the tail: decoding each row's whole output on every step grows with its length.
-            written = self.tokenizer.decode(rows[i].out_ids[-self._null_key_tokens :]).rstrip()
-            for key, bias in self._null_bias.items():
-                if written.endswith(key):
-                    logits[i, self._null_ids] += bias
-                    break
+    def _guess_limit(self) -> int:
+        """How many of a row's choices one pass may guess: a thrown-away guess needs no undoing only
+        where each row's keys/values sit at its own positions (packed steps), and its place in the
+        feed holds only where each step feeds a row's whole feed (jump-forward)."""
+        return self.guess_choices if self.packed and self.jump_forward else 0
+
+    def _plan_choices(self, row: _Row, guesses: int) -> None:
+        """Mark the choice the row's feed leads to; guess it (and the choices after the text the guess
+        forces) while the table has a confident guess that the grammar allows, up to ``guesses``."""
+        import xgrammar as xgr
+
+        while True:
+            written = self.tokenizer.decode(row.out_ids) if guesses or self._null_bias else ""
+            context = draft_context(written) if guesses else ("", False)
+            bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
+            row.matcher.fill_next_token_bitmask(bitmask, 0)
+            choice = _Choice(-1, len(row.out_ids), context, bitmask, self._null_bias_at(written))
+            row.choices.append(choice)
+            guess = self._guesses.guess(context) if len(row.choices) <= guesses else None
+            if guess is None or not (int(bitmask[0, guess >> 5]) >> (guess & 31)) & 1:
+                return
+            if not row.matcher.accept_token(guess):
+                raise RuntimeError(f"grammar rejected a token its mask allows: {guess}")
+            choice.guess = guess
+            choice.at = len(row.feed) - 1
+            row.out_ids.append(guess)
+            row.feed.append(guess)
+            row.feed.extend(self._force(row))
+            if row.done:
+                # Done only once the pass keeps every guess (``_settle``); nothing follows the last
+                # guess, so it is not fed: its logits are never needed.
+                row.done = False
+                row.feed.pop()
+                return
+
+    def _null_bias_at(self, written: str) -> float:
+        """The bias null gets where the output so far is ``written`` (a field with a ``null_bias`` begins)."""
+        written = written.rstrip()
+        for key, bias in self._null_bias.items():
+            if written.endswith(key):
+                return bias
+        return 0.0
+
+    def _settle(self, row: _Row, settled: list[tuple[_Choice, int]], stats: DecodeStats, guesses: int) -> None:
+        """Apply the model's choices at the row's planned places, in order: a guess the model chose
+        stays; the first one it did not is rolled back with everything after it and replaced."""
+        for choice, token in settled:
+            stats.decisions += 1
+            if guesses:
+                self._guesses.learn(choice.context, token)
+            if choice.guess is not None:
+                stats.guessed += 1
+            if choice.guess is not None and token == choice.guess:
+                stats.guesses_kept += 1
+                continue
+            if choice.guess is not None:
+                row.matcher.rollback(len(row.out_ids) - choice.written)
+                del row.out_ids[choice.written :]
+                # The guess's column and those after it are written over by the next step.
+                row.position = row.fed_from + choice.at + 1
+            self._decide(row, token)
+            break
+        else:
+            # Every guess kept: a chain without a last unguessed choice ends where the grammar does.
+            row.done = True
+        row.choices = []
+        if not row.done:
+            self._plan_choices(row, guesses)
 
     def _decide(self, row: _Row, token: int) -> None:
         if not row.matcher.accept_token(token):
@@ -601,7 +690,6 @@ class DecodeLoop:
         self.active: list[_Row] = []
         self._make_stepper = make_stepper
         self._stepper: Stepper | None = None
-        self._bitmask: torch.Tensor | None = None
         #: The last rows of ``active`` that joined since the last step and are not in the stepper yet.
         self._joining = 0
 
@@ -609,9 +697,12 @@ class DecodeLoop:
         if not rows:
             return
         base = len(self.engine._prefix_ids) if self.engine.use_prefix_cache else 0
+        guesses = self.engine._guess_limit()
         for row in rows:
             row.position = base
             row.steps = 0
+            row.choices = []
+            self.engine._plan_choices(row, guesses)
         if self._stepper is None or not self.active:
             self._stepper = self._make_stepper(len(rows), max(len(r.feed) for r in rows))
         elif isinstance(self._stepper, PackedStepper):
@@ -643,26 +734,25 @@ class DecodeLoop:
         if joining:
             # The joiners' suffixes are prefilled in a pass of their own: in the running rows' pass
             # they would widen every row's step to the longest suffix.
-            logits = self._forward(self._stepper, active[:-joining])
+            logits, due = self._forward(self._stepper, active[:-joining])
             prefilled = self._make_stepper(joining, max(len(r.feed) for r in active[-joining:]))
-            logits = torch.cat([logits, self._forward(prefilled, active[-joining:])])
+            joined_logits, joined_due = self._forward(prefilled, active[-joining:])
+            logits, due = torch.cat([logits, joined_logits]), due + joined_due
             self._stepper.absorb(prefilled)
         else:
-            logits = self._forward(self._stepper, active)
-        deciding = [i for i, r in enumerate(active) if not r.feed]
-        if deciding:
-            if self._bitmask is None or self._bitmask.shape[0] < len(active):
-                self._bitmask = xgr.allocate_token_bitmask(len(active), engine._vocab_size)
-            bitmask = self._bitmask
-            for i in deciding:
-                active[i].matcher.fill_next_token_bitmask(bitmask, i)
-            xgr.apply_token_bitmask_inplace(logits, bitmask[: len(active)], indices=deciding)
-            if engine._null_bias:
-                engine._bias_null(logits, active, deciding)
+            logits, due = self._forward(self._stepper, active)
+        if due:
+            xgr.apply_token_bitmask_inplace(logits, torch.cat([choice.bitmask for _, choice in due]))
+            for k, (_, choice) in enumerate(due):
+                if choice.null_bias:
+                    logits[k, engine._null_ids] += choice.null_bias
             chosen = logits.argmax(dim=-1).tolist()
-            for i in deciding:
-                engine._decide(active[i], int(chosen[i]))
-            stats.decisions += len(deciding)
+            by_row: dict[int, tuple[_Row, list[tuple[_Choice, int]]]] = {}
+            for (row, choice), token in zip(due, chosen, strict=True):
+                by_row.setdefault(id(row), (row, []))[1].append((choice, int(token)))
+            guesses = engine._guess_limit()
+            for row, settled in by_row.values():
+                engine._settle(row, settled, stats, guesses)
         for row in active:
             if not row.done and row.steps >= MAX_STEPS:
                 log.warning("engine.step_limit", query_chars=len(row.query))
@@ -673,8 +763,9 @@ class DecodeLoop:
             self._keep([i for i, r in enumerate(active) if not r.done])
         return finished
 
-    def _forward(self, stepper: Stepper, rows: list[_Row]) -> torch.Tensor:
-        """One forward pass of ``stepper`` over ``rows``' next chunks; their last-position logits."""
+    def _forward(self, stepper: Stepper, rows: list[_Row]) -> tuple[torch.Tensor, list[tuple[_Row, _Choice]]]:
+        """One forward pass of ``stepper`` over ``rows``' next chunks; the choices it reaches (the
+        planned choices of every row whose feed it used up) and their logits, in that order."""
         import torch
 
         engine, stats = self.engine, self.stats
@@ -684,6 +775,11 @@ class DecodeLoop:
         ids = torch.full((len(rows), width), engine._pad_id, dtype=torch.long)
         step_mask = torch.zeros((len(rows), width), dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
+        due: list[tuple[_Row, _Choice]] = []
+        due_rows: list[int] = []
+        #: Where each due choice's logits are in a packed step's token sequence.
+        picks: list[int] = []
+        packed_offset = 0
         for i, (row, chunk) in enumerate(zip(rows, chunks, strict=True)):
             n = len(chunk)
             # Left-pad inside the step so every row's last real token is the last column.
@@ -691,16 +787,28 @@ class DecodeLoop:
             step_mask[i, width - n :] = 1
             positions[i, :] = row.position
             positions[i, width - n :] = torch.arange(row.position, row.position + n)
+            row.fed_from = row.position
             row.position += n
             row.feed = row.feed[n:]
             row.steps += 1
-        logits = stepper.step(ids, step_mask, positions)
+            if not row.feed:
+                due_rows.append(i)
+                for choice in row.choices:
+                    due.append((row, choice))
+                    picks.append(packed_offset + (choice.at if choice.at >= 0 else n - 1))
+            packed_offset += n
+        if isinstance(stepper, PackedStepper):
+            logits = stepper.step(ids, step_mask, positions, picks=picks)
+        else:
+            if len(due) != len(due_rows):
+                raise RuntimeError("guessed choices need packed steps")
+            logits = stepper.step(ids, step_mask, positions)[due_rows]
         stats.forwards += 1
         fed = sum(len(c) for c in chunks)
         computed = fed if isinstance(stepper, PackedStepper) else len(rows) * width
         stats.positions += computed
         stats.padded_positions += computed - fed
-        return logits
+        return logits, due
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.active):

@@ -229,7 +229,10 @@ class PackedStepper:
         """``count`` new rows after the active ones, with empty caches."""
         self.cache.rows += count
 
-    def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, step_mask: torch.Tensor, positions: torch.Tensor,
+             picks: list[int] | None = None) -> torch.Tensor:
+        """As ``Stepper.step``; with ``picks``, the logits at those indices of the packed tokens instead
+        (a row's guessed choices are read inside its chunk, not only at its end)."""
         import torch
 
         real = step_mask.bool()
@@ -239,7 +242,7 @@ class PackedStepper:
         plan = plan_step(self.cache, lengths, starts, self.device)
         packed_ids = ids[real].unsqueeze(0).to(self.device)
         packed_positions = positions[real].unsqueeze(0).to(self.device)
-        last = torch.tensor(lengths).cumsum(0) - 1
+        last = torch.tensor(lengths).cumsum(0) - 1 if picks is None else torch.tensor(picks, dtype=torch.long)
         out = self.model(
             input_ids=packed_ids,
             position_ids=packed_positions,
