@@ -50,14 +50,24 @@ class DraftTable:
         self.min_seen = min_seen
         self.min_share = min_share
         self._choices: dict[tuple[str, bool], Counter[int]] = {}
+        #: Per context: the most frequent choice and the number of choices made there.
+        self._leader: dict[tuple[str, bool], int] = {}
+        self._made: Counter[tuple[str, bool]] = Counter()
         self._best: dict[tuple[str, bool], int | None] = {}
 
     def guess(self, context: tuple[str, bool]) -> int | None:
         return self._best.get(context)
 
     def learn(self, context: tuple[str, bool], token: int) -> None:
+        # Once per choice, so kept O(1): a place where spans go on sees thousands of distinct words,
+        # and counts only grow, so only the token just counted can overtake the leader.
         seen = self._choices.setdefault(context, Counter())
         seen[token] += 1
-        leader, count = seen.most_common(1)[0]
-        confident = count >= self.min_seen and count >= self.min_share * seen.total()
+        self._made[context] += 1
+        leader = self._leader.get(context, token)
+        if seen[token] > seen[leader]:
+            leader = token
+        self._leader[context] = leader
+        count = seen[leader]
+        confident = count >= self.min_seen and count >= self.min_share * self._made[context]
         self._best[context] = leader if confident else None
