@@ -10,7 +10,7 @@ from schemas.spec import load_spec
 from tests.engine_fixtures import real_loaded, tiny_loaded
 from tests.test_continuous import closing, make_engine, quality_queries, results
 from workers.drafting import DraftTable, draft_context
-from workers.engine import ConstrainedEngine
+from workers.engine import ConstrainedEngine, ParseResult, _Row
 from workers.model import LoadedModel
 
 __all__ = ["closing", "real_loaded", "tiny_loaded"]
@@ -48,7 +48,8 @@ class ContraryTable(DraftTable):
 
     def __init__(self, engine: ConstrainedEngine, seed: int) -> None:
         super().__init__()
-        texts = [" null", ' "', '",', '"', " ", "s"]
+        # '"}' closes the last value and the object in one token: a guess that completes the grammar.
+        texts = [" null", ' "', '",', '"', '"}', " ", "s"]
         self._tokens = [engine.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts]
         self._random = random.Random(seed)
 
@@ -59,18 +60,67 @@ class ContraryTable(DraftTable):
         return self._random.choice(self._tokens)
 
 
-@pytest.mark.parametrize("spec_name", ["furniture", "ecommerce"])
-def test_replaced_guesses_leave_the_greedy_output(tiny_loaded: LoadedModel, spec_name: str) -> None:
+@pytest.mark.parametrize(("spec_name", "grounding"), [("furniture", "catalog"), ("ecommerce", "catalog"),
+                                                     ("ecommerce", "span"), ("furniture", "free")])
+def test_replaced_guesses_leave_the_greedy_output(tiny_loaded: LoadedModel, spec_name: str, grounding: str) -> None:
     spec = load_spec(spec_name)
     queries = quality_queries(spec_name, 24)
-    expected = make_engine(tiny_loaded, spec, guess_choices=0, batch_size=8).parse_batch(queries)
-    engine = make_engine(tiny_loaded, spec, guess_choices=4, batch_size=8)
+    expected = make_engine(tiny_loaded, spec, guess_choices=0, batch_size=8, grounding=grounding).parse_batch(queries)
+    engine = make_engine(tiny_loaded, spec, guess_choices=4, batch_size=8, grounding=grounding)
     engine._guesses = ContraryTable(engine, seed=3)
     assert engine.parse_batch(queries) == expected  # the table learns here
     assert engine.parse_batch(queries) == expected
     stats = engine.last_stats
     # Both ways through: guesses kept (choices settled without a pass) and guesses replaced.
     assert 0 < stats.guesses_kept < stats.guessed
+
+
+class OracleTable(DraftTable):
+    """Guesses the greedy output's next token for the row being planned: every guess is kept, the
+    ones that close the whole object included."""
+
+    def __init__(self, greedy: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.greedy = greedy
+        self.row: _Row | None = None
+
+    def guess(self, context: tuple[str, bool]) -> int | None:
+        assert self.row is not None
+        tokens, written = self.greedy[self.row.query], len(self.row.out_ids)
+        return tokens[written] if written < len(tokens) else None
+
+
+@pytest.mark.parametrize(("spec_name", "grounding"), [("furniture", "free"), ("ecommerce", "span")])
+def test_kept_guesses_finish_rows_where_the_grammar_ends(
+    tiny_loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, spec_name: str, grounding: str
+) -> None:
+    spec = load_spec(spec_name)
+    queries = quality_queries(spec_name, 24)
+    plain = make_engine(tiny_loaded, spec, guess_choices=0, batch_size=8, grounding=grounding)
+    greedy: dict[str, list[int]] = {}
+    result = plain._result
+
+    def recording(row: _Row) -> ParseResult:
+        greedy[row.query] = list(row.out_ids)
+        return result(row)
+
+    monkeypatch.setattr(plain, "_result", recording)
+    expected = plain.parse_batch(queries)
+    # Chains long enough to reach the end of every output: each row is parsed in its prefill's pass.
+    engine = make_engine(tiny_loaded, spec, guess_choices=64, batch_size=8, grounding=grounding)
+    oracle = OracleTable(greedy)
+    engine._guesses = oracle
+    plan = engine._plan_choices
+
+    def planning(row: _Row, guesses: int) -> None:
+        oracle.row = row
+        plan(row, guesses)
+
+    monkeypatch.setattr(engine, "_plan_choices", planning)
+    assert engine.parse_batch(queries) == expected
+    stats = engine.last_stats
+    assert stats.guessed > 0 and stats.guesses_kept == stats.guessed
+    assert stats.forwards == 1 < plain.last_stats.forwards
 
 
 def test_replaced_guesses_leave_the_output_of_rows_joining_a_running_batch(

@@ -158,7 +158,8 @@ class _Choice:
     bitmask: torch.Tensor
     #: Added to null's logits here (the field's ``null_bias``).
     null_bias: float
-    #: The guessed token, already accepted into the grammar and the feed; None for the last choice.
+    #: The guessed token, already accepted into the grammar and the feed; None for a chain's last
+    #: choice, unless the grammar ends with that choice's guess.
     guess: int | None = None
 
 
@@ -498,6 +499,9 @@ class ConstrainedEngine:
         to the value's token (`` null``, `` "``), so committing it alone would feed the model a
         tokenization it never saw. A row whose forced text completes the grammar is done.
         """
+        if row.matcher.is_completed():  # a guessed token can close the output by itself
+            row.done = True
+            return []
         forced = row.matcher.find_jump_forward_string()
         committed = forced.rstrip()
         if not committed:
@@ -588,7 +592,7 @@ class ConstrainedEngine:
         """How many of a row's choices one pass may guess: a thrown-away guess needs no undoing only
         where each row's keys/values sit at its own positions (packed steps), and its place in the
         feed holds only where each step feeds a row's whole feed (jump-forward)."""
-        return self.guess_choices if self.packed and self.jump_forward else 0
+        return self.guess_choices if self.packed and self.jump_forward and self._static is None else 0
 
     def _plan_choices(self, row: _Row, guesses: int) -> None:
         """Mark the choice the row's feed leads to; guess it (and the choices after the text the guess
