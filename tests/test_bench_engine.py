@@ -35,7 +35,7 @@ def test_bench_engine_runs_every_variant_with_the_same_parses(tmp_path: Path, sp
     # Where the CPU computes bf16 natively, the default variant runs in bf16 too, beside fp32.
     bf16 = ["c_engine_packed_bf16"] if bf16_native("cpu") else []
     assert names == ["b_batched_generate", "c_engine", "c_engine_jump_forward_full",
-                     "c_engine_jump_forward_balanced", "c_engine_packed", *bf16]
+                     "c_engine_jump_forward_balanced", "c_engine_packed_unguessed", "c_engine_packed", *bf16]
     # The baseline is the original service: the model as it is, prompted with the spec's examples (the
     # shipped student is prompted without them and writes no JSON of its own).
     baseline, engine = report["variants"][0], report["variants"][1]
@@ -56,4 +56,8 @@ def test_bench_engine_runs_every_variant_with_the_same_parses(tmp_path: Path, sp
     else:
         assert report["bf16_parses_differ"] == {}
     assert all(variant["queries"] == 8 and variant["queries_per_s"] > 0 for variant in report["variants"])
-    assert {"balanced/full@4", "packed/balanced@4"} <= set(report["ratios"])
+    assert {"balanced/full@4", "packed/balanced@4", "guessed/unguessed@4"} <= set(report["ratios"])
+    # Guessed choices save passes and change no parse.
+    assert report["guessed_parses_differ"] == {"4": 0}
+    by_name = {variant["name"]: variant for variant in report["variants"]}
+    assert by_name["c_engine_packed"]["forwards_per_query"] < by_name["c_engine_packed_unguessed"]["forwards_per_query"]
