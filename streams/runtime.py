@@ -170,6 +170,7 @@ class WorkerRuntime:
             self.pipeline_engine.loaded = engine
             self.engine = engine
         self.metrics.model_load_seconds.set(time.perf_counter() - began)
+        self.metrics.watch_engine(self.engine)
         self.metrics.info.info({
             "model": self.engine.model_id,
             "device": str(getattr(self.engine, "device", self.settings.device)),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from schemas.events import DeadLetterStage
 from workers.core_step import BatchOutcome
+from workers.engine import DecodeStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -61,6 +62,38 @@ class BatchHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation)
 
 
+class DecodingCounters(Collector):
+    """The engine's decoding counters (``ConstrainedEngine.decode_totals``), read at each scrape: the
+    engine counts on its decoding thread, and a scrape costs it nothing."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._read: Callable[[], DecodeStats] | None = None
+        registry.register(self)
+
+    def watch(self, read: Callable[[], DecodeStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        return self._families(self._read() if self._read is not None else DecodeStats())
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return self._families(DecodeStats())
+
+    @staticmethod
+    def _families(totals: DecodeStats) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("qustream_engine_forward_passes", "Model forward passes of the decoding loops.",
+                                  value=totals.forwards)
+        yield CounterMetricFamily("qustream_engine_choices", "Tokens the model chose (the rest the grammar forced).",
+                                  value=totals.decisions)
+        guesses = CounterMetricFamily(
+            "qustream_engine_guesses",
+            "Guessed choices the model judged, by result: kept saved a pass, replaced cost its tokens.",
+            labels=["result"])
+        guesses.add_metric(["kept"], totals.guesses_kept)
+        guesses.add_metric(["replaced"], totals.guessed - totals.guesses_kept)
+        yield guesses
+
+
 def _format_bound(bound: float) -> str:
     """``le`` as ``Histogram`` writes it (``1.0``, ``0.005``)."""
     return repr(float(bound))
@@ -96,6 +129,8 @@ class WorkerMetrics:
             "How long a partition's committable position has waited for its first unsettled input.",
             ["topic", "partition"], registry=r)
         self.ready = Gauge("qustream_ready", "1 when the worker is ready to process.", registry=r)
+        #: Fed by ``watch_engine`` once the model is loaded; zeros until then.
+        self.decoding = DecodingCounters(r)
         self.info = Info("qustream_worker", "Worker build and model.", registry=r)
         for outcome in ("inferred", "cached", "dead_lettered"):
             self.messages.labels(outcome=outcome)
@@ -114,6 +149,12 @@ class WorkerMetrics:
         self._errors = self.cache_requests.labels(result="error")
         self._tokens_in = self.tokens.labels(direction="in")
         self._tokens_out = self.tokens.labels(direction="out")
+
+    def watch_engine(self, engine: object) -> None:
+        """Expose the engine's decoding counters, where it keeps them (the constrained engine)."""
+        read = getattr(engine, "decode_totals", None)
+        if callable(read):
+            self.decoding.watch(read)
 
     def observe(self, outcome: BatchOutcome) -> None:
         m = outcome.metrics

@@ -60,6 +60,9 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "qustream_inputs_unsettled": ("gauge", frozenset({"topic", "partition"})),
     "qustream_commit_waiting_seconds": ("gauge", frozenset({"topic", "partition"})),
     "qustream_ready": ("gauge", frozenset()),
+    "qustream_engine_forward_passes_total": ("counter", frozenset()),
+    "qustream_engine_choices_total": ("counter", frozenset()),
+    "qustream_engine_guesses_total": ("counter", frozenset({"result"})),
     "qustream_worker_info": ("info", frozenset({"model", "device", "version", "transport"})),
 }
 LABEL_VALUES: dict[str, frozenset[str]] = {

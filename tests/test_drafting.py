@@ -145,3 +145,22 @@ def test_learned_guesses_save_passes_of_the_real_model(real_loaded: LoadedModel)
     assert guessing.parse_batch(queries[24:]) == expected
     assert guessing.last_stats.guesses_kept > 0
     assert guessing.last_stats.forwards < plain.last_stats.forwards
+
+
+def test_decoding_totals_count_batches_and_the_continuous_loop(
+    tiny_loaded: LoadedModel, closing: list[ConstrainedEngine]
+) -> None:
+    queries = quality_queries("furniture", 8)
+    engine = make_engine(tiny_loaded, guess_choices=4)
+    closing.append(engine)
+    engine.parse_batch(queries[:4])
+    batch = engine.last_stats
+    assert engine.decode_totals().forwards == batch.forwards > 0
+    results([engine.submit(q) for q in queries[4:]])
+    assert engine._batcher is not None
+    continuous = engine._batcher.stats
+    totals = engine.decode_totals()
+    assert continuous.forwards > 0
+    assert totals.forwards == batch.forwards + continuous.forwards
+    assert totals.decisions == batch.decisions + continuous.decisions
+    assert totals.guesses_kept == batch.guesses_kept + continuous.guesses_kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def test_queries_with_repeats_and_poison(pipeline_run: tuple[Settings, WorkerPro
     text = body.decode()
     assert f'qustream_messages_total{{outcome="dead_lettered"}} {float(len(poison))}' in text
     assert f'qustream_messages_total{{outcome="inferred"}} {float(len(UNIQUE_QUERIES))}' in text
+    # The engine's decoding counters are exported: the misses took forward passes.
+    passes = re.search(r"^qustream_engine_forward_passes_total (\S+)$", text, re.MULTILINE)
+    assert passes is not None and float(passes.group(1)) > 0
 
     # A client that is not the project's own decodes every event against the exported JSON Schema.
     from confluent_kafka import Consumer, TopicPartition

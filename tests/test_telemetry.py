@@ -7,7 +7,8 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from streams.telemetry import _LATENCY_BUCKETS, BatchHistogram
+from streams.telemetry import _LATENCY_BUCKETS, BatchHistogram, WorkerMetrics
+from workers.engine import DecodeStats
 
 
 def _samples(registry: CollectorRegistry) -> dict[str, float]:
@@ -88,3 +89,24 @@ def test_worker_end_to_end_latency_matches_histogram_observe_over_steps() -> Non
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-12), name
     assert got['qustream_end_to_end_latency_seconds_bucket{le="0.005"}'] > 0  # the skewed ones, counted as zero
+
+
+def test_the_engines_decoding_counters_are_read_at_each_scrape() -> None:
+    metrics = WorkerMetrics()
+    before = _samples(metrics.registry)
+    assert before["qustream_engine_forward_passes_total"] == 0
+    assert before['qustream_engine_guesses_total{result="kept"}'] == 0
+    totals = DecodeStats(forwards=3, decisions=10, guessed=6, guesses_kept=4)
+
+    class Engine:
+        def decode_totals(self) -> DecodeStats:
+            return totals
+
+    metrics.watch_engine(Engine())
+    got = _samples(metrics.registry)
+    assert got["qustream_engine_forward_passes_total"] == 3
+    assert got["qustream_engine_choices_total"] == 10
+    assert got['qustream_engine_guesses_total{result="kept"}'] == 4
+    assert got['qustream_engine_guesses_total{result="replaced"}'] == 2
+    totals.forwards = 5  # counted on, read again at the next scrape
+    assert _samples(metrics.registry)["qustream_engine_forward_passes_total"] == 5

@@ -198,6 +198,10 @@ class DecodeStats:
     joined: int = 0
     seconds: float = 0.0
 
+    def add(self, other: DecodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 class Stepper(Protocol):
     """Runs the model over one decoding batch; rows are the batch's active rows, in order."""
@@ -349,6 +353,10 @@ class ConstrainedEngine:
         self.few_shot = uses_few_shot(spec, loaded.card)
         self.version = engine_version(self.model_id, spec, self.grounding, loaded.card)
         self.last_stats = DecodeStats()
+        #: ``parse_batch``'s counters summed since start (under ``_lock``), and those of continuous
+        #: batchers replaced since (under ``_batcher_lock``); the running batcher keeps its own.
+        self._batch_totals = DecodeStats()
+        self._retired_totals = DecodeStats()
         self._lock = threading.Lock()
         self._batcher: ContinuousBatcher | None = None
         self._batcher_lock = threading.Lock()
@@ -424,8 +432,20 @@ class ConstrainedEngine:
                 self.last_stats.groups += 1
             results = [self._result(r) for r in rows]
             self.last_stats.seconds = time.perf_counter() - started
+            self._batch_totals.add(self.last_stats)
         self.release_freed_memory()
         return results
+
+    def decode_totals(self) -> DecodeStats:
+        """Decoding counters since start, batch and continuous together (for metrics; read unlocked,
+        so a figure may lag a step)."""
+        totals = DecodeStats()
+        totals.add(self._batch_totals)
+        with self._batcher_lock:
+            totals.add(self._retired_totals)
+            if self._batcher is not None:
+                totals.add(self._batcher.stats)
+        return totals
 
     def release_freed_memory(self) -> None:
         """After a batch or a decoding step: the heap's free pages back to the OS, at most once a second."""
@@ -441,6 +461,8 @@ class ConstrainedEngine:
             if self._batcher is None or not self._batcher.running:
                 from workers.continuous import ContinuousBatcher
 
+                if self._batcher is not None:  # its thread has stopped: its counters stay counted
+                    self._retired_totals.add(self._batcher.stats)
                 self._batcher = ContinuousBatcher(self, self.settings.batch_size)
             batcher = self._batcher
         return batcher.submit(query)
