@@ -85,6 +85,7 @@ def worker() -> None:
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
     from streams.broker_checks import BrokerRefusedSetting
+    from streams.runtime import WorkerFailed
     from streams.service import run_worker
 
     settings = settings_or_exit()
@@ -93,6 +94,8 @@ def worker() -> None:
         run_worker(settings)
     except BrokerRefusedSetting as exc:
         raise fail(str(exc), 2) from exc
+    except WorkerFailed as exc:
+        raise fail(f"the worker stopped after a bug ({exc}); restart it: what it held is processed again", 1) from exc
 
 
 @app.command()

@@ -187,7 +187,7 @@ def _within(ranges: list[OffsetRange] | None, message: InboundMessage) -> bool:
 
 
 def _ignore(part: Sequence[InboundMessage]) -> None:
-    """Uncounted steps, and single redelivered messages (cleared once their step ended), clear nothing."""
+    """Uncounted steps clear nothing."""
 
 
 def _note_run(ranges: dict[Partition, OffsetRange], first: InboundMessage, last: InboundMessage) -> None:
@@ -252,10 +252,11 @@ class KafkaDeliveryCounter:
                         note="a worker died holding them: processed one at a time")
         for message in redelivered:
             await self._begin_one(message)
-            # To the end, so that only a message that kills the worker counts up.
-            await (await start([message], _ignore))
+            # To the end, so that only a message that kills the worker counts up; cleared only once
+            # delivered, so that one whose delivery failed (which stops the worker) counts up too.
             offset = int(message.offset)
-            self._ended([((message.topic, message.partition), (offset, offset))])
+            clear = self._clear_when_delivered([message], {_partition(message): (offset, offset)})
+            await (await start([message], clear))
 
     def _clear_when_delivered(self, step: Sequence[InboundMessage], ranges: dict[Partition, OffsetRange]) -> Delivered:
         """Clears each part's runs of offsets as it is delivered: runs of the step's own messages, so

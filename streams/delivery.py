@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -37,6 +39,10 @@ from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
 
 log = structlog.get_logger(__name__)
+
+#: Test-only: a query whose parsed event's delivery raises, as a bug in a delivery would (the
+#: end-to-end tests of a delivery bug stopping the worker use it).
+DELIVERY_BUG_ON_QUERY_ENV = "QUSTREAM_TEST_DELIVERY_BUG_ON_QUERY"
 
 #: How long a stopping worker keeps retrying the publish of a batch it holds before giving it up.
 STOP_GRACE_S = 10.0
@@ -307,6 +313,8 @@ class InFlight(Generic[InputsT]):
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        fail_on_query = os.environ.get(DELIVERY_BUG_ON_QUERY_ENV)
+        self._fail_on_query = json.dumps(fail_on_query).encode() if fail_on_query else None
 
     @property
     def room(self) -> int:
@@ -345,7 +353,7 @@ class InFlight(Generic[InputsT]):
             amend_ready(step.ready)
             self._held += len(step.ready.messages) - before
         if step.ready.messages:  # a step of misses only has nothing to deliver yet
-            await self._deliver(step.ready, inputs_of, delivered)
+            await self._deliver_or_fail(step.ready, inputs_of, delivered)
         if not step.pending:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
@@ -370,6 +378,8 @@ class InFlight(Generic[InputsT]):
         delivered: Callable[[Sequence[InboundMessage]], None] | None,
     ) -> None:
         try:
+            if self._fail_on_query is not None and any(self._fail_on_query in r.value for r in settled.outcome.parsed):
+                raise RuntimeError(f"{DELIVERY_BUG_ON_QUERY_ENV} (test only)")
             await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
         finally:
             self._held -= len(settled.messages)
@@ -384,12 +394,21 @@ class InFlight(Generic[InputsT]):
         delivered: Callable[[Sequence[InboundMessage]], None] | None,
     ) -> None:
         async for settled in step.remaining():
-            try:
-                await self._deliver(settled, inputs_of, delivered)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A delivery bug must not end the runner, nor strand the step's other parts (their
-                # misses would wait, unpublished and uncommitted, until a restart): this part's inputs
-                # stay unacknowledged and are processed again by the partition's next owner.
-                log.exception("step.delivery_failed", messages=len(settled.messages))
+            await self._deliver_or_fail(settled, inputs_of, delivered)
+
+    async def _deliver_or_fail(
+        self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
+        delivered: Callable[[Sequence[InboundMessage]], None] | None,
+    ) -> None:
+        """Deliver one part; a delivery that raises (a bug: broker errors are retried inside it)
+        stops the worker (``WorkerRuntime.fail``). This part's inputs stay unacknowledged, so their
+        partition commits nothing past them, and the next owner processes them again; the step's
+        other parts are still delivered while the runner stops (within its grace), so a stopping
+        worker strands as few as it can."""
+        try:
+            await self._deliver(settled, inputs_of, delivered)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("step.delivery_failed", messages=len(settled.messages))
+            self.runtime.fail("delivery", exc)

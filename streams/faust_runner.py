@@ -28,8 +28,8 @@ from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
 from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
-from streams.runtime import WorkerRuntime
+from streams.delivery import STOP_GRACE_S, CommitTracker, InFlight, OutputNames, Retrying, Routed, route
+from streams.runtime import WorkerFailed, WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
 
 log = structlog.get_logger(__name__)
@@ -194,6 +194,22 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                     await flow.wait_for_room(1.0)
         finally:
             flow.cancel()  # Faust stops an agent by cancelling it: what was not delivered is redone
+
+    async def commit_then_crash(failure: WorkerFailed) -> None:
+        # Commit what was acked while the consumer thread still runs: crashing stops that thread, and
+        # a commit the stopping app makes after it can wait on it for ever. The failed part's events
+        # are never acked, so nothing past them is committed.
+        try:
+            await asyncio.wait_for(app.consumer.commit(), STOP_GRACE_S)
+        except Exception as exc:
+            log.warning("faust.commit_before_stop_failed", error=f"{type(exc).__name__}: {exc}")
+        # Crashing the app crashes its mode Worker, which stops and exits non-zero with the failure.
+        await app.crash(failure)
+
+    def stop_on_failure(failure: WorkerFailed) -> None:
+        app.add_future(commit_then_crash(failure))
+
+    runtime.on_failure(stop_on_failure)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[Any], **_: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -119,6 +120,12 @@ class StepSizer:
             self.miss_rate += self.smoothing * (misses / records - self.miss_rate)
 
 
+class WorkerFailed(RuntimeError):
+    """A bug left inputs neither acknowledged nor given up (a delivery that raised). The worker stops
+    and exits non-zero, so that its supervisor restarts it; the next owner of those inputs processes
+    them again, and the delivery count dead-letters one that fails every time."""
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, engine: ParseEngine | None = None) -> None:
         """Loads the parse spec at once: a bad spec stops the worker before it connects to anything
@@ -134,6 +141,9 @@ class WorkerRuntime:
         self.transport_connected = False
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.bridge: ParseBridge | None = None
+        #: Set by ``fail``: the worker is stopping because of a bug, and exits non-zero.
+        self.failure: WorkerFailed | None = None
+        self._on_failure: list[Callable[[WorkerFailed], None]] = []
         self._started = asyncio.Event()
         self._serving = asyncio.Event()
         self.pipeline_engine: ParseEngine | DeferredEngine
@@ -254,6 +264,29 @@ class WorkerRuntime:
                   tokens_in=m.tokens_in, tokens_out=m.tokens_out)
         self.progress.add(m.size, m.parsed, m.cached, m.dead_lettered)
 
+    def on_failure(self, callback: Callable[[WorkerFailed], None]) -> None:
+        """``callback`` stops the worker once ``fail`` is called (each runner's supervisor registers one)."""
+        self._on_failure.append(callback)
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """A bug at ``stage`` left inputs unacknowledged: stop the worker, and exit non-zero.
+
+        Without this, the commit position of those inputs' partitions waits for them until a restart,
+        while the worker goes on publishing behind them, healthy to every probe. Never raises."""
+        if self.failure is None:
+            self.failure = WorkerFailed(f"{stage}: {type(error).__name__}: {error}")
+            self.failure.__cause__ = error
+        log.critical("worker.failed", stage=stage, error=f"{type(error).__name__}: {error}",
+                     note="stopping; the inputs not acknowledged are processed again by their next owner")
+        failure = self.failure
+        callbacks: list[Callable[[], None]] = [self._refresh_ready]
+        callbacks += [functools.partial(stop, failure) for stop in self._on_failure]
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("worker.fail_failed")
+
     def set_transport(self, *, connected: bool | None = None, assigned: set[tuple[str, int]] | None = None) -> None:
         if connected is not None:
             self.transport_connected = connected
@@ -271,8 +304,11 @@ class WorkerRuntime:
             "partitions": len(self.assigned_partitions),
             "cache": cache_state,
         }
+        if self.failure is not None:
+            checks["failure"] = str(self.failure)
         # A down Redis only degrades: parsing goes on uncached.
-        ready = self.engine_ready and self.transport_connected and bool(self.assigned_partitions)
+        ready = (self.engine_ready and self.transport_connected and bool(self.assigned_partitions)
+                 and self.failure is None)
         return ready, checks
 
     def _refresh_ready(self) -> None:

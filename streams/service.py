@@ -39,7 +39,8 @@ Consume = Callable[[asyncio.Event, "asyncio.Task[None]"], Awaitable[None]]
 
 async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, bridge_client: BridgeClient) -> None:
     """Web endpoints at once, the model loading in the background, the consumer until SIGTERM/SIGINT
-    (it finishes its in-flight batch first). A model that fails to load stops the worker with that error."""
+    (it finishes its in-flight batch first). A model that fails to load stops the worker with that error;
+    a bug that fails the runtime (``WorkerRuntime.fail``) stops it with ``WorkerFailed``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,6 +55,7 @@ async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, br
             stop.set()
 
     boot.add_done_callback(stop_if_boot_failed)
+    runtime.on_failure(lambda _: stop.set())
     bridge = asyncio.create_task(_open_bridge(runtime, boot, bridge_client), name="parse-bridge")
     try:
         await consume(stop, boot)
@@ -70,6 +72,8 @@ async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, br
         await web.cleanup()
         await runtime.close()
         log.info("worker.stopped", worker_id=settings.worker_id)
+    if runtime.failure is not None:
+        raise runtime.failure
     if not boot.cancelled() and boot.exception() is not None:
         raise boot.exception()  # type: ignore[misc]
 

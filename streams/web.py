@@ -14,7 +14,7 @@ from streams.runtime import WorkerRuntime, package_version
 
 ENDPOINTS = {
     "GET /": "This list",
-    "GET /health": "Liveness: the process answers",
+    "GET /health": "Liveness: the process answers (503 once a bug is stopping it)",
     "GET /ready": "Readiness: model loaded and warmed, transport reachable, partitions assigned (503 otherwise)",
     "GET /metrics": "Prometheus metrics",
     "POST /parse": 'Send {"query": "..."} through the stream and return its parsed event (504 on timeout)',
@@ -37,6 +37,8 @@ def build_web_app(runtime: WorkerRuntime) -> web.Application:
         return web.json_response({"service": "qustream", "version": package_version(), "endpoints": ENDPOINTS})
 
     async def health(_: web.Request) -> web.Response:
+        if runtime.failure is not None:  # stopping after a bug: a hung stop still gets restarted
+            return web.json_response({"status": "failed", "error": str(runtime.failure)}, status=503)
         return web.json_response({"status": "ok"})
 
     async def ready(_: web.Request) -> web.Response:

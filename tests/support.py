@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from schemas.settings import Settings
-from streams.kafka_io import assign_all, make_consumer
+from schemas.spec import load_spec
+from streams.kafka_io import assign_all, make_consumer, make_producer
 from streams.local_stack import WorkerProcess
+from streams.topics import ensure_topics
+from workers.cache import CachedParse, ParseCache, redis_client
+from workers.engine import version_for
+from workers.normalize import normalize_query
 
 __all__ = ["AUTOPARTS_QUERIES", "ECOMMERCE_QUERIES", "POISON", "REPO", "WorkerProcess", "read_topic", "run",
            "write_autoparts_spec"]
@@ -68,6 +73,29 @@ def write_autoparts_spec(folder: Path) -> Path:
     path = folder / "autoparts.yaml"
     path.write_text(AUTOPARTS_SPEC)
     return path
+
+
+async def cache_parses(settings: Settings, queries: list[str]) -> None:
+    """The cache answers each of ``queries`` (a furniture parse) for a worker of ``settings``."""
+    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=load_spec(settings.parse_spec),
+                       version=version_for(settings), ttl_s=600, prefix=settings.cache_prefix)
+    parse = {"item_type": None, "material": "wood", "color": None, "style": None}
+    try:
+        assert await cache.set_many({normalize_query(q): CachedParse(dict(parse), []) for q in queries})
+    finally:
+        await cache.close()
+
+
+async def produce_in_order(settings: Settings, values: list[bytes]) -> None:
+    """The input topic created, then ``values`` sent one after another to its partition 0."""
+    await ensure_topics(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(settings.topic_input, value, partition=0)
+    finally:
+        await producer.stop()
 
 
 async def read_topic(settings: Settings, topic: str, *, until: int, timeout_s: float,

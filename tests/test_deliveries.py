@@ -4,6 +4,7 @@ the real Redis, through a crash loop simulated by an engine that takes the "proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -320,3 +321,35 @@ async def test_held_messages_the_model_would_not_see_run_with_the_rest(
     engine, outcome = await worker_run(settings, refetched, needs_model=only_the_poison_misses)
     assert outcome is None and engine.batches == [[q for q in queries if q != POISON], [POISON]]
     assert [item.deliveries for item in refetched] == [1, 1, 2, 1, 1]
+
+
+async def test_a_held_message_whose_delivery_failed_stays_counted(counter_settings: Callable[..., Settings]) -> None:
+    """A held message goes one at a time and is cleared once delivered, not merely once its step
+    ended: a delivery that raised (which stops the worker) tells nothing, and the message counts up."""
+    settings = counter_settings(max_deliveries=5)
+    queries = ["oak desk", "red sofa", "teal bookshelf"]
+
+    def fetched() -> list[InboundMessage]:
+        return [message(query, offset) for offset, query in enumerate(queries, start=10)]
+
+    async def dies(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        raise WorkerDied
+
+    async def delivery_of_red_sofa_fails(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        if [item.value for item in part] != [b"red sofa"]:
+            told(part)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    for start in (dies, delivery_of_red_sofa_fails):  # two lives: a crash, then the failed delivery
+        counter = KafkaDeliveryCounter(settings)
+        try:
+            with contextlib.suppress(WorkerDied):
+                await counter.run(fetched(), start)
+        finally:
+            await counter.close()
+    refetched = fetched()
+    engine, outcome = await worker_run(settings, refetched)
+    assert outcome is not None and engine.batches == [["oak desk", "teal bookshelf"], ["red sofa"]]
+    assert [item.deliveries for item in refetched] == [1, 3, 1]

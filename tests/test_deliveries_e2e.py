@@ -20,10 +20,8 @@ import redis as redis_sync
 
 from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
-from streams.kafka_io import make_producer
 from streams.redis_codec import decode_entry, encode_entry
-from streams.topics import ensure_topics
-from tests.support import WorkerProcess, read_topic, run
+from tests.support import WorkerProcess, produce_in_order, read_topic, run
 from workers.core_step import EXIT_ON_QUERY_ENV, EXIT_ON_QUERY_STATUS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -68,18 +66,7 @@ def test_kafka_message_that_kills_the_worker_each_time(
     make_settings: Callable[..., Settings], tmp_path: Path, runner: str
 ) -> None:
     settings = make_settings(kafka_runner=runner, batch_size=8, max_deliveries=MAX_DELIVERIES, partitions=1)
-
-    async def produce() -> None:
-        await ensure_topics(settings)
-        producer = make_producer(settings)
-        await producer.start()
-        try:
-            for value in values():
-                await producer.send_and_wait(settings.topic_input, value, partition=0)
-        finally:
-            await producer.stop()
-
-    run(produce())
+    run(produce_in_order(settings, values()))
     worker = crash_until_dead_lettered(settings, tmp_path)
     try:
         dead_records = run(read_topic(settings, settings.topic_dlq, until=1, timeout_s=STARTUP_S))

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
@@ -21,7 +22,8 @@ from schemas.settings import Settings
 from streams.delivery import CommitTracker, InFlight, Retrying, Waiting
 from streams.faust_runner import FaustDelivery
 from streams.kafka_runner import BatchPublisher, KafkaDelivery
-from streams.runtime import WorkerRuntime
+from streams.runtime import WorkerFailed, WorkerRuntime
+from streams.web import build_web_app
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord, RunningStep, Settled
 
 
@@ -158,6 +160,9 @@ class _Step:
 
         return RunningStep(Settled(_outcome(), [batch[0]]), finishing())
 
+    def fail(self, stage: str, error: BaseException) -> None:
+        self.runtime.fail(stage, error)
+
 
 def _outcome() -> BatchOutcome:
     return BatchOutcome([], [], [], BatchMetricsEvent(batch_id="b", worker_id="w", ts=datetime.now(UTC), size=1,
@@ -182,15 +187,26 @@ class BrokenOnce:
         return True
 
 
-async def test_a_part_whose_delivery_fails_does_not_strand_the_steps_other_parts() -> None:
-    delivery = BrokenOnce(broken="2")
-    flow: InFlight[list[str]] = InFlight(_Step(WorkerRuntime(Settings())), delivery, limit=10)  # type: ignore[arg-type]
+@pytest.mark.parametrize("broken", ["0", "2"], ids=["ready part", "finishing part"])
+async def test_a_part_whose_delivery_fails_stops_the_worker_without_stranding_the_steps_other_parts(
+    broken: str,
+) -> None:
+    runtime = WorkerRuntime(Settings())
+    stops: list[WorkerFailed] = []
+    runtime.on_failure(stops.append)
+    delivery = BrokenOnce(broken=broken)
+    flow: InFlight[list[str]] = InFlight(_Step(runtime), delivery, limit=10)  # type: ignore[arg-type]
     batch = [InboundMessage(b"q", b"k", "in", 0, str(offset), 0, {}) for offset in range(5)]
-    finished = await flow.start(batch, lambda messages: [m.offset for m in messages])
+    finished = await flow.start(batch, lambda messages: [m.offset for m in messages])  # does not raise
     await asyncio.wait_for(finished, 5)
-    # The hit at once, the misses as they finish; the part that raised did not take 3 and 4 with it.
-    assert delivery.delivered == ["0", "1", "3", "4"]
+    # The hit at once, the misses as they finish; the part that raised did not take the others with it.
+    assert delivery.delivered == [offset for offset in ["0", "1", "2", "3", "4"] if offset != broken]
     assert flow.room == 10  # nothing held: the failed part's inputs are simply not acknowledged
+    # ...and the worker stops, unready, naming the bug: its partitions would commit nothing past them.
+    assert runtime.failure is not None and stops == [runtime.failure]
+    assert "delivery: KeyError" in str(runtime.failure)
+    ready, checks = runtime.readiness()
+    assert not ready and "KeyError" in checks["failure"]
 
 
 def test_recording_a_batch_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -486,3 +502,19 @@ def test_a_revoked_partition_no_longer_waits_to_be_acked() -> None:
     assert delivery.order.unsettled() == 2
     assert set(delivery.order.waiting()) == {TopicPartition("in", 1)}
     assert set(delivery._not_acked) == {TopicPartition("in", 1)}
+
+
+async def test_a_failed_worker_answers_503_on_both_probes_naming_the_bug() -> None:
+    runtime = WorkerRuntime(Settings())
+    client = TestClient(TestServer(build_web_app(runtime)))
+    await client.start_server()
+    try:
+        assert (await client.get("/health")).status == 200
+        runtime.fail("delivery", KeyError("a bug"))
+        health = await client.get("/health")
+        assert health.status == 503 and "delivery: KeyError" in (await health.json())["error"]
+        ready = await client.get("/ready")
+        assert ready.status == 503 and "KeyError" in (await ready.json())["checks"]["failure"]
+    finally:
+        await client.close()
+        await runtime.close()

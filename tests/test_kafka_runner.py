@@ -14,16 +14,12 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.settings import Settings
-from schemas.spec import load_spec
 from streams.kafka_io import assign_all, make_consumer, make_producer
 from streams.kafka_runner import BatchPublisher
 from streams.local_stack import free_port
 from streams.topics import ensure_topics
-from tests.support import WorkerProcess, read_topic, run
-from workers.cache import CachedParse, ParseCache, redis_client
+from tests.support import WorkerProcess, cache_parses, read_topic, run
 from workers.core_step import OutboundRecord
-from workers.engine import version_for
-from workers.normalize import normalize_query
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +63,7 @@ def test_partitions_move_between_workers_without_losing_a_message(
     total, phases = 3000, (1200, 1000, 800)
     queries = [f"oak {['desk', 'bed', 'chair', 'table'][i % 4]} no {i}" for i in range(total)]
     # All cached: the workers never wait for the model, so the test measures the hand-over alone.
-    run(_prewarm(settings, queries))
+    run(cache_parses(settings, queries))
 
     worker_a = WorkerProcess(settings, tmp_path / "worker-a.log")
     settings_b = settings.model_copy(update={"web_port": free_port(), "worker_id": settings.worker_id + "-b"})
@@ -120,14 +116,6 @@ async def _read_until_every_id(settings: Settings, wanted: set[str], timeout_s: 
     return records
 
 
-async def _prewarm(settings: Settings, queries: list[str]) -> None:
-    cache = ParseCache(redis_client(settings.redis_url.get_secret_value()), spec=load_spec(settings.parse_spec),
-                       version=version_for(settings), ttl_s=600, prefix=settings.cache_prefix)
-    parse = {"item_type": None, "material": "wood", "color": None, "style": None}
-    try:
-        assert await cache.set_many({normalize_query(q): CachedParse(dict(parse), []) for q in queries})
-    finally:
-        await cache.close()
 
 
 async def _produce(settings: Settings, queries: list[str], start: int, end: int, pause_s: float = 0.0) -> None:
