@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas.settings import Settings
-from streams.cli import fail, settings_or_exit, spec_or_exit
+from streams.cli import fail, read_settings, settings_or_exit, spec_or_exit
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -45,14 +45,6 @@ dlq_app = typer.Typer(help="Dead letters: counts by stage/class, and redrive to 
 EXIT_UNREACHABLE = 2
 EXIT_REFUSED = 3
 EXIT_INTERRUPTED = 130
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic ValidationError: show it plainly
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _run(settings: Settings, make: Callable[[asyncio.Event], Awaitable[T]]) -> T:
@@ -148,7 +140,7 @@ def replay_command(
         raise typer.BadParameter("--rate and --speed exclude each other")
     if log_format not in ("auto", "jsonl", "csv", "tsv", "text"):
         raise typer.BadParameter(f"--format {log_format!r}: auto, jsonl, csv, tsv or text")
-    settings = _settings()
+    settings = read_settings()
     names = [str(path) for path in files]
     total = sum(count_lines(name) for name in names) if progress else None
 
@@ -195,7 +187,7 @@ def load_command(
     from producer_tools.load import generate_load
     from producer_tools.transport import open_sink
 
-    settings = _settings()
+    settings = read_settings()
     if count is None and duration is None:
         duration = 10.0
     total = count if count is not None else round(rate * (duration or 0))
@@ -235,7 +227,7 @@ def tail_command(
 
     if output not in ("json", "table"):
         raise typer.BadParameter("--format: json or table")
-    settings = _settings()
+    settings = read_settings()
     kind = table_kind(settings, topic)
     fields = load_spec(settings.parse_spec).field_names if kind == "parsed" else ()
 
@@ -302,7 +294,7 @@ def dlq_inspect(
     """
     from producer_tools.dlq import inspect
 
-    settings = _settings()
+    settings = read_settings()
     report = _run(settings, lambda _stop: inspect(settings, samples))
     if as_json:
         print(json.dumps(report.as_dict(), ensure_ascii=False))
@@ -342,7 +334,7 @@ def dlq_redrive(
     """
     from producer_tools.dlq import redrive
 
-    settings = _settings()
+    settings = read_settings()
     report = _run(settings, lambda _stop: redrive(settings, stage=stage, error_class=error_class, dry_run=dry_run))
     values = report.as_dict()
     if as_json:
@@ -370,7 +362,7 @@ def reprocess_command(
     """
     from producer_tools.reprocess import GroupActive, parse_since, reprocess
 
-    settings = _settings()
+    settings = read_settings()
     try:
         moment = parse_since(since)
     except ValueError as exc:
@@ -444,7 +436,7 @@ def label_command(
         raise typer.BadParameter(f"--grounding {grounding!r}: catalog, span or free")
     overrides: dict[str, Any] = {key: value for key, value in
                                  (("parse_spec", spec), ("model", model), ("grounding", grounding)) if value}
-    settings = _settings().model_copy(update=overrides)
+    settings = read_settings().model_copy(update=overrides)
     parse_spec = load_checked_spec(settings.parse_spec)
     started, clock = now()
     source: dict[str, Any]

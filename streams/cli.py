@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from schemas.settings import Settings
+from schemas.settings import Settings, describe_invalid_settings
 
 if TYPE_CHECKING:
     from schemas.spec import ParseSpec, SpecField
@@ -51,13 +52,23 @@ def settings_or_exit() -> Settings:
     """The settings from the environment, with logging configured (to stderr) from them."""
     from streams.logs import configure_logging
 
-    try:
-        settings = Settings()
-    except Exception as exc:  # pydantic ValidationError: show it plainly and exit 2
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings = read_settings()
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
     return settings
+
+
+def read_settings() -> Settings:
+    """The settings from the environment; every problem printed with its setting, then exit 2."""
+    try:
+        return Settings()
+    except ValidationError as exc:  # every problem with its setting, never the values (secrets): exit 2
+        console.print("[red]invalid settings:[/red]")
+        console.print(describe_invalid_settings(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+    except Exception as exc:  # e.g. a .env value that is not valid JSON for a list setting
+        console.print("[red]invalid settings:[/red] ", end="")
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

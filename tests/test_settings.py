@@ -1,0 +1,56 @@
+"""A bad setting stops every command at start with exit 2, naming the setting and never its value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.settings import Settings, describe_invalid_settings
+
+
+@pytest.mark.parametrize(
+    ("env", "named", "says"),
+    [
+        ({"QUSTREAM_KAFKA_BOOTSTRAP": ""}, "QUSTREAM_KAFKA_BOOTSTRAP", "is not host:port"),
+        ({"QUSTREAM_KAFKA_BOOTSTRAP": "kafka-1:9092,kafka-2"}, "QUSTREAM_KAFKA_BOOTSTRAP", "'kafka-2'"),
+        ({"QUSTREAM_KAFKA_BOOTSTRAP": "kafka:99999"}, "QUSTREAM_KAFKA_BOOTSTRAP", "is not host:port"),
+        ({"QUSTREAM_REDIS_URL": "http://:hunter2@redis:6379/0"}, "QUSTREAM_REDIS_URL", "must start with redis://"),
+        ({"QUSTREAM_WEB_PORT": "70000"}, "QUSTREAM_WEB_PORT", "less than or equal to 65535"),
+        ({"QUSTREAM_LOG_LEVEL": "verbose"}, "QUSTREAM_LOG_LEVEL", "not one of DEBUG"),
+        ({"QUSTREAM_PARSE_TIMEOUT_S": "0"}, "QUSTREAM_PARSE_TIMEOUT_S", "greater than 0"),
+        ({"QUSTREAM_MAX_DELIVERIES": "1"}, "QUSTREAM_MAX_DELIVERIES", "greater than or equal to 2"),
+        ({"QUSTREAM_MAX_UNCOMMITTED_MESSAGES": "100"}, "max_uncommitted_messages (100)", "max_in_flight_messages"),
+    ],
+)
+def test_a_bad_setting_is_named_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str, says: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as invalid:
+        Settings()
+    described = describe_invalid_settings(invalid.value)
+    assert named in described and says in described, described
+    assert "hunter2" not in described
+
+
+def test_good_settings_are_taken_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUSTREAM_KAFKA_BOOTSTRAP", "kafka-1:9092, kafka-2:9093")
+    monkeypatch.setenv("QUSTREAM_LOG_LEVEL", "debug")
+    monkeypatch.setenv("QUSTREAM_REDIS_URL", "rediss://:pw@redis:6380/1")
+    settings = Settings()
+    assert (settings.kafka_bootstrap, settings.log_level) == ("kafka-1:9092,kafka-2:9093", "DEBUG")
+
+
+@pytest.mark.parametrize("command", [["worker"], ["replay", "/dev/null"]], ids=["worker", "producer tool"])
+def test_commands_exit_2_naming_the_setting_and_hiding_its_value(command: list[str]) -> None:
+    env = {**os.environ, "QUSTREAM_REDIS_URL": "http://:hunter2@redis:6379/0"}
+    done = subprocess.run([sys.executable, "-m", "streams.cli", *command], env=env, capture_output=True, text=True,
+                          timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "QUSTREAM_REDIS_URL" in output and "hunter2" not in output
