@@ -316,8 +316,8 @@ def dlq_inspect(
 
 @dlq_app.command("redrive")
 def dlq_redrive(
-    stage: Annotated[str | None, typer.Option(help="Only letters of this stage: decode, validate, infer, output.")]
-    = None,
+    stage: Annotated[str | None, typer.Option(
+        help="Only letters of this stage: decode, validate, infer, output, deliveries.")] = None,
     error_class: Annotated[str | None, typer.Option("--class", help="Only letters of this error class.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be redriven; send nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

@@ -34,23 +34,37 @@ def describe_invalid_settings(error: ValidationError) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QUSTREAM_", env_file=".env", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="QUSTREAM_", env_file=".env", extra="ignore", populate_by_name=True,
+                                      use_attribute_docstrings=True)
 
     # --- transport -------------------------------------------------------------------------
     transport: Literal["kafka", "redis"] = "kafka"
+    """Which transport carries the messages: Kafka topics or Redis Streams."""
     # batch: an aiokafka consumer-group loop handing whole fetched steps to the core step (far less CPU
     # per cached message than Faust's per-event machinery, docs/performance.md); faust: the Faust agent.
     kafka_runner: Literal["batch", "faust"] = "batch"
+    """The Kafka runner: 'batch' (an aiokafka consumer-group loop) or 'faust' (the Faust agent)."""
     kafka_bootstrap: str = "localhost:9092"
+    """Kafka bootstrap servers, comma-separated host:port."""
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    """Redis for the parse cache, the Kafka delivery counts and (transport=redis) the streams; a password in it is
+    never printed."""
     topic_input: str = "queries.raw"
+    """Kafka topic the raw queries arrive on."""
     topic_parsed: str = "queries.parsed"
+    """Kafka topic of the parsed events (keyed by query_id)."""
     topic_metrics: str = "queries.metrics"
+    """Kafka topic of the per-batch metrics events."""
     topic_dlq: str = "queries.dlq"
+    """Kafka topic of the dead letters (original bytes, the reason in headers)."""
     stream_input: str = "queries:raw"
+    """Redis stream the raw queries arrive on (transport=redis)."""
     stream_parsed: str = "queries:parsed"
+    """Redis stream of the parsed events."""
     stream_metrics: str = "queries:metrics"
+    """Redis stream of the per-batch metrics events."""
     stream_dlq: str = "queries:dlq"
+    """Redis stream of the dead letters."""
     stream_maxlen: int = Field(1_000_000, description="Approximate MAXLEN for the Redis output streams.")
     redis_claim_idle_ms: int = Field(30_000, description="Claim pending entries idle this long from dead consumers.")
     max_deliveries: int = Field(
@@ -62,14 +76,24 @@ class Settings(BaseSettings):
         "the messages that shared a batch with the killer are delivered a second time, one at a time.",
     )
     app_id: str = "qustream"
+    """Consumer group (Kafka group id, Redis consumer group) the workers share."""
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This worker's name in logs, events and the Redis consumer group; keep it across restarts (a StatefulSet pod
+    name) so a restart takes back its own pending entries."""
     partitions: int = 4
+    """Partitions of the topics the worker creates (create_topics)."""
     replication_factor: int = 1
+    """Replication factor of the topics the worker creates."""
     create_topics: bool = True
+    """Create missing topics at start."""
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """'exactly_once' needs the Faust runner and a broker with transactions; the batch runner delivers at least once."""
     broker_session_timeout_s: float = 30.0
+    """Kafka consumer session timeout: how long a dead worker holds its partitions."""
     broker_heartbeat_s: float = 3.0
+    """Kafka consumer heartbeat interval."""
     broker_commit_interval_s: float = 1.0
+    """How often committable offsets are committed (what a crash may redo)."""
     broker_fetch_max_wait_ms: int = Field(
         500, ge=1,
         description="Longest a Kafka fetch waits for records to arrive (Kafka's default). Apache Kafka answers as "
@@ -82,16 +106,24 @@ class Settings(BaseSettings):
     )
     # Kafka security; secrets are SecretStr so they never print.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Kafka security protocol."""
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """Kafka SASL mechanism, with SASL_* protocols."""
     kafka_sasl_username: str | None = None
+    """Kafka SASL user name."""
     kafka_sasl_password: SecretStr | None = None
+    """Kafka SASL password (never printed)."""
     kafka_ssl_cafile: Path | None = None
+    """CA bundle that signs the brokers' certificates (SSL protocols)."""
     kafka_ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS."""
     kafka_ssl_keyfile: Path | None = None
+    """Client certificate's private key."""
 
     # --- batching --------------------------------------------------------------------------
     # The batch-knob benchmark's best throughput at the lowest latency on CPU (docs/performance.md).
     batch_size: int = Field(64, ge=1, le=4096)
+    """Most queries the model decodes together."""
     batch_linger_ms: int = Field(
         50, ge=0,
         description="How long misses wait for the next steps' misses before they go to the model together (closed "
@@ -141,10 +173,14 @@ class Settings(BaseSettings):
 
     # --- input limits ----------------------------------------------------------------------
     max_query_chars: int = Field(256, ge=1)
+    """A longer query is dead-lettered (stage validate)."""
     max_message_bytes: int = Field(64 * 1024, ge=1)
+    """A larger message is dead-lettered (stage validate)."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = DEFAULT_MODEL
+    """Any transformers causal LM id or folder; the default is the bundled SmolLM2-135M-Instruct (`qustream model
+    prepare`)."""
     adapter: str = Field(
         "auto",
         description="A LoRA adapter (a folder `qustream train --method lora` wrote) merged into the model when "
@@ -153,10 +189,16 @@ class Settings(BaseSettings):
         "'none': the model as it is.",
     )
     model_cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where the prepared default model and downloads are kept."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """Where the model runs; 'auto' takes CUDA, then MPS, then the CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The model's arithmetic; 'auto' is bfloat16 on CUDA (float16 where it lacks bf16), float16 on MPS, float32 on
+    the CPU (docs/engine.md)."""
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU; 0 = number of cores.")
     grounding: Literal["catalog", "span", "free"] = "catalog"
+    """What values the grammar allows: 'catalog' (vocabulary values the query says, spans of its words), 'span' (runs
+    of query words), 'free' (any short string)."""
     parse_spec: str = Field(
         "furniture",
         description="The parse spec: a built-in name (furniture, ecommerce, ecommerce_few_shot) or the path of a "
@@ -164,6 +206,7 @@ class Settings(BaseSettings):
     )
     # On: faster at every batch size measured on CPU (docs/engine.md, the engine benchmark).
     jump_forward: bool = True
+    """Feed the text the grammar forces without a forward pass per token."""
     jump_forward_width: Literal["balanced", "full"] = Field(
         "balanced",
         description="With jump_forward: 'full' feeds every row's forced tokens in one step, so one row's long "
@@ -187,21 +230,32 @@ class Settings(BaseSettings):
         "choice keeps or replaces each guess, so outputs do not change; right guesses save passes. 0 = off.",
     )
     max_new_tokens: int = 48
+    """Most tokens one parse may write."""
     compile: bool = Field(False, description="CUDA only: static KV cache + torch.compile over shape buckets.")
 
     # --- cache -----------------------------------------------------------------------------
     cache_enabled: bool = True
+    """Look parses up in (and write them to) the Redis cache."""
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    """Lifetime of a cached parse."""
     cache_prefix: str = "qustream:parse"
+    """Prefix of the cache keys (the engine version and the query follow)."""
 
     # --- web / ops -------------------------------------------------------------------------
     web_host: str = "0.0.0.0"
+    """Interface the HTTP endpoints listen on."""
     web_port: int = Field(6066, ge=1, le=65535)
+    """Port of /health, /ready, /metrics and POST /parse."""
     parse_timeout_s: float = Field(30.0, gt=0)
+    """How long POST /parse waits for the parsed event by default."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     log_format: Literal["json", "console"] = "console"
+    """'json' for log pipelines, 'console' for people."""
     log_file: Path | None = None
-    log_queries: bool = Field(False, description="Log query text at INFO (it can be personal data).")
+    """Also write the logs to this file."""
+    log_queries: bool = Field(False, description="Put the first 200 characters of each dead-lettered input on its "
+                              "log line (off: query text can be personal data, and is never logged).")
 
     @field_validator("kafka_bootstrap")
     @classmethod

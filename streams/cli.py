@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -110,9 +110,22 @@ def worker() -> None:
 
 
 @app.command()
-def config() -> None:
-    """Print the effective settings (env QUSTREAM_*), secrets masked.  Example: qustream config"""
-    print(json.dumps(settings_or_exit().redacted(), indent=2, default=str))
+def config(
+    describe: Annotated[bool, typer.Option("--describe", help="A table of every setting: variable, value, meaning.")]
+    = False,
+) -> None:
+    """Print the effective settings (env QUSTREAM_*), secrets masked.  Example: qustream config --describe"""
+    values = settings_or_exit().redacted()
+    if not describe:
+        print(json.dumps(values, indent=2, default=str))
+        return
+    table = Table("variable", "value", "meaning", show_lines=False)
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        variable = alias.choices[0] if isinstance(alias, AliasChoices) else f"QUSTREAM_{name.upper()}"
+        meaning = " ".join((info.description or "").split())
+        table.add_row(str(variable), json.dumps(values.get(name), default=str), meaning)
+    Console().print(table)
 
 
 @model_app.command("prepare")

@@ -62,12 +62,17 @@ def build_web_app(runtime: WorkerRuntime) -> web.Application:
             detail = json.loads(exc.json(include_url=False, include_input=False))
             return web.json_response({"error": "invalid request", "detail": detail}, status=422)
         if runtime.bridge is None:
-            return web.json_response({"error": "the stream bridge is not running"}, status=503)
+            return web.json_response({"error": "the stream bridge is not running",
+                                      "detail": "the worker is still loading its model, or cannot reach the broker "
+                                                "or Redis; GET /ready says which"}, status=503)
         timeout = body.timeout_s or runtime.settings.parse_timeout_s
         try:
             event = await runtime.bridge(body.query, timeout)
         except TimeoutError:
-            return web.json_response({"error": f"no parse within {timeout} s"}, status=504)
+            return web.json_response({"error": f"no parse within {timeout} s",
+                                      "detail": "the query was sent and may still be parsed: its parse then "
+                                                "arrives on the parsed topic; raise timeout_s to wait longer"},
+                                     status=504)
         except DeadLetteredError as exc:
             return web.json_response({"error": "dead-lettered", "stage": exc.reason.stage,
                                       "class": exc.reason.error_class, "detail": exc.reason.message}, status=422)

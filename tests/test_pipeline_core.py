@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from schemas.settings import Settings
 from schemas.spec import load_spec
@@ -640,3 +641,15 @@ async def test_a_queued_miss_that_reached_the_cache_meanwhile_is_served_from_it_
     assert [events[offset]["parse"] == stored for offset in ("1", "2", "3")] == [True, True, False]
     assert [events[offset]["cached"] for offset in ("0", "1", "2", "3")] == [False, True, True, False]
     assert sum(part.outcome.metrics.cached for part in parts) == 2
+
+
+@pytest.mark.parametrize("log_queries", [False, True])
+async def test_a_dead_letters_log_line_shows_its_input_only_where_asked(log_queries: bool) -> None:
+    pipeline = ParsePipeline(Settings(log_queries=log_queries), ExplodingEngine("never"),
+                             ParseCache(None, spec=ExplodingEngine.spec, version="v", ttl_s=60))
+    with structlog.testing.capture_logs() as logs:
+        outcome = await pipeline.process([message(b'{"query": "private person query", "schema_version": 99}')])
+    assert outcome.dead_letter_stages == ["validate"]
+    [line] = [entry for entry in logs if entry["event"] == "message.dead_lettered"]
+    assert ("input" in line) is log_queries
+    assert ("private person query" in json.dumps(line)) is log_queries

@@ -54,3 +54,13 @@ def test_commands_exit_2_naming_the_setting_and_hiding_its_value(command: list[s
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "QUSTREAM_REDIS_URL" in output and "hunter2" not in output
+
+
+def test_every_setting_says_what_it_means_and_config_describe_lists_them_all() -> None:
+    undocumented = [name for name, info in Settings.model_fields.items() if not (info.description or "").strip()]
+    assert not undocumented, f"settings without a description: {undocumented}"
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "config", "--describe"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 0, done.stderr
+    for name in Settings.model_fields:
+        assert f"QUSTREAM_{name.upper()}" in done.stdout, name

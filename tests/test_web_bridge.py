@@ -110,13 +110,14 @@ def test_arbitrary_json_gets_a_4xx_or_goes_through_the_bridge(
 
 def test_without_a_bridge_a_valid_request_gets_503(post: Post) -> None:
     status, answer = post(b'{"query": "red sofa"}')
-    assert (status, answer) == (503, {"error": "the stream bridge is not running"})
+    assert status == 503 and answer["error"] == "the stream bridge is not running"
+    assert "GET /ready says which" in answer["detail"]
 
 
 @pytest.mark.bridged
 def test_with_no_worker_behind_the_bridge_a_valid_request_gets_504(post: Post) -> None:
     status, answer = post(b'{"query": "red sofa", "timeout_s": 0.1}')
-    assert status == 504 and "no parse within" in answer["error"]
+    assert status == 504 and "no parse within" in answer["error"] and "may still be parsed" in answer["detail"]
 
 
 def test_a_body_that_is_not_utf8_is_named_as_such(post: Post) -> None:

@@ -253,6 +253,8 @@ class _StepOutputs:
     """What one step (or one part of it) builds: parsed events, dead letters and their stages."""
 
     worker_id: str
+    #: ``log_queries``: a dead letter's log line carries the start of its input (it can be personal data).
+    log_inputs: bool = False
     parsed: list[OutboundRecord] = field(default_factory=list)
     dead: list[OutboundRecord] = field(default_factory=list)
     dead_stages: list[DeadLetterStage] = field(default_factory=list)
@@ -262,8 +264,9 @@ class _StepOutputs:
     def reject(self, message: InboundMessage, stage: DeadLetterStage, error_class: str, reason: str) -> None:
         self.dead.append(dead_letter(message, stage, error_class, reason, self.worker_id))
         self.dead_stages.append(stage)
+        shown = {"input": (message.value or b"")[:200].decode("utf-8", "replace")} if self.log_inputs else {}
         log.warning("message.dead_lettered", stage=stage, error_class=error_class, reason=reason[:200],
-                    topic=message.topic, partition=message.partition, offset=message.offset)
+                    topic=message.topic, partition=message.partition, offset=message.offset, **shown)
 
 
 #: The outcome of inference for a set of queries: parses, and failures as (error class, message).
@@ -343,7 +346,7 @@ class ParsePipeline:
             return RunningStep(Settled(self._dead_letter_batch(batch, exc), list(batch)))
 
     def _dead_letter_batch(self, batch: Sequence[InboundMessage], exc: Exception) -> BatchOutcome:
-        outputs = _StepOutputs(self.settings.worker_id)
+        outputs = _StepOutputs(self.settings.worker_id, self.settings.log_queries)
         reason = f"batch failed unexpectedly: {exc}"
         for message in batch:
             outputs.dead.append(dead_letter(message, "output", type(exc).__name__, reason, outputs.worker_id))
@@ -498,7 +501,7 @@ class ParsePipeline:
     ) -> tuple[float, float, _StepOutputs, list[DecodedQuery], list[str], CacheLookup]:
         """Every step's start: its clocks, the admitted messages, their distinct queries, cache hits."""
         started, started_epoch = time.perf_counter(), time.time()
-        outputs = _StepOutputs(self.settings.worker_id)
+        outputs = _StepOutputs(self.settings.worker_id, self.settings.log_queries)
         decoded = self._admit(batch, outputs)
         unique = list(dict.fromkeys(item.normalized for item in decoded))
         return started, started_epoch, outputs, decoded, unique, await self.cache.get_many(unique)
@@ -737,7 +740,7 @@ class ParsePipeline:
     ) -> Settled:
         """Outputs of finished misses. A query another step submitted was parsed (and cached) once, by
         that step: here it is served like a cache hit, as is one found in the cache at last."""
-        outputs = _StepOutputs(self.settings.worker_id)
+        outputs = _StepOutputs(self.settings.worker_id, self.settings.log_queries)
         mine = {query: result for query, result in inferred.items()
                 if query in owned and not isinstance(result, _ReadFromCache)}
         fresh, invalid = await self._validated(mine)
