@@ -244,8 +244,8 @@ class Settings(BaseSettings):
     # --- web / ops -------------------------------------------------------------------------
     web_host: str = "0.0.0.0"
     """Interface the HTTP endpoints listen on."""
-    web_port: int = Field(6066, ge=1, le=65535)
-    """Port of /health, /ready, /metrics and POST /parse."""
+    web_port: int = Field(6066, ge=0, le=65535)
+    """Port of /health, /ready, /metrics and POST /parse (0: any free port)."""
     parse_timeout_s: float = Field(30.0, gt=0)
     """How long POST /parse waits for the parsed event by default."""
     log_level: str = "INFO"
