@@ -560,13 +560,13 @@ def test_prometheus_scrapes_worker() -> None:
     assert targets == {"worker:6066"}
 
 
-def test_promtool_check_config() -> None:
+@pytest.mark.parametrize(("what", "path"), [("config", PROMETHEUS), ("rules", ALERTS)], ids=["config", "rules"])
+def test_promtool_check(what: str, path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not on PATH (apt-get install prometheus)")
-    result = subprocess.run(
-        [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = subprocess.run([promtool, "check", what, str(path)], capture_output=True, text=True, timeout=60,
+                            check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -594,16 +594,6 @@ def test_alert_rules_are_complete_and_use_only_exported_metrics() -> None:
         assert_uses_exported_metrics(rule["alert"], str(rule["expr"]), target_series=frozenset({"up"}))
         if "up" in re.findall(r"[a-z_]+", str(rule["expr"])):
             assert 'job="qustream-worker"' in rule["expr"], "up of the worker job only"
-
-
-def test_promtool_check_rules() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (apt-get install prometheus)")
-    result = subprocess.run(
-        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_grafana_provisioning(dashboard: dict[str, Any]) -> None:
