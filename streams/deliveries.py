@@ -21,6 +21,10 @@ the number of stored ranges that hold its offset.
   it) run one at a time, each stored as its own range first, so the count grows only for the message
   that kills the worker and not for those that shared its batch. The fetch's other messages run as
   one batch, their runs stored first.
+- A held message the model would not see goes one at a time too once two lives left it undelivered
+  (``HOLD_ANYWAY_AFTER_LIVES``; one, where ``max_deliveries`` is 2): something other than the model
+  fails on it, such as a delivery that raises every time, which stops the worker. Alone, only it counts
+  on to ``max_deliveries`` and is dead-lettered, while the messages that shared its batch are delivered.
 - Each part of a step handed to the delivery is cleared as it goes (a step's cache hits at once, its
   misses as the model finishes them): the runs of offsets it covers are subtracted from every stored
   range (sent with the next step's round trip). So what a killed worker leaves counted is what it
@@ -38,7 +42,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from itertools import compress
 from typing import Any
 
 import structlog
@@ -66,6 +69,10 @@ COUNT_TTL_S = 24 * 3600
 RETRY_AFTER_S = 5.0
 #: Longest a delivered part's clear waits for the next step's round trip before it is sent alone.
 CLEAR_WITHIN_S = 0.2
+#: Lives that left a message the model would not see undelivered before it is held one at a time
+#: anyway (and so counted on to ``max_deliveries``): one such life is a crash the message shared
+#: with a killer; two in a row point at the message itself.
+HOLD_ANYWAY_AFTER_LIVES = 2
 #: Clears kept for a Redis that does not answer; older ones are dropped (the ranges then expire).
 _MAX_PENDING_CLEARS = 10_000
 
@@ -186,6 +193,12 @@ def _within(ranges: list[OffsetRange] | None, message: InboundMessage) -> bool:
     return any(first <= offset <= last for first, last in ranges)
 
 
+def _lives_left_undelivered(ranges: list[OffsetRange], message: InboundMessage) -> int:
+    """How many stored ranges hold the message: one per earlier life that did not deliver it."""
+    offset = int(message.offset)
+    return sum(first <= offset <= last for first, last in ranges)
+
+
 def _ignore(part: Sequence[InboundMessage]) -> None:
     """Uncounted steps clear nothing."""
 
@@ -215,6 +228,10 @@ class KafkaDeliveryCounter:
         self._unavailable_until = 0.0
         self._clear_within_s = clear_within_s
         self._needs_model = needs_model
+        #: Lives that left a message undelivered before it goes one at a time whatever it needs. Its
+        #: batch's innocent messages reach one more than this when held, so it stays within
+        #: ``max_deliveries``, and they are delivered, not dead-lettered.
+        self._hold_anyway_after = min(HOLD_ANYWAY_AFTER_LIVES, settings.max_deliveries - 1)
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[Any]] = set()
 
@@ -235,8 +252,14 @@ class KafkaDeliveryCounter:
             return
         if self._needs_model is not None:
             # Only the model can be what killed a worker: a held message it would not see now runs
-            # with the rest (a cache entry that expires meanwhile sends it there in a batch after all).
-            redelivered = list(compress(redelivered, await self._needs_model(redelivered)))
+            # with the rest (a cache entry that expires meanwhile sends it there in a batch after all),
+            # unless lives failed it often enough that something else must be failing on it (a delivery
+            # that raises every time): then it goes alone too, so that only it counts on to the limit.
+            needs_model = await self._needs_model(redelivered)
+            redelivered = [
+                message for message, model in zip(redelivered, needs_model, strict=True)
+                if model or _lives_left_undelivered(overlaps[_partition(message)], message) >= self._hold_anyway_after
+            ]
         held = {id(message) for message in redelivered}
         fresh = [message for message in messages if id(message) not in held]
         if fresh:

@@ -123,7 +123,7 @@ class StepSizer:
 class WorkerFailed(RuntimeError):
     """A bug left inputs neither acknowledged nor given up (a delivery that raised). The worker stops
     and exits non-zero, so that its supervisor restarts it, and the next owner of those inputs
-    processes them again (one that fails every time: docs/delivery.md, known gaps)."""
+    processes them again; one that fails every time is dead-lettered past ``max_deliveries``."""
 
 
 class WorkerRuntime:

@@ -305,7 +305,7 @@ async def test_held_messages_the_model_would_not_see_run_with_the_rest(
 ) -> None:
     """Only the model can have killed a worker: of the messages it held, those now answered from the
     cache go with the rest of the fetch, and only those that would reach the model go one at a time."""
-    settings = counter_settings(max_deliveries=2)
+    settings = counter_settings(max_deliveries=3)  # at 2, one failed life holds every message anyway
     queries = ["oak desk", "red sofa", POISON, "grey armchair", "teal bookshelf"]
 
     def fetched() -> list[InboundMessage]:
@@ -353,3 +353,68 @@ async def test_a_held_message_whose_delivery_failed_stays_counted(counter_settin
     engine, outcome = await worker_run(settings, refetched)
     assert outcome is not None and engine.batches == [["oak desk", "teal bookshelf"], ["red sofa"]]
     assert [item.deliveries for item in refetched] == [1, 3, 1]
+
+
+async def test_a_message_whose_delivery_fails_every_time_is_dead_lettered_and_its_batch_delivered(
+    counter_settings: Callable[..., Settings]
+) -> None:
+    """A cached message whose delivery raises every time (a bug, which stops the worker) needs no model:
+    after two failed lives it goes one at a time all the same, so that it alone counts on to
+    ``max_deliveries`` and is dead-lettered; the cached messages that shared its batch are delivered,
+    never dead-lettered, and the restarts end."""
+    settings = counter_settings(max_deliveries=5)
+    queries = ["oak desk", "red sofa", "teal bookshelf", "navy desk"]
+    failing = b"red sofa"
+
+    async def all_cached(batch: Sequence[InboundMessage]) -> list[bool]:
+        return [False] * len(batch)
+
+    done_offsets: set[int] = set()
+    dead_lettered: list[str] = []
+
+    async def life(position: int) -> tuple[list[list[str]], bool]:
+        """One worker's life from the committed ``position``: its steps, and whether a delivery raised."""
+        runtime = WorkerRuntime(settings, engine=CrashingEngine())  # type: ignore[arg-type]
+        await runtime.start()
+        counter = KafkaDeliveryCounter(settings, needs_model=all_cached)
+        steps: list[list[str]] = []
+        stopped = False
+
+        async def start(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+            nonlocal stopped
+            steps.append([item.value.decode() for item in part])
+            outcome = await runtime.process(list(part))
+            refused = [record.value for record in outcome.dead_letters]
+            if failing in [item.value for item in part] and failing not in refused:
+                stopped = True  # the delivery raised: nothing of this part is told, and the worker stops
+            else:
+                told(part)
+                done_offsets.update(int(item.offset) for item in part)
+                dead_lettered.extend(value.decode() for value in refused if value is not None)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        try:
+            await counter.run([message(query, offset) for offset, query in enumerate(queries, start=10)
+                               if offset >= position], start)
+        finally:
+            await counter.close()
+            await runtime.close()
+        return steps, stopped
+
+    lives: list[list[list[str]]] = []
+    for _ in range(10):
+        # Fetched from the committed position: the first offset not delivered yet.
+        position = min(set(range(10, 10 + len(queries))) - done_offsets, default=None)
+        if position is None:
+            break
+        steps, stopped = await life(position)
+        lives.append(steps)
+        if not stopped:
+            break
+    after_it = ["teal bookshelf", "navy desk"]  # delivered in the third life, not committed past the failing one
+    # Two lives fail the whole batch; the third holds each message alone: the others go out, and the
+    # failing one counts 3, 4 and 5 over three lives, and the sixth dead-letters it.
+    assert lives == [[queries], [queries], [[query] for query in queries]] + [[after_it, ["red sofa"]]] * 3
+    assert done_offsets == {10, 11, 12, 13} and dead_lettered == ["red sofa"]

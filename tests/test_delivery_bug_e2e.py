@@ -1,6 +1,7 @@
 """End to end: a bug in a delivery stops ``qustream worker`` (exit 1, naming the bug), and the restarted
 worker processes again what the failed one could not deliver, on the Kafka batch and Faust runners and
-on Redis Streams: nothing is lost, nothing is dead-lettered.
+on Redis Streams: nothing is lost, nothing is dead-lettered. A Kafka message whose delivery fails in
+every life is dead-lettered after ``max_deliveries``, and the restarts end.
 
 The bug is the test-only ``QUSTREAM_TEST_DELIVERY_BUG_ON_QUERY`` hook: the delivery of that query's
 parse raises. Before the worker stopped on it, such a part's inputs stayed unacknowledged while the
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from schemas.events import ParsedEvent
+from schemas.events import DeadLetterReason, ParsedEvent
 from schemas.settings import Settings
 from streams.delivery import DELIVERY_BUG_ON_QUERY_ENV
 from streams.redis_codec import decode_entry, encode_entry
@@ -42,7 +43,13 @@ def values() -> list[bytes]:
 def fail_once(settings: Settings, log_dir: Path) -> None:
     """A worker with the bug: it must stop by itself, exit 1 and say why."""
     run(cache_parses(settings, [query for query in QUERIES if query != BUGGY]))
-    worker = WorkerProcess(settings, log_dir / "worker-bug.log", {DELIVERY_BUG_ON_QUERY_ENV: BUGGY})
+    log = stops_on_the_bug(settings, log_dir / "worker-bug.log")
+    assert '"messages": 1, "event": "step.delivery_failed"' in log, log[-4000:]  # the miss alone
+
+
+def stops_on_the_bug(settings: Settings, log_path: Path) -> str:
+    """Run a worker with the bug, which must stop by itself, exit 1 and say why; its log."""
+    worker = WorkerProcess(settings, log_path, {DELIVERY_BUG_ON_QUERY_ENV: BUGGY})
     try:
         status = worker.process.wait(STARTUP_S)
     except subprocess.TimeoutExpired:
@@ -52,7 +59,7 @@ def fail_once(settings: Settings, log_dir: Path) -> None:
     log = worker.log_path.read_text(errors="replace")
     assert status == 1, f"exit {status}; log:\n{worker.log_tail()}"
     assert '"worker.failed"' in log and "delivery: RuntimeError" in log, worker.log_tail()
-    assert '"messages": 1, "event": "step.delivery_failed"' in log, worker.log_tail()  # the miss alone
+    return log
 
 
 @pytest.mark.parametrize("runner", ["batch", "faust"])
@@ -78,6 +85,39 @@ def test_a_delivery_bug_stops_the_kafka_worker_and_its_restart_loses_nothing(
     assert {event.query_id for event in parsed} == IDS
     assert BUGGY in {event.query for event in parsed}
     assert dead == []
+
+
+@pytest.mark.parametrize("runner", ["batch", "faust"])
+def test_a_cached_kafka_message_whose_delivery_fails_every_time_is_dead_lettered_and_the_restarts_end(
+    make_settings: Callable[..., Settings], tmp_path: Path, runner: str
+) -> None:
+    """Every query cached, and the delivery of one of them raises in every life: no model is involved,
+    yet after two lives that fail its whole batch it goes alone, counts on to ``max_deliveries`` and is
+    dead-lettered with its original bytes; the others are parsed, and the last worker keeps running."""
+    settings = make_settings(kafka_runner=runner, batch_size=8, partitions=1, max_deliveries=3)
+    run(produce_in_order(settings, values()))
+    run(cache_parses(settings, QUERIES))
+    for life in (1, 2, 3):  # two lives fail the batch, the third fails the message alone
+        stops_on_the_bug(settings, tmp_path / f"worker-{life}.log")
+    worker = WorkerProcess(settings, tmp_path / "worker-last.log", {DELIVERY_BUG_ON_QUERY_ENV: BUGGY})
+    buggy_id = f"q{QUERIES.index(BUGGY)}"
+    try:
+        # Ends early if the worker exits: without the rule it fails on the message again, and again.
+        dead = run(read_topic(settings, settings.topic_dlq, until=1, timeout_s=STARTUP_S,
+                              complete=lambda records: bool(records) or worker.process.poll() is not None))
+        assert dead, f"the worker exited {worker.process.poll()} without dead-lettering; log:\n{worker.log_tail()}"
+        wanted = IDS - {buggy_id}
+        records = run(read_topic(settings, settings.topic_parsed, until=0, timeout_s=STARTUP_S,
+                                 complete=lambda records: {r.key.decode() for r in records if r.key} >= wanted))
+        assert worker.process.poll() is None, worker.log_tail()
+    finally:
+        status = worker.stop()
+    assert status == 0, worker.log_tail()
+    assert {ParsedEvent.model_validate_json(record.value).query_id for record in records} == wanted
+    [record] = dead
+    reason = DeadLetterReason.from_headers(dict(record.headers))
+    assert record.value == values()[QUERIES.index(BUGGY)]
+    assert (reason.stage, reason.error_class, reason.attempts) == ("deliveries", "MaxDeliveriesExceeded", 4)
 
 
 def test_a_delivery_bug_stops_the_redis_worker_and_its_restart_loses_nothing(
