@@ -161,9 +161,10 @@ async def _offset_for_time(consumer: AIOKafkaConsumer, tp: TopicPartition, targe
     return await _scan(consumer, tp, target_ms), "scan"
 
 
-async def reprocess(settings: Settings, since: datetime, *, force: bool = False, dry_run: bool = False
-                    ) -> ReprocessReport:
-    """Move the worker group's position on the input back to ``since``; see the module docstring."""
+async def reprocess(settings: Settings, since: datetime, *, force: bool = False, dry_run: bool = False,
+                    stop: asyncio.Event | None = None) -> ReprocessReport:
+    """Move the worker group's position on the input back to ``since``; see the module docstring.
+    ``stop`` (set by SIGINT/SIGTERM) gives up a join to the group that has not finished, moving nothing."""
     if settings.transport == "redis":
         return await _reprocess_redis(settings, since, force=force, dry_run=dry_run)
     report = ReprocessReport(settings.app_id, settings.topic_input, since, dry_run=dry_run)
@@ -211,7 +212,7 @@ async def reprocess(settings: Settings, since: datetime, *, force: bool = False,
                 # The group still has (or the broker still lists) members, so a commit from outside the
                 # group is refused; commit as a member of a new generation instead.
                 report.commit_via = "joined the group"
-                await _commit_as_member(settings, new_offsets)
+                await _commit_as_member(settings, new_offsets, stop)
     finally:
         await consumer.stop()
     return report
@@ -224,7 +225,8 @@ class _FaustProtocolAssignor(RoundRobinPartitionAssignor):
     name = "faust"
 
 
-async def _commit_as_member(settings: Settings, offsets: dict[TopicPartition, int]) -> None:
+async def _commit_as_member(settings: Settings, offsets: dict[TopicPartition, int],
+                            stop: asyncio.Event | None = None) -> None:
     consumer = await start_kafka_consumer(
         settings, group_id=settings.app_id, session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000), enable_auto_commit=False,
@@ -238,10 +240,17 @@ async def _commit_as_member(settings: Settings, offsets: dict[TopicPartition, in
         consumer.subscribe([settings.topic_input])
         deadline = time.monotonic() + settings.broker_session_timeout_s * 2 + 30
         while set(offsets) - consumer.assignment():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"joined group {settings.app_id!r} but was not given every partition of "
-                                   f"{settings.topic_input!r}: are workers still running? Stop them and retry.")
-            await consumer.getmany(timeout_ms=200, max_records=1)
+            if stop is not None and stop.is_set():
+                raise RuntimeError(f"interrupted while joining group {settings.app_id!r}: no offset was moved")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"could not join group {settings.app_id!r} with every partition of "
+                                   f"{settings.topic_input!r} in {settings.broker_session_timeout_s * 2 + 30:.0f} s: "
+                                   "are workers still running? Stop them and retry. No offset was moved.")
+            # getmany's own timeout does not hold while a join is in progress (it waits for the
+            # assignment), so the deadline and a stop request are checked at least every second.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(consumer.getmany(timeout_ms=200, max_records=1), min(left, 1.0))
         await consumer.commit(offsets)
     finally:
         await consumer.stop()  # leaves the group, so the workers' next join is not held up

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -11,10 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from bench.stack import committed_offsets
-from producer_tools.reprocess import GroupActive, reprocess
-from producer_tools.transport import open_sink
+from producer_tools.reprocess import GroupActive, _commit_as_member, reprocess
+from producer_tools.transport import open_sink, start_kafka_consumer
 from schemas.settings import Settings
 from tests.support import REPO, WorkerProcess, read_topic
 
@@ -76,3 +80,43 @@ async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
         assert sorted(ids) == sorted(old_ids + recent_ids * 2), worker.log_tail()
     finally:
         worker.stop()
+
+
+@pytest.mark.e2e
+async def test_a_join_that_cannot_take_every_partition_gives_up_on_stop_and_moves_nothing(
+    make_settings: Callable[..., Settings]
+) -> None:
+    """``--force`` joins the group to commit; a member still in it keeps a partition, so the join never
+    gets them all. SIGINT/SIGTERM (the stop event) must end the wait: a join in progress once held
+    ``getmany`` past its own timeout, and the command ignored Ctrl-C."""
+    settings = make_settings(partitions=2)
+    await send(settings, "held")
+    member = await start_kafka_consumer(
+        settings, group_id=settings.app_id, session_timeout_ms=int(settings.broker_session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.broker_heartbeat_s * 1000), enable_auto_commit=False,
+        partition_assignment_strategy=(RoundRobinPartitionAssignor,))
+    member.subscribe([settings.topic_input])
+
+    async def poll() -> None:
+        while True:
+            await member.getmany(timeout_ms=200)
+
+    polling = asyncio.create_task(poll())
+    stop = asyncio.Event()
+    try:
+        for _ in range(600):  # the member's own join: session_timeout / 2 on tansu
+            if member.assignment():
+                break
+            await asyncio.sleep(0.1)
+        assert member.assignment()
+        before = await committed_offsets(settings)
+        asyncio.get_running_loop().call_later(2.0, stop.set)
+        partitions = {TopicPartition(settings.topic_input, p): 0 for p in range(settings.partitions)}
+        with pytest.raises(RuntimeError, match="interrupted while joining group"):
+            await _commit_as_member(settings, partitions, stop)
+        assert await committed_offsets(settings) == before
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        await member.stop()
