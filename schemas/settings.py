@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 #: The file peft writes into every adapter folder.
 ADAPTER_CONFIG = "adapter_config.json"
+#: The file every transformers model folder holds.
+MODEL_CONFIG = "config.json"
+#: A Hugging Face hub repository id, as the hub allows them: 'name' or 'namespace/name'.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[\w.-]+")
 
 
 def _default_cache_dir() -> Path:
@@ -283,6 +288,22 @@ class Settings(BaseSettings):
         if value.upper() not in levels:
             raise ValueError(f"{value!r} is not one of {', '.join(levels)}")
         return value.upper()
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_a_folder_or_a_hub_id(cls, value: str) -> str:
+        # Checked here, not when the model loads in the background: a worker with a mistyped path
+        # would otherwise join the group, then fail with the loader's traceback.
+        if value == DEFAULT_MODEL:
+            return value
+        folder = Path(value).expanduser()
+        if folder.is_dir():
+            if (folder / MODEL_CONFIG).is_file():
+                return value
+            raise ValueError(f"the folder holds no {MODEL_CONFIG}: not a transformers model folder")
+        if _HUB_ID.fullmatch(value):
+            return value
+        raise ValueError("neither a model folder nor a hub id ('name' or 'namespace/name')")
 
     @field_validator("adapter")
     @classmethod

@@ -17,7 +17,7 @@ from streams.broker_checks import check_broker_accepts_settings
 from streams.logs import configure_logging
 from streams.runtime import WorkerRuntime
 from streams.topics import ensure_topics_with_retry
-from streams.web import start_web
+from streams.web import listening_ports, start_web
 from workers.memory import return_freed_tensors_to_the_os
 
 log = structlog.get_logger(__name__)
@@ -46,7 +46,7 @@ async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, br
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
     web = await start_web(runtime)
-    log.info("web.listening", port=settings.web_port)
+    log.info("web.listening", ports=listening_ports(web))
     boot = asyncio.create_task(runtime.start(), name="runtime-start")
 
     def stop_if_boot_failed(task: asyncio.Task[None]) -> None:
@@ -66,9 +66,10 @@ async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, br
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if not bridge.cancelled() and bridge.exception() is None and bridge.result():
-            with contextlib.suppress(Exception):
-                await bridge_client.__aexit__(None, None, None)
+        # Closed whether or not it opened: its clients exist from construction, and a worker whose
+        # model failed to load never opened it.
+        with contextlib.suppress(Exception):
+            await bridge_client.__aexit__(None, None, None)
         await web.cleanup()
         await runtime.close()
         log.info("worker.stopped", worker_id=settings.worker_id)
@@ -140,7 +141,7 @@ class RuntimeService(Service):
 
     async def on_start(self) -> None:
         self._web = await start_web(self.runtime)
-        log.info("web.listening", port=self.runtime.settings.web_port)
+        log.info("web.listening", ports=listening_ports(self._web))
         self.add_future(self._boot())
 
     async def _boot(self) -> None:

@@ -96,3 +96,8 @@ async def start_web(runtime: WorkerRuntime) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, runtime.settings.web_host, runtime.settings.web_port).start()
     return runner
+
+
+def listening_ports(runner: web.AppRunner) -> list[int]:
+    """The ports the endpoints listen on: the one chosen where ``QUSTREAM_WEB_PORT`` is 0 (any free port)."""
+    return sorted({address[1] for address in runner.addresses if isinstance(address, tuple)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -24,6 +25,8 @@ from schemas.settings import Settings, describe_invalid_settings
         ({"QUSTREAM_PARSE_TIMEOUT_S": "0"}, "QUSTREAM_PARSE_TIMEOUT_S", "greater than 0"),
         ({"QUSTREAM_MAX_DELIVERIES": "1"}, "QUSTREAM_MAX_DELIVERIES", "greater than or equal to 2"),
         ({"QUSTREAM_MAX_UNCOMMITTED_MESSAGES": "100"}, "max_uncommitted_messages (100)", "max_in_flight_messages"),
+        ({"QUSTREAM_MODEL": "/nonexistent/hunter2-model"}, "QUSTREAM_MODEL", "neither a model folder nor a hub id"),
+        ({"QUSTREAM_MODEL": "/tmp"}, "QUSTREAM_MODEL", "holds no config.json"),
     ],
 )
 def test_a_bad_setting_is_named_without_its_value(
@@ -44,6 +47,9 @@ def test_good_settings_are_taken_as_given(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("QUSTREAM_REDIS_URL", "rediss://:pw@redis:6380/1")
     settings = Settings()
     assert (settings.kafka_bootstrap, settings.log_level) == ("kafka-1:9092,kafka-2:9093", "DEBUG")
+    for model in ("Qwen/Qwen2.5-1.5B-Instruct", "gpt2", "models/ecommerce"):  # hub ids: checked when loaded
+        monkeypatch.setenv("QUSTREAM_MODEL", model)
+        assert Settings().model == model
 
 
 @pytest.mark.parametrize("command", [["worker"], ["replay", "/dev/null"]], ids=["worker", "producer tool"])
@@ -64,3 +70,16 @@ def test_every_setting_says_what_it_means_and_config_describe_lists_them_all() -
     assert done.returncode == 0, done.stderr
     for name in Settings.model_fields:
         assert f"QUSTREAM_{name.upper()}" in done.stdout, name
+
+
+def test_a_model_that_cannot_be_loaded_stops_the_worker_naming_the_setting(tmp_path: Path) -> None:
+    """A hub id that looks right but cannot be loaded passes the settings check; the model's load
+    then stops the worker with exit 2 and one line naming QUSTREAM_MODEL, not the loader's traceback."""
+    env = {**os.environ, "QUSTREAM_TRANSPORT": "redis", "QUSTREAM_WEB_PORT": "0", "HF_HUB_OFFLINE": "1",
+           "QUSTREAM_MODEL": "nosuch-org/no-such-model", "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "worker"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "error: QUSTREAM_MODEL: 'nosuch-org/no-such-model' could not be loaded" in output, output
+    assert "Traceback" not in output, output

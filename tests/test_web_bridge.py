@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, example, given, settings
@@ -18,7 +19,7 @@ from schemas.events import ParsedEvent
 from schemas.settings import Settings
 from streams.query_client import RedisQueryClient
 from streams.runtime import WorkerRuntime
-from streams.web import build_web_app
+from streams.web import build_web_app, listening_ports, start_web
 
 #: A bridge with no worker behind it never gets its reply: each valid request costs this long.
 REPLY_WAIT_S = 0.2
@@ -123,3 +124,15 @@ def test_with_no_worker_behind_the_bridge_a_valid_request_gets_504(post: Post) -
 def test_a_body_that_is_not_utf8_is_named_as_such(post: Post) -> None:
     status, answer = post(b'{"query": "\xff\xfe"}')
     assert status == 400 and "not valid UTF-8" in answer["detail"][0]["msg"]
+
+
+async def test_web_port_0_listens_on_a_free_port_that_the_worker_can_name() -> None:
+    """``QUSTREAM_WEB_PORT=0`` takes any free port; the worker logs which one, or nobody could reach it."""
+    runner = await start_web(WorkerRuntime(Settings(web_port=0, web_host="127.0.0.1")))
+    try:
+        [port] = listening_ports(runner)
+        assert port > 0
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/health") as answer:
+            assert answer.status in (200, 503)
+    finally:
+        await runner.cleanup()

@@ -237,6 +237,11 @@ def avoid_cudnn_attention(device: str) -> None:
                  "changes shape at nearly every step")
 
 
+class ModelUnavailable(RuntimeError):
+    """The configured model (``QUSTREAM_MODEL``) cannot be loaded: not on the hub or in its cache, or not a
+    causal LM transformers can read. The message names the setting."""
+
+
 def load_model(settings: Settings, model_path: str | None = None, spec_fingerprint: str | None = None) -> LoadedModel:
     """Load tokenizer and causal LM for inference on the configured device, with the configured adapter
     merged (``spec_fingerprint``: the active spec's, which ``adapter: auto`` matches shipped adapters to)."""
@@ -253,12 +258,16 @@ def load_model(settings: Settings, model_path: str | None = None, spec_fingerpri
     avoid_cudnn_attention(device)
     if device == "cpu":
         torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:  # what transformers raises for a missing or unusable model
+        raise ModelUnavailable(f"QUSTREAM_MODEL: {path!r} could not be loaded: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = resolve_adapter(settings, spec_fingerprint)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     card = read_model_card(path)
     if adapter is not None:
         from peft import PeftModel
