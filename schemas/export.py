@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 
 from schemas.events import BatchMetricsEvent, DeadLetterReason, ParsedEvent, QueryInput, SpecRef
+from schemas.settings import Settings
 from schemas.spec import ParseSpec
 
 
@@ -24,14 +25,18 @@ def parsed_event_model(spec: ParseSpec) -> type[ParsedEvent]:
     return model
 
 
-def topic_models(spec: ParseSpec) -> dict[str, tuple[str, type[BaseModel]]]:
-    """File stem → (topic role, model). Dead letters keep the original bytes as value; their contract
-    is the reason carried in ``qustream.*`` headers."""
+def topic_models(spec: ParseSpec, settings: Settings | None = None) -> dict[str, tuple[str, type[BaseModel]]]:
+    """File stem → (topic role, model). The stem is the topic's name in ``settings`` (the default names
+    without), so that a consumer finds the schema of the topic it reads, as the AsyncAPI document names it.
+    Dead letters keep the original bytes as value; their contract is the reason carried in ``qustream.*``
+    headers, hence ``<dlq topic>.headers``."""
+    # model_construct: the field defaults, never the environment, for a caller that passes no settings.
+    topics = settings or Settings.model_construct()
     return {
-        "queries.raw": ("input", QueryInput),
-        "queries.parsed": ("parsed", parsed_event_model(spec)),
-        "queries.metrics": ("metrics", BatchMetricsEvent),
-        "queries.dlq.headers": ("dlq", DeadLetterReason),
+        topics.topic_input: ("input", QueryInput),
+        topics.topic_parsed: ("parsed", parsed_event_model(spec)),
+        topics.topic_metrics: ("metrics", BatchMetricsEvent),
+        f"{topics.topic_dlq}.headers": ("dlq", DeadLetterReason),
     }
 
 
@@ -42,10 +47,11 @@ def json_schema(model: type[BaseModel], title: str) -> dict[str, Any]:
     return schema
 
 
-def export_json_schemas(directory: Path, spec: ParseSpec) -> list[Path]:
+def export_json_schemas(directory: Path, spec: ParseSpec, settings: Settings | None = None) -> list[Path]:
+    """One ``<topic>.schema.json`` per topic of ``settings`` (the default topics without) in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, (_, model) in topic_models(spec).items():
+    for stem, (_, model) in topic_models(spec, settings).items():
         path = directory / f"{stem}.schema.json"
         path.write_text(json.dumps(json_schema(model, stem), indent=2) + "\n")
         written.append(path)

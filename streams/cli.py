@@ -6,7 +6,7 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import AliasChoices, ValidationError
@@ -98,12 +98,13 @@ def worker() -> None:
     from streams.broker_checks import BrokerRefusedSetting
     from streams.runtime import WorkerFailed
     from streams.service import run_worker
+    from workers.model import ModelUnavailable
 
     settings = settings_or_exit()
     spec_or_exit(settings.parse_spec)
     try:
         run_worker(settings)
-    except BrokerRefusedSetting as exc:
+    except (BrokerRefusedSetting, ModelUnavailable) as exc:
         raise fail(str(exc), 2) from exc
     except WorkerFailed as exc:
         raise fail(f"the worker stopped after a bug ({exc}); restart it: what it held is processed again", 1) from exc
@@ -174,7 +175,14 @@ def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write
     from schemas.export import export_json_schemas
 
     settings = settings_or_exit()
-    for path in export_json_schemas(directory, spec_or_exit(settings.parse_spec)):
+    parse_spec = spec_or_exit(settings.parse_spec)
+    if directory.exists() and not directory.is_dir():
+        raise fail(f"{directory} is a file; schema export writes one file per topic into a folder", 2)
+    try:
+        written = export_json_schemas(directory, parse_spec, settings)
+    except OSError as exc:
+        raise cannot_write(directory, exc) from None
+    for path in written:
         print(path)
 
 
@@ -189,8 +197,17 @@ def schema_asyncapi(
     text = json.dumps(asyncapi_document(settings, spec_or_exit(settings.parse_spec)), indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
         output.write_text(text)
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
+
+
+def cannot_write(path: Path, exc: OSError) -> typer.Exit:
+    """Exit 2 naming what could not be written and the system's reason (a missing folder, no permission)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return fail(f"cannot write {path}: {exc.strerror or exc}{where}", 2)
 
 
 @spec_app.command("check")
@@ -263,8 +280,112 @@ def spec_show(
     out.print("[bold]instruction:[/bold] " + instruction(parse_spec), highlight=False, markup=True)
 
 
+def eval_command(
+    spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="Model id or folder; default: the configured model.")] = None,
+    grounding: Annotated[
+        Literal["catalog", "span", "free"] | None, typer.Option(help="Grounding mode; default: configured.")
+    ] = None,
+    queries: Annotated[
+        Path | None, typer.Option(help="Labelled JSONL (query + the spec's fields); default: the spec's shipped set.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per parse_batch call.")] = 32,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N queries (0 = all).")] = 0,
+    show_errors: Annotated[bool, typer.Option(help="Print every query with a wrong field.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here as JSON.")] = None,
+) -> None:
+    """Parse a labelled query set and print per-field accuracy, all-fields-right, invented values and validity.
+
+    Example: qustream eval --spec ecommerce --json ecommerce_eval.json
+    """
+    from workers.engine import build_engine
+    from workers.evaluation import (
+        LabelledSetError,
+        default_quality_path,
+        field_correct,
+        load_quality,
+        null_baseline,
+        parse_cases,
+        score,
+    )
+    from workers.model import ModelUnavailable, load_model
+
+    overrides: dict[str, Any] = {}
+    if spec:
+        overrides["parse_spec"] = spec
+    if model:
+        overrides["model"] = model
+    if grounding:
+        overrides["grounding"] = grounding
+    settings = eval_settings(overrides)
+    # The spec and the labelled set are checked before the model, whose loading takes seconds to minutes.
+    parse_spec = spec_or_exit(settings.parse_spec)
+    path = queries or default_quality_path(parse_spec)
+    if not path.is_file():
+        raise fail(f"no labelled set at {path}; pass --queries", 2)
+    try:
+        cases = load_quality(parse_spec, path)
+    except LabelledSetError as exc:
+        raise fail(str(exc), 2) from None
+    if limit:
+        cases = cases[:limit]
+    try:
+        loaded = load_model(settings, spec_fingerprint=parse_spec.fingerprint)
+    except (ModelUnavailable, OSError, ValueError) as exc:
+        # The loader's own words: ModelUnavailable's message would repeat the setting and the value.
+        raise unloadable_model(settings.model, str(exc.__cause__ or exc)) from None
+    engine = build_engine(settings, loaded)
+    engine.warm_up()
+    parses, flags, seconds = parse_cases(engine, cases, batch_size)
+    metrics = score(parse_spec, cases, parses, flags)
+    baseline = null_baseline(parse_spec, cases)
+    out = Console()
+    table = Table(title=f"spec {parse_spec.name} v{parse_spec.version} · {engine.model_id} · "
+                        f"grounding={engine.grounding} · {len(cases)} queries · {seconds:.1f} s")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("always-null", justify="right")
+    for key, value in metrics.items():
+        if key == "n":
+            continue
+        table.add_row(key, f"{value:.1%}", f"{baseline[key]:.1%}" if key in baseline else "")
+    out.print(table)
+    if show_errors:
+        for case, parse in zip(cases, parses, strict=True):
+            wrong = [f for f in parse_spec.field_names if not field_correct(case.expected[f], (parse or {}).get(f))]
+            if wrong:
+                out.print(f"{case.query!r}: got {parse}, expected {dict(case.expected)}", markup=False)
+    if json_out:
+        payload = {"spec": parse_spec.ref, "model": engine.model_id, "grounding": engine.grounding,
+                   "version": engine.version, "queries": str(path), "seconds": seconds,
+                   "queries_per_s": len(cases) / seconds if seconds else None, "metrics": metrics,
+                   "always_null": baseline}
+        json_out.write_text(json.dumps(payload, indent=2))
+
+
+def eval_settings(overrides: dict[str, Any]) -> Settings:
+    """The settings with ``qustream eval``'s options; exits 2 with one line when they are invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False)
+        model = next((p for p in problems if p["loc"] == ("model",)), None)
+        if model is not None:  # the value is a path or a hub id, no secret: named as --model names it
+            value = str(model["input"])
+            exists = Path(value).expanduser().exists()
+            reason = str(model.get("ctx", {}).get("error", model["msg"])) if exists else "no such folder"
+            raise unloadable_model(value, reason) from None
+        raise fail("invalid settings: " + "; ".join(describe_invalid_settings(exc).splitlines()), 2) from None
+
+
+def unloadable_model(model: str, reason: str) -> typer.Exit:
+    first_line = next(iter(reason.strip().splitlines()), "")
+    return fail(f"QUSTREAM_MODEL / --model {model!r} is neither a model folder nor a hub id that can be loaded: "
+                f"{first_line}", 2)
+
+
 def _register_eval() -> None:
-    from workers.evaluation import eval_command
     from workers.training import train_command
 
     app.command("eval")(eval_command)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from typer.testing import CliRunner
 
 from schemas.asyncapi import asyncapi_document
 from schemas.events import BatchMetricsEvent, ParsedEvent, SourceRef, SpecRef, Timings
 from schemas.export import export_json_schemas, topic_models
 from schemas.settings import Settings
 from schemas.spec import ParseSpec, load_spec
+from streams.cli import app
 
 DATA = Path(__file__).parent / "data"
 FURNITURE = load_spec("furniture")
@@ -51,6 +53,39 @@ def test_exported_json_schemas_accept_real_events_and_reject_broken_ones(tmp_pat
     ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, parsed_schema)
+
+
+def test_exported_files_are_named_after_the_configured_topics(tmp_path: Path) -> None:
+    defaults = {p.name for p in export_json_schemas(tmp_path / "defaults", FURNITURE)}
+    assert defaults == {"queries.raw.schema.json", "queries.parsed.schema.json", "queries.metrics.schema.json",
+                        "queries.dlq.headers.schema.json"}
+    custom = Settings(topic_input="search.in", topic_parsed="my.parsed", topic_metrics="search.metrics",
+                      topic_dlq="search.dead")
+    written = {p.name: p for p in export_json_schemas(tmp_path / "custom", FURNITURE, custom)}
+    assert set(written) == {"search.in.schema.json", "my.parsed.schema.json", "search.metrics.schema.json",
+                            "search.dead.headers.schema.json"}
+    assert json.loads(written["my.parsed.schema.json"].read_text())["title"] == "ParsedEvent"
+    # The command takes the names from the environment, as `schema asyncapi` does.
+    env = {"QUSTREAM_TOPIC_PARSED": "my.parsed"}
+    exported = CliRunner().invoke(app, ["schema", "export", str(tmp_path / "cli")], env=env)
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "cli" / "my.parsed.schema.json").is_file()
+    assert not (tmp_path / "cli" / "queries.parsed.schema.json").exists()
+    document = CliRunner().invoke(app, ["schema", "asyncapi"], env=env)
+    assert json.loads(document.stdout)["channels"]["parsed"]["address"] == "my.parsed"
+
+
+def test_schema_commands_name_a_target_they_cannot_write_in_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    exported = CliRunner().invoke(app, ["schema", "export", str(afile)])
+    assert exported.exit_code == 2 and isinstance(exported.exception, SystemExit), exported.output
+    assert f"error: {afile} is a file" in exported.output
+    missing = tmp_path / "nonexistent" / "dir" / "a.json"
+    document = CliRunner().invoke(app, ["schema", "asyncapi", "-o", str(missing)])
+    assert document.exit_code == 2 and isinstance(document.exception, SystemExit), document.output
+    assert f"error: cannot write {missing}: No such file or directory" in document.output
+    assert "Traceback" not in exported.output + document.output
 
 
 def test_category_fields_are_enums_in_the_parse_contract() -> None:

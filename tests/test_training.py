@@ -3,6 +3,7 @@
 The same code path as the real run: labelled rows become the engine's own token stream, a few
 training steps lower the loss, the saved folder is a plain transformers folder with its card, and a
 `qustream worker` subprocess serves it end to end. Bad rows are reported line by line and skipped.
+`qustream eval` scores such a labelled set, and refuses bad input in one line before loading the model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from producer_tools.label import parsed_event_item, provenance_path
@@ -25,7 +27,7 @@ from schemas.spec import load_spec, parse_spec_data
 from streams.cli import app, register_plugin_commands
 from streams.topics import ensure_topics
 from tests.engine_fixtures import tiny_folder
-from tests.support import WorkerProcess, read_topic, run
+from tests.support import WorkerProcess, read_topic, run, write_autoparts_spec
 from workers.engine import ConstrainedEngine, build_engine, engine_version, version_for
 from workers.evaluation import load_quality
 from workers.grammar import spec_vocabulary
@@ -479,3 +481,65 @@ def test_each_fold_is_taught_under_the_catalog_without_the_mentions_only_it_labe
     fold_skips = [row for row in report["skipped"] if "(fold " in row["reason"]]
     assert fold_skips and all(row["line"] <= len(GOOD) for row in fold_skips)
     assert report["train_rows"] == len(GOOD) - 2 - len(fold_skips)
+
+
+# -- qustream eval ---------------------------------------------------------------------------------
+#: The bad rows of a wrong shape; the others hold labels the spec cannot write, which eval scores (as misses).
+BAD_SHAPE = [bad for bad in BAD if not any(words in bad[1] for words in ("vocabulary", "occurs", "query's words"))]
+
+
+def eval_cli(*args: str) -> Result:
+    return CliRunner().invoke(app, ["eval", *args], env={"QUSTREAM_DEVICE": "cpu", "COLUMNS": "400"})
+
+
+def assert_refused(result: Result, message: str) -> None:
+    """Exit 2 with one ``error:`` line, not a traceback."""
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"error: {message}" in result.output and "Traceback" not in result.output, result.output
+
+
+def unloadable_model(folder: Path) -> Path:
+    """A folder the settings take for a model (it has a config.json) that no loader can read: a command that
+    loads the model before checking the rest of its input stops on the model instead."""
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_eval_refuses_an_unknown_spec_like_the_worker() -> None:
+    assert_refused(eval_cli("--spec", "nope"), "unknown built-in parse spec 'nope'; built-in specs: ")
+
+
+@pytest.mark.parametrize(("line", "words"), BAD_SHAPE, ids=[words for _, words in BAD_SHAPE])
+def test_eval_names_the_file_and_line_of_a_bad_row_before_loading_the_model(tmp_path: Path, line: str,
+                                                                           words: str) -> None:
+    data = tmp_path / "labels.jsonl"
+    data.write_text(json.dumps(GOOD[0]) + "\n" + line + "\n" + json.dumps(GOOD[1]) + "\n")
+    result = eval_cli("--spec", "ecommerce", "--queries", str(data), "--model", str(unloadable_model(tmp_path / "m")))
+    assert_refused(result, f"{data}:2: ")
+    assert words in result.output, result.output
+
+
+def test_eval_without_a_labelled_set_says_so_before_loading_the_model(tmp_path: Path) -> None:
+    spec = write_autoparts_spec(tmp_path / "spec")
+    result = eval_cli("--spec", str(spec), "--model", str(unloadable_model(tmp_path / "m")))
+    assert_refused(result, "no labelled set at ")
+    assert "quality_autoparts.jsonl; pass --queries" in result.output
+
+
+def test_eval_names_a_model_it_cannot_load_and_scores_with_one_it_can(tiny_folder: Path, tmp_path: Path) -> None:
+    prefix = "QUSTREAM_MODEL / --model {!r} is neither a model folder nor a hub id that can be loaded: "
+    absent = tmp_path / "nomodel"
+    assert_refused(eval_cli("--model", str(absent)), prefix.format(str(absent)))
+    broken = unloadable_model(tmp_path / "broken")
+    assert_refused(eval_cli("--spec", "ecommerce", "--model", str(broken)), prefix.format(str(broken)))
+    # Labels no grounding can write are scored, as misses, where training would skip them.
+    unwritable = [line for line, words in BAD if (line, words) not in BAD_SHAPE]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(f"{line}\n" for line in [json.dumps(GOOD[0]), *unwritable]))
+    metrics = tmp_path / "metrics.json"
+    result = eval_cli("--spec", "ecommerce", "--model", str(tiny_folder), "--queries", str(data),
+                      "--json", str(metrics))
+    assert result.exit_code == 0, result.output
+    report = json.loads(metrics.read_text())
+    assert report["model"] == str(tiny_folder) and report["metrics"]["n"] == 1 + len(unwritable)

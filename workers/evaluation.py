@@ -11,17 +11,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import typer
 from pydantic import ValidationError
 
 from schemas.spec import ParseSpec
+from workers.normalize import normalize_query
 
 if TYPE_CHECKING:
     from workers.engine import ParseEngine
 
 QUALITY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+class LabelledSetError(ValueError):
+    """A labelled set that cannot be scored; the message names the file and, for a bad row, its line."""
 
 
 def default_quality_path(spec: ParseSpec) -> Path:
@@ -50,9 +54,73 @@ def quality_case(spec: ParseSpec, record: dict[str, Any]) -> QualityCase:
     return QualityCase(query=record["query"], expected=expected)
 
 
+def labelled_row_problem(spec: ParseSpec, record: Any) -> str | None:
+    """Why ``record`` is not a labelled row of ``spec`` (an object with a non-empty ``query`` and, of the
+    spec's fields only, each a value, a list of acceptable values, or null); None when it is one.
+
+    Only the row's shape: ``qustream train`` checks it so too (``workers.training.check_record``), and
+    unlike training, a label outside the spec's vocabulary or grammar is kept and scored (a value no grounding
+    can write counts as a miss: the set measures the parser, not the labels)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    query = record.get("query")
+    if not isinstance(query, str) or not normalize_query(query):
+        return "no 'query' (a non-empty string)"
+    unknown = sorted(set(record) - {"query", *spec.field_names})
+    if unknown:
+        # A misspelt field would otherwise be scored as an expected null.
+        return f"unknown fields {unknown}; the spec {spec.name!r} has {list(spec.field_names)}"
+    for name in spec.field_names:
+        value = record.get(name)
+        if value is not None and not label_values(value):
+            return f"field {name!r}: expected a value, a list of acceptable values, or null; got {value!r}"
+    return None
+
+
+def label_values(value: Any) -> list[str]:
+    """A field's labels as a list: null is none, a value is one; [] where the shape is wrong (a
+    ``labelled_row_problem``)."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return values if all(isinstance(v, str) and v.strip() for v in values) else []
+
+
 def load_quality(spec: ParseSpec, path: Path | None = None) -> list[QualityCase]:
-    lines = (path or default_quality_path(spec)).read_text(encoding="utf-8").splitlines()
-    return [quality_case(spec, json.loads(line)) for line in lines if line.strip()]
+    """The cases of a labelled JSONL file (default: the spec's shipped set).
+
+    Raises ``LabelledSetError`` naming the first bad line as ``FILE:LINE: reason`` (and how many more
+    there are), or a file that holds no labelled query: a score over the rows that happened to parse
+    would be a score of another set."""
+    path = path or default_quality_path(spec)
+    cases: list[QualityCase] = []
+    problems: list[str] = []
+    try:
+        # Lines as ``qustream train`` numbers them: split at newlines only, not at U+2028 inside a query.
+        with path.open(encoding="utf-8", errors="strict") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    # Without its newline: JSON cut short is then reported at its own column, not at line 2.
+                    record = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{path}:{number}: invalid JSON: {exc.msg} at column {exc.colno}")
+                    continue
+                problem = labelled_row_problem(spec, record)
+                if problem is None:
+                    cases.append(quality_case(spec, record))
+                else:
+                    problems.append(f"{path}:{number}: {problem}")
+    except UnicodeDecodeError as exc:
+        raise LabelledSetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if problems:
+        others = len(problems) - 1
+        more = f" (and {others} more bad line{'s' if others > 1 else ''})" if others else ""
+        raise LabelledSetError(problems[0] + more)
+    if not cases:
+        raise LabelledSetError(f"{path}: no labelled queries")
+    return cases
 
 
 def parse_cases(
@@ -133,72 +201,3 @@ def null_baseline(spec: ParseSpec, cases: Sequence[QualityCase]) -> dict[str, fl
     """The trivial 'always null' answer per field (what a parser must beat)."""
     n = len(cases) or 1
     return {f"{name}_acc": sum(not c.expected[name] for c in cases) / n for name in spec.field_names}
-
-
-def eval_command(
-    spec: Annotated[str | None, typer.Option(help="Parse spec (built-in name or YAML path); default: configured.")]
-    = None,
-    model: Annotated[str | None, typer.Option(help="Model id or folder; default: the configured model.")] = None,
-    grounding: Annotated[
-        Literal["catalog", "span", "free"] | None, typer.Option(help="Grounding mode; default: configured.")
-    ] = None,
-    queries: Annotated[
-        Path | None, typer.Option(help="Labelled JSONL (query + the spec's fields); default: the spec's shipped set.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Queries per parse_batch call.")] = 32,
-    limit: Annotated[int, typer.Option(min=0, help="Only the first N queries (0 = all).")] = 0,
-    show_errors: Annotated[bool, typer.Option(help="Print every query with a wrong field.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here as JSON.")] = None,
-) -> None:
-    """Parse a labelled query set and print per-field accuracy, all-fields-right, invented values and validity.
-
-    Example: qustream eval --spec ecommerce --json ecommerce_eval.json
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from schemas.settings import Settings
-    from workers.engine import build_engine
-
-    overrides: dict[str, Any] = {}
-    if spec:
-        overrides["parse_spec"] = spec
-    if model:
-        overrides["model"] = model
-    if grounding:
-        overrides["grounding"] = grounding
-    settings = Settings(**overrides)
-    engine = build_engine(settings)
-    parse_spec = engine.spec
-    path = queries or default_quality_path(parse_spec)
-    if not path.is_file():
-        raise typer.BadParameter(f"no labelled set at {path}; pass --queries", param_hint="--queries")
-    cases = load_quality(parse_spec, path)
-    if limit:
-        cases = cases[:limit]
-    engine.warm_up()
-    parses, flags, seconds = parse_cases(engine, cases, batch_size)
-    metrics = score(parse_spec, cases, parses, flags)
-    baseline = null_baseline(parse_spec, cases)
-    console = Console()
-    table = Table(title=f"spec {parse_spec.name} v{parse_spec.version} · {engine.model_id} · "
-                        f"grounding={engine.grounding} · {len(cases)} queries · {seconds:.1f} s")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("always-null", justify="right")
-    for key, value in metrics.items():
-        if key == "n":
-            continue
-        table.add_row(key, f"{value:.1%}", f"{baseline[key]:.1%}" if key in baseline else "")
-    console.print(table)
-    if show_errors:
-        for case, parse in zip(cases, parses, strict=True):
-            wrong = [f for f in parse_spec.field_names if not field_correct(case.expected[f], (parse or {}).get(f))]
-            if wrong:
-                console.print(f"{case.query!r}: got {parse}, expected {dict(case.expected)}", markup=False)
-    if json_out:
-        payload = {"spec": parse_spec.ref, "model": engine.model_id, "grounding": engine.grounding,
-                   "version": engine.version, "queries": str(path), "seconds": seconds,
-                   "queries_per_s": len(cases) / seconds if seconds else None, "metrics": metrics,
-                   "always_null": baseline}
-        json_out.write_text(json.dumps(payload, indent=2))

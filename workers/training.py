@@ -53,7 +53,7 @@ import typer
 from schemas.settings import ADAPTER_CONFIG, Settings
 from schemas.spec import ParseSpec, SpecField
 from schemas.vocabulary import Vocabulary
-from workers.evaluation import QualityCase, parse_cases, quality_case, score
+from workers.evaluation import QualityCase, label_values, labelled_row_problem, parse_cases, quality_case, score
 from workers.grammar import build_row_grammar, check_value, written_form
 from workers.model import MODEL_CARD, bf16_native
 from workers.normalize import normalize_query
@@ -111,31 +111,18 @@ class BadRow(ValueError):
     pass
 
 
-def _label_values(value: Any, name: str) -> list[str]:
-    if value is None:
-        return []
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise BadRow(f"field {name!r}: expected a value, a list of acceptable values, or null; got {value!r}")
-    return values
-
-
 def check_record(spec: ParseSpec, vocabulary: Vocabulary, record: Any) -> dict[str, Any]:
     """A labelled record checked against the spec: ``query`` (normalised) plus every field.
 
-    Raises ``BadRow`` with the reason when the record cannot be training data."""
-    if not isinstance(record, dict):
-        raise BadRow(f"a JSON {type(record).__name__}, not an object")
-    query = record.get("query")
-    if not isinstance(query, str) or not normalize_query(query):
-        raise BadRow("no 'query' (a non-empty string)")
-    unknown = sorted(set(record) - {"query", *spec.field_names})
-    if unknown:
-        raise BadRow(f"unknown fields {unknown}; the spec {spec.name!r} has {list(spec.field_names)}")
-    query = normalize_query(query)
+    Raises ``BadRow`` with the reason when the record cannot be training data: a row ``qustream eval``
+    could not score, or a label outside the spec's vocabulary or grammar."""
+    problem = labelled_row_problem(spec, record)
+    if problem is not None:
+        raise BadRow(problem)
+    query = normalize_query(record["query"])
     checked: dict[str, Any] = {"query": query}
     for spec_field in spec.fields:
-        values = _label_values(record.get(spec_field.name), spec_field.name)
+        values = label_values(record.get(spec_field.name))
         for value in values:
             problem = check_value(spec_field, value, query, vocabulary)
             if problem is not None:
@@ -151,7 +138,7 @@ def grammar_output(engine: ConstrainedEngine, record: dict[str, Any]) -> str:
     allowed = build_row_grammar(record["query"], engine.vocabulary, engine._grounding).allowed
     raw: dict[str, str | None] = {}
     for spec_field in spec.fields:
-        labels = _label_values(record.get(spec_field.name), spec_field.name)
+        labels = label_values(record.get(spec_field.name))
         if not labels:
             raw[spec_field.name] = None
             continue
@@ -261,7 +248,7 @@ def without_own_mentions(spec: ParseSpec, vocabulary: Vocabulary, own: list[dict
 
     def keys(spec_field: SpecField, records: list[dict[str, Any]]) -> set[str]:
         return {written_form(spec_field, value, vocabulary)
-                for record in records for value in _label_values(record.get(spec_field.name), spec_field.name)}
+                for record in records for value in label_values(record.get(spec_field.name))}
 
     data = spec.model_dump(mode="json")
     dropped = 0
