@@ -1,4 +1,4 @@
-"""Typer commands of the producer tools: replay, load, tail, dlq inspect|redrive, reprocess, label.
+"""Typer commands of the producer tools: produce, replay, load, tail, dlq inspect|redrive, reprocess, label.
 
 ``register(app)`` adds them to the ``qustream`` CLI (streams/cli.py). Every command reads the same
 ``QUSTREAM_*`` settings as the worker, works on Kafka or Redis Streams (``QUSTREAM_TRANSPORT``), and
@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from schemas.events import DeadLetterStage
 from schemas.settings import Settings
 from streams.cli import fail, read_settings, settings_or_exit, spec_or_exit
 
@@ -62,11 +63,26 @@ def _run(settings: Settings, make: Callable[[asyncio.Event], Awaitable[T]]) -> T
     try:
         return asyncio.run(main())
     except TransportUnavailable as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_UNREACHABLE) from exc
+        raise fail(str(exc), EXIT_UNREACHABLE) from exc
     except (OSError, ConnectionError) as exc:
-        console.print(f"[red]error:[/red] cannot reach {endpoint(settings)}: {type(exc).__name__}: {exc}")
-        raise typer.Exit(EXIT_UNREACHABLE) from exc
+        raise fail(f"cannot reach {endpoint(settings)}: {type(exc).__name__}: {exc}", EXIT_UNREACHABLE) from exc
+
+
+def _positive(value: float | None) -> float | None:
+    """Option callback: a rate, speed or duration of zero or less would divide by zero or send nothing."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not greater than 0")
+    return value
+
+
+DEAD_LETTER_STAGES: tuple[str, ...] = get_args(DeadLetterStage)
+
+
+def _known_stage(value: str | None) -> str | None:
+    """Option callback: a misspelt stage would match no letter and redrive nothing, silently."""
+    if value is not None and value not in DEAD_LETTER_STAGES:
+        raise typer.BadParameter(f"{value!r} is none of {', '.join(DEAD_LETTER_STAGES)}")
+    return value
 
 
 class RateColumn(ProgressColumn):
@@ -103,9 +119,11 @@ def _summary_table(title: str, values: dict[str, Any]) -> Table:
 def replay_command(
     files: Annotated[list[Path], typer.Argument(help="Log files: .jsonl, .csv, .tsv or text, optionally .gz.",
                                                 exists=True, dir_okay=False, readable=True)],
-    rate: Annotated[float | None, typer.Option(help="Fixed rate in messages/s (default: as fast as possible).")]
+    rate: Annotated[float | None, typer.Option(callback=_positive,
+                                               help="Fixed rate in messages/s (default: as fast as possible).")]
     = None,
-    speed: Annotated[float | None, typer.Option(help="Replay the log's own timing this many times faster.")] = None,
+    speed: Annotated[float | None, typer.Option(callback=_positive,
+                                                help="Replay the log's own timing this many times faster.")] = None,
     log_format: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, csv, tsv or text.")]
     = "auto",
     query_field: Annotated[str, typer.Option(help="Field/column holding the query.")] = "query",
@@ -115,7 +133,7 @@ def replay_command(
                                                      "(default: ts or timestamp).")] = None,
     no_header: Annotated[bool, typer.Option("--no-header", help="CSV/TSV without a header row; name columns "
                                                                 "by index (--query-field 0).")] = False,
-    skip: Annotated[int, typer.Option(help="Skip the first N lines.")] = 0,
+    skip: Annotated[int, typer.Option(min=0, help="Skip the first N lines.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after the last acknowledged line of an "
                                                           "interrupted run (from the checkpoint file).")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file (default .qustream-replay-<hash>.json "
@@ -171,11 +189,12 @@ def replay_command(
 
 
 def load_command(
-    rate: Annotated[float, typer.Option(help="Target messages per second.")] = 100.0,
-    duration: Annotated[float | None, typer.Option(help="Seconds to run (default 10 unless --count).")] = None,
-    count: Annotated[int | None, typer.Option(help="Messages to send (instead of --duration).")] = None,
+    rate: Annotated[float, typer.Option(callback=_positive, help="Target messages per second.")] = 100.0,
+    duration: Annotated[float | None, typer.Option(callback=_positive,
+                                                   help="Seconds to run (default 10 unless --count).")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Messages to send (instead of --duration).")] = None,
     alpha: Annotated[float, typer.Option(help="Zipf exponent: higher = more repeats of the head queries.")] = 1.1,
-    unique: Annotated[int, typer.Option(help="Distinct queries in the vocabulary.")] = 5000,
+    unique: Annotated[int, typer.Option(min=1, help="Distinct queries in the vocabulary.")] = 5000,
     seed: Annotated[int | None, typer.Option(help="Random seed for a reproducible stream.")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Also print the summary as JSON on stdout.")] = False,
@@ -317,7 +336,7 @@ def dlq_inspect(
 @dlq_app.command("redrive")
 def dlq_redrive(
     stage: Annotated[str | None, typer.Option(
-        help="Only letters of this stage: decode, validate, infer, output, deliveries.")] = None,
+        callback=_known_stage, help=f"Only letters of this stage: {', '.join(DEAD_LETTER_STAGES)}.")] = None,
     error_class: Annotated[str | None, typer.Option("--class", help="Only letters of this error class.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be redriven; send nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -368,7 +387,7 @@ def reprocess_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:
-        report = _run(settings, lambda _stop: reprocess(settings, moment, force=force, dry_run=dry_run))
+        report = _run(settings, lambda stop: reprocess(settings, moment, force=force, dry_run=dry_run, stop=stop))
     except GroupActive as exc:
         console.print(f"[red]refused:[/red] {exc}")
         for member in exc.members:
@@ -478,17 +497,30 @@ def label_command(
 
 def produce_command(
     file: Annotated[str, typer.Argument(help="A file of queries (plain lines or JSON lines), or - for stdin.")],
-    topic: Annotated[str | None, typer.Option(help="Topic (default: the input topic).")] = None,
+    topic: Annotated[str | None, typer.Option(help="Topic or Redis stream (default: the input).")] = None,
 ) -> None:
-    """Produce queries to the input topic.  Example: echo 'red velvet sofa' | qustream produce -"""
-    from producer_tools.produce import produce_lines, read_lines
+    """Produce queries to the input topic (or Redis stream).  Example: echo 'red velvet sofa' | qustream produce -"""
+    from producer_tools.produce import Produced, UndecodableLine, open_input, produce_lines
+    from producer_tools.transport import open_sink
 
-    settings = settings_or_exit()
+    settings = read_settings()
     try:
-        sent = asyncio.run(produce_lines(settings, read_lines(file), source=file, topic=topic))
-    except Exception as exc:
-        raise fail(f"could not produce to {settings.kafka_bootstrap}: {type(exc).__name__}: {exc}") from exc
-    console.print(f"produced {sent} messages")
+        raw_lines = open_input(file)
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror or exc}", 2) from exc
+
+    async def run(stop: asyncio.Event) -> Produced:
+        async with open_sink(settings, topic or "input") as sink:
+            return await produce_lines(sink, raw_lines, source=file, stop=stop)
+
+    with raw_lines:
+        try:
+            produced = _run(settings, run)
+        except UndecodableLine as exc:
+            raise fail(str(exc)) from exc
+    console.print(f"produced {produced.sent} messages" + (" before the interruption" if produced.interrupted else ""))
+    if produced.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def demo_command(

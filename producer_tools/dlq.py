@@ -7,7 +7,9 @@ Redrive checkpoint (why it is per bucket): a redrive can be filtered by stage an
 single "how far have we redriven" position cannot be right — it would either skip the letters a
 filter left out or redrive twice the ones a filter took. The checkpoint is therefore kept per
 (stage, error class) bucket: "every letter of this bucket up to position P of partition p has been
-handled" (redriven, or left put as over the attempt limit).
+handled" (redriven, or left put as over the attempt limit). The checkpoint cannot tell those two
+apart, so a letter's attempts are looked at first: one over the limit is reported as such in every
+run, and only the others behind the checkpoint count as already redriven.
 
 - Kafka: one consumer group per bucket, ``{app_id}-dlq-redrive.{stage}.{error_class}``, whose
   committed offsets on the dead-letter topic are that position. (Commit metadata would allow a
@@ -50,6 +52,18 @@ def checkpoint_name(settings: Settings) -> str:
 
 def bucket_of(reason: DeadLetterReason) -> str:
     return f"{reason.stage}.{re.sub(r'[^A-Za-z0-9_-]', '_', reason.error_class or 'unknown')}"
+
+
+def over_attempt_limit(reason: DeadLetterReason, settings: Settings) -> bool:
+    return reason.attempts >= settings.max_attempts
+
+
+def already_redriven(record: Record, reason: DeadLetterReason, handled: dict[int, tuple[int, ...]],
+                     settings: Settings) -> bool:
+    """Behind its bucket's checkpoint and not over the attempt limit (see the module docstring)."""
+    if over_attempt_limit(reason, settings):
+        return False
+    return record.partition in handled and position_of(record) <= handled[record.partition]
 
 
 def _value_text(record: Record, limit: int = 120) -> str:
@@ -154,8 +168,7 @@ async def inspect(settings: Settings, samples: int = 3, idle_s: float = 1.5) -> 
         bucket = buckets.setdefault(key, Bucket(reason.stage, reason.error_class))
         bucket.count += 1
         bucket.attempts[reason.attempts] += 1
-        handled = await checkpoint.handled(key, partitions)
-        if record.partition in handled and position_of(record) <= handled[record.partition]:
+        if already_redriven(record, reason, await checkpoint.handled(key, partitions), settings):
             bucket.redriven_before += 1
         if len(bucket.samples) < samples:
             bucket.samples.append({"offset": f"{record.partition}:{record.offset}", "message": reason.message[:200],
@@ -217,12 +230,11 @@ async def redrive(
         report.matched += 1
         key = bucket_of(reason)
         touched.add(key)
-        handled = await checkpoint.handled(key, partitions)
-        if record.partition in handled and position_of(record) <= handled[record.partition]:
-            report.already_redriven += 1
-            continue
-        if reason.attempts >= settings.max_attempts:
+        if over_attempt_limit(reason, settings):
             report.over_limit += 1  # stays put: it has had all its attempts
+            continue
+        if already_redriven(record, reason, await checkpoint.handled(key, partitions), settings):
+            report.already_redriven += 1
             continue
         plan.append((record, reason))
         report.by_bucket[key] += 1

@@ -1,14 +1,17 @@
-"""``qustream produce``: put queries (plain lines or JSON lines) on the input topic."""
+"""``qustream produce``: put queries (plain lines or JSON lines) on the input topic or stream."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from schemas.settings import Settings
-from streams.kafka_io import make_producer
+from producer_tools.transport import RecordSink
 
 
 def stable_query_id(source: str, line_number: int) -> str:
@@ -39,27 +42,56 @@ def lines_to_values(lines: Iterable[str], source: str) -> Iterator[tuple[bytes, 
         yield query_id.encode(), json.dumps({"query": text, "query_id": query_id}, ensure_ascii=False).encode("utf-8")
 
 
-async def produce_lines(settings: Settings, lines: Iterable[str], source: str, topic: str | None = None) -> int:
-    producer = make_producer(settings)
-    await producer.start()
+class UndecodableLine(ValueError):
+    """A line of the input that is not UTF-8; the run stops there, after the lines before it were sent."""
+
+    def __init__(self, source: str, line_number: int, reason: str) -> None:
+        super().__init__(source, line_number, reason)
+        self.source = source
+        self.line_number = line_number
+        self.reason = reason
+        #: Messages sent and acknowledged before this line; ``produce_lines`` fills it in.
+        self.sent = 0
+
+    def __str__(self) -> str:
+        return (f"{self.source} line {self.line_number} is not UTF-8 ({self.reason}); stopped there, "
+                f"{self.sent} messages before it were sent")
+
+
+@dataclass(frozen=True)
+class Produced:
+    sent: int
+    interrupted: bool
+
+
+def open_input(path: str) -> BinaryIO:
+    """The input opened now, before any connection is made, so a missing file is reported as such."""
+    return sys.stdin.buffer if path == "-" else Path(path).open("rb")
+
+
+def decoded_lines(raw_lines: Iterable[bytes], source: str) -> Iterator[str]:
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UndecodableLine(source, number, exc.reason) from None
+
+
+async def produce_lines(
+    sink: RecordSink, raw_lines: Iterable[bytes], source: str, stop: asyncio.Event | None = None
+) -> Produced:
+    """Send every non-empty line to ``sink`` and wait for the acknowledgements; stops early when
+    ``stop`` is set, and at a line that is not UTF-8 (raising ``UndecodableLine``)."""
     sent = 0
     try:
-        pending = []
-        for key, value in lines_to_values(lines, source):
-            pending.append(await producer.send(topic or settings.topic_input, value, key=key))
+        for key, value in lines_to_values(decoded_lines(raw_lines, source), source):
+            if stop is not None and stop.is_set():
+                break
+            await sink.send(key, value)
             sent += 1
-        for future in pending:
-            await future
-    finally:
-        await producer.stop()
-    return sent
-
-
-def read_lines(path: str) -> Iterator[str]:
-    import sys
-
-    if path == "-":
-        yield from sys.stdin
-        return
-    with Path(path).open(encoding="utf-8") as handle:
-        yield from handle
+    except UndecodableLine as exc:
+        await sink.flush()  # so the count it reports is what the broker or Redis holds
+        exc.sent = sent
+        raise
+    await sink.flush()
+    return Produced(sent, interrupted=stop is not None and stop.is_set())

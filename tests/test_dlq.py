@@ -57,11 +57,11 @@ async def test_redrive_filters_limits_and_never_twice(make_settings: Callable[..
     first = await redrive(settings, idle_s=0.6, stage="infer", error_class="TimeoutError")
     assert (first.matched, first.redriven, first.over_limit) == (3, 2, 1)
     again = await redrive(settings, idle_s=0.6, stage="infer", error_class="TimeoutError")
-    assert (again.redriven, again.already_redriven) == (0, 3)
+    assert (again.redriven, again.already_redriven, again.over_limit) == (0, 2, 1)
 
     # An unfiltered redrive afterwards takes the rest, and not the infer/TimeoutError letters again.
     rest = await redrive(settings, idle_s=0.6)
-    assert (rest.redriven, rest.already_redriven) == (3, 3)
+    assert (rest.redriven, rest.already_redriven, rest.over_limit) == (3, 2, 1)
     assert (await redrive(settings, idle_s=0.6)).redriven == 0
 
     records = await read_input(settings)
@@ -73,7 +73,28 @@ async def test_redrive_filters_limits_and_never_twice(make_settings: Callable[..
     assert by_id["t1"].headers["qustream.redrive.from"].startswith(settings.topic_dlq.encode()
                                                                     if transport == "kafka" else
                                                                     settings.stream_dlq.encode())
-    assert sum(b.redriven_before for b in (await inspect(settings, idle_s=0.6)).buckets) == 6
+    assert sum(b.redriven_before for b in (await inspect(settings, idle_s=0.6)).buckets) == 5
+
+
+@pytest.mark.parametrize("transport", ["kafka", "redis"])
+async def test_letter_over_the_limit_is_reported_so_in_every_run(make_settings: Callable[..., Settings],
+                                                                 transport: str) -> None:
+    """The audit's case: one letter that keeps failing, redriven until it has used its attempts."""
+    settings = make_settings(transport=transport, max_attempts=3)
+    await put_letters(settings, [letter("v1", "oak desk", "validate", "EmptyQuery")])
+    reports = []
+    seen = 0
+    for _ in range(4):
+        reports.append(await redrive(settings, idle_s=0.6, stage="validate"))
+        # As a worker that fails again would: the redriven message comes back as a letter with its attempts.
+        inputs = await read_input(settings)
+        await put_letters(settings, [letter("v1", "oak desk", "validate", "EmptyQuery",
+                                            attempts=int(record.headers[ATTEMPTS_HEADER])) for record in inputs[seen:]])
+        seen = len(inputs)
+    counts = [(r.redriven, r.already_redriven, r.over_limit) for r in reports]
+    assert counts == [(1, 0, 0), (1, 1, 0), (0, 2, 1), (0, 2, 1)]
+    [bucket] = (await inspect(settings, idle_s=0.6)).buckets
+    assert (bucket.count, bucket.redriven_before) == (3, 2)
 
 
 @pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""``qustream load`` and ``qustream tail`` on the real broker / Redis; unreachable brokers fail fast."""
+"""``qustream produce``, ``load`` and ``tail`` on the real broker / Redis; unreachable brokers and bad
+options or input fail with one line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -20,6 +22,8 @@ from schemas.events import DeadLetterReason
 from schemas.settings import Settings
 from streams.local_stack import free_port
 from tests.support import REPO, read_topic
+
+SAMPLE_LOG = "producer_tools/data/sample_queries_furniture.jsonl"
 
 
 def cli(settings: Settings, *args: str, timeout: float = 120, extra_env: dict[str, str] | None = None
@@ -106,7 +110,8 @@ async def test_tail_json_dlq_reasons_and_group_resume(make_settings: Callable[..
     assert "product_type" in other.stdout and "item_type" not in other.stdout
 
 
-@pytest.mark.parametrize("command", [["replay", "producer_tools/data/sample_queries_furniture.jsonl"],
+@pytest.mark.parametrize("command", [["replay", SAMPLE_LOG],
+                                     ["produce", SAMPLE_LOG],
                                      ["load", "--count", "5"], ["tail", "parsed"], ["dlq", "inspect"],
                                      ["dlq", "redrive"], ["reprocess", "--since", "1h"]])
 def test_unreachable_broker_fails_fast(make_settings: Callable[..., Settings], command: list[str]) -> None:
@@ -118,11 +123,67 @@ def test_unreachable_broker_fails_fast(make_settings: Callable[..., Settings], c
     assert "cannot reach Kafka at" in result.stderr
 
 
-def test_unreachable_redis_fails_fast(make_settings: Callable[..., Settings]) -> None:
+@pytest.mark.parametrize("command", [["load", "--count", "5"],
+                                     ["produce", SAMPLE_LOG]])
+def test_unreachable_redis_fails_fast(make_settings: Callable[..., Settings], command: list[str]) -> None:
     settings = make_settings(transport="redis").model_copy(
         update={"redis_url": SecretStr(f"redis://127.0.0.1:{free_port()}/0")})
-    result = cli(settings, "load", "--count", "5", extra_env={"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "3"}, timeout=60)
-    assert result.returncode == 2 and "cannot reach Redis at" in result.stderr
+    result = cli(settings, *command, extra_env={"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "3"}, timeout=60)
+    assert result.returncode == 2 and "cannot reach Redis at" in result.stderr, result.stderr
+
+
+async def read_input_queries(settings: Settings) -> list[str]:
+    async with open_source(settings, ["input"]) as source:
+        return [json.loads(record.value)["query"] for record in await drain(source, idle_s=0.6)]
+
+
+async def test_produce_over_redis_streams(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = make_settings(transport="redis")
+    queries = tmp_path / "queries.txt"
+    queries.write_text('red velvet sofa\n\n{"query": "oak desk", "query_id": "own-id"}\nbar stool\n')
+    result = cli(settings, "produce", str(queries))
+    assert result.returncode == 0, result.stderr
+    assert "produced 3 messages" in result.stderr
+    assert await read_input_queries(settings) == ["red velvet sofa", "oak desk", "bar stool"]
+
+
+@pytest.mark.parametrize("transport", ["kafka", "redis"])
+async def test_produce_stops_at_a_line_that_is_not_utf8(make_settings: Callable[..., Settings], tmp_path: Path,
+                                                        transport: str) -> None:
+    settings = make_settings(transport=transport)
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes(b"red velvet sofa\noak desk\n\xff\xfe bar stool\nlamp\n")
+    result = cli(settings, "produce", str(queries))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (f"error: {queries} line 3 is not UTF-8 (invalid start byte); stopped there, "
+                                     "2 messages before it were sent")
+    # Acknowledged before the exit; Kafka's two partitions need not keep their order.
+    assert sorted(await read_input_queries(settings)) == ["oak desk", "red velvet sofa"]
+
+
+def test_produce_names_a_missing_file_before_connecting(make_settings: Callable[..., Settings],
+                                                        tmp_path: Path) -> None:
+    settings = make_settings(kafka_bootstrap=f"127.0.0.1:{free_port()}")  # never reached: the file comes first
+    missing = tmp_path / "missing.txt"
+    result = cli(settings, "produce", str(missing), extra_env={"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "3"}, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: cannot read {missing}: No such file or directory"
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    ("load --rate 0", "--rate"), ("load --rate -1", "--rate"), ("load --unique 0", "--unique"),
+    ("load --count 0", "--count"), ("load --count -3", "--count"), ("load --duration 0", "--duration"),
+    (f"replay --rate -5 {SAMPLE_LOG}", "--rate"), (f"replay --speed 0 {SAMPLE_LOG}", "--speed"),
+    ("dlq redrive --stage nonsense", "--stage"),
+])
+def test_out_of_range_options_are_usage_errors(make_settings: Callable[..., Settings], command: str,
+                                               option: str) -> None:
+    # A reachable Redis, so that without the checks these commands run (or crash) instead of exiting 2.
+    result = cli(make_settings(transport="redis", stream_maxlen=1000), *command.split(),
+                 extra_env={"COLUMNS": "200"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"Invalid value for '{option}'" in result.stderr
 
 
 def test_help_has_examples() -> None:
