@@ -33,7 +33,6 @@ from aiokafka.errors import (
 )
 
 from producer_tools.transport import (
-    CONNECT_TIMEOUT_S,
     TransportUnavailable,
     endpoint,
     redis_connect,
@@ -95,15 +94,17 @@ class ReprocessReport:
 
 async def group_members(settings: Settings) -> list[str]:
     """Members of the worker group as 'client_id@host (member_id)'; raises if the broker cannot say."""
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=int(CONNECT_TIMEOUT_S * 1000))
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options(),
+                                request_timeout_ms=int(settings.tools_connect_timeout_s * 1000))
     try:
-        await asyncio.wait_for(admin.start(), CONNECT_TIMEOUT_S)
+        await asyncio.wait_for(admin.start(), settings.tools_connect_timeout_s)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await admin.close()
         raise TransportUnavailable(f"cannot reach {endpoint(settings)}: {type(exc).__name__}: {exc}") from exc
     try:
-        responses = await asyncio.wait_for(admin.describe_consumer_groups([settings.app_id]), CONNECT_TIMEOUT_S * 2)
+        responses = await asyncio.wait_for(admin.describe_consumer_groups([settings.app_id]),
+                                           settings.tools_connect_timeout_s * 2)
     finally:
         await admin.close()
     members: list[str] = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
@@ -28,8 +27,6 @@ from streams.redis_codec import encode_entry, entry_text, inbound_from_entry
 from streams.redis_transport import GroupReader
 from workers.core_step import InboundMessage
 
-#: Seconds a tool waits for the broker or Redis before it gives up with a clear message.
-CONNECT_TIMEOUT_S = float(os.environ.get("QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "10"))
 #: Futures a Kafka sink keeps before it waits for the oldest, so a long replay holds bounded memory.
 _MAX_PENDING = 20_000
 #: Entries a Redis sink buffers before it sends them as one pipeline.
@@ -98,23 +95,23 @@ def endpoint(settings: Settings) -> str:
 
 async def _start_or_raise(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
     try:
-        await asyncio.wait_for(client.start(), CONNECT_TIMEOUT_S)
+        await asyncio.wait_for(client.start(), settings.tools_connect_timeout_s)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await client.stop()
         raise TransportUnavailable(
-            f"cannot reach {endpoint(settings)} within {CONNECT_TIMEOUT_S:g} s "
+            f"cannot reach {endpoint(settings)} within {settings.tools_connect_timeout_s:g} s "
             f"({type(exc).__name__}: {exc or 'timed out'})"
         ) from exc
 
 
-def kafka_tool_options() -> dict[str, Any]:
+def kafka_tool_options(settings: Settings) -> dict[str, Any]:
     # Short timeouts: a tool should say "unreachable" in seconds, not hang for aiokafka's 40-60 s.
-    return {"request_timeout_ms": int(CONNECT_TIMEOUT_S * 1000) + 5_000, "metadata_max_age_ms": 30_000}
+    return {"request_timeout_ms": int(settings.tools_connect_timeout_s * 1000) + 5_000, "metadata_max_age_ms": 30_000}
 
 
 async def start_kafka_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
-    consumer = make_consumer(settings, group_id=group_id, **{**kafka_tool_options(), **overrides})
+    consumer = make_consumer(settings, group_id=group_id, **{**kafka_tool_options(settings), **overrides})
     await _start_or_raise(consumer, settings)
     return consumer
 
@@ -123,15 +120,17 @@ async def redis_connect(settings: Settings) -> Any:
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(
-        settings.redis_url.get_secret_value(), socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=30
+        settings.redis_url.get_secret_value(), socket_connect_timeout=settings.tools_connect_timeout_s,
+        socket_timeout=30,
     )
     try:
-        await asyncio.wait_for(client.ping(), CONNECT_TIMEOUT_S)
+        await asyncio.wait_for(client.ping(), settings.tools_connect_timeout_s)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await client.aclose()
         raise TransportUnavailable(
-            f"cannot reach {endpoint(settings)} within {CONNECT_TIMEOUT_S:g} s ({type(exc).__name__}: {exc})"
+            f"cannot reach {endpoint(settings)} within {settings.tools_connect_timeout_s:g} s "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
     return client
 
@@ -207,7 +206,7 @@ async def open_sink(settings: Settings, name: str = "input") -> AsyncIterator[Re
     target = resolve_name(settings, name)
     sink: RecordSink
     if settings.transport == "kafka":
-        producer = make_producer(settings, **kafka_tool_options())
+        producer = make_producer(settings, **kafka_tool_options(settings))
         await _start_or_raise(producer, settings)
         try:
             if settings.create_topics:

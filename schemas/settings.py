@@ -174,7 +174,13 @@ class Settings(BaseSettings):
         "stops fetching: a bound on what a crash redoes. A delivered one holds only its offset (Faust: its "
         "event), so it is larger than max_in_flight_messages; at it, hits wait for the miss ahead of them.",
     )
-    max_attempts: int = Field(3, ge=1, description="Redrives allowed before a dead letter stays put.")
+    max_attempts: int = Field(
+        3, ge=1, description="Times a message may go through the worker, the first delivery included, before its "
+        "dead letter stays put (`qustream dlq redrive`): max_attempts - 1 redrives.")
+    tools_connect_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="Seconds a producer tool (replay, load, tail, dlq, reprocess, produce) waits for the broker or "
+        "Redis before it stops with exit 2.")
 
     # --- input limits ----------------------------------------------------------------------
     max_query_chars: int = Field(256, ge=1)

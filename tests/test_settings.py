@@ -27,6 +27,8 @@ from schemas.settings import Settings, describe_invalid_settings
         ({"QUSTREAM_MAX_UNCOMMITTED_MESSAGES": "100"}, "max_uncommitted_messages (100)", "max_in_flight_messages"),
         ({"QUSTREAM_MODEL": "/nonexistent/hunter2-model"}, "QUSTREAM_MODEL", "neither a model folder nor a hub id"),
         ({"QUSTREAM_MODEL": "/tmp"}, "QUSTREAM_MODEL", "holds no config.json"),
+        ({"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "abc"}, "QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "valid number"),
+        ({"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "0"}, "QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "greater than 0"),
     ],
 )
 def test_a_bad_setting_is_named_without_its_value(
