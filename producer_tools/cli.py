@@ -375,7 +375,7 @@ def reprocess_command(
 ) -> None:
     """Move the worker group (QUSTREAM_APP_ID) back to a point in time so history is parsed again,
     e.g. after a model upgrade. Refuses while workers of the group are running (running workers
-    would overwrite the offsets); stop them, reprocess, start them.
+    would overwrite the offsets); stop them, reprocess, start them. --dry-run shows the moves at any time.
 
     Example: qustream reprocess --since 2h    (then start the workers)
     """
@@ -408,7 +408,10 @@ def reprocess_command(
         table.add_row(str(move.partition), str(move.before), str(move.after),
                       "?" if move.to_reparse is None else str(move.to_reparse), move.method)
     console.print(table)
-    if report.members:
+    if report.members and dry_run:
+        console.print(f"[yellow]{len(report.members)} member(s) in the group:[/yellow] stop them before the real run, "
+                      "or their next commit undoes it")
+    elif report.members:
         console.print(f"[yellow]--force with {len(report.members)} running member(s):[/yellow] restart them now, "
                       "or their next commit undoes this")
 

@@ -9,7 +9,8 @@ Redis: the worker group's last-delivered id on the input stream is set just befo
 ids are arrival times in ms), so ``>`` delivers everything from TIME on again.
 
 Running workers keep their in-memory positions and would overwrite the moved offsets at their next
-commit, so the command refuses while the group has members unless ``--force``.
+commit, so the command refuses while the group has members unless ``--force``; ``--dry-run``, which
+moves nothing, shows the moves and the members.
 """
 
 from __future__ import annotations
@@ -175,11 +176,11 @@ async def reprocess(settings: Settings, since: datetime, *, force: bool = False,
         raise
     except Exception as exc:
         report.members_check = f"unknown ({type(exc).__name__}: {exc})"
-        if not force:
+        if not force and not dry_run:
             raise GroupActive(
                 f"could not list the members of group {settings.app_id!r} ({type(exc).__name__}: {exc}). "
                 "Stop every worker of the group, then run again with --force.", []) from exc
-    if report.members and not force:
+    if report.members and not force and not dry_run:  # a dry run moves nothing: it shows the moves, and the members
         hint = ""
         if all(member.startswith("?@?") for member in report.members):
             # Apache Kafka always reports the member's host; tansu reports none and keeps listing members
@@ -271,7 +272,7 @@ async def _reprocess_redis(settings: Settings, since: datetime, *, force: bool, 
         active_ms = settings.redis_claim_idle_ms
         report.members = [f"{c['name'].decode() if isinstance(c['name'], bytes) else c['name']} "
                           f"(idle {c['idle']} ms)" for c in consumers if int(c["idle"]) < active_ms]
-        if report.members and not force:
+        if report.members and not force and not dry_run:
             raise GroupActive(f"group {settings.app_id!r} has {len(report.members)} consumer(s) active in the last "
                               f"{active_ms} ms; stop the workers first (or pass --force).", report.members)
         groups = await client.xinfo_groups(settings.stream_input)

@@ -115,8 +115,11 @@ def config(
     describe: Annotated[bool, typer.Option("--describe", help="A table of every setting: variable, value, meaning.")]
     = False,
 ) -> None:
-    """Print the effective settings (env QUSTREAM_*), secrets masked.  Example: qustream config --describe"""
-    values = settings_or_exit().redacted()
+    """Print the effective settings (env QUSTREAM_*), secrets masked; exits 2 where the worker would refuse
+    them, a parse spec that does not load included.  Example: qustream config --describe"""
+    settings = settings_or_exit()
+    spec_or_exit(settings.parse_spec)
+    values = settings.redacted()
     if not describe:
         print(json.dumps(values, indent=2, default=str))
         return

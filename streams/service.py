@@ -180,9 +180,10 @@ def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
     return_freed_tensors_to_the_os()
-    log.info("worker.starting", settings=settings.redacted() if settings.log_level.upper() == "DEBUG" else None,
-             transport=settings.transport, worker_id=settings.worker_id,
-             kafka_runner=settings.kafka_runner if settings.transport == "kafka" else None)
+    details: dict[str, Any] = {"settings": settings.redacted()} if settings.log_level.upper() == "DEBUG" else {}
+    if settings.transport == "kafka":
+        details["kafka_runner"] = settings.kafka_runner
+    log.info("worker.starting", transport=settings.transport, worker_id=settings.worker_id, **details)
     runtime = WorkerRuntime(settings)
     if settings.transport == "redis":
         asyncio.run(run_redis_worker(settings, runtime))

@@ -57,6 +57,8 @@ async def test_reprocess_refuses_while_running_then_history_is_parsed_again(
         with pytest.raises(GroupActive) as refused:
             await reprocess(settings, datetime.now(UTC) - timedelta(hours=1))
         assert refused.value.members
+        shown = await reprocess(settings, datetime.now(UTC) - timedelta(hours=1), dry_run=True)  # moves nothing
+        assert shown.members and sum(move.to_reparse or 0 for move in shown.moves) == 6
     finally:
         worker.stop()
     # tansu keeps listing members that left (measured: still "Stable" 16 s after a clean stop), so with the

@@ -54,6 +54,13 @@ def test_good_settings_are_taken_as_given(monkeypatch: pytest.MonkeyPatch) -> No
         assert Settings().model == model
 
 
+def test_config_refuses_a_spec_the_worker_would_refuse() -> None:
+    env = {**os.environ, "QUSTREAM_PARSE_SPEC": "no_such_spec"}
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "config"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "no_such_spec" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("command", [["worker"], ["replay", "/dev/null"]], ids=["worker", "producer tool"])
 def test_commands_exit_2_naming_the_setting_and_hiding_its_value(command: list[str]) -> None:
     env = {**os.environ, "QUSTREAM_REDIS_URL": "http://:hunter2@redis:6379/0"}
