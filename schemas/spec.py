@@ -53,6 +53,11 @@ _RESERVED = frozenset({"query", "query_id", "spec", "parse"})
 class SpecError(ValueError):
     """A spec that cannot be used; the message names the file and every problem with its field."""
 
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        #: Each problem alone (without the file), where the spec was read: what a caller merges.
+        self.problems = problems if problems is not None else [message]
+
 
 class SpecValue(BaseModel):
     """One canonical value and its other surface forms ('gray' with 'grey', 'gry')."""
@@ -362,6 +367,7 @@ def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
     path = resolve_spec_path(ref)
     data = _read_spec_data(path, ())
     problems: list[str] = []
+    unread: set[int] = set()
     for index, raw_field in enumerate(data.get("fields") or []):
         if not isinstance(raw_field, dict):
             continue
@@ -378,8 +384,15 @@ def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
                 raw_field["heads"] = [*(raw_field.get("heads") or []), *(w["value"] for w in words)]
         except SpecError as exc:
             problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
+            unread.add(index)
     if problems:
-        raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems))
+        # The rest of the spec is checked too, so that one run lists every problem; a field whose file
+        # could not be read is left out of that check (it would only add that it has no values).
+        try:
+            parse_spec_data(data, source=str(path), skip_fields=unread)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+        raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems), problems)
     return parse_spec_data(data, source=str(path))
 
 
@@ -429,25 +442,43 @@ def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
     return merged
 
 
-def parse_spec_data(data: dict[str, Any], source: str = "<spec>") -> ParseSpec:
+def parse_spec_data(data: dict[str, Any], source: str = "<spec>", skip_fields: set[int] | None = None) -> ParseSpec:
+    """The spec ``data`` describes; ``SpecError`` lists every problem (``skip_fields``: indices of fields
+    whose problems were reported already)."""
     try:
         return ParseSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"{source}: invalid parse spec:\n  - " + "\n  - ".join(_describe(exc, data))) from None
+        skipped = skip_fields or set()
+        problems = [line for index, line in _describe(exc, data) if index not in skipped]
+        # Spec-wide checks (ParseSpec._consistent) run only once every field is valid: the ones that
+        # need no valid field are made here too, so that a duplicate name is not hidden by a bad kind.
+        problems += [problem for problem in _raw_name_problems(data) if problem not in problems]
+        raise SpecError(f"{source}: invalid parse spec:\n  - " + "\n  - ".join(problems), problems) from None
 
 
-def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
-    """Each error with its location, naming the field by name rather than by index."""
-    lines = []
+def _raw_name_problems(data: dict[str, Any]) -> list[str]:
+    """Duplicate field names, read from the raw fields (the same words as ``ParseSpec._consistent``)."""
+    fields = [f for f in data.get("fields") or [] if isinstance(f, dict)]
+    names: list[str] = [f["name"] for f in fields if isinstance(f.get("name"), str)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    return [f"spec: fields: duplicate names {duplicates}"] if duplicates else []
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> list[tuple[int | None, str]]:
+    """Each error with its location, naming the field by name rather than by index; with the index of
+    the field it concerns (None for the rest of the spec)."""
+    lines: list[tuple[int | None, str]] = []
     for error in exc.errors():
         loc = list(error["loc"])
         where = ".".join(str(part) for part in loc) or "spec"
+        index = None
         if len(loc) >= 2 and loc[0] == "fields" and isinstance(loc[1], int):
+            index = loc[1]
             fields = data.get("fields") or []
-            name = fields[loc[1]].get("name") if loc[1] < len(fields) and isinstance(fields[loc[1]], dict) else None
+            name = fields[index].get("name") if index < len(fields) and isinstance(fields[index], dict) else None
             where = f"field {name!r} ({where})" if name else where
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message}")
+        lines.append((index, f"{where}: {message}"))
     return lines
 
 

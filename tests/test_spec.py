@@ -130,6 +130,21 @@ def test_examples_are_checked_against_the_fields(tmp_path: Path, example: dict[s
     assert expected in str(refused.value), str(refused.value)
 
 
+def test_spec_check_lists_every_problem_at_once(tmp_path: Path) -> None:
+    """A missing file, a bad kind and a duplicate name, each reported in one run: none hides another."""
+    data = spec_data()
+    _field(data, "color").update(values_file="colours.txt")
+    _field(data, "style").update(kind="enumeration")
+    data["fields"].append({**_field(data, "material"), "description": "the same name again"})
+    with pytest.raises(SpecError) as refused:
+        load_spec(write(tmp_path, data))
+    message = str(refused.value)
+    for expected in ("values_file 'colours.txt' not found", "field 'style' (fields.3.kind)",
+                     "duplicate names ['material']"):
+        assert expected in message, message
+    assert "field 'color' (" not in message, message  # no echo of its missing file: it has no values
+
+
 def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="built-in specs: ecommerce, ecommerce_few_shot, furniture"):
         load_spec("electronics")
