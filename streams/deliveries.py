@@ -25,6 +25,8 @@ the number of stored ranges that hold its offset.
   (``HOLD_ANYWAY_AFTER_LIVES``; one, where ``max_deliveries`` is 2): something other than the model
   fails on it, such as a delivery that raises every time, which stops the worker. Alone, only it counts
   on to ``max_deliveries`` and is dead-lettered, while the messages that shared its batch are delivered.
+  Held messages are not begun once the worker stops (``stopping``): begun, they would count a life
+  whose delivery could not finish, and those behind a failing one would count up with it.
 - Each part of a step handed to the delivery is cleared as it goes (a step's cache hits at once, its
   misses as the model finishes them): the runs of offsets it covers are subtracted from every stored
   range (sent with the next step's round trip). So what a killed worker leaves counted is what it
@@ -214,9 +216,10 @@ class KafkaDeliveryCounter:
     """Sets ``InboundMessage.deliveries`` of Kafka messages and runs the core step on them."""
 
     def __init__(self, settings: Settings, client: Redis | None = None, clear_within_s: float = CLEAR_WITHIN_S,
-                 needs_model: NeedsModel | None = None) -> None:
+                 needs_model: NeedsModel | None = None, stopping: Callable[[], bool] | None = None) -> None:
         """``needs_model``: where given, held messages the model would not see (cache hits, poison) run
-        with the rest of the fetch instead of one at a time."""
+        with the rest of the fetch instead of one at a time. ``stopping``: true once the worker stops
+        (or failed); the held messages not begun by then are left uncounted for the next owner."""
         self.group = settings.app_id
         self._own_client = client is None
         self.client = client if client is not None else redis_client(settings.redis_url.get_secret_value())
@@ -228,6 +231,7 @@ class KafkaDeliveryCounter:
         self._unavailable_until = 0.0
         self._clear_within_s = clear_within_s
         self._needs_model = needs_model
+        self._stopping = stopping or (lambda: False)
         #: Lives that left a message undelivered before it goes one at a time whatever it needs. Its
         #: batch's innocent messages reach one more than this when held, so it stays within
         #: ``max_deliveries``, and they are delivered, not dead-lettered.
@@ -274,6 +278,11 @@ class KafkaDeliveryCounter:
             log.warning("deliveries.redelivered", messages=len(redelivered), partitions=sorted(overlaps),
                         note="a worker died holding them: processed one at a time")
         for message in redelivered:
+            if self._stopping():
+                # A message begun now would count this life although its delivery cannot finish (a
+                # delivery that failed before it stops the worker): the innocent messages held behind
+                # a failing one would count up with it to the limit.
+                break
             await self._begin_one(message)
             # To the end, so that only a message that kills the worker counts up; cleared only once
             # delivered, so that one whose delivery failed (which stops the worker) counts up too.

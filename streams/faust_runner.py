@@ -165,7 +165,8 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     input_topic = app.topic(settings.topic_input, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     # Faust's take wakes every `within`, idle or not: a floor keeps an idle worker from spinning.
     linger_s = max(settings.fetch_linger_ms, 10) / 1000
-    deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
+    deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model,
+                                      stopping=lambda: runtime.failure is not None)
     current: list[FaustDelivery] = []  # the agent's, for the rebalance callback
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")

@@ -349,7 +349,8 @@ class KafkaBatchRunner:
         self.producer = make_producer(settings, linger_ms=0, max_batch_size=1_048_576)
         self.retrying = Retrying(runtime, stop)
         self.delivery = KafkaDelivery(settings, runtime, self.consumer, self.producer, self.retrying)
-        self.deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model)
+        self.deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model,
+                                               stopping=lambda: stop.is_set() or runtime.failure is not None)
         self.flow = InFlight(runtime, self.delivery, settings.max_in_flight_messages,
                              uncommitted=self.delivery.offsets.unsettled,
                              uncommitted_limit=settings.max_uncommitted_messages)
