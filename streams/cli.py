@@ -335,7 +335,7 @@ def eval_command(
         cases = cases[:limit]
     try:
         loaded = load_model(settings, spec_fingerprint=parse_spec.fingerprint)
-    except (ModelUnavailable, OSError, ValueError) as exc:
+    except ModelUnavailable as exc:
         # The loader's own words: ModelUnavailable's message would repeat the setting and the value.
         raise unloadable_model(settings.model, str(exc.__cause__ or exc)) from None
     engine = build_engine(settings, loaded)
@@ -375,10 +375,7 @@ def eval_settings(overrides: dict[str, Any]) -> Settings:
         problems = exc.errors(include_url=False)
         model = next((p for p in problems if p["loc"] == ("model",)), None)
         if model is not None:  # the value is a path or a hub id, no secret: named as --model names it
-            value = str(model["input"])
-            exists = Path(value).expanduser().exists()
-            reason = str(model.get("ctx", {}).get("error", model["msg"])) if exists else "no such folder"
-            raise unloadable_model(value, reason) from None
+            raise unloadable_model(str(model["input"]), model["msg"].removeprefix("Value error, ")) from None
         raise fail("invalid settings: " + "; ".join(describe_invalid_settings(exc).splitlines()), 2) from None
 
 
