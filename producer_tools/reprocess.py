@@ -35,9 +35,9 @@ from aiokafka.errors import (
 
 from producer_tools.transport import (
     TransportUnavailable,
-    endpoint,
     redis_connect,
     start_kafka_consumer,
+    start_or_raise,
 )
 from schemas.settings import Settings
 
@@ -97,12 +97,7 @@ async def group_members(settings: Settings) -> list[str]:
     """Members of the worker group as 'client_id@host (member_id)'; raises if the broker cannot say."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options(),
                                 request_timeout_ms=int(settings.tools_connect_timeout_s * 1000))
-    try:
-        await asyncio.wait_for(admin.start(), settings.tools_connect_timeout_s)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            await admin.close()
-        raise TransportUnavailable(f"cannot reach {endpoint(settings)}: {type(exc).__name__}: {exc}") from exc
+    await start_or_raise(admin, settings)
     try:
         responses = await asyncio.wait_for(admin.describe_consumer_groups([settings.app_id]),
                                            settings.tools_connect_timeout_s * 2)

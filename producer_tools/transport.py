@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.settings import Settings, mask_url
 from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
@@ -93,16 +95,41 @@ def endpoint(settings: Settings) -> str:
     return f"Redis at {mask_url(settings.redis_url.get_secret_value())}"
 
 
-async def _start_or_raise(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
+class _ConnectFailures(logging.Filter):
+    """Holds back aiokafka's log line for each failed connect attempt and keeps the last one's cause.
+
+    A tool reports an unreachable broker itself, in one line that names that cause; aiokafka's own
+    lines (one per attempt, before the tool's error) would only repeat it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_cause: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        attempt_failed = isinstance(record.msg, str) and record.msg.startswith("Unable connect to")
+        if attempt_failed and isinstance(record.args, tuple) and record.args:
+            self.last_cause = str(record.args[-1])
+            return False
+        return True
+
+
+async def start_or_raise(client: Any, settings: Settings) -> None:
+    """Start an aiokafka client within the tools' connect timeout, or raise ``TransportUnavailable``."""
+    failures = _ConnectFailures()
+    aiokafka_log = logging.getLogger("aiokafka")
+    aiokafka_log.addFilter(failures)
     try:
         await asyncio.wait_for(client.start(), settings.tools_connect_timeout_s)
     except Exception as exc:
         with contextlib.suppress(Exception):
-            await client.stop()
+            await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
+        cause = failures.last_cause or f"{type(exc).__name__}: {exc or 'timed out'}"
         raise TransportUnavailable(
-            f"cannot reach {endpoint(settings)} within {settings.tools_connect_timeout_s:g} s "
-            f"({type(exc).__name__}: {exc or 'timed out'})"
+            f"cannot reach {endpoint(settings)} within {settings.tools_connect_timeout_s:g} s ({cause})"
         ) from exc
+    finally:
+        aiokafka_log.removeFilter(failures)
 
 
 def kafka_tool_options(settings: Settings) -> dict[str, Any]:
@@ -112,7 +139,7 @@ def kafka_tool_options(settings: Settings) -> dict[str, Any]:
 
 async def start_kafka_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
     consumer = make_consumer(settings, group_id=group_id, **{**kafka_tool_options(settings), **overrides})
-    await _start_or_raise(consumer, settings)
+    await start_or_raise(consumer, settings)
     return consumer
 
 
@@ -207,7 +234,7 @@ async def open_sink(settings: Settings, name: str = "input") -> AsyncIterator[Re
     sink: RecordSink
     if settings.transport == "kafka":
         producer = make_producer(settings, **kafka_tool_options(settings))
-        await _start_or_raise(producer, settings)
+        await start_or_raise(producer, settings)
         try:
             if settings.create_topics:
                 from streams.topics import ensure_topics
