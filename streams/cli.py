@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from pydantic import AliasChoices, ValidationError
@@ -104,10 +106,28 @@ def worker() -> None:
     spec_or_exit(settings.parse_spec)
     try:
         run_worker(settings)
+        code = 0
     except (BrokerRefusedSetting, ModelUnavailable) as exc:
-        raise fail(str(exc), 2) from exc
+        code = fail(str(exc), 2).exit_code
     except WorkerFailed as exc:
-        raise fail(f"the worker stopped after a bug ({exc}); restart it: what it held is processed again", 1) from exc
+        code = fail(f"the worker stopped after a bug ({exc}); restart it: what it held is processed again",
+                    1).exit_code
+    except SystemExit as exc:  # how the Faust worker ends
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End the worker process once it has stopped, skipping the interpreter's teardown.
+
+    Why: by then every client is closed and every commit made, and the teardown only has compiled
+    extensions report what they still hold (triton, which torch imports, prints dozens of nanobind
+    "leaked" lines), which an operator would read as a fault.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 @app.command()

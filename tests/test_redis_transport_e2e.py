@@ -174,7 +174,11 @@ def test_other_specs_over_redis_streams(
         produce(redis, settings, [(f"search-{i}".encode(), q.encode()) for i, q in enumerate(queries)])
         wait_until(lambda: settled(redis, settings) >= len(queries), 240, "all parsed", [worker])
     finally:
-        worker.stop(signal.SIGTERM)
+        code = worker.stop(signal.SIGTERM)
+    assert code == 0, worker.log_tail()
+    # A clean stop ends with the worker's own last line, not with extension modules' teardown reports.
+    log_lines = worker.log_path.read_text(errors="replace").strip().splitlines()
+    assert '"worker.stopped"' in log_lines[-1], worker.log_tail()
     events = [json.loads(value or b"") for _, value, _, _ in stream(redis, settings.stream_parsed)]
     assert sorted(e["query_id"] for e in events) == sorted(f"search-{i}" for i in range(len(queries)))
     for event in events:
