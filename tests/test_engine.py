@@ -124,6 +124,14 @@ def test_prompt_split_keeps_tokenization(tiny_loaded: LoadedModel) -> None:
         assert joined == tokenizer(full_prompt(FURNITURE, query))["input_ids"]
 
 
+def test_the_bpe_tokenizer_decodes_without_the_cleanup_it_ignores(tiny_loaded: LoadedModel) -> None:
+    """The config's clean_up_tokenization_spaces would only make transformers warn at the first decode."""
+    tokenizer = tiny_loaded.tokenizer
+    assert tokenizer.clean_up_tokenization_spaces is False
+    text = "sofa , red . 32 ' tv"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
 def test_version_tracks_inputs() -> None:
     base = engine_version("m", FURNITURE, "catalog")
     assert base == engine_version("m", load_spec("furniture"), "catalog")

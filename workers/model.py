@@ -237,6 +237,18 @@ def avoid_cudnn_attention(device: str) -> None:
                  "changes shape at nearly every step")
 
 
+def _skip_bpe_cleanup(tokenizer: Any) -> None:
+    """Say ``clean_up_tokenization_spaces=False`` for a BPE tokenizer.
+
+    transformers ignores that flag for BPE tokenizers (the cleanup would corrupt their text) but warns
+    at the first decode when a tokenizer's config sets it, which an operator cannot act on; False
+    decodes the same text without the warning.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+
+
 class ModelUnavailable(RuntimeError):
     """The configured model (``QUSTREAM_MODEL``) cannot be loaded: not on the hub or in its cache, or not a
     causal LM transformers can read. The message names the setting."""
@@ -265,6 +277,7 @@ def load_model(settings: Settings, model_path: str | None = None, spec_fingerpri
         raise ModelUnavailable(f"QUSTREAM_MODEL: {path!r} could not be loaded: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     tokenizer.padding_side = "left"
+    _skip_bpe_cleanup(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = resolve_adapter(settings, spec_fingerprint)
