@@ -64,9 +64,9 @@ class DeferredEngine:
 
 
 class Progress:
-    """One INFO line for the first batch, then one per ``interval_s`` summing the batches since: a
-    line per batch (now DEBUG ``batch.done``) was a large part of the cached path's CPU
-    (docs/performance.md)."""
+    """One INFO line for the first batch, then one per ``interval_s`` summing the batches since, and
+    one at stop for the batches no line has counted yet: a line per batch (now DEBUG ``batch.done``)
+    was a large part of the cached path's CPU (docs/performance.md)."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         self.interval_s = interval_s
@@ -81,9 +81,16 @@ class Progress:
         counts[2] += parsed
         counts[3] += cached
         counts[4] += dead_lettered
-        now = time.monotonic()
-        if self._logged_once and now - self._since < self.interval_s:
+        if self._logged_once and time.monotonic() - self._since < self.interval_s:
             return
+        self.flush()
+
+    def flush(self) -> None:
+        """Log the batches since the last line, if any."""
+        counts = self._counts
+        if not counts[0]:
+            return
+        now = time.monotonic()
         seconds = max(now - self._since, 1e-9)
         log.info("batches.progress", batches=counts[0], messages=counts[1], parsed=counts[2], cached=counts[3],
                  dead_lettered=counts[4], seconds=round(seconds, 2), messages_per_s=round(counts[1] / seconds, 1))
@@ -315,6 +322,7 @@ class WorkerRuntime:
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
 
     async def close(self) -> None:
+        self.progress.flush()
         if self.cache is not None:
             await self.cache.close()
         close_engine = getattr(self.engine, "close", None)

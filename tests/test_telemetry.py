@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from streams.runtime import Progress
 from streams.telemetry import _LATENCY_BUCKETS, BatchHistogram, WorkerMetrics
 from workers.engine import DecodeStats
 
@@ -110,3 +112,17 @@ def test_the_engines_decoding_counters_are_read_at_each_scrape() -> None:
     assert got['qustream_engine_guesses_total{result="replaced"}'] == 2
     totals.forwards = 5  # counted on, read again at the next scrape
     assert _samples(metrics.registry)["qustream_engine_forward_passes_total"] == 5
+
+
+def test_progress_lines_count_every_batch_the_last_ones_at_stop() -> None:
+    """The first batch, then a line per interval; the batches after the last line are logged at stop."""
+    progress = Progress(interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        progress.add(messages=2, parsed=1, cached=1, dead_lettered=0)
+        progress.add(messages=5, parsed=3, cached=1, dead_lettered=1)
+        progress.add(messages=1, parsed=0, cached=1, dead_lettered=0)
+        progress.flush()
+        progress.flush()  # nothing since: no line
+    lines = [entry for entry in logs if entry["event"] == "batches.progress"]
+    assert [(line["batches"], line["messages"], line["parsed"], line["cached"], line["dead_lettered"])
+            for line in lines] == [(1, 2, 1, 1, 0), (2, 6, 3, 2, 1)]
