@@ -3,18 +3,22 @@
 Redrive sends dead letters back to the input with ``qustream.attempts`` incremented; letters that
 already used ``Settings.max_attempts`` attempts stay put.
 
-Redrive checkpoint (why it is per bucket): a redrive can be filtered by stage and error class, so a
-single "how far have we redriven" position cannot be right — it would either skip the letters a
-filter left out or redrive twice the ones a filter took. The checkpoint is therefore kept per
-(stage, error class) bucket: "every letter of this bucket up to position P of partition p has been
-handled" (redriven, or left put as over the attempt limit). The checkpoint cannot tell those two
-apart, so a letter's attempts are looked at first: one over the limit is reported as such in every
-run, and only the others behind the checkpoint count as already redriven.
+Redrive checkpoint (why it is per bucket and attempts): a redrive can be filtered by stage and error
+class, so a single "how far have we redriven" position cannot be right — it would either skip the
+letters a filter left out or redrive twice the ones a filter took. And a letter over the attempt
+limit stays put, while the same letter may be redriven by a later run under a raised
+``max_attempts``. The checkpoint is therefore kept per (stage, error class, attempts): "every letter
+of this stage and class that had used this many attempts, up to position P of partition p, has been
+redriven". A run advances only the checkpoints of the attempts it redrove, never those of letters it
+left put, so raising the limit later redrives exactly the letters left under the old one. Checkpoints
+of earlier versions, per (stage, error class) alone, still count as redriven for letters under the
+limit.
 
-- Kafka: one consumer group per bucket, ``{app_id}-dlq-redrive.{stage}.{error_class}``, whose
-  committed offsets on the dead-letter topic are that position. (Commit metadata would allow a
-  single group, but tansu drops it.) The groups never have members; they only hold offsets.
-- Redis: one hash ``{app_id}-dlq-redrive`` with a field per bucket holding the last handled entry id.
+- Kafka: one consumer group per checkpoint,
+  ``{app_id}-dlq-redrive.{stage}.{error_class}.attempts-{n}``, whose committed offsets on the
+  dead-letter topic are that position. (Commit metadata would allow a single group, but tansu drops
+  it.) The groups never have members; they only hold offsets.
+- Redis: one hash ``{app_id}-dlq-redrive`` with a field per checkpoint holding the last redriven entry id.
 
 Running the same redrive twice therefore sends nothing the second time, whatever the filters.
 """
@@ -54,13 +58,17 @@ def bucket_of(reason: DeadLetterReason) -> str:
     return f"{reason.stage}.{re.sub(r'[^A-Za-z0-9_-]', '_', reason.error_class or 'unknown')}"
 
 
+def checkpoint_of(reason: DeadLetterReason) -> str:
+    return f"{bucket_of(reason)}.attempts-{reason.attempts}"
+
+
 def over_attempt_limit(reason: DeadLetterReason, settings: Settings) -> bool:
     return reason.attempts >= settings.max_attempts
 
 
 def already_redriven(record: Record, reason: DeadLetterReason, handled: dict[int, tuple[int, ...]],
                      settings: Settings) -> bool:
-    """Behind its bucket's checkpoint and not over the attempt limit (see the module docstring)."""
+    """Behind its checkpoint and not over the attempt limit (see the module docstring)."""
     if over_attempt_limit(reason, settings):
         return False
     return record.partition in handled and position_of(record) <= handled[record.partition]
@@ -72,16 +80,24 @@ def _value_text(record: Record, limit: int = 120) -> str:
 
 
 class RedriveCheckpoint:
-    """Last handled position per bucket and partition (see the module docstring)."""
+    """Last redriven position per checkpoint and partition (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache: dict[str, dict[int, tuple[int, ...]]] = {}
 
-    async def handled(self, bucket: str, partitions: Iterable[int]) -> dict[int, tuple[int, ...]]:
-        if bucket not in self.cache:
-            self.cache[bucket] = await self._load(bucket, sorted(set(partitions)))
-        return self.cache[bucket]
+    async def handled(self, reason: DeadLetterReason, partitions: Iterable[int]) -> dict[int, tuple[int, ...]]:
+        """Per partition, the last position up to which letters of ``reason``'s checkpoint were redriven."""
+        wanted = sorted(set(partitions))
+        position = dict(await self._cached(checkpoint_of(reason), wanted))
+        for partition, legacy in (await self._cached(bucket_of(reason), wanted)).items():
+            position[partition] = max(position.get(partition, legacy), legacy)
+        return position
+
+    async def _cached(self, key: str, partitions: list[int]) -> dict[int, tuple[int, ...]]:
+        if key not in self.cache:
+            self.cache[key] = await self._load(key, partitions)
+        return self.cache[key]
 
     async def _load(self, bucket: str, partitions: list[int]) -> dict[int, tuple[int, ...]]:
         name = f"{checkpoint_name(self.settings)}.{bucket}"
@@ -106,11 +122,11 @@ class RedriveCheckpoint:
             await client.aclose()
         return {0: tuple(int(part) for part in raw.decode().split("-"))} if raw else {}
 
-    async def save(self, bucket: str, upto: dict[int, Record]) -> None:
-        """Mark every letter of ``bucket`` up to and including ``upto[partition]`` as handled."""
+    async def save(self, key: str, upto: dict[int, Record]) -> None:
+        """Mark every letter of checkpoint ``key`` up to and including ``upto[partition]`` as redriven."""
         if self.settings.transport == "kafka":
             topic = resolve_name(self.settings, "dlq")
-            consumer = await start_kafka_consumer(self.settings, group_id=f"{checkpoint_name(self.settings)}.{bucket}")
+            consumer = await start_kafka_consumer(self.settings, group_id=f"{checkpoint_name(self.settings)}.{key}")
             try:
                 offsets = {TopicPartition(topic, p): int(record.offset) + 1 for p, record in upto.items()}
                 consumer.assign(list(offsets))
@@ -120,10 +136,10 @@ class RedriveCheckpoint:
         else:
             client = await redis_connect(self.settings)
             try:
-                await client.hset(checkpoint_name(self.settings), bucket, upto[0].offset)
+                await client.hset(checkpoint_name(self.settings), key, upto[0].offset)
             finally:
                 await client.aclose()
-        self.cache[bucket] = {p: position_of(record) for p, record in upto.items()}
+        self.cache[key] = {p: position_of(record) for p, record in upto.items()}
 
 
 @dataclass
@@ -168,7 +184,7 @@ async def inspect(settings: Settings, samples: int = 3, idle_s: float = 1.5) -> 
         bucket = buckets.setdefault(key, Bucket(reason.stage, reason.error_class))
         bucket.count += 1
         bucket.attempts[reason.attempts] += 1
-        if already_redriven(record, reason, await checkpoint.handled(key, partitions), settings):
+        if already_redriven(record, reason, await checkpoint.handled(reason, partitions), settings):
             bucket.redriven_before += 1
         if len(bucket.samples) < samples:
             bucket.samples.append({"offset": f"{record.partition}:{record.offset}", "message": reason.message[:200],
@@ -228,16 +244,15 @@ async def redrive(
         if (stage and reason.stage != stage) or (error_class and reason.error_class != error_class):
             continue
         report.matched += 1
-        key = bucket_of(reason)
-        touched.add(key)
         if over_attempt_limit(reason, settings):
-            report.over_limit += 1  # stays put: it has had all its attempts
+            report.over_limit += 1  # stays put, and its checkpoint does not move: a raised limit takes it
             continue
-        if already_redriven(record, reason, await checkpoint.handled(key, partitions), settings):
+        touched.add(checkpoint_of(reason))
+        if already_redriven(record, reason, await checkpoint.handled(reason, partitions), settings):
             report.already_redriven += 1
             continue
         plan.append((record, reason))
-        report.by_bucket[key] += 1
+        report.by_bucket[bucket_of(reason)] += 1
     report.redriven = len(plan)
     report.redriven_ids = [_query_id(record) for record, _ in plan]
     if dry_run:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer_tools.dlq import inspect, redrive
+from producer_tools.dlq import RedriveCheckpoint, inspect, read_dead_letters, redrive
 from producer_tools.transport import drain, open_sink, open_source
 from schemas.events import ATTEMPTS_HEADER, DeadLetterReason
 from schemas.settings import Settings
@@ -95,6 +95,39 @@ async def test_letter_over_the_limit_is_reported_so_in_every_run(make_settings: 
     assert counts == [(1, 0, 0), (1, 1, 0), (0, 2, 1), (0, 2, 1)]
     [bucket] = (await inspect(settings, idle_s=0.6)).buckets
     assert (bucket.count, bucket.redriven_before) == (3, 2)
+
+
+@pytest.mark.parametrize("transport", ["kafka", "redis"])
+async def test_a_raised_limit_redrives_the_letters_left_under_the_old_one(make_settings: Callable[..., Settings],
+                                                                         transport: str) -> None:
+    settings = make_settings(transport=transport, max_attempts=3)
+    await put_letters(settings, [letter("a", "oak desk", "infer", "TimeoutError", attempts=1),
+                                 letter("b", "sofa", "infer", "TimeoutError", attempts=3)])
+    first = await redrive(settings, idle_s=0.6)
+    assert (first.redriven, first.already_redriven, first.over_limit) == (1, 0, 1)
+    raised = settings.model_copy(update={"max_attempts": 5})
+    second = await redrive(raised, idle_s=0.6)
+    assert (second.redriven, second.already_redriven, second.over_limit) == (1, 1, 0)
+    assert (await redrive(raised, idle_s=0.6)).already_redriven == 2
+    # Lowered again, the letter redriven under the raised limit is over the limit, not redriven again.
+    lowered = await redrive(settings, idle_s=0.6)
+    assert (lowered.redriven, lowered.already_redriven, lowered.over_limit) == (0, 1, 1)
+    assert sorted(json.loads(record.value)["query_id"] for record in await read_input(settings)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("transport", ["kafka", "redis"])
+async def test_a_checkpoint_per_stage_and_class_alone_still_counts(make_settings: Callable[..., Settings],
+                                                                   transport: str) -> None:
+    """Checkpoints written before they were kept per attempts: what they cover is not redriven again."""
+    settings = make_settings(transport=transport, max_attempts=3)
+    await put_letters(settings, [letter("a", "oak desk", "infer", "TimeoutError"),
+                                 letter("b", "sofa", "infer", "TimeoutError", attempts=2)])
+    first, _ = await read_dead_letters(settings, idle_s=0.6)
+    await RedriveCheckpoint(settings).save("infer.TimeoutError", {first.partition: first})
+    await put_letters(settings, [letter("c", "lamp", "infer", "TimeoutError")])
+    report = await redrive(settings, idle_s=0.6)
+    assert (report.redriven, report.already_redriven) == (2, 1)
+    assert sorted(json.loads(record.value)["query_id"] for record in await read_input(settings)) == ["b", "c"]
 
 
 @pytest.mark.e2e
