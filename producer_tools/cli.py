@@ -527,16 +527,20 @@ def produce_command(
 
 
 def demo_command(
-    queries: Annotated[Path | None, typer.Option(help="Query log to replay (default: the bundled sample).")] = None,
+    queries: Annotated[Path | None, typer.Option(help="Query log to replay (plain lines or JSON lines); default: "
+                                                     "the bundled sample of a built-in spec, required for any "
+                                                     "other spec.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 900,
     transport: Annotated[str | None, typer.Option(help="kafka or redis (default: QUSTREAM_TRANSPORT).")] = None,
     spec: Annotated[str | None, typer.Option(help="Parse spec: built-in name or YAML path (default: "
-                                                  "QUSTREAM_PARSE_SPEC); built-in specs replay their own sample.")]
+                                                  "QUSTREAM_PARSE_SPEC); built-in specs replay their own sample, "
+                                                  "your own spec needs --queries.")]
     = None,
 ) -> None:
     """Run everything on the embedded defaults: local broker and Redis, default model, worker, sample replay,
-    summary; stops what it started.  Example: qustream demo  (or: qustream demo --spec ecommerce --transport redis)"""
-    from producer_tools.demo import run_demo
+    summary; stops what it started.  Example: qustream demo  (or: qustream demo --spec ecommerce --transport redis;
+    for your own spec: qustream demo --spec my_spec.yaml --queries my_queries.txt)"""
+    from producer_tools.demo import no_sample_message, run_demo, sample_queries
 
     settings = settings_or_exit()
     if transport is not None:
@@ -546,6 +550,14 @@ def demo_command(
     if spec is not None:
         settings = settings.model_copy(update={"parse_spec": spec})
     parse_spec = spec_or_exit(settings.parse_spec)
+    # Checked before anything starts: another domain's sample through this spec would give nonsense rows.
+    if queries is None:
+        queries = sample_queries(settings.parse_spec, parse_spec.name)
+        if queries is None:
+            raise fail(no_sample_message(settings.parse_spec, parse_spec.name), 2)
+        console.print(f"replaying the bundled sample of spec {parse_spec.name!r}: {queries}")
+    elif not queries.is_file():
+        raise fail(f"--queries {queries}: no such file", 2)
     summary = run_demo(settings, queries, timeout)
     table = Table(title="qustream demo")
     table.add_column("metric")

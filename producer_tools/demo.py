@@ -25,10 +25,29 @@ console = Console(stderr=True)
 SAMPLE_DIR = Path(__file__).with_name("data")
 
 
-def sample_queries(spec_name: str) -> Path:
-    """The bundled sample log of a built-in spec's domain (furniture for any other spec)."""
+def sample_queries(spec_ref: str, spec_name: str) -> Path | None:
+    """The bundled sample log of a built-in spec (``spec_ref`` names a file of ``schemas/specs``), found by
+    the spec's ``name`` (``ecommerce_few_shot`` is the ``ecommerce`` contract and replays its sample); None
+    for any other spec: another domain's queries through a user's own spec would give nonsense rows."""
+    from schemas.spec import BUILTIN_SPEC_DIR, SpecError, resolve_spec_path
+
+    try:
+        spec_path = resolve_spec_path(spec_ref)
+    except SpecError:
+        return None
+    if spec_path.resolve().parent != BUILTIN_SPEC_DIR.resolve():
+        return None
     path = SAMPLE_DIR / f"sample_queries_{spec_name}.jsonl"
-    return path if path.is_file() else SAMPLE_DIR / "sample_queries_furniture.jsonl"
+    return path if path.is_file() else None
+
+
+class NoSampleQueries(ValueError):
+    """The demo was given no query log and the spec has no bundled sample."""
+
+
+def no_sample_message(spec_ref: str, spec_name: str) -> str:
+    return (f"parse spec {spec_name!r} ({spec_ref}) has no bundled sample queries (only the built-in specs "
+            "have one); replay your own: qustream demo --spec SPEC --queries FILE (plain lines or JSON lines)")
 
 
 @dataclass
@@ -63,8 +82,17 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> DemoSummary:
+    """Start what is missing, replay ``queries`` (default: the spec's bundled sample), collect, stop.
+
+    Raises ``NoSampleQueries`` before starting anything when ``queries`` is None and the spec has no sample."""
+    from schemas.spec import load_spec
     from workers.model import resolve_model_path
 
+    if queries is None:
+        spec_name = load_spec(settings.parse_spec).name
+        queries = sample_queries(settings.parse_spec, spec_name)
+        if queries is None:
+            raise NoSampleQueries(no_sample_message(settings.parse_spec, spec_name))
     stack = LocalStack(settings)
     started = stack.up()
     for process in started:
@@ -89,7 +117,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
         worker = WorkerProcess(settings, log_path)
         console.print(f"worker started (log: {log_path}); waiting for /ready…")
         worker.wait_ready(timeout_s=300)
-        lines = demo_lines(queries or sample_queries(settings.parse_spec), uuid.uuid4().hex[:8])
+        lines = demo_lines(queries, uuid.uuid4().hex[:8])
         return asyncio.run(_replay_and_collect(settings, lines, timeout_s))
     finally:
         if worker is not None:

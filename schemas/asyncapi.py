@@ -1,4 +1,4 @@
-"""An AsyncAPI 3 document of qustream's four topics, generated from the pydantic contracts."""
+"""An AsyncAPI 3 document of qustream's four topics (or Redis streams), generated from the pydantic contracts."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from schemas.events import (
     DeadLetterStage,
     QueryInput,
 )
-from schemas.export import parsed_event_model
+from schemas.export import channel_names, parsed_event_model
 from schemas.settings import Settings
 from schemas.spec import ParseSpec
 
@@ -39,8 +39,26 @@ def _components(*models: type[BaseModel]) -> dict[str, Any]:
     return schemas
 
 
+def _redis_server(settings: Settings) -> dict[str, Any]:
+    """The configured Redis as a server: host and port only, never the URL's password."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(settings.redis_url.get_secret_value())
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    host = f"{url.hostname}:{port or 6379}" if url.hostname else (url.path or "localhost")
+    return {"host": host, "protocol": "redis", "description": "The configured Redis (QUSTREAM_REDIS_URL): each "
+            "channel is a stream; an entry holds the value in field `v`, the key in `k`, the event time in `ts` "
+            "(epoch ms) and each header as `h:<name>`."}
+
+
 def asyncapi_document(settings: Settings, spec: ParseSpec) -> dict[str, Any]:
-    """The document for ``settings``' topics, the parsed topic's payload typed by ``spec``."""
+    """The document for ``settings``' topics (the Redis streams with ``transport=redis``), the parsed
+    topic's payload typed by ``spec``."""
+    redis = settings.transport == "redis"
+    names = channel_names(settings)
     string = {"type": "string"}
     dlq_headers = {
         "type": "object",
@@ -62,10 +80,10 @@ def asyncapi_document(settings: Settings, spec: ParseSpec) -> dict[str, Any]:
         return {"kafka": {"key": {"type": "string", "description": description}, "bindingVersion": "0.5.0"}}
 
     channels = {
-        "raw": (settings.topic_input, "Raw search queries from indexing pipelines and replays.", "RawQuery"),
-        "parsed": (settings.topic_parsed, "One structured parse per query; key = query_id.", "ParsedQuery"),
-        "metrics": (settings.topic_metrics, "One event per processed batch; key = worker_id.", "BatchMetrics"),
-        "dlq": (settings.topic_dlq, "Messages that could not be processed: original key and bytes, reason in "
+        "raw": (names["input"], "Raw search queries from indexing pipelines and replays.", "RawQuery"),
+        "parsed": (names["parsed"], "One structured parse per query; key = query_id.", "ParsedQuery"),
+        "metrics": (names["metrics"], "One event per processed batch; key = worker_id.", "BatchMetrics"),
+        "dlq": (names["dlq"], "Messages that could not be processed: original key and bytes, reason in "
                 "headers.", "DeadLetter"),
     }
     messages: dict[str, Any] = {
@@ -97,16 +115,20 @@ def asyncapi_document(settings: Settings, spec: ParseSpec) -> dict[str, Any]:
             "bindings": kafka_key("The original message key."),
         },
     }
+    if redis:
+        # AsyncAPI's Redis binding holds nothing: the key is the entry's `k` field, as the server says.
+        for message in messages.values():
+            message.pop("bindings")
     return {
         "asyncapi": "3.0.0",
         "info": {
-            "title": f"qustream topics (parse spec {spec.name} {spec.version})",
+            "title": f"qustream {'Redis streams' if redis else 'topics'} (parse spec {spec.name} {spec.version})",
             "version": "1.0.0",
             "description": "Search queries in, structured parses out. Delivery is at-least-once; events are "
                            "idempotent by query_id.",
         },
         "defaultContentType": "application/json",
-        "servers": {
+        "servers": {"redis": _redis_server(settings)} if redis else {
             "kafka": {"host": settings.kafka_bootstrap, "protocol": "kafka",
                       "description": "The configured bootstrap servers."},
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field, create_model
 
@@ -25,18 +26,38 @@ def parsed_event_model(spec: ParseSpec) -> type[ParsedEvent]:
     return model
 
 
-def topic_models(spec: ParseSpec, settings: Settings | None = None) -> dict[str, tuple[str, type[BaseModel]]]:
-    """File stem → (topic role, model). The stem is the topic's name in ``settings`` (the default names
-    without), so that a consumer finds the schema of the topic it reads, as the AsyncAPI document names it.
-    Dead letters keep the original bytes as value; their contract is the reason carried in ``qustream.*``
-    headers, hence ``<dlq topic>.headers``."""
+def channel_names(settings: Settings | None = None) -> dict[str, str]:
+    """Role (input, parsed, metrics, dlq) → the name messages travel under on ``settings``' transport:
+    the Kafka topics, or the Redis streams with ``transport=redis`` (the default names without settings)."""
     # model_construct: the field defaults, never the environment, for a caller that passes no settings.
-    topics = settings or Settings.model_construct()
+    names = settings or Settings.model_construct()
+    if names.transport == "redis":
+        return {"input": names.stream_input, "parsed": names.stream_parsed, "metrics": names.stream_metrics,
+                "dlq": names.stream_dlq}
+    return {"input": names.topic_input, "parsed": names.topic_parsed, "metrics": names.topic_metrics,
+            "dlq": names.topic_dlq}
+
+
+def file_stem(name: str) -> str:
+    """A topic or stream name as a file name: letters, digits, ``.``, ``_``, ``-`` and ``~`` as they are,
+    every other character percent-encoded as in a URL (``queries:parsed`` → ``queries%3Aparsed``, ``/`` →
+    ``%2F``). Kafka topic names are left unchanged (they admit no other character); the mapping is one to
+    one, so two streams never share a file."""
+    return quote(name, safe="")
+
+
+def topic_models(spec: ParseSpec, settings: Settings | None = None) -> dict[str, tuple[str, type[BaseModel]]]:
+    """File stem → (topic role, model). The stem is the topic's name in ``settings`` (the Redis stream's with
+    ``transport=redis``; the default topics without settings) as ``file_stem`` writes it, so that a consumer
+    finds the schema of the topic it reads, as the AsyncAPI document names it. Dead letters keep the original
+    bytes as value; their contract is the reason carried in ``qustream.*`` headers, hence
+    ``<dlq topic>.headers``."""
+    names = channel_names(settings)
     return {
-        topics.topic_input: ("input", QueryInput),
-        topics.topic_parsed: ("parsed", parsed_event_model(spec)),
-        topics.topic_metrics: ("metrics", BatchMetricsEvent),
-        f"{topics.topic_dlq}.headers": ("dlq", DeadLetterReason),
+        file_stem(names["input"]): ("input", QueryInput),
+        file_stem(names["parsed"]): ("parsed", parsed_event_model(spec)),
+        file_stem(names["metrics"]): ("metrics", BatchMetricsEvent),
+        f"{file_stem(names['dlq'])}.headers": ("dlq", DeadLetterReason),
     }
 
 
@@ -48,7 +69,8 @@ def json_schema(model: type[BaseModel], title: str) -> dict[str, Any]:
 
 
 def export_json_schemas(directory: Path, spec: ParseSpec, settings: Settings | None = None) -> list[Path]:
-    """One ``<topic>.schema.json`` per topic of ``settings`` (the default topics without) in ``directory``."""
+    """One ``<topic>.schema.json`` per topic (or Redis stream) of ``settings`` (the default topics without) in
+    ``directory``, named as ``topic_models`` names them."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, (_, model) in topic_models(spec, settings).items():

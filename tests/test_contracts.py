@@ -75,6 +75,32 @@ def test_exported_files_are_named_after_the_configured_topics(tmp_path: Path) ->
     assert json.loads(document.stdout)["channels"]["parsed"]["address"] == "my.parsed"
 
 
+def test_on_redis_the_files_and_channels_are_named_after_the_configured_streams(tmp_path: Path) -> None:
+    defaults = {p.name for p in export_json_schemas(tmp_path / "defaults", FURNITURE, Settings(
+        _env_file=None, transport="redis"))}
+    assert defaults == {"queries%3Araw.schema.json", "queries%3Aparsed.schema.json",
+                        "queries%3Ametrics.schema.json", "queries%3Adlq.headers.schema.json"}
+    env = {"QUSTREAM_TRANSPORT": "redis", "QUSTREAM_STREAM_PARSED": "auditap:parsed",
+           "QUSTREAM_STREAM_DLQ": "team/a dead", "QUSTREAM_TOPIC_PARSED": "not.this",
+           "QUSTREAM_REDIS_URL": "redis://user:s3cret@cache.internal:6380/2"}
+    exported = CliRunner().invoke(app, ["schema", "export", str(tmp_path / "cli")], env=env)
+    assert exported.exit_code == 0, exported.output
+    written = {path.name for path in (tmp_path / "cli").iterdir()}
+    assert written == {"queries%3Araw.schema.json", "auditap%3Aparsed.schema.json",
+                       "queries%3Ametrics.schema.json", "team%2Fa%20dead.headers.schema.json"}
+    parsed = json.loads((tmp_path / "cli" / "auditap%3Aparsed.schema.json").read_text())
+    assert parsed["title"] == "ParsedEvent"
+    document = CliRunner().invoke(app, ["schema", "asyncapi"], env=env)
+    assert document.exit_code == 0, document.output
+    asyncapi = json.loads(document.stdout)
+    jsonschema.Draft7Validator(json.loads((DATA / "asyncapi-3.0.0.schema.json").read_text())).validate(asyncapi)
+    assert {name: channel["address"] for name, channel in asyncapi["channels"].items()} == {
+        "raw": "queries:raw", "parsed": "auditap:parsed", "metrics": "queries:metrics", "dlq": "team/a dead"}
+    assert asyncapi["servers"] == {"redis": {**asyncapi["servers"]["redis"], "host": "cache.internal:6380",
+                                             "protocol": "redis"}}
+    assert "s3cret" not in document.stdout and "kafka" not in json.dumps(asyncapi["components"]["messages"])
+
+
 def test_schema_commands_name_a_target_they_cannot_write_in_one_line(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")

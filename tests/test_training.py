@@ -527,6 +527,36 @@ def test_eval_without_a_labelled_set_says_so_before_loading_the_model(tmp_path: 
     assert "quality_autoparts.jsonl; pass --queries" in result.output
 
 
+#: Autoparts rows (tests/support.py): `system` is a category of a closed set, `position` a vocabulary.
+CATEGORY_ROWS = [
+    {"query": "front brake pads", "part": "brake pad", "position": "front", "system": "brakes"},
+    {"query": "rear shock absorber", "part": "shock absorber", "system": "suspenion"},  # a typo of the label
+    {"query": "radiator hose", "part": "radiator hose", "system": ["Cooling", "engine"]},  # case aside: a label
+    {"query": "spark plug", "part": "spark plug", "system": ["engine", "ignition"]},  # one label outside the set
+]
+
+
+def test_eval_refuses_a_category_label_outside_the_set_before_loading_the_model(tmp_path: Path) -> None:
+    spec = write_autoparts_spec(tmp_path / "spec")
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in CATEGORY_ROWS))
+    result = eval_cli("--spec", str(spec), "--queries", str(data), "--model", str(unloadable_model(tmp_path / "m")))
+    assert_refused(result, f"{data}:2: field 'system': 'suspenion' is not one of ['brakes', ")
+    assert "(and 1 more bad line)" in result.output, result.output
+
+
+def test_training_skips_a_category_label_outside_the_set_line_by_line(tmp_path: Path) -> None:
+    from workers.training import read_labelled
+
+    spec = load_spec(write_autoparts_spec(tmp_path / "spec"))
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in CATEGORY_ROWS))
+    records, problems = read_labelled(spec, spec_vocabulary(spec), data)
+    assert [number for number, _ in records] == [1, 3]
+    assert [number for number, _ in problems] == [2, 4]
+    assert "'suspenion' is not one of" in problems[0][1] and "'ignition' is not one of" in problems[1][1]
+
+
 def test_eval_names_a_model_it_cannot_load_and_scores_with_one_it_can(tiny_folder: Path, tmp_path: Path) -> None:
     prefix = "QUSTREAM_MODEL / --model {!r} is neither a model folder nor a hub id that can be loaded: "
     absent = tmp_path / "nomodel"

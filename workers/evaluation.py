@@ -58,9 +58,12 @@ def labelled_row_problem(spec: ParseSpec, record: Any) -> str | None:
     """Why ``record`` is not a labelled row of ``spec`` (an object with a non-empty ``query`` and, of the
     spec's fields only, each a value, a list of acceptable values, or null); None when it is one.
 
-    Only the row's shape: ``qustream train`` checks it so too (``workers.training.check_record``), and
-    unlike training, a label outside the spec's vocabulary or grammar is kept and scored (a value no grounding
-    can write counts as a miss: the set measures the parser, not the labels)."""
+    The row's shape, and each ``category`` label one of the field's closed set: ``qustream train`` checks it
+    so too (``workers.training.check_record``). Unlike training, a span or vocabulary label outside the
+    spec's vocabulary or grammar is kept and scored (a value no grounding can write counts as a miss: the
+    set measures the parser, not the labels). A category admits null or one label of its set in every
+    grounding, so a label outside it can never be right: it is a typo in the labels, and scoring it as a
+    miss would lower the accuracy unnoticed."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     query = record.get("query")
@@ -74,6 +77,13 @@ def labelled_row_problem(spec: ParseSpec, record: Any) -> str | None:
         value = record.get(name)
         if value is not None and not label_values(value):
             return f"field {name!r}: expected a value, a list of acceptable values, or null; got {value!r}"
+    for spec_field in spec.fields:
+        if spec_field.kind == "category":
+            labels = {v.lower() for v in spec_field.canonical_values}
+            for label in label_values(record.get(spec_field.name)):
+                # Compared as ``field_correct`` compares it with the parse (which writes canonical labels).
+                if label.lower() not in labels:
+                    return f"field {spec_field.name!r}: {label!r} is not one of {spec_field.canonical_values}"
     return None
 
 
