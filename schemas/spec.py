@@ -22,7 +22,9 @@ Field kinds:
 A spec file may ``extends`` another (a built-in name or a relative path) and give only what changes:
 its fields merge into the base's by name. Loading checks the structure here; the examples are
 checked against the grammar's notion of spans and vocabulary mentions by
-``workers.grammar.check_examples`` when an engine is built or ``qustream spec check`` runs.
+``workers.grammar.check_examples`` when an engine is built or ``qustream spec check`` runs, against the
+fields without problems where others have some (``SpecError.partial``), so that one run lists them all.
+A YAML number where text belongs (``version: 1.10``) is refused: quoted, it stays as written.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,10 +56,37 @@ _RESERVED = frozenset({"query", "query_id", "spec", "parse"})
 class SpecError(ValueError):
     """A spec that cannot be used; the message names the file and every problem with its field."""
 
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+    def __init__(self, message: str, problems: list[str] | None = None, source: str | None = None,
+                 partial: ParseSpec | None = None, unchecked: list[UncheckedValue] | None = None) -> None:
         super().__init__(message)
         #: Each problem alone (without the file), where the spec was read: what a caller merges.
         self.problems = problems if problems is not None else [message]
+        #: The file (or name) the problems are in, where the spec was read.
+        self.source = source
+        #: The spec without the fields that have problems (and those fields' example values), where it
+        #: validates: what the later checks (the examples against the grammar) can still run on.
+        self.partial = partial
+        #: Example values of the fields left out of ``partial``, for the checks that need no valid field.
+        self.unchecked = unchecked or []
+
+    @classmethod
+    def listing(cls, source: str, problems: list[str], partial: ParseSpec | None = None,
+                unchecked: list[UncheckedValue] | None = None) -> SpecError:
+        """The error of a spec read from ``source`` with these problems, one a line."""
+        return cls(f"{source}: invalid parse spec:\n  - " + "\n  - ".join(problems), problems, source, partial,
+                   unchecked)
+
+
+@dataclass(frozen=True)
+class UncheckedValue:
+    """An example's value for a field that did not validate: only what holds for every kind is checked."""
+
+    example: int
+    query: str
+    field: str
+    value: str
+    #: The values and forms the field lists (its values, mentions), whatever its kind.
+    known: tuple[str, ...]
 
 
 class SpecValue(BaseModel):
@@ -163,55 +193,70 @@ class SpecField(BaseModel):
 
     @model_validator(mode="after")
     def _values_match_kind(self) -> SpecField:
+        # Every problem, one a line (``parse_spec_data`` lists each with the field's name).
+        problems = self._option_problems()
+        if self.kind == "span":
+            if self.values or self.values_file:
+                problems.append("a span field takes no values (mentions are its known values)")
+            problems += self._known_value_problems()
+        elif not self.values:
+            problems.append(f"a {self.kind} field needs values (or a values_file)")
+        else:
+            problems += self._surface_form_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _option_problems(self) -> list[str]:
+        """Options the field's kind (or its other options) does not take."""
+        problems = []
         if self.kind != "span":
             for option in ("stop_at", "mentions", "mentions_file", "patterns", "heads", "heads_file",
                            "extend_mentions"):
                 if getattr(self, option):
-                    raise ValueError(f"field {self.name!r}: {option} applies to span fields only")
-        if self.fill != "model" and not (self.kind == "vocabulary" or self.mentions or self.patterns):
-            raise ValueError(
-                f"field {self.name!r}: fill: {self.fill} applies to vocabulary fields and to span fields "
-                "with mentions or patterns"
-            )
-        if self.without_head != "null" and not (self.heads or self.heads_file):
-            raise ValueError(f"field {self.name!r}: without_head applies to span fields with heads")
+                    problems.append(f"{option} applies to span fields only")
+        if self.fill != "model" and not (
+            self.kind == "vocabulary" or (self.kind == "span" and (self.mentions or self.patterns))
+        ):
+            problems.append(f"fill: {self.fill} applies to vocabulary fields and to span fields with mentions or "
+                            "patterns")
+        if self.without_head != "null" and not (self.kind == "span" and (self.heads or self.heads_file)):
+            problems.append("without_head applies to span fields with heads")
         if self.extend_mentions and self.fill != "mentioned":
-            raise ValueError(f"field {self.name!r}: extend_mentions applies to fields with fill: mentioned")
-        if self.kind == "span":
-            if self.values or self.values_file:
-                raise ValueError(f"field {self.name!r}: a span field takes no values (mentions are its known values)")
-            return self._mentions_and_patterns_usable()
-        if not self.values:
-            raise ValueError(f"field {self.name!r}: a {self.kind} field needs values (or a values_file)")
+            problems.append("extend_mentions applies to fields with fill: mentioned")
+        return problems
+
+    def _surface_form_problems(self) -> list[str]:
+        problems = []
         seen: dict[str, str] = {}
         for entry in self.values:
             for form in (entry.value, *entry.forms):
                 key = match_form(form)
                 if not key:
-                    raise ValueError(f"field {self.name!r}: value or form {form!r} has no letters or digits")
-                if seen.get(key, entry.value) != entry.value:
-                    raise ValueError(
-                        f"field {self.name!r}: surface form {form!r} belongs to both {seen[key]!r} and {entry.value!r}"
-                    )
-                seen[key] = entry.value
-        return self
+                    problems.append(f"value or form {form!r} has no letters or digits")
+                elif seen.get(key, entry.value) != entry.value:
+                    problems.append(f"surface form {form!r} belongs to both {seen[key]!r} and {entry.value!r}")
+                else:
+                    seen[key] = entry.value
+        return problems
 
-    def _mentions_and_patterns_usable(self) -> SpecField:
+    def _known_value_problems(self) -> list[str]:
+        problems = []
         for mention in self.mentions:
             if not match_form(mention):
-                raise ValueError(f"field {self.name!r}: mention {mention!r} has no letters or digits")
+                problems.append(f"mention {mention!r} has no letters or digits")
         for pattern in self.patterns:
             try:
                 compiled = re.compile(pattern)
             except re.error as exc:
-                problem = f"pattern {pattern!r} is not a regular expression: {exc}"
-                raise ValueError(f"field {self.name!r}: {problem}") from None
+                problems.append(f"pattern {pattern!r} is not a regular expression: {exc}")
+                continue
             if compiled.match(""):
-                raise ValueError(f"field {self.name!r}: pattern {pattern!r} matches empty text")
+                problems.append(f"pattern {pattern!r} matches empty text")
         for head in self.heads:
             if len(match_form(head).split()) != 1:
-                raise ValueError(f"field {self.name!r}: head {head!r} is not one word")
-        return self
+                problems.append(f"head {head!r} is not one word")
+        return problems
 
     @property
     def canonical_values(self) -> list[str]:
@@ -252,22 +297,19 @@ class ParseSpec(BaseModel):
 
     @field_validator("version", mode="before")
     @classmethod
-    def _version_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int | float) else value
+    def _version_is_text(cls, value: Any) -> Any:
+        # A YAML number is refused rather than turned into text: 1.10 would become "1.1" (the version of
+        # another spec), and one rule for every text of a spec (quote a number) is easier to keep.
+        if isinstance(value, bool | int | float):
+            raise ValueError(unquoted_scalar(value, "version"))
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ParseSpec:
-        names = [f.name for f in self.fields]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"fields: duplicate names {duplicates}")
-        for index, example in enumerate(self.examples):
-            unknown = sorted(set(example.parse) - set(names))
-            if unknown:
-                raise ValueError(f"examples[{index}] ({example.query!r}): unknown fields {unknown}; fields are {names}")
-        unknown_core = sorted(set(self.core_fields or ()) - set(names))
-        if unknown_core:
-            raise ValueError(f"core_fields: unknown fields {unknown_core}")
+        problems = consistency_problems([f.name for f in self.fields],
+                                        [(e.query, list(e.parse)) for e in self.examples], self.core_fields)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # -- derived ------------------------------------------------------------------------------
@@ -319,6 +361,40 @@ class ParseSpec(BaseModel):
             **definitions,
         )
         return model
+
+
+def consistency_problems(names: list[str], examples: list[tuple[Any, list[Any]]], core_fields: Any) -> list[str]:
+    """The spec-wide problems: duplicate field names, examples and core fields naming no field. Given the
+    field names, each example's (query, parse keys) and the core fields, raw or validated."""
+    problems = []
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"fields: duplicate names {duplicates}")
+    known = list(dict.fromkeys(names))
+    for index, (query, keys) in enumerate(examples):
+        unknown = sorted({k for k in keys if isinstance(k, str)} - set(names))
+        if unknown:
+            problems.append(f"{_example_where(index, query)}: unknown fields {unknown}; fields are {known}")
+    if isinstance(core_fields, list):
+        unknown_core = sorted({c for c in core_fields if isinstance(c, str)} - set(names))
+        if unknown_core:
+            problems.append(f"core_fields: unknown fields {unknown_core}")
+    return problems
+
+
+def _example_where(index: int, query: Any) -> str:
+    """How every problem names an example: its index and query."""
+    return f"examples[{index}] ({query!r})" if isinstance(query, str) else f"examples[{index}]"
+
+
+def unquoted_scalar(value: Any, key: str | None) -> str:
+    """Why a YAML number or boolean is refused where text belongs, and how to write it."""
+    if isinstance(value, bool):
+        return "unquoted, yes, no, on, off, true and false are YAML booleans, not text: write it in quotes"
+    text = getattr(value, "text", None) or str(value)
+    read = f" (read as {value!r})" if text != str(value) else ""
+    written = f'{key}: "{text}"' if key else f'"{text}"'
+    return f"unquoted, {text} is a YAML number{read}, not text: write it in quotes, {written}"
 
 
 def _model_name(spec_name: str) -> str:
@@ -383,17 +459,45 @@ def load_spec(ref: str | Path = DEFAULT_SPEC) -> ParseSpec:
                 words = _read_values(folders["heads_file"], raw_field["heads_file"], "heads_file")
                 raw_field["heads"] = [*(raw_field.get("heads") or []), *(w["value"] for w in words)]
         except SpecError as exc:
-            problems.append(f"fields[{index}] ({raw_field.get('name')}): {exc}")
+            problems.append(f"{_field_where(index, raw_field)}: {exc}")
             unread.add(index)
     if problems:
         # The rest of the spec is checked too, so that one run lists every problem; a field whose file
         # could not be read is left out of that check (it would only add that it has no values).
+        partial, unchecked = None, []
         try:
             parse_spec_data(data, source=str(path), skip_fields=unread)
+            partial = _partial_spec(data, [], unread)
         except SpecError as exc:
             problems.extend(exc.problems)
-        raise SpecError(f"{path}: invalid parse spec:\n  - " + "\n  - ".join(problems), problems)
+            partial, unchecked = exc.partial, exc.unchecked
+        raise SpecError.listing(str(path), problems, partial, unchecked)
     return parse_spec_data(data, source=str(path))
+
+
+class _YamlInt(int):
+    #: The number as the file writes it.
+    text = ""
+
+
+class _YamlFloat(float):
+    text = ""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, its numbers keeping the text they were written as: a number where text
+    belongs is refused with the quoted form to write (YAML reads 1.10 as 1.1)."""
+
+
+def _number_with_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    value = loader.construct_yaml_int(node) if node.tag.endswith(":int") else loader.construct_yaml_float(node)
+    number = _YamlInt(value) if isinstance(value, int) else _YamlFloat(value)
+    number.text = str(node.value)
+    return number
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _number_with_text)
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _number_with_text)
 
 
 def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
@@ -402,7 +506,7 @@ def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
     options over the base field's; fields the base lacks added after its own). A file option stays as
     written (it is part of the spec's fingerprint) and is read from the folder of the spec that set it."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc}") from None
     if not isinstance(data, dict):
@@ -444,41 +548,162 @@ def _read_spec_data(path: Path, extending: tuple[Path, ...]) -> dict[str, Any]:
 
 def parse_spec_data(data: dict[str, Any], source: str = "<spec>", skip_fields: set[int] | None = None) -> ParseSpec:
     """The spec ``data`` describes; ``SpecError`` lists every problem (``skip_fields``: indices of fields
-    whose problems were reported already)."""
+    whose problems were reported already) and carries what the later checks can still run on."""
     try:
         return ParseSpec.model_validate(data)
     except ValidationError as exc:
         skipped = skip_fields or set()
-        problems = [line for index, line in _describe(exc, data) if index not in skipped]
-        # Spec-wide checks (ParseSpec._consistent) run only once every field is valid: the ones that
-        # need no valid field are made here too, so that a duplicate name is not hidden by a bad kind.
-        problems += [problem for problem in _raw_name_problems(data) if problem not in problems]
-        raise SpecError(f"{source}: invalid parse spec:\n  - " + "\n  - ".join(problems), problems) from None
+        described = _describe(exc, data)
+        problems = [line for index, line in described if index not in skipped]
+        # Spec-wide checks (ParseSpec._consistent) run only once every field is valid: they are made
+        # here on the raw data too, so that a duplicate name or an unknown example field is not hidden
+        # by a bad kind.
+        problems += [problem for problem in _raw_consistency_problems(data) if problem not in problems]
+        invalid = {index for index, _ in described if index is not None}
+        partial = _partial_spec(data, exc.errors(), invalid | skipped)
+        unchecked = _unchecked_values(data, invalid - skipped)
+        raise SpecError.listing(source, problems, partial, unchecked) from None
 
 
-def _raw_name_problems(data: dict[str, Any]) -> list[str]:
-    """Duplicate field names, read from the raw fields (the same words as ``ParseSpec._consistent``)."""
-    fields = [f for f in data.get("fields") or [] if isinstance(f, dict)]
-    names: list[str] = [f["name"] for f in fields if isinstance(f.get("name"), str)]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    return [f"spec: fields: duplicate names {duplicates}"] if duplicates else []
+def _raw_consistency_problems(data: dict[str, Any]) -> list[str]:
+    """``consistency_problems`` of the raw data (the same words as ``ParseSpec._consistent``)."""
+    fields = data.get("fields")
+    if not isinstance(fields, list):
+        return []
+    names: list[str] = [f["name"] for f in fields if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    raw_examples = data.get("examples")
+    examples = [
+        (e.get("query"), list(e["parse"])) if isinstance(e, dict) and isinstance(e.get("parse"), dict) else (None, [])
+        for e in (raw_examples if isinstance(raw_examples, list) else [])
+    ]
+    return consistency_problems(names, examples, data.get("core_fields"))
+
+
+#: What a spec-wide value that has a problem (reported already) is replaced with in the partial spec.
+_PLACEHOLDERS = {"name": "partial", "version": "0", "description": "-"}
+_NO_EXAMPLE: dict[str, Any] = {"query": "-", "parse": {}}
+
+
+def _partial_spec(data: dict[str, Any], errors: list[Any], left_out: set[int]) -> ParseSpec | None:
+    """The spec without the fields ``left_out`` and those of a name two fields have (and their values in
+    the examples), and with every other part that has a problem replaced by a harmless one (an
+    example by an empty one, so that the others keep their index): what the checks that come after
+    validation (the examples against the grammar) can still run on. None where that does not validate."""
+    fields = data.get("fields")
+    if not isinstance(fields, list):
+        return None
+    named = [raw.get("name") if isinstance(raw, dict) else None for raw in fields]
+    kept: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for index, (raw, name) in enumerate(zip(fields, named, strict=True)):
+        if index not in left_out and isinstance(name, str) and named.count(name) == 1:
+            names.add(name)
+            kept.append(raw)
+    if not kept:
+        return None
+    partial = {key: value for key, value in data.items() if key in ParseSpec.model_fields}
+    partial["fields"] = kept
+    for error in errors:
+        loc = error["loc"]
+        if len(loc) == 1 and loc[0] in _PLACEHOLDERS:
+            partial[loc[0]] = _PLACEHOLDERS[loc[0]]
+        elif len(loc) == 1 and loc[0] in ("instruction", "core_fields", "examples"):
+            partial.pop(loc[0], None)
+    if isinstance(partial.get("core_fields"), list):
+        partial["core_fields"] = [name for name in partial["core_fields"] if name in names] or None
+    if isinstance(partial.get("examples"), list):
+        partial["examples"] = [_partial_example(example, names) for example in partial["examples"]]
+    try:
+        return ParseSpec.model_validate(partial)
+    except ValidationError:
+        return None
+
+
+def _partial_example(raw: Any, names: set[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) - {"query", "parse"}:
+        return _NO_EXAMPLE
+    query, parse = raw.get("query"), raw.get("parse")
+    if not isinstance(query, str) or not 1 <= len(query) <= 256 or not isinstance(parse, dict):
+        return _NO_EXAMPLE
+    return {"query": query,
+            "parse": {key: value for key, value in parse.items() if key in names and (value is None or
+                                                                                     isinstance(value, str))}}
+
+
+def _unchecked_values(data: dict[str, Any], invalid: set[int]) -> list[UncheckedValue]:
+    """The examples' values for the ``invalid`` fields (whose files were read), with what each field
+    lists, whatever its kind: values and their forms, mentions. None of a name two fields have."""
+    fields, examples = data.get("fields"), data.get("examples")
+    if not isinstance(fields, list) or not isinstance(examples, list):
+        return []
+    named = [raw.get("name") if isinstance(raw, dict) else None for raw in fields]
+    known: dict[str, tuple[str, ...]] = {}
+    for index in sorted(invalid):
+        raw, name = (fields[index], named[index]) if index < len(fields) else (None, None)
+        if not isinstance(raw, dict) or not isinstance(name, str) or named.count(name) != 1:
+            continue
+        values, mentions = raw.get("values"), raw.get("mentions")
+        listed: list[Any] = list(mentions) if isinstance(mentions, list) else []
+        for entry in values if isinstance(values, list) else []:
+            if isinstance(entry, dict):
+                forms = entry.get("forms")
+                listed += [entry.get("value"), *(forms if isinstance(forms, list) else [])]
+            else:
+                listed.append(entry)
+        known[name] = tuple(item for item in listed if isinstance(item, str))
+    unchecked: list[UncheckedValue] = []
+    for index, example in enumerate(examples):
+        if not isinstance(example, dict) or not isinstance(example.get("query"), str):
+            continue
+        parse = example.get("parse")
+        for name, value in (parse.items() if isinstance(parse, dict) else ()):
+            if name in known and isinstance(value, str):
+                unchecked.append(UncheckedValue(index, example["query"], name, value, known[name]))
+    return unchecked
+
+
+def _path(loc: Any) -> str:
+    """A location as the messages write it: ``fields[2].kind``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _field_where(index: int, raw: Any, loc: Any = ()) -> str:
+    """How every problem names a field: by name, with where it is."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    path = _path(["fields", index, *loc])
+    return f"field {name!r} ({path})" if isinstance(name, str) and name else path
 
 
 def _describe(exc: ValidationError, data: dict[str, Any]) -> list[tuple[int | None, str]]:
-    """Each error with its location, naming the field by name rather than by index; with the index of
-    the field it concerns (None for the rest of the spec)."""
+    """Each problem with its location, naming a field by name and an example by its query rather than by
+    index alone; with the index of the field it concerns (None for the rest of the spec)."""
+    raw_fields, raw_examples = data.get("fields"), data.get("examples")
+    fields: list[Any] = raw_fields if isinstance(raw_fields, list) else []
+    examples: list[Any] = raw_examples if isinstance(raw_examples, list) else []
     lines: list[tuple[int | None, str]] = []
     for error in exc.errors():
         loc = list(error["loc"])
-        where = ".".join(str(part) for part in loc) or "spec"
         index = None
         if len(loc) >= 2 and loc[0] == "fields" and isinstance(loc[1], int):
             index = loc[1]
-            fields = data.get("fields") or []
-            name = fields[index].get("name") if index < len(fields) and isinstance(fields[index], dict) else None
-            where = f"field {name!r} ({where})" if name else where
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append((index, f"{where}: {message}"))
+            where = _field_where(index, fields[index] if index < len(fields) else None, loc[2:])
+        elif len(loc) >= 2 and loc[0] == "examples" and isinstance(loc[1], int):
+            raw = examples[loc[1]] if loc[1] < len(examples) else None
+            where = _example_where(loc[1], raw.get("query") if isinstance(raw, dict) else None)
+            if len(loc) == 4 and loc[2] == "parse" and isinstance(loc[3], str):
+                where += f": field {loc[3]!r}"
+            elif loc[2:]:
+                where += f": {_path(loc[2:])}"
+        else:
+            where = _path(loc)
+        messages = error["msg"].removeprefix("Value error, ").split("\n")
+        if error["type"] == "string_type" and isinstance(error["input"], bool | int | float):
+            key = loc[-1] if loc and isinstance(loc[-1], str) and loc[-1] != "str" else None
+            messages = [unquoted_scalar(error["input"], key)]
+        lines += [(index, f"{where}: {message}" if where else message) for message in messages]
     return lines
 
 

@@ -193,7 +193,9 @@ def local_status() -> None:
 
 @schema_app.command("export")
 def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write the *.schema.json files.")]) -> None:
-    """Write one JSON Schema per topic, the parsed topic's for the active parse spec.
+    """Write one JSON Schema per topic (per Redis stream with QUSTREAM_TRANSPORT=redis), named after it, the
+    parsed topic's for the active parse spec; characters other than letters, digits and . _ - ~ are
+    percent-encoded in file names (queries:parsed -> queries%3Aparsed.schema.json).
     Example: QUSTREAM_PARSE_SPEC=ecommerce qustream schema export build/schemas"""
     from schemas.export import export_json_schemas
 
@@ -213,7 +215,8 @@ def schema_export(directory: Annotated[Path, typer.Argument(help="Where to write
 def schema_asyncapi(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
 ) -> None:
-    """Write the AsyncAPI 3 document of the four topics.  Example: qustream schema asyncapi -o asyncapi.json"""
+    """Write the AsyncAPI 3 document of the four topics (Redis streams with QUSTREAM_TRANSPORT=redis).
+    Example: qustream schema asyncapi -o asyncapi.json"""
     from schemas.asyncapi import asyncapi_document
 
     settings = settings_or_exit()
@@ -241,12 +244,23 @@ def spec_check(
     Example: qustream spec check my_catalog.yaml"""
     parse_spec = spec_or_exit(spec)
     def known(f: SpecField) -> str:
-        counts = [(len(f.values), "values"), (len(f.mentions), "mentions"), (len(f.patterns), "patterns"),
-                  (len(f.head_words), "heads")]
-        return "".join(f", {n} {what}" for n, what in counts if n)
+        counts = [(len(f.values), "value"), (len(f.mentions), "mention"), (len(f.patterns), "pattern"),
+                  (len(f.head_words), "head")]
+        return "".join(f", {counted(n, what)}" for n, what in counts if n)
 
     kinds = ", ".join(f"{f.name} ({f.kind}{known(f)})" for f in parse_spec.fields)
-    print(f"ok: {parse_spec.name} version {parse_spec.version}: {kinds}; {len(parse_spec.examples)} examples")
+    examples = counted(len(parse_spec.examples), "example")
+    print(f"ok: {parse_spec.name} version {parse_spec.version}: {kinds}; {examples}")
+    if not parse_spec.examples:
+        # Legitimate for a student fine-tuned under the spec (its prompt drops the examples anyway).
+        print("note: no examples: a model not trained for this spec (a base model, QUSTREAM_ADAPTER=none) is "
+              "prompted with the instruction alone and parses far worse; give it 3-10 examples. A student "
+              "fine-tuned under this spec needs none (docs/parse-specs.md, docs/training.md).")
+
+
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless one: "1 pattern", "4 patterns"."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @spec_app.command("schema")
@@ -281,9 +295,9 @@ def spec_show(
         if spec_field.mentions:
             shown = "mentions: " + shown
         if spec_field.patterns:
-            shown += ("; " if shown else "") + f"{len(spec_field.patterns)} patterns"
+            shown += ("; " if shown else "") + counted(len(spec_field.patterns), "pattern")
         if spec_field.heads:
-            shown += ("; " if shown else "") + f"{len(spec_field.head_words)} heads"
+            shown += ("; " if shown else "") + counted(len(spec_field.head_words), "head")
         if spec_field.fill == "mentioned":
             shown += " (fill: mentioned)"
         if spec_field.extend_mentions:
@@ -319,6 +333,19 @@ def eval_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here as JSON.")] = None,
 ) -> None:
     """Parse a labelled query set and print per-field accuracy, all-fields-right, invented values and validity.
+
+    \b
+    The figures, each a share of the labelled queries unless it says otherwise:
+      <field>_acc      the parse writes one of the field's labels (null for a null label); higher is better
+      all_fields_acc   every field right at once; higher is better
+      core_fields_acc  every core field (the spec's core_fields) right; higher is better; only where the
+                       spec names core fields
+      schema_valid     parses that are valid under the spec's parse model; higher is better
+      invented_absent  of the fields labelled null, the share the parse filled with a value; lower is better
+      ungrounded       of the values written to span and vocabulary fields, the share whose words are not in
+                       the query (free grounding allows such values); lower is better
+    always-null: the same figure for the trivial parse that leaves every field null (what a parser must beat).
+    A category label outside the field's set is refused as a bad row (FILE:LINE), before the model loads.
 
     Example: qustream eval --spec ecommerce --json ecommerce_eval.json
     """

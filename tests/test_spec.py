@@ -125,7 +125,7 @@ def test_a_bad_spec_names_the_field_and_the_problem(tmp_path: Path, data: dict[s
 def test_examples_are_checked_against_the_fields(tmp_path: Path, example: dict[str, Any], expected: str) -> None:
     path = write(tmp_path, spec_data(examples=[example]))
     load_spec(path)  # structurally fine
-    with pytest.raises(SpecError, match="invalid examples") as refused:
+    with pytest.raises(SpecError, match="invalid parse spec") as refused:
         load_checked_spec(str(path))
     assert expected in str(refused.value), str(refused.value)
 
@@ -139,10 +139,10 @@ def test_spec_check_lists_every_problem_at_once(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as refused:
         load_spec(write(tmp_path, data))
     message = str(refused.value)
-    for expected in ("values_file 'colours.txt' not found", "field 'style' (fields.3.kind)",
+    for expected in ("field 'color' (fields[2]): values_file 'colours.txt' not found", "field 'style' (fields[3].kind)",
                      "duplicate names ['material']"):
         assert expected in message, message
-    assert "field 'color' (" not in message, message  # no echo of its missing file: it has no values
+    assert "needs values" not in message, message  # no echo of its missing file: it has no values
 
 
 def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_unknown_names_and_missing_files_say_what_exists(tmp_path: Path) -> None
         load_spec(tmp_path / "nope.yaml")
     data = spec_data()
     _field(data, "color").update(values_file="colours.txt")
-    with pytest.raises(SpecError, match=r"fields\[2\] \(color\): values_file 'colours.txt' not found"):
+    with pytest.raises(SpecError, match=r"field 'color' \(fields\[2\]\): values_file 'colours.txt' not found"):
         load_spec(write(tmp_path, data))
 
 

@@ -202,7 +202,7 @@ def test_mentions_file_adds_phrases_one_a_line(tmp_path: Path) -> None:
     assert spec.field("maker").mentions == ["oxo", "all-clad", "smith, wesson & co"]
     assert Vocabulary(spec).candidates("maker", "All Clad skillet") == ["all-clad"]
     (tmp_path / "makers.txt").unlink()
-    with pytest.raises(SpecError, match=r"\(maker\).*mentions_file 'makers.txt' not found"):
+    with pytest.raises(SpecError, match=r"field 'maker' \(fields\[1\]\): mentions_file 'makers.txt' not found"):
         load_spec(spec_file)
 
 
@@ -230,7 +230,7 @@ def test_heads_file_and_examples_that_must_end_in_a_head(tmp_path: Path) -> None
     with pytest.raises(SpecError, match=r"skillet lid'.*does not end with one of the field's heads"):
         load_checked_spec(str(spec_file))
     (tmp_path / "heads.txt").unlink()
-    with pytest.raises(SpecError, match=r"\(item\).*heads_file 'heads.txt' not found"):
+    with pytest.raises(SpecError, match=r"field 'item' \(fields\[0\]\): heads_file 'heads.txt' not found"):
         load_spec(spec_file)
 
 

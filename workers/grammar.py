@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.spec import ParseSpec, SpecError, SpecField, load_spec
+from schemas.spec import ParseSpec, SpecError, SpecField, UncheckedValue, load_spec, resolve_spec_path
 from schemas.vocabulary import Vocabulary, match_form
 from workers.inflection import singular_noun, singular_phrase
 
@@ -444,9 +444,34 @@ def spec_vocabulary(spec: ParseSpec) -> Vocabulary:
 
 
 def load_checked_spec(ref: str) -> ParseSpec:
-    """The spec ``ref`` names, its examples checked too; ``SpecError`` lists every problem."""
-    spec = load_spec(ref)
+    """The spec ``ref`` names, its examples checked too; ``SpecError`` lists every problem. A spec with
+    problems in its structure gets its examples checked all the same, against the fields without any,
+    so that one run lists every problem."""
+    try:
+        spec = load_spec(ref)
+    except SpecError as exc:
+        if exc.partial is None or exc.source is None:
+            raise
+        examples = [*check_examples(exc.partial), *_unchecked_problems(exc.unchecked)]
+        examples.sort(key=lambda problem: int(problem[problem.index("[") + 1:problem.index("]")]))
+        raise SpecError.listing(exc.source, [*exc.problems, *examples]) from None
     problems = check_examples(spec)
     if problems:
-        raise SpecError(f"parse spec {ref!r}: invalid examples:\n  - " + "\n  - ".join(problems))
+        raise SpecError.listing(str(resolve_spec_path(ref)), problems)
     return spec
+
+
+def _unchecked_problems(values: list[UncheckedValue]) -> list[str]:
+    """The examples' values of fields that did not validate, checked only as far as holds for every kind
+    and option: a value that is neither a run of the query's words (number and punctuation aside) nor
+    one the field lists is wrong whatever the field becomes; anything else is left unsaid."""
+    problems = []
+    for unchecked in values:
+        value = _number_blind(unchecked.value)
+        if not value:
+            continue
+        if f" {value} " in f" {_number_blind(unchecked.query)} " or value in map(_number_blind, unchecked.known):
+            continue
+        problems.append(f"examples[{unchecked.example}] ({unchecked.query!r}): field {unchecked.field!r}: "
+                        f"{unchecked.value!r} is neither a run of the query's words nor one of the field's values")
+    return problems
