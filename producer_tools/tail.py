@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +19,14 @@ def resolve_topic(settings: Settings, name: str) -> str:
     return resolve_name(settings, name)
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def record_to_json(record: Record, *, dead_letter: bool = False) -> dict[str, Any]:
     value: Any
     try:
@@ -32,6 +41,11 @@ def record_to_json(record: Record, *, dead_letter: bool = False) -> dict[str, An
         "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
         "value": value,
     }
+    # A key or value that is not UTF-8 (a dead letter's original bytes, say) is shown with replacement
+    # characters, and given whole in base64 as well, so that the bytes can be recovered from the output.
+    for name, raw in (("key", record.key), ("value", record.value)):
+        if raw is not None and not _is_utf8(raw):
+            out[f"{name}_base64"] = base64.b64encode(raw).decode("ascii")
     if record.headers:
         out["headers"] = {key: raw.decode("utf-8", "replace") for key, raw in record.headers.items()}
     if dead_letter:

@@ -3,6 +3,7 @@ options or input fail with one line."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -194,6 +195,17 @@ def test_help_has_examples() -> None:
         result = subprocess.run([sys.executable, "-m", "streams.cli", *command, "--help"], cwd=REPO,
                                 capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
         assert result.returncode == 0 and "Example: qustream" in result.stdout, command
+
+
+def test_tail_gives_bytes_that_are_not_text_in_base64_too() -> None:
+    from producer_tools.tail import record_to_json
+    from workers.core_step import InboundMessage
+
+    raw = b"\xff\xfe red sofa \x80"
+    shown = record_to_json(InboundMessage(raw, b"\x00\xffk", "q.dlq", 0, "3", 0, {}))
+    assert base64.b64decode(shown["value_base64"]) == raw and base64.b64decode(shown["key_base64"]) == b"\x00\xffk"
+    plain = record_to_json(InboundMessage(b"red sofa", b"k", "q.dlq", 0, "4", 0, {}))
+    assert plain["value"] == "red sofa" and "value_base64" not in plain and "key_base64" not in plain
 
 
 def test_parse_since() -> None:
