@@ -264,7 +264,7 @@ async def redrive(
                     (ATTEMPTS_HEADER, str(reason.attempts + 1).encode()),
                     (REDRIVE_FROM_HEADER, f"{record.topic}:{record.partition}:{record.offset}".encode()),
                 ]
-                await sink.send(record.key, record.value or b"", headers, None)
+                await sink.send(record.key, record.value, headers, None)
             await sink.flush()
     # Only after the input acknowledged them: a crash before this line re-sends (at least once),
     # never loses a letter.

@@ -54,7 +54,7 @@ class RecordSink(Protocol):
     async def send(
         self,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
     ) -> None: ...
@@ -174,7 +174,7 @@ class KafkaSink:
     async def send(
         self,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
     ) -> None:
@@ -206,7 +206,7 @@ class RedisSink:
     async def send(
         self,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
     ) -> None:

@@ -21,9 +21,11 @@ PARTITION = 0
 
 
 def encode_entry(
-    value: bytes, key: bytes | None = None, headers: Iterable[tuple[str, bytes]] = (), timestamp_ms: int | None = None
+    value: bytes | None, key: bytes | None = None, headers: Iterable[tuple[str, bytes]] = (),
+    timestamp_ms: int | None = None,
 ) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {VALUE_FIELD: value}
+    """An entry's fields; a value of None (the dead letter of an entry without one) has no value field."""
+    fields: dict[bytes, bytes] = {} if value is None else {VALUE_FIELD: value}
     if key is not None:
         fields[KEY_FIELD] = key
     if timestamp_ms is not None:

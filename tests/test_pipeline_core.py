@@ -17,9 +17,10 @@ import structlog.testing
 
 from schemas.settings import Settings
 from schemas.spec import load_spec
+from streams.redis_codec import decode_entry, encode_entry
 from streams.runtime import StepSizer
 from workers.cache import CachedParse, ParseCache, redis_client
-from workers.core_step import InboundMessage, ParsePipeline, PoisonMessage, decode_message
+from workers.core_step import InboundMessage, ParsePipeline, PoisonMessage, dead_letter, decode_message
 from workers.engine import ParseResult
 
 
@@ -49,6 +50,15 @@ def test_poison_is_refused_at_the_right_stage(value: bytes | None, stage: str, e
     with pytest.raises(PoisonMessage) as refused:
         decode_message(message(value), Settings(max_query_chars=256))
     assert (refused.value.stage, refused.value.error_class) == (stage, error_class)
+
+
+@pytest.mark.parametrize("value", [None, b"", b"\xff\xfe sofa"], ids=["tombstone", "empty", "not-utf8"])
+def test_a_dead_letter_keeps_the_value_as_it_came(value: bytes | None) -> None:
+    """A tombstone's letter is a tombstone too (not an empty value, which a redrive would refuse as another
+    error), on Kafka and through a Redis entry alike."""
+    [letter] = [dead_letter(message(value), "decode", "X", "why", "w1")]
+    assert letter.value == value and letter.key == b"k"
+    assert decode_entry(encode_entry(letter.value, letter.key, letter.headers))[0] == value
 
 
 @pytest.mark.parametrize(

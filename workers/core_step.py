@@ -66,7 +66,8 @@ class InboundMessage:
 @dataclass(slots=True)
 class OutboundRecord:
     key: bytes | None
-    value: bytes
+    #: None only for the dead letter of an input without a value (a Kafka tombstone), kept as it came.
+    value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -218,7 +219,7 @@ def dead_letter(
         attempts=attempts_of(message),
         worker_id=worker_id,
     ).to_headers()
-    return OutboundRecord(message.key, message.value or b"", headers)
+    return OutboundRecord(message.key, message.value, headers)
 
 
 @dataclass
