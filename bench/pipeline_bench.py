@@ -580,7 +580,7 @@ class PipelineBench:
                 row["qustream_complete"] = result.complete
                 row["qustream_uncached"] = sum(1 for e in events if not e["cached"])
                 batches = [json.loads(r.value) for r in collector.since(settings.topic_metrics, int(began * 1000))]
-                row["qustream_batch_sizes"] = [b["size"] for b in batches if b["cache_misses"]]
+                row["qustream_batch_sizes"] = [b["size"] for b in batches if b["cache_misses"] or b["cache_errors"]]
                 # The model's share of the round inside the worker: the rest is the pipeline's.
                 row["qustream_inference_s"] = round(sum(b["inference_ms"] for b in batches) / 1000, 3)
                 row["qustream_round_s"] = round(result.seconds, 3)

@@ -148,10 +148,11 @@ class BatchMetricsEvent(BaseModel):
     size: int = Field(description="Messages in the batch.")
     valid: int = Field(description="Messages that decoded into a query.")
     unique: int = Field(description="Distinct normalized queries among the valid ones.")
-    cache_hits: int
-    cache_misses: int
-    cache_errors: int
-    cache_available: bool
+    cache_hits: int = Field(description="Distinct queries whose parse was in the cache.")
+    cache_misses: int = Field(description="Distinct queries looked up in the cache and not found.")
+    cache_errors: int = Field(description="Distinct queries whose cache lookup failed (Redis unreachable): parsed "
+                              "uncached, and not counted as misses. cache_hits + cache_misses + cache_errors = unique.")
+    cache_available: bool = Field(description="Whether Redis answered the worker's last cache call.")
     parsed: int = Field(description="Parsed events published (cached or inferred).")
     cached: int = Field(description="Parsed events served without a model call (cache hit or in-batch repeat).")
     dead_lettered: int

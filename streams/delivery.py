@@ -378,7 +378,9 @@ class InFlight(Generic[InputsT]):
         delivered: Callable[[Sequence[InboundMessage]], None] | None,
     ) -> None:
         try:
-            if self._fail_on_query is not None and any(self._fail_on_query in (r.value or b"") for r in settled.outcome.parsed):
+            bug_hit = self._fail_on_query is not None and any(
+                self._fail_on_query in (r.value or b"") for r in settled.outcome.parsed)
+            if bug_hit:
                 raise RuntimeError(f"{DELIVERY_BUG_ON_QUERY_ENV} (test only)")
             await self.delivery.deliver(settled.outcome, inputs_of(settled.messages))
         finally:

@@ -145,6 +145,7 @@ class WorkerRuntime:
         self.engine = engine
         self.pipeline: ParsePipeline | None = None
         self.cache: ParseCache | None = None
+        self._cache_probe: asyncio.Task[bool] | None = None
         self.transport_connected = False
         self.assigned_partitions: set[tuple[str, int]] = set()
         self.bridge: ParseBridge | None = None
@@ -233,7 +234,7 @@ class WorkerRuntime:
             outcome = await self.pipeline.process(batch)
         finally:
             self.metrics.batches_in_flight.dec()
-        self.step.observe(outcome.metrics.size, outcome.metrics.cache_misses)
+        self.step.observe(outcome.metrics.size, outcome.metrics.cache_misses + outcome.metrics.cache_errors)
         return outcome
 
     async def begin(self, batch: Sequence[InboundMessage]) -> RunningStep:
@@ -266,7 +267,7 @@ class WorkerRuntime:
         self.batches_done += 1
         m = outcome.metrics
         log.debug("batch.done", size=m.size, parsed=m.parsed, cached=m.cached, dead_lettered=m.dead_lettered,
-                  unique=m.unique, cache_hits=m.cache_hits, cache_misses=m.cache_misses,
+                  unique=m.unique, cache_hits=m.cache_hits, cache_misses=m.cache_misses, cache_errors=m.cache_errors,
                   cache_available=m.cache_available, inference_ms=m.inference_ms, batch_ms=m.batch_ms,
                   tokens_in=m.tokens_in, tokens_out=m.tokens_out)
         self.progress.add(m.size, m.parsed, m.cached, m.dead_lettered)
@@ -302,9 +303,7 @@ class WorkerRuntime:
         self._refresh_ready()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        cache_state = "disabled"
-        if self.cache is not None and self.cache.enabled:
-            cache_state = "ok" if self.cache.available else "degraded"
+        cache_state = self._cache_state()
         checks = {
             "model": "ok" if self.engine_ready else "loading",
             "transport": "ok" if self.transport_connected else "unreachable",
@@ -321,8 +320,27 @@ class WorkerRuntime:
     def _refresh_ready(self) -> None:
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
 
+    def _cache_state(self) -> str:
+        """The cache's last known state: degraded from a failed Redis call until one succeeds. While
+        degraded, a PING in the background (``ParseCache.probe``: one at a time, once the backoff is
+        over) finds Redis back where no traffic does; a later check reports it."""
+        cache = self.cache
+        if cache is None or not cache.enabled:
+            return "disabled"
+        if cache.available:
+            return "ok"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # off the event loop (a thread): the client belongs to the loop
+            return "degraded"
+        if self._cache_probe is None or self._cache_probe.done():
+            self._cache_probe = loop.create_task(cache.probe())
+        return "degraded"
+
     async def close(self) -> None:
         self.progress.flush()
+        if self._cache_probe is not None:
+            self._cache_probe.cancel()
         if self.cache is not None:
             await self.cache.close()
         close_engine = getattr(self.engine, "close", None)

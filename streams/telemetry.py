@@ -165,14 +165,15 @@ class WorkerMetrics:
             self._dead_lettered.inc(len(outcome.dead_letters))
             for stage in outcome.dead_letter_stages:
                 self.dead_letters.labels(stage=stage).inc()
+        # Distinct queries by lookup result; a failed lookup is an error (QustreamCacheErrors), not a miss.
         self._hits.inc(m.cache_hits)
-        if m.cache_misses:
-            (self._errors if m.cache_errors else self._misses).inc(m.cache_misses)
+        self._misses.inc(m.cache_misses)
+        self._errors.inc(m.cache_errors)
         if m.tokens_in or m.tokens_out:
             self._tokens_in.inc(m.tokens_in)
             self._tokens_out.inc(m.tokens_out)
         self.batch_size.observe(m.size)
         self.batch_duration.observe(m.batch_ms / 1000)
-        if m.cache_misses:
+        if m.cache_misses or m.cache_errors:
             self.inference_duration.observe(m.inference_ms / 1000)
         self.end_to_end.observe_many(outcome.end_to_end_s)

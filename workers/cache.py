@@ -1,8 +1,9 @@
 """Redis cache of earlier parses, keyed by engine version and normalized query.
 
-A down Redis must never stop parsing: every call degrades to 'miss' (reads) or 'skipped' (writes),
-reports the error, and backs off for a few seconds so a dead server does not add a connect
-timeout to every batch.
+A down Redis must never stop parsing: every call degrades to an error (reads: parsed uncached) or
+'skipped' (writes), reports the error, and backs off for a few seconds so a dead server does not add
+a connect timeout to every batch. ``available`` is the last known state: false from a failed call
+until a call (or ``probe``) succeeds again, not only during the backoff.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class ParseCache:
         self._ttl_s = ttl_s
         self._backoff_s = backoff_s
         self._down_until = 0.0
+        #: The last call's outcome: false from a failed call until one succeeds.
+        self._reachable = True
 
     @property
     def enabled(self) -> bool:
@@ -86,7 +89,12 @@ class ParseCache:
 
     @property
     def available(self) -> bool:
-        return self._client is not None and time.monotonic() >= self._down_until
+        """Whether Redis answered the last call: false from a failed call until one succeeds again
+        (``probe`` tries one once the backoff is over, where no traffic does)."""
+        return self._client is not None and self._reachable
+
+    def _backing_off(self) -> bool:
+        return time.monotonic() < self._down_until
 
     def key(self, normalized_query: str) -> bytes:
         # Hashed so keys are bounded in length and carry no query text; bytes, which the client
@@ -97,13 +105,14 @@ class ParseCache:
     async def get_many(self, queries: list[str]) -> CacheLookup:
         if not queries or self._client is None:
             return CacheLookup({}, error=False)
-        if not self.available:
+        if self._backing_off():
             return CacheLookup({}, error=True)
         try:
             values = await self._client.mget([self.key(q) for q in queries])
         except (RedisError, OSError) as exc:
             self._mark_down("get", exc)
             return CacheLookup({}, error=True)
+        self._mark_up()
         hits: dict[str, CachedParse] = {}
         for query, raw in zip(queries, values, strict=True):
             if raw is None:
@@ -117,7 +126,7 @@ class ParseCache:
         return CacheLookup(hits, error=False)
 
     async def set_many(self, parses: dict[str, CachedParse]) -> bool:
-        if not parses or self._client is None or not self.available:
+        if not parses or self._client is None or self._backing_off():
             return False
         try:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -128,6 +137,7 @@ class ParseCache:
         except (RedisError, OSError) as exc:
             self._mark_down("set", exc)
             return False
+        self._mark_up()
         return True
 
     async def ping(self) -> bool:
@@ -138,7 +148,26 @@ class ParseCache:
         except (RedisError, OSError):
             return False
 
+    async def probe(self) -> bool:
+        """``available``, after a ``PING`` where Redis was unreachable and the backoff is over: a
+        worker with no traffic learns that Redis is back. A failed ping backs off like any call."""
+        if self._client is None or self._reachable or self._backing_off():
+            return self.available
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            self._mark_down("ping", exc)
+            return False
+        self._mark_up()
+        return True
+
+    def _mark_up(self) -> None:
+        if not self._reachable:
+            self._reachable = True
+            log.info("cache.available")
+
     def _mark_down(self, operation: str, exc: BaseException) -> None:
+        self._reachable = False
         self._down_until = time.monotonic() + self._backoff_s
         log.warning("cache.unavailable", operation=operation, error=f"{type(exc).__name__}: {exc}",
                     retry_in_s=self._backoff_s)

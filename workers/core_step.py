@@ -353,7 +353,7 @@ class ParsePipeline:
             outputs.dead.append(dead_letter(message, "output", type(exc).__name__, reason, outputs.worker_id))
             outputs.dead_stages.append("output")
         return self._outcome(outputs, time.perf_counter(), size=len(batch), valid=0, unique=0, hits=0, misses=0,
-                             cache_error=False, inference_ms=0.0, inferred={})
+                             errors=0, inference_ms=0.0, inferred={})
 
     async def needs_model(self, batch: Sequence[InboundMessage]) -> list[bool]:
         """Which messages a step would now hand to the model: those that decode and miss the cache. The
@@ -470,8 +470,10 @@ class ParsePipeline:
 
     def _outcome(
         self, outputs: _StepOutputs, started: float, *, size: int, valid: int, unique: int, hits: int, misses: int,
-        cache_error: bool, inference_ms: float, inferred: Mapping[str, ParseResult],
+        errors: int, inference_ms: float, inferred: Mapping[str, ParseResult],
     ) -> BatchOutcome:
+        """``hits``, ``misses``, ``errors``: the distinct queries whose lookup found a parse, found none,
+        or failed (Redis unreachable); each goes to the model but a hit, and each counts once."""
         metrics = BatchMetricsEvent(
             batch_id=uuid.uuid4().hex,
             worker_id=outputs.worker_id,
@@ -481,7 +483,7 @@ class ParsePipeline:
             unique=unique,
             cache_hits=hits,
             cache_misses=misses,
-            cache_errors=1 if cache_error else 0,
+            cache_errors=errors,
             cache_available=self.cache.available,
             parsed=len(outputs.parsed),
             cached=outputs.cached,
@@ -520,8 +522,8 @@ class ParsePipeline:
         self._encode(decoded, {**lookup.hits, **fresh}, fresh, lookup.hits, failures, invalid, outputs, started,
                      started_epoch, inference_ms)
         return self._outcome(outputs, started, size=len(batch), valid=len(decoded), unique=len(unique),
-                             hits=len(lookup.hits), misses=len(misses), cache_error=lookup.error,
-                             inference_ms=inference_ms, inferred=inferred)
+                             hits=len(lookup.hits), misses=0 if lookup.error else len(misses),
+                             errors=len(misses) if lookup.error else 0, inference_ms=inference_ms, inferred=inferred)
 
     # --- hits at once, misses as they finish ----------------------------------------------------
 
@@ -539,8 +541,8 @@ class ParsePipeline:
         waiting_messages = {id(item.message) for items in waiting.values() for item in items}
         ready_messages = [message for message in batch if id(message) not in waiting_messages]
         ready = self._outcome(outputs, started, size=len(ready_messages), valid=len(answered),
-                              unique=len(unique) - len(waiting), hits=len(hits), misses=0,
-                              cache_error=lookup.error, inference_ms=0.0, inferred={})
+                              unique=len(unique) - len(waiting), hits=len(hits), misses=0, errors=0,
+                              inference_ms=0.0, inferred={})
         if not waiting:
             return RunningStep(Settled(ready, ready_messages))
         # Claimed now, so that a step begun meanwhile shares them instead of parsing them again; submitted
@@ -549,7 +551,8 @@ class ParsePipeline:
         futures, new = self._claim(list(waiting))
         submitted = asyncio.ensure_future(self._submit(new))
         return RunningStep(Settled(ready, ready_messages),
-                           self._decode_misses(waiting, futures, set(new), submitted, started, started_epoch))
+                           self._decode_misses(waiting, futures, set(new), submitted, lookup.error, started,
+                                               started_epoch))
 
     def _claim(self, queries: list[str]) -> tuple[dict[asyncio.Future[ParseResult], str], list[str]]:
         """Each query's parse to come: a query already being parsed for an earlier step is shared, the
@@ -714,17 +717,18 @@ class ParsePipeline:
 
     async def _decode_misses(
         self, waiting: dict[str, list[DecodedQuery]], futures: dict[asyncio.Future[ParseResult], str],
-        owned: set[str], submitted: asyncio.Future[None], started: float, started_epoch: float,
+        owned: set[str], submitted: asyncio.Future[None], cache_error: bool, started: float, started_epoch: float,
     ) -> AsyncIterator[Settled]:
-        """Each finished miss's outputs, grouping those that finish together. Never raises: what is
-        left when something unexpected fails is dead-lettered."""
+        """Each finished miss's outputs, grouping those that finish together (counted as cache errors
+        where the step's lookup failed). Never raises: what is left when something unexpected fails is
+        dead-lettered."""
         try:
             # The deadline counts from the submission: not while the model loads.
             await submitted
             async for inferred, failures, inference_ms in self._infer_as_finished(futures):
                 done = {query: waiting[query] for query in (*inferred, *failures)}
-                settled = await self._settle_misses(done, inferred, failures, owned, started, started_epoch,
-                                                    inference_ms)
+                settled = await self._settle_misses(done, inferred, failures, owned, cache_error, started,
+                                                    started_epoch, inference_ms)
                 for query in done:  # only now: had settling failed, they would be dead-lettered below
                     del waiting[query]
                 yield settled
@@ -736,8 +740,8 @@ class ParsePipeline:
 
     async def _settle_misses(
         self, done: dict[str, list[DecodedQuery]], inferred: dict[str, ParseResult],
-        failures: dict[str, tuple[str, str]], owned: set[str], started: float, started_epoch: float,
-        inference_ms: float,
+        failures: dict[str, tuple[str, str]], owned: set[str], cache_error: bool, started: float,
+        started_epoch: float, inference_ms: float,
     ) -> Settled:
         """Outputs of finished misses. A query another step submitted was parsed (and cached) once, by
         that step: here it is served like a cache hit, as is one found in the cache at last."""
@@ -753,7 +757,8 @@ class ParsePipeline:
         self._encode(items, {**shared, **fresh}, fresh, (), failures, {**invalid, **shared_invalid}, outputs, started,
                      started_epoch, inference_ms)
         outcome = self._outcome(outputs, started, size=len(items), valid=len(items), unique=len(done), hits=0,
-                                misses=len(done), cache_error=False, inference_ms=inference_ms, inferred=mine)
+                                misses=0 if cache_error else len(done), errors=len(done) if cache_error else 0,
+                                inference_ms=inference_ms, inferred=mine)
         return Settled(outcome, [item.message for item in items])
 
     async def _infer_as_finished(
