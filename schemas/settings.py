@@ -177,6 +177,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="Times a message may go through the worker, the first delivery included, before its "
         "dead letter stays put (`qustream dlq redrive`): max_attempts - 1 redrives.")
+    stop_grace_s: float = Field(
+        10.0, gt=0, le=600,
+        description="On SIGTERM/SIGINT, how long the worker goes on finishing and delivering what it holds "
+        "(misses in the model, publishes being retried) before it gives the rest up (logged "
+        "`worker.stop_grace_exceeded` with the count): those inputs stay uncommitted (Redis: pending) and "
+        "their partition's next owner processes them again, counting one more delivery toward max_deliveries. "
+        "Then it commits (up to 15 s on an unreachable coordinator) and closes its clients. Keep it well under "
+        "the orchestrator's grace (Kubernetes terminationGracePeriodSeconds, 30 s by default; Docker Compose "
+        "stop_grace_period, 10 s by default): about that grace minus 20 s, or the worker is killed mid-commit "
+        "and redoes more.",
+    )
     tools_connect_timeout_s: float = Field(
         10.0, gt=0, le=600,
         description="Seconds a producer tool (replay, load, tail, dlq, reprocess, produce) waits for the broker or "

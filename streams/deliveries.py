@@ -16,7 +16,8 @@ the number of stored ranges that hold its offset.
   compare the step's range with what is left. No overlap, the common case: the range is stored and
   the step runs as one batch. The life's own ranges stay until cleared: the misses of its earlier
   steps may still be in the model while later steps begin.
-- Offsets that overlap stored ranges were held by a worker that died. Those the model would see now
+- Offsets that overlap stored ranges were held by a worker that died, or that stopped before it
+  delivered them (its stop grace ran out: ``worker.stop_grace_exceeded``). Those the model would see now
   (``needs_model``: they decode and miss the cache; a hit or a poison message cannot be what killed
   it) run one at a time, each stored as its own range first, so the count grows only for the message
   that kills the worker and not for those that shared its batch. The fetch's other messages run as
@@ -77,6 +78,11 @@ CLEAR_WITHIN_S = 0.2
 HOLD_ANYWAY_AFTER_LIVES = 2
 #: Clears kept for a Redis that does not answer; older ones are dropped (the ranges then expire).
 _MAX_PENDING_CLEARS = 10_000
+#: What becomes of the inputs a stopping Kafka worker gives up undelivered (``InFlight.give_up``): their
+#: ranges stay stored, so the next life holds those the model would see and counts them once more.
+GIVEN_UP_ON_STOP = ("not committed, so the partition's next owner processes them again from the last committed "
+                    "offset; those that still need the model then go one at a time, each counting one delivery "
+                    "toward QUSTREAM_MAX_DELIVERIES (deliveries.redelivered)")
 
 #: A stored range is "first:last:owner", the owner being the counter (one worker's life) that stored it.
 _PARSE_RANGE = """
@@ -276,7 +282,7 @@ class KafkaDeliveryCounter:
             await start(fresh, self._clear_when_delivered(messages, ranges) if counted else _ignore)
         if redelivered:
             log.warning("deliveries.redelivered", messages=len(redelivered), partitions=sorted(overlaps),
-                        note="a worker died holding them: processed one at a time")
+                        note="a worker stopped or died holding them: processed one at a time")
         for message in redelivered:
             if self._stopping():
                 # A message begun now would count this life although its delivery cannot finish (a

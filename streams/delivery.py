@@ -12,12 +12,14 @@ What the transports share lives here:
 - ``route``: which output goes to which topic or stream.
 - ``Retrying``: the one backoff policy (capped exponential with jitter) and the one stop policy. A
   publish that fails is retried until it lands; once the worker is asked to stop, it is retried for
-  ``STOP_GRACE_S`` more and then given up: its inputs stay unacknowledged and are processed again by
-  whoever reads them next (at least once: a duplicate, never a loss). Connection loops pace
-  themselves with the same policy.
+  the stop grace (``Settings.stop_grace_s``) more and then given up: its inputs stay unacknowledged
+  and are processed again by whoever reads them next (at least once: a duplicate, never a loss).
+  Connection loops pace themselves with the same policy.
 - ``CommitTracker``: the input positions that may be committed, per partition.
 - ``InFlight``: runs core steps, delivers each part as soon as it is ready, and bounds the messages
   taken but not yet delivered or, where a commit position trails the deliveries, not yet committable.
+  On stop (``InFlight.stop``) it waits the stop grace for the steps still finishing, then gives the rest
+  up and says how many inputs it left (``worker.stop_grace_exceeded``).
 """
 
 from __future__ import annotations
@@ -43,9 +45,6 @@ log = structlog.get_logger(__name__)
 #: Test-only: a query whose parsed event's delivery raises, as a bug in a delivery would (the
 #: end-to-end tests of a delivery bug stopping the worker use it).
 DELIVERY_BUG_ON_QUERY_ENV = "QUSTREAM_TEST_DELIVERY_BUG_ON_QUERY"
-
-#: How long a stopping worker keeps retrying the publish of a batch it holds before giving it up.
-STOP_GRACE_S = 10.0
 
 InputsT = TypeVar("InputsT", contravariant=True)
 PartitionT = TypeVar("PartitionT")
@@ -96,11 +95,12 @@ class Retrying:
     """The backoff and stop policy of every transport (see the module docstring)."""
 
     def __init__(self, runtime: WorkerRuntime, stop: asyncio.Event | None,
-                 grace_s: float = STOP_GRACE_S) -> None:
+                 grace_s: float | None = None) -> None:
         self.runtime = runtime
         #: None: the runner is stopped by cancellation (Faust), which ends any retry at once.
         self.stop = stop
-        self.grace_s = grace_s
+        #: How long a stopping worker keeps retrying a publish before giving it up (``stop_grace_s``).
+        self.grace_s = runtime.settings.stop_grace_s if grace_s is None else grace_s
         self._backoff = Backoff()
         self._stop_seen_at: float | None = None
 
@@ -312,7 +312,9 @@ class InFlight(Generic[InputsT]):
         self._held = 0
         self._room = asyncio.Event()
         self._room.set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Steps whose misses are still being parsed or delivered: the step's messages, and the parts
+        #: of it delivered so far (what ``stop`` leaves behind is the difference).
+        self._tasks: dict[asyncio.Task[None], tuple[Sequence[InboundMessage], list[Sequence[InboundMessage]]]] = {}
         fail_on_query = os.environ.get(DELIVERY_BUG_ON_QUERY_ENV)
         self._fail_on_query = json.dumps(fail_on_query).encode() if fail_on_query else None
 
@@ -358,10 +360,14 @@ class InFlight(Generic[InputsT]):
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        task = asyncio.create_task(self._finish(step, inputs_of, delivered), name="qustream-step-misses")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        parts_done: list[Sequence[InboundMessage]] = [step.ready.messages]
+        task = asyncio.create_task(self._finish(step, inputs_of, delivered, parts_done), name="qustream-step-misses")
+        self._tasks[task] = (messages, parts_done)
+        task.add_done_callback(self._forget)
         return task
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Until every started step was delivered (or ``timeout_s`` passed)."""
@@ -372,6 +378,38 @@ class InFlight(Generic[InputsT]):
         """Stop delivering (the runner is cancelled): what was not delivered is processed again."""
         for task in self._tasks:
             task.cancel()
+
+    def undelivered(self) -> dict[str, int]:
+        """Inputs of the steps still finishing whose outputs were not handed to the delivery yet, by
+        ``topic/partition``."""
+        counts: dict[str, int] = {}
+        for messages, parts_done in self._tasks.values():
+            done = {id(message) for part in parts_done for message in part}
+            for message in messages:
+                if id(message) not in done:
+                    where = f"{message.topic}/{message.partition}"
+                    counts[where] = counts.get(where, 0) + 1
+        return counts
+
+    async def stop(self, grace_s: float, redone: str) -> int:
+        """The stop path: wait up to ``grace_s`` for the steps still finishing, then give the rest up
+        (``give_up``). The number of inputs left undelivered."""
+        await self.drain(grace_s)
+        return self.give_up(grace_s, redone)
+
+    def give_up(self, grace_s: float, redone: str) -> int:
+        """Cancel the steps still finishing; where they held inputs not yet delivered, log one warning
+        with their count per partition, what the commit position has not passed (delivered ones
+        behind them included: processed again too) and ``redone``, what becomes of them. Their count."""
+        left = self.undelivered()
+        uncommitted = self._uncommitted() if self._uncommitted is not None else None
+        self.cancel()
+        inputs = sum(left.values())
+        if inputs:
+            extra = {} if uncommitted is None else {"uncommitted": uncommitted}
+            log.warning("worker.stop_grace_exceeded", grace_s=grace_s, inputs=inputs, partitions=left,
+                        **extra, note=f"stopping with inputs not delivered: {redone}")
+        return inputs
 
     async def _deliver(
         self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
@@ -394,9 +432,11 @@ class InFlight(Generic[InputsT]):
     async def _finish(
         self, step: RunningStep, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],
         delivered: Callable[[Sequence[InboundMessage]], None] | None,
+        parts_done: list[Sequence[InboundMessage]],
     ) -> None:
         async for settled in step.remaining():
             await self._deliver_or_fail(settled, inputs_of, delivered)
+            parts_done.append(settled.messages)
 
     async def _deliver_or_fail(
         self, settled: Settled, inputs_of: Callable[[Sequence[InboundMessage]], InputsT],

@@ -27,8 +27,9 @@ import structlog
 from faust.types import EventT, StreamT
 
 from schemas.settings import Settings
-from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import STOP_GRACE_S, CommitTracker, InFlight, OutputNames, Retrying, Routed, route
+from streams.broker_watch import BrokerWatch, MetadataProbe
+from streams.deliveries import GIVEN_UP_ON_STOP, KafkaDeliveryCounter
+from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
 from streams.runtime import WorkerFailed, WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
 
@@ -168,6 +169,9 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     deliveries = KafkaDeliveryCounter(settings, needs_model=runtime.needs_model,
                                       stopping=lambda: runtime.failure is not None)
     current: list[FaustDelivery] = []  # the agent's, for the rebalance callback
+    # An idle agent takes nothing and publishes nothing: this notices a broker that stopped answering.
+    probe = MetadataProbe(settings)
+    broker_watch = BrokerWatch(runtime, probe)
 
     @app.agent(input_topic, concurrency=1, name="parse-queries")
     async def parse_queries(stream: StreamT[Any]) -> None:
@@ -189,19 +193,22 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
                               event_of: dict[int, EventT] = event_of) -> list[EventT]:
                     return [event_of[id(message)] for message in settled]
 
+                if events:
+                    broker_watch.answered()
                 delivery.track(events)
                 await deliveries.run(messages, lambda part, delivered: flow.start(part, events_of, delivered=delivered))
                 while not flow.room:  # backpressure: Faust's own buffer fills, then it pauses fetching
                     await flow.wait_for_room(1.0)
         finally:
-            flow.cancel()  # Faust stops an agent by cancelling it: what was not delivered is redone
+            # Faust stops an agent by cancelling it, with no grace: what was not delivered is redone.
+            flow.give_up(0.0, GIVEN_UP_ON_STOP)
 
     async def commit_then_crash(failure: WorkerFailed) -> None:
         # Commit what was acked while the consumer thread still runs: crashing stops that thread, and
         # a commit the stopping app makes after it can wait on it for ever. The failed part's events
         # are never acked, so nothing past them is committed.
         try:
-            await asyncio.wait_for(app.consumer.commit(), STOP_GRACE_S)
+            await asyncio.wait_for(app.consumer.commit(), settings.stop_grace_s)
         except Exception as exc:
             log.warning("faust.commit_before_stop_failed", error=f"{type(exc).__name__}: {exc}")
         # Crashing the app crashes its mode Worker, which stops and exits non-zero with the failure.
@@ -221,7 +228,16 @@ def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         topics = {(tp.topic, tp.partition) for tp in assigned if tp.topic == settings.topic_input}
         runtime.set_transport(connected=True, assigned=topics)
+        broker_watch.answered()
         log.info("partitions.assigned", partitions=sorted(p for _, p in topics))
+
+    @app.timer(interval=broker_watch.tick_s)
+    async def watch_broker() -> None:
+        await broker_watch.check()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def close_probe(sender: Any, **_: Any) -> None:
+        await probe.close()
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

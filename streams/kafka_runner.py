@@ -36,8 +36,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.settings import Settings
-from streams.deliveries import KafkaDeliveryCounter
-from streams.delivery import STOP_GRACE_S, CommitTracker, InFlight, OutputNames, Retrying, Routed, route
+from streams.broker_watch import BrokerWatch
+from streams.deliveries import GIVEN_UP_ON_STOP, KafkaDeliveryCounter
+from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
 from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
 from streams.runtime import WorkerRuntime
@@ -357,6 +358,8 @@ class KafkaBatchRunner:
         # Held from "is this partition still ours" to "offsets noted": a rebalance waits for the
         # batches in flight and commits them before the partitions move.
         self._batch_lock = asyncio.Lock()
+        # An idle worker fetches nothing and publishes nothing: this notices a broker that stopped answering.
+        self.broker_watch = BrokerWatch(runtime, self.consumer.topics)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -366,6 +369,7 @@ class KafkaBatchRunner:
             await self.producer.stop()
             return
         lag_reporter = asyncio.create_task(self._report_partitions(), name="kafka-partitions")
+        watch = asyncio.create_task(self.broker_watch.run(), name="kafka-broker-watch")
         try:
             while not self.stop.is_set():
                 fetched = await self._fetch()
@@ -380,9 +384,12 @@ class KafkaBatchRunner:
             lag_reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag_reporter
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
             async with self._batch_lock:
-                await self.flow.drain(STOP_GRACE_S)  # misses still being parsed
-                self.flow.cancel()  # past the grace: uncommitted, so redone by the next owner
+                # Misses still being parsed; past the grace, uncommitted, so redone by the next owner.
+                await self.flow.stop(self.settings.stop_grace_s, GIVEN_UP_ON_STOP)
                 await self.delivery.checkpoint()
             self.runtime.set_transport(assigned=set())
             await self.consumer.stop()  # leaves the group, so the partitions move at once
@@ -413,12 +420,14 @@ class KafkaBatchRunner:
             await self.flow.drain(self.settings.batch_deadline_s)
             await self.delivery.checkpoint()
             self.delivery.offsets.forget(revoked)
-        log.info("partitions.revoked", partitions=sorted(tp.partition for tp in revoked))
+        if revoked:  # the first join revokes nothing
+            log.info("partitions.revoked", partitions=sorted(tp.partition for tp in revoked))
 
     def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         mine = {(tp.topic, tp.partition) for tp in assigned if tp.topic == self.topic}
         self.delivery.offsets.retain(assigned)
         self.runtime.set_transport(connected=True, assigned=mine)
+        self.broker_watch.answered()
         log.info("partitions.assigned", partitions=sorted(p for _, p in mine))
 
     # --- one step -----------------------------------------------------------------------------
@@ -440,6 +449,8 @@ class KafkaBatchRunner:
             await self.retrying.pause(self.retrying.delay())
             return {}
         count = sum(len(records) for records in fetched.values())
+        if count:
+            self.broker_watch.answered()
         if not count or self.linger_s <= 0:
             return fetched
         loop = asyncio.get_running_loop()

@@ -8,9 +8,65 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
+#: Loggers whose repeated records are rate-limited (``RepeatLimiter``): the Kafka clients log a
+#: record per failed connection attempt, many a second while a broker is down.
+RATE_LIMITED = ("aiokafka", "kafka")
+REPEAT_WINDOW_S = 30.0
+
+
+class RepeatLimiter(logging.Filter):
+    """Passes the first record of each (logger, level, message template) from ``loggers``, then no
+    other within ``window_s``; the first one after that says how many were suppressed in between.
+    Records with another template (or from another logger) are never held back by these.
+
+    One instance on every handler: a record is decided once, and each handler gets the same answer.
+    """
+
+    def __init__(self, loggers: tuple[str, ...] = RATE_LIMITED, window_s: float = REPEAT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 1000) -> None:
+        super().__init__()
+        self.loggers = tuple(loggers)
+        self._children = tuple(f"{name}." for name in loggers)
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._clock = clock
+        #: (logger, level, template) → (when last passed, records suppressed since)
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        decided: bool | None = getattr(record, "_qustream_repeat", None)
+        if decided is not None:
+            return decided
+        passed = self._decide(record)
+        record._qustream_repeat = passed
+        return passed
+
+    def _decide(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name not in self.loggers and not name.startswith(self._children):
+            return True
+        key = (name, record.levelno, str(record.msg))
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.window_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        if len(self._seen) >= self.max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
+            if len(self._seen) >= self.max_keys:
+                self._seen.clear()
+        self._seen[key] = (now, 0)
+        if last is not None and last[1]:
+            record.msg = (f"{record.getMessage()} [{last[1]} more like this suppressed in the last "
+                          f"{now - last[0]:.0f} s]")
+            record.args = None
+        return True
 
 
 def configure_logging(level: str = "INFO", fmt: str = "console", log_file: Path | None = None) -> None:
@@ -40,8 +96,10 @@ def configure_logging(level: str = "INFO", fmt: str = "console", log_file: Path 
         handlers.append(logging.FileHandler(log_file))
     root = logging.getLogger()
     root.handlers.clear()
+    repeats = RepeatLimiter()
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(repeats)
         root.addHandler(handler)
     root.setLevel(level.upper())
     # Client libraries are chatty at INFO about every rebalance step.

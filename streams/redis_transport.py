@@ -40,7 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.events import DeadLetterStage
 from schemas.settings import Settings
-from streams.delivery import STOP_GRACE_S, InFlight, OutputNames, Retrying, route
+from streams.delivery import InFlight, OutputNames, Retrying, route
 from streams.redis_codec import PARTITION, encode_entry, entry_text, inbound_from_entry
 from streams.runtime import WorkerRuntime
 from workers.core_step import (
@@ -52,6 +52,11 @@ from workers.core_step import (
 )
 
 log = structlog.get_logger(__name__)
+
+#: What becomes of the entries a stopping worker gives up undelivered (``InFlight.give_up``).
+_GIVEN_UP_ON_STOP = ("left pending in the group: this consumer reads them again after a restart with the same "
+                     "QUSTREAM_WORKER_ID, or a peer claims them once idle QUSTREAM_REDIS_CLAIM_IDLE_MS; either way "
+                     "one at a time, each read counting one delivery toward QUSTREAM_MAX_DELIVERIES")
 
 #: A consumer with nothing pending and idle this many claim thresholds is removed from the group,
 #: so workers named after host and pid do not pile up; a live consumer calls in every linger.
@@ -298,8 +303,7 @@ class RedisStreamConsumer:
                         await done
         finally:
             if self.stop.is_set():  # past the grace the entries stay pending: redone after a restart
-                await self.flow.drain(STOP_GRACE_S)
-                self.flow.cancel()
+                await self.flow.stop(self.settings.stop_grace_s, _GIVEN_UP_ON_STOP)
 
     async def _step(self, batch: list[Received]) -> asyncio.Future[None]:
         entry_ids = [received.entry_id for received in batch]

@@ -44,7 +44,7 @@ async def serve(settings: Settings, runtime: WorkerRuntime, consume: Consume, br
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, sig)
+        loop.add_signal_handler(sig, _on_signal, stop, sig, settings.stop_grace_s)
     web = await start_web(runtime)
     log.info("web.listening", ports=listening_ports(web))
     boot = asyncio.create_task(runtime.start(), name="runtime-start")
@@ -95,9 +95,10 @@ async def _open_bridge(runtime: WorkerRuntime, boot: asyncio.Task[None], client:
     return True
 
 
-def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+def _on_signal(stop: asyncio.Event, sig: signal.Signals, grace_s: float) -> None:
     if not stop.is_set():
-        log.info("worker.stopping", signal=sig.name, note="finishing the in-flight batch")
+        log.info("worker.stopping", signal=sig.name, grace_s=grace_s,
+                 note="finishing the in-flight batches for up to grace_s (QUSTREAM_STOP_GRACE_S)")
     stop.set()
 
 
@@ -149,8 +150,12 @@ class RuntimeService(Service):
         from streams.query_client import QueryClient
 
         client = QueryClient(self.runtime.settings)
-        await client.start()
         self._bridge_client = client
+        try:
+            await client.start()
+        except Exception as exc:  # as in ``_open_bridge``: a bridge that cannot connect only disables itself
+            log.warning("bridge.unavailable", error=f"{type(exc).__name__}: {exc}")
+            return
 
         async def bridge(query: str, timeout_s: float) -> ParsedEvent:
             return await client.parse(query, timeout=timeout_s)

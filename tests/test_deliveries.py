@@ -140,6 +140,32 @@ async def worker_run(
         await runtime.close()
 
 
+async def test_messages_a_stopped_worker_left_undelivered_count_one_delivery_and_say_so(
+    counter_settings: Callable[..., Settings],
+) -> None:
+    """A stop whose grace ran out leaves its step's ranges stored, as a death does: the next life holds
+    those messages (one at a time, one delivery more each) and its log line does not claim a death."""
+    from structlog.testing import capture_logs
+
+    settings = counter_settings()
+    queries = ["oak desk", "red sofa"]
+    counter = KafkaDeliveryCounter(settings)
+
+    async def never_delivered(part: Sequence[InboundMessage], told: Told) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()  # still in the model when the grace ran out
+
+    await counter.run([message(query, offset) for offset, query in enumerate(queries)], never_delivered)
+    await counter.close()  # a graceful stop: clears what was delivered, and nothing else
+
+    fetched = [message(query, offset) for offset, query in enumerate(queries)]
+    with capture_logs() as logs:
+        engine, outcome = await worker_run(settings, fetched)
+    assert outcome is not None and engine.batches == [["oak desk"], ["red sofa"]]
+    assert [m.deliveries for m in fetched] == [2, 2]
+    [redelivered] = [entry for entry in logs if entry["event"] == "deliveries.redelivered"]
+    assert redelivered["note"] == "a worker stopped or died holding them: processed one at a time"
+
+
 async def test_kafka_message_that_kills_the_worker_is_dead_lettered_and_the_rest_parsed(
     counter_settings: Callable[..., Settings], redis: Redis
 ) -> None:

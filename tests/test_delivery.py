@@ -492,6 +492,42 @@ async def test_hits_delivered_behind_a_miss_are_bounded_apart_from_the_messages_
     assert flow.room == 4  # the six are acked; 6-9 stay open (tracked only, never started)
 
 
+async def test_a_stop_whose_grace_runs_out_says_how_many_inputs_it_left_undelivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM during a long model batch: past the grace the misses are given up, and one warning says how
+    many inputs were left (per partition), how many the commit position has not passed, and what becomes
+    of them; a stop within the grace says nothing."""
+    from structlog.testing import capture_logs
+
+    steps = _MissFirst(monkeypatch)
+    flow: InFlight[list[SimpleNamespace]] = InFlight(
+        steps, steps.delivery, limit=8, uncommitted=steps.delivery.order.unsettled  # type: ignore[arg-type]
+    )
+    finished = await steps.start(flow, range(6))  # five hits delivered, the miss stays in the model
+    with capture_logs() as logs:
+        assert await flow.stop(0.05, "redone by the next owner") == 1
+    await asyncio.sleep(0)
+    assert finished.cancelled()
+    [warning] = [entry for entry in logs if entry["event"] == "worker.stop_grace_exceeded"]
+    assert warning["log_level"] == "warning"
+    assert (warning["grace_s"], warning["inputs"], warning["partitions"], warning["uncommitted"]) == (
+        0.05, 1, {"in/0": 1}, 6)
+    assert "redone by the next owner" in warning["note"]
+
+    steps = _MissFirst(monkeypatch)
+    flow = InFlight(steps, steps.delivery, limit=8)  # type: ignore[arg-type]
+    await steps.start(flow, range(3))
+    steps.miss_parsed.set()
+    with capture_logs() as logs:
+        assert await flow.stop(5, "redone") == 0
+    assert not [entry for entry in logs if entry["event"] == "worker.stop_grace_exceeded"]
+
+
+def test_the_stop_grace_of_the_retry_policy_is_the_setting() -> None:
+    assert Retrying(WorkerRuntime(Settings(stop_grace_s=3)), asyncio.Event()).grace_s == 3
+
+
 def test_a_revoked_partition_no_longer_waits_to_be_acked() -> None:
     stream = AckRecorder()
     delivery = FaustDelivery(SimpleNamespace(producer=None), stream, WorkerRuntime(Settings()))  # type: ignore[arg-type]

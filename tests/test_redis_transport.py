@@ -293,6 +293,31 @@ async def test_stop_finishes_the_in_flight_batch(settings: Settings, redis: Redi
         assert not running.runtime.readiness()[0]
 
 
+async def test_a_stop_whose_grace_runs_out_leaves_the_entries_pending_and_says_how_many(
+    settings: Settings, redis: Redis,
+) -> None:
+    """QUSTREAM_STOP_GRACE_S bounds the stop: a batch still in the model past it is given up, with one
+    warning counting what was left; the entries stay pending, for a restart or a peer to redo."""
+    from structlog.testing import capture_logs
+
+    settings = settings.model_copy(update={"stop_grace_s": 0.3})
+    ids = await add(redis, settings, [query(f"q{i}", UNIQUE[i]) for i in range(8)])
+    engine = FakeEngine(delay_s=4)
+    with capture_logs() as logs:
+        async with consumer(settings, engine) as running:
+            await eventually(lambda: _true(bool(engine.calls)), what="batch in the model")
+            stopping = time.monotonic()
+            running.stop.set()
+            await asyncio.wait_for(running.task, 15)
+            assert time.monotonic() - stopping < 3  # the grace, not the batch
+    assert await outputs_count(redis, settings) == 0
+    assert await pending(redis, settings) == len(ids)
+    [warning] = [entry for entry in logs if entry["event"] == "worker.stop_grace_exceeded"]
+    assert (warning["grace_s"], warning["inputs"], warning["partitions"]) == (
+        0.3, len(ids), {f"{settings.stream_input}/0": len(ids)})
+    assert "QUSTREAM_MAX_DELIVERIES" in warning["note"]
+
+
 async def _true(value: bool) -> bool:
     return value
 

@@ -29,6 +29,8 @@ from schemas.settings import Settings, describe_invalid_settings
         ({"QUSTREAM_MODEL": "/tmp"}, "QUSTREAM_MODEL", "holds no config.json"),
         ({"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "abc"}, "QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "valid number"),
         ({"QUSTREAM_TOOLS_CONNECT_TIMEOUT_S": "0"}, "QUSTREAM_TOOLS_CONNECT_TIMEOUT_S", "greater than 0"),
+        ({"QUSTREAM_STOP_GRACE_S": "0"}, "QUSTREAM_STOP_GRACE_S", "greater than 0"),
+        ({"QUSTREAM_STOP_GRACE_S": "3600"}, "QUSTREAM_STOP_GRACE_S", "less than or equal to 600"),
     ],
 )
 def test_a_bad_setting_is_named_without_its_value(
@@ -69,6 +71,16 @@ def test_commands_exit_2_naming_the_setting_and_hiding_its_value(command: list[s
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "QUSTREAM_REDIS_URL" in output and "hunter2" not in output
+
+
+def test_the_stop_grace_is_a_setting_that_says_how_it_fits_the_orchestrators_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().stop_grace_s == 10.0
+    monkeypatch.setenv("QUSTREAM_STOP_GRACE_S", "20")
+    assert Settings().stop_grace_s == 20.0
+    described = Settings.model_fields["stop_grace_s"].description or ""
+    assert "terminationGracePeriodSeconds" in described and "worker.stop_grace_exceeded" in described
 
 
 def test_every_setting_says_what_it_means_and_config_describe_lists_them_all() -> None:
