@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from bench.stack import isolated_settings
 from schemas.settings import Settings
@@ -24,6 +26,24 @@ from streams.local_stack import (
 __all__ = ["isolated_settings"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """Logging as it was before the test, after it: a command run in-process (typer's CliRunner)
+    configures logging for the whole process, with a handler on the runner's stderr (closed when the
+    command returns) and structlog loggers cached on their first use. Left in place, it would decide
+    what later tests see of their logs (``structlog.testing.capture_logs``), by the order they run in."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configured = structlog.get_config() if structlog.is_configured() else None
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if configured is None:
+        structlog.reset_defaults()
+    else:
+        structlog.configure(**configured)
 
 
 @pytest.fixture(scope="session")
