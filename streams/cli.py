@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import AliasChoices, ValidationError
@@ -98,6 +96,7 @@ def worker() -> None:
     Example: QUSTREAM_KAFKA_BOOTSTRAP=kafka:9092 QUSTREAM_REDIS_URL=redis://redis:6379/0 qustream worker
     """
     from streams.broker_checks import BrokerRefusedSetting
+    from streams.logs import exit_without_teardown
     from streams.runtime import WorkerFailed
     from streams.service import run_worker
     from workers.model import ModelUnavailable
@@ -115,19 +114,6 @@ def worker() -> None:
     except SystemExit as exc:  # how the Faust worker ends
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     exit_without_teardown(code)
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """End the worker process once it has stopped, skipping the interpreter's teardown.
-
-    Why: by then every client is closed and every commit made, and the teardown only has compiled
-    extensions report what they still hold (triton, which torch imports, prints dozens of nanobind
-    "leaked" lines), which an operator would read as a fault.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
 
 
 @app.command()

@@ -16,6 +16,7 @@ Why it is shaped this way (from faust-streaming's issue tracker):
 from __future__ import annotations
 
 import asyncio
+import signal
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ from schemas.settings import Settings
 from streams.broker_watch import BrokerWatch, MetadataProbe
 from streams.deliveries import GIVEN_UP_ON_STOP, KafkaDeliveryCounter
 from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
+from streams.logs import exit_without_teardown
 from streams.runtime import WorkerFailed, WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage
 
@@ -137,6 +139,41 @@ class FaustDelivery:
             for record in records
         ]
         await asyncio.gather(*pending)
+
+
+#: What a stop may take past ``QUSTREAM_STOP_GRACE_S``: the batch runner's bounds on its last commit
+#: (15 s) and on leaving the group (5 s), which the setting's description tells operators to leave room for.
+STOP_BOUND_MARGIN_S = 20.0
+
+
+class BoundedStopWorker(faust.Worker):
+    """Faust's worker, whose stop on SIGTERM/SIGINT ends within ``stop_bound_s``.
+
+    Why: Faust stops its consumer with aiokafka's ``stop``, which waits for a group join in progress to
+    be answered; Apache Kafka answers once every member rejoined, up to the rebalance timeout (minutes).
+    A rolling restart stops workers in exactly that state. Past the bound the process ends, logged
+    (``worker.stop_overrun``): what it had not committed is processed again by the partitions' next owner.
+    """
+
+    def __init__(self, app: faust.App, *services: Any, stop_bound_s: float, **kwargs: Any) -> None:
+        super().__init__(app, *services, **kwargs)
+        self.stop_bound_s = stop_bound_s
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        # mode's hook for both signals; its ``_signal_stop_time`` is set by the first one only.
+        if not self._signal_stop_time:
+            log.info("worker.stopping", signal=signal.name, bound_s=self.stop_bound_s,
+                     note="Faust cancels its agent at once (what is not delivered is redone by the next owner), "
+                     "commits and leaves the group; the process ends within bound_s (QUSTREAM_STOP_GRACE_S + 20 s)")
+            self.loop.call_later(self.stop_bound_s, _stop_overrun, self.stop_bound_s)
+        super()._schedule_shutdown(signal)
+
+
+def _stop_overrun(bound_s: float) -> None:
+    log.warning("worker.stop_overrun", bound_s=bound_s,
+                note="Faust's stop did not end in time (a group rebalance holds its consumer); the process ends "
+                "now: what it had not committed is processed again by the partitions' next owner")
+    exit_without_teardown(0)
 
 
 def create_app(settings: Settings, runtime: WorkerRuntime) -> faust.App:

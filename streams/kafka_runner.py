@@ -28,7 +28,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -49,10 +49,13 @@ Settles = dict[TopicPartition, list[int]]
 
 log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+
 #: How long one fetch waits for a first record; bounds how late a stop request is noticed.
 _POLL_MS = 200
 _LAG_INTERVAL_S = 5.0
 _COMMIT_TIMEOUT_S = 15.0
+_LEAVE_TIMEOUT_S = 5.0
 
 #: Records as fetched, by partition, in offset order.
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -366,6 +369,7 @@ class KafkaBatchRunner:
     async def run(self) -> None:
         await self.runtime.wait_serving()
         if not await self._start_clients():
+            await self._leave_group()
             await self.producer.stop()
             return
         lag_reporter = asyncio.create_task(self._report_partitions(), name="kafka-partitions")
@@ -392,7 +396,7 @@ class KafkaBatchRunner:
                 await self.flow.stop(self.settings.stop_grace_s, GIVEN_UP_ON_STOP)
                 await self.delivery.checkpoint()
             self.runtime.set_transport(assigned=set())
-            await self.consumer.stop()  # leaves the group, so the partitions move at once
+            await self._leave_group()
             await self.producer.stop()
             await self.deliveries.close()
             log.info("kafka.consumer_stopped", group=self.settings.app_id)
@@ -404,7 +408,12 @@ class KafkaBatchRunner:
             try:
                 await self.producer.start()
                 self.consumer.subscribe([self.topic], listener=_Rebalance(self))
-                await self.consumer.start()
+                # ``start`` returns once the group assigned partitions: on Apache Kafka, after every member
+                # rejoined, up to the rebalance timeout.
+                started, _ = await _unless_stopped(self.consumer.start(), self.stop,
+                                                   waiting_for="the group's first join", expected_s=0.0)
+                if not started:
+                    return False
                 self.retrying.succeeded()
                 return True
             except KafkaError as exc:
@@ -412,6 +421,18 @@ class KafkaBatchRunner:
                 log.error("kafka.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 2))
                 await self.retrying.pause(delay)
         return False
+
+    async def _leave_group(self) -> None:
+        """Stop the consumer, which leaves the group so the partitions move at once. Bounded: a stop
+        during a rebalance finds aiokafka's coordinator waiting for the join's answer, which Apache
+        Kafka gives once every member rejoined (up to the rebalance timeout). Given up, the member
+        is dropped by the broker after ``broker_session_timeout_s`` instead; nothing uncommitted is lost."""
+        try:
+            await asyncio.wait_for(self.consumer.stop(), _LEAVE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("kafka.leave_abandoned", timeout_s=_LEAVE_TIMEOUT_S,
+                        note="the group was rebalancing; the broker drops this member after "
+                        "QUSTREAM_BROKER_SESSION_TIMEOUT_S and rebalances once more")
 
     # --- rebalance ----------------------------------------------------------------------------
 
@@ -443,7 +464,7 @@ class KafkaBatchRunner:
         try:
             # With batches in flight, do not wait for input: the loop goes on to settle them.
             poll_ms = 0 if self.delivery.in_flight else _POLL_MS
-            fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=min(self.runtime.step.limit, room))
+            fetched = await self._getmany(poll_ms, min(self.runtime.step.limit, room))
         except KafkaError as exc:  # e.g. an offset out of range after retention; aiokafka resets and goes on
             log.error("kafka.fetch_failed", error=f"{type(exc).__name__}: {exc}")
             await self.retrying.pause(self.retrying.delay())
@@ -459,12 +480,19 @@ class KafkaBatchRunner:
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.consumer.getmany(timeout_ms=remaining_ms,
-                                               max_records=min(self.batch_size, room) - count)
+            more = await self._getmany(remaining_ms, min(self.batch_size, room) - count)
             for tp, records in more.items():
                 fetched.setdefault(tp, []).extend(records)
                 count += len(records)
         return fetched
+
+    async def _getmany(self, timeout_ms: int, max_records: int) -> Fetched:
+        """``getmany``, given up (nothing fetched) when a stop is requested: while the group rebalances,
+        aiokafka's ``getmany`` waits for the new assignment whatever its timeout."""
+        done, fetched = await _unless_stopped(
+            self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records), self.stop,
+            waiting_for="the group's rebalance", expected_s=timeout_ms / 1000)
+        return fetched if done and fetched is not None else {}
 
     async def _step(self, fetched: Fetched) -> None:
         """Core step, then delivery; called with the batch lock held."""
@@ -546,6 +574,39 @@ class PartitionReport:
                                 note="not handed to the core step: transaction markers or compaction, else "
                                 "records the consumer skipped (not committed)")
                 self._gaps_seen[tp] = position if gap else -1
+
+
+async def _unless_stopped(call: Awaitable[_T], stop: asyncio.Event, *, waiting_for: str,
+                          expected_s: float) -> tuple[bool, _T | None]:
+    """(True, ``call``'s result), or (False, None) when ``stop`` is set first (``call`` is then cancelled).
+
+    aiokafka waits for a group's (re)join without a timeout of its own, in ``start`` and in ``getmany``;
+    on Apache Kafka that lasts until every member rejoined, up to the rebalance timeout
+    (``max_poll_interval_ms``: minutes here), far past an orchestrator's stop grace. Cancelling is safe:
+    what it waits on is a future that aiokafka resolves only if it is still pending."""
+    if stop.is_set():
+        if asyncio.iscoroutine(call):
+            call.close()
+        return False, None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task = asyncio.ensure_future(call)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        given_up = not task.done()
+        if given_up:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if given_up:
+        waited_s = loop.time() - started
+        if waited_s > expected_s:  # held past its own timeout: not a plain poll that the stop cut short
+            log.info("kafka.stopped_while_waiting", waiting_for=waiting_for, waited_s=round(waited_s, 1))
+        return False, None
+    return True, task.result()
 
 
 def _settles(messages: Sequence[InboundMessage]) -> Settles:

@@ -7,10 +7,12 @@ lines from one configuration, and carries context (batch ids, offsets) without s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -105,3 +107,16 @@ def configure_logging(level: str = "INFO", fmt: str = "console", log_file: Path 
     # Client libraries are chatty at INFO about every rebalance step.
     for noisy in ("aiokafka", "kafka", "faust", "mode", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End the worker process once it has stopped, skipping the interpreter's teardown.
+
+    Why: by then every client is closed and every commit made, and the teardown only has compiled
+    extensions report what they still hold (triton, which torch imports, prints dozens of nanobind
+    "leaked" lines), which an operator would read as a fault.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -172,13 +172,11 @@ class RuntimeService(Service):
 
 
 def run_faust_worker(settings: Settings, runtime: WorkerRuntime) -> None:
-    import faust
-
-    from streams.faust_runner import create_app
+    from streams.faust_runner import STOP_BOUND_MARGIN_S, BoundedStopWorker, create_app
 
     app = create_app(settings, runtime)
-    worker = faust.Worker(app, RuntimeService(runtime), loglevel=settings.log_level.lower(), override_logging=False,
-                          quiet=True)
+    worker = BoundedStopWorker(app, RuntimeService(runtime), stop_bound_s=settings.stop_grace_s + STOP_BOUND_MARGIN_S,
+                               loglevel=settings.log_level.lower(), override_logging=False, quiet=True)
     worker.execute_from_commandline()
 
 
