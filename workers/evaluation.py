@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from schemas.spec import ParseSpec
+from schemas.spec import ParseSpec, match_form
+from workers.grammar import spec_vocabulary, written_form
 from workers.normalize import normalize_query
 
 if TYPE_CHECKING:
@@ -36,21 +37,22 @@ def default_quality_path(spec: ParseSpec) -> Path:
 @dataclass(frozen=True)
 class QualityCase:
     query: str
-    #: Per field: acceptable answers (several where the query is honestly ambiguous); () means null.
+    #: Per field: acceptable answers (several where the query is honestly ambiguous) as ``written_form``
+    #: writes them; () means null.
     expected: dict[str, tuple[str, ...]]
 
 
 def quality_case(spec: ParseSpec, record: dict[str, Any]) -> QualityCase:
-    """One labelled record as a case to score."""
+    """One labelled record as a case to score: each label in the form the parse writes it (``written_form``:
+    a vocabulary synonym as its canonical value, a span as the field normalises it, case and punctuation
+    aside), the form ``qustream train`` teaches it in, so a label written "back" or "Radiator Hoses" is the
+    parse's "rear" or "radiator hose"."""
+    vocabulary = spec_vocabulary(spec)
     expected: dict[str, tuple[str, ...]] = {}
-    for name in spec.field_names:
-        value = record.get(name)
-        if value is None:
-            expected[name] = ()
-        elif isinstance(value, list):
-            expected[name] = tuple(str(v).lower() for v in value)
-        else:
-            expected[name] = (str(value).lower(),)
+    for spec_field in spec.fields:
+        labels = label_values(record.get(spec_field.name))
+        expected[spec_field.name] = tuple(dict.fromkeys(written_form(spec_field, label, vocabulary)
+                                                        for label in labels))
     return QualityCase(query=record["query"], expected=expected)
 
 
@@ -149,9 +151,11 @@ def parse_cases(
 
 
 def field_correct(expected: tuple[str, ...], predicted: str | None) -> bool:
+    """Whether a parse's value (as the parse writes it) is one of a case's ``expected`` labels, punctuation
+    and case aside; null is right only where the label is null."""
     if not expected:
         return predicted is None
-    return predicted is not None and predicted.lower() in expected
+    return predicted is not None and match_form(predicted) in expected
 
 
 def schema_valid(spec: ParseSpec, parse: Any) -> bool:
