@@ -491,9 +491,17 @@ def label_command(
     for where, reason in summary.skipped[:20]:
         console.print(f"{where}: skipped: {reason}", markup=False, highlight=False)
     if len(summary.skipped) > 20:
-        console.print(f"... and {len(summary.skipped) - 20} more skipped (listed in {provenance})")
-    console.print(f"{summary.written} labelled queries -> {out} ({summary.read} read, {summary.repeats} repeats, "
-                  f"{len(summary.skipped)} skipped); provenance: {provenance}", markup=False, highlight=False)
+        console.print(f"... and {len(summary.skipped) - 20} more skipped (listed in {provenance})",
+                      markup=False, highlight=False)
+    for where, kept in summary.conflicts[:20]:
+        console.print(f"{where}: repeat with other labels than the copy kept ({kept}); left out", markup=False,
+                      highlight=False)
+    if len(summary.conflicts) > 20:
+        console.print(f"... and {len(summary.conflicts) - 20} more conflicting repeats (listed in {provenance})",
+                      markup=False, highlight=False)
+    console.print(f"{summary.written} labelled queries -> {out} ({summary.read} read, {summary.repeats} repeats "
+                  f"({len(summary.conflicts)} with other labels than the copy kept), {len(summary.skipped)} "
+                  f"skipped); provenance: {provenance}", markup=False, highlight=False)
     if summary.written == 0:
         raise typer.Exit(1)
 

@@ -7,7 +7,8 @@ transformers causal LM run through the constrained engine (``--model``, ``--grou
 
 Each labelled row passes the same check as training data (``workers.training.check_record``); a row
 that fails is reported with where it came from and why, and left out. Queries are written as the
-worker normalises them; repeats are written once. A provenance JSON beside the output says how the
+worker normalises them; repeats are written once (the first copy; a gold repeat with other
+labels is reported). A provenance JSON beside the output says how the
 labels were made: teacher model or gold, spec name, version and fingerprint, grounding, counts, time.
 """
 
@@ -24,7 +25,8 @@ from typing import Any
 from producer_tools.replay import BadLine, LogReader, ReplayOptions, raw_lines
 from schemas.settings import Settings
 from schemas.spec import ParseSpec
-from workers.grammar import spec_vocabulary
+from workers.evaluation import label_values
+from workers.grammar import spec_vocabulary, written_form
 from workers.normalize import normalize_query
 from workers.training import BadRow, check_record
 
@@ -47,16 +49,35 @@ class LabelSummary:
     written: int = 0
     repeats: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Repeats whose labels differ from those of the copy kept (the first): (where, where the kept copy is).
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "written": self.written, "repeats": self.repeats, "skipped": len(self.skipped),
+        return {"read": self.read, "written": self.written, "repeats": self.repeats,
+                "conflicting_repeats": len(self.conflicts),
+                "conflicting_rows": [{"where": w, "kept": k} for w, k in self.conflicts[:MAX_LISTED_SKIPPED]],
+                "skipped": len(self.skipped),
                 "skipped_rows": [{"where": w, "reason": r} for w, r in self.skipped[:MAX_LISTED_SKIPPED]]}
 
 
+@dataclass(frozen=True)
+class Compared:
+    """A kept record's labels as ``label`` compares repeats with them."""
+
+    form: Any
+
+
 def log_items(files: Iterable[str], spec: ParseSpec, options: ReplayOptions) -> Iterator[Item]:
-    """Queries of replayable logs; a record keeps the spec's fields the log line carries."""
+    """Queries of replayable logs. A line that carries any of the spec's fields is a labelled row: it
+    keeps every key as written except the log reader's own (query, ids, times, locale, source), so a
+    misspelt or unknown field reaches the training check (and is reported there) instead of becoming a
+    null label. A spec field is read from the line as written, never from the reader's defaults or
+    derived values, even where its name is one of the reader's keys (``source``, ``id``, ``ts``...). A
+    line with none of the spec's fields is a query without labels."""
+    fields = set(spec.field_names)
     for path in files:
         reader = LogReader(path, options)
+        own = reader.own_keys - fields
         for number, raw in enumerate(raw_lines(path), start=1):
             where = f"{path}:{number}"
             try:
@@ -64,9 +85,13 @@ def log_items(files: Iterable[str], spec: ParseSpec, options: ReplayOptions) -> 
             except BadLine as exc:
                 yield Item(where, None, str(exc))
                 continue
-            if entry is not None:
-                labels = {name: entry.payload[name] for name in spec.field_names if name in entry.payload}
-                yield Item(where, {"query": entry.query, **labels})
+            if entry is None:
+                continue
+            if fields.isdisjoint(entry.row):
+                yield Item(where, {"query": entry.query})
+                continue
+            labels = {key: value for key, value in entry.row.items() if key not in own}
+            yield Item(where, {"query": entry.query, **labels})
 
 
 def parsed_event_item(spec: ParseSpec, item: dict[str, Any]) -> Item:
@@ -92,26 +117,42 @@ def label(
     limit: int = 0,
     progress: Any = None,
 ) -> LabelSummary:
-    """Write the labelled JSONL; ``teacher`` (a ParseEngine) labels every query, else the items' own labels."""
+    """Write the labelled JSONL; ``teacher`` (a ParseEngine) labels every query, else the items' own labels.
+
+    Skipped rows are listed in input order. Without a teacher, a repeat whose labels differ from the
+    copy kept (the first) is listed as a conflict."""
     vocabulary = spec_vocabulary(spec)
     summary = LabelSummary()
-    seen: set[str] = set()
-    pending: list[tuple[str, dict[str, Any]]] = []
+    #: normalised query -> where the kept copy is, and its record (its labels as compared once repeated)
+    kept: dict[str, tuple[str, Any]] = {}
+    pending: list[tuple[int, str, dict[str, Any]]] = []
+    skipped: list[tuple[int, str, str]] = []  # (read order, where, reason)
 
-    def write(rows: list[tuple[str, dict[str, Any]]], handle: Any) -> None:
+    def labels_form(record: dict[str, Any]) -> Any:
+        """A gold record's labels in a form where equal labels compare equal (as eval scores them); a
+        record that fails the check, its keys as written."""
+        try:
+            checked = check_record(spec, vocabulary, record)
+        except BadRow:
+            return ("as written", json.dumps({k: v for k, v in record.items() if k != "query"}, sort_keys=True,
+                                              ensure_ascii=False, default=str))
+        return {f.name: frozenset(written_form(f, value, vocabulary) for value in label_values(checked[f.name]))
+                for f in spec.fields}
+
+    def write(rows: list[tuple[int, str, dict[str, Any]]], handle: Any) -> None:
         if teacher is not None and rows:
-            results = teacher.parse_batch([record["query"] for _, record in rows])
-            rows = [(where, {"query": record["query"], **result.parse})
-                    for (where, record), result in zip(rows, results, strict=True)]
-        for where, record in rows:
+            results = teacher.parse_batch([record["query"] for _, _, record in rows])
+            rows = [(order, where, {"query": record["query"], **result.parse})
+                    for (order, where, record), result in zip(rows, results, strict=True)]
+        for order, where, record in rows:
             if teacher is None and not set(record) & set(spec.field_names):
-                summary.skipped.append((where, "no labels (none of the spec's fields); pass --model to label "
-                                               "with a teacher"))
+                skipped.append((order, where, "no labels (none of the spec's fields); pass --model to label "
+                                              "with a teacher"))
                 continue
             try:
                 checked = check_record(spec, vocabulary, record)
             except BadRow as exc:
-                summary.skipped.append((where, str(exc)))
+                skipped.append((order, where, str(exc)))
                 continue
             handle.write(json.dumps(checked, ensure_ascii=False) + "\n")
             summary.written += 1
@@ -119,24 +160,33 @@ def label(
             progress(len(rows))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for item in items:
-            if limit and summary.read >= limit:
-                break
-            summary.read += 1
-            if item.record is None:
-                summary.skipped.append((item.where, item.problem or "unreadable"))
-                continue
-            key = normalize_query(item.record["query"])
-            if key in seen:
-                summary.repeats += 1
-                continue
-            seen.add(key)
-            pending.append((item.where, item.record))
-            if len(pending) >= batch_size:
-                write(pending, handle)
-                pending = []
-        write(pending, handle)
+    try:
+        with out.open("w", encoding="utf-8") as handle:
+            for order, item in enumerate(items):
+                if limit and summary.read >= limit:
+                    break
+                summary.read += 1
+                if item.record is None:
+                    skipped.append((order, item.where, item.problem or "unreadable"))
+                    continue
+                key = normalize_query(item.record["query"])
+                if key in kept:
+                    summary.repeats += 1
+                    first = kept[key]
+                    if teacher is None:  # a teacher labels the query once, whatever the log says
+                        if not isinstance(first[1], Compared):
+                            first = kept[key] = (first[0], Compared(labels_form(first[1])))
+                        if labels_form(item.record) != first[1].form:
+                            summary.conflicts.append((item.where, first[0]))
+                    continue
+                kept[key] = (item.where, item.record if teacher is None else None)
+                pending.append((order, item.where, item.record))
+                if len(pending) >= batch_size:
+                    write(pending, handle)
+                    pending = []
+            write(pending, handle)
+    finally:
+        summary.skipped = [(where, reason) for _, where, reason in sorted(skipped, key=lambda row: row[0])]
     return summary
 
 

@@ -47,6 +47,9 @@ class LogEntry:
     query: str
     ts_ms: int | None
     payload: dict[str, Any]
+    #: The line as written (a JSON object, or CSV/TSV cells by column; an empty cell is None), before the
+    #: reader takes its query, id and time out of it and adds defaults: what ``qustream label`` reads labels from.
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def value(self) -> bytes:
         return json.dumps(self.payload, ensure_ascii=False).encode("utf-8")
@@ -171,6 +174,13 @@ class LogReader:
         self.columns: list[str] | None = None
         self.name = options.source or Path(path).name
 
+    @property
+    def own_keys(self) -> frozenset[str]:
+        """The keys this reader reads as the log's own metadata (query, ids, times, locale, source)."""
+        query_name = self.options.query_field if self.format != "text" else "query"
+        chosen = {name for name in (self.options.id_field, self.options.ts_field) if name}
+        return frozenset({query_name, "query", "query_id", "id", "ts", "timestamp", "locale", "source", *chosen})
+
     def entry(self, number: int, raw: bytes) -> LogEntry | None:
         """None for blank lines and the CSV/TSV header; raises ``BadLine`` for bad ones."""
         try:
@@ -221,7 +231,9 @@ class LogReader:
         if ts_ms is not None:
             payload["ts"] = datetime.fromtimestamp(ts_ms / 1000, tz=UTC).isoformat()
         payload.setdefault("source", f"replay:{self.name}")
-        return LogEntry(self.name, number, query_id, query, ts_ms, payload)
+        as_written = row if self.format == "jsonl" else {
+            key: None if isinstance(value, str) and not value.strip() else value for key, value in row.items()}
+        return LogEntry(self.name, number, query_id, query, ts_ms, payload, as_written)
 
 
 # --- checkpoint -------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from workers.engine import ParseEngine
 
 QUALITY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+#: Bad lines a refused labelled set lists one by one (as ``qustream train`` and ``label`` list theirs).
+MAX_LISTED_PROBLEMS = 50
 
 
 class LabelledSetError(ValueError):
@@ -101,9 +103,9 @@ def label_values(value: Any) -> list[str]:
 def load_quality(spec: ParseSpec, path: Path | None = None) -> list[QualityCase]:
     """The cases of a labelled JSONL file (default: the spec's shipped set).
 
-    Raises ``LabelledSetError`` naming the first bad line as ``FILE:LINE: reason`` (and how many more
-    there are), or a file that holds no labelled query: a score over the rows that happened to parse
-    would be a score of another set."""
+    Raises ``LabelledSetError`` listing the bad lines as ``FILE:LINE: reason``, one a line (the first
+    ``MAX_LISTED_PROBLEMS``, then how many more), or a file that holds no labelled query: a score over
+    the rows that happened to parse would be a score of another set."""
     path = path or default_quality_path(spec)
     cases: list[QualityCase] = []
     problems: list[str] = []
@@ -127,9 +129,10 @@ def load_quality(spec: ParseSpec, path: Path | None = None) -> list[QualityCase]
     except UnicodeDecodeError as exc:
         raise LabelledSetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if problems:
-        others = len(problems) - 1
-        more = f" (and {others} more bad line{'s' if others > 1 else ''})" if others else ""
-        raise LabelledSetError(problems[0] + more)
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        others = len(problems) - len(listed)
+        more = [f"... and {others} more bad line{'s' if others > 1 else ''}"] if others else []
+        raise LabelledSetError("\n".join([*listed, *more]))
     if not cases:
         raise LabelledSetError(f"{path}: no labelled queries")
     return cases
