@@ -85,7 +85,20 @@ FINAL_LR_FRACTION = 0.1
 
 
 class TrainingError(RuntimeError):
-    """Training cannot start or go on (no usable rows, a checkpoint of another run)."""
+    """Training cannot start or go on (no usable rows, a checkpoint of another run, an unusable --out)."""
+
+    def __init__(self, message: str, option: str = "--data") -> None:
+        super().__init__(message)
+        #: The command-line option the problem is about (what ``qustream train`` names in its refusal).
+        self.option = option
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the steps: ``message`` says where the run got to and how to go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -181,9 +194,50 @@ def teach(engine: ConstrainedEngine, number: int, record: dict[str, Any]) -> Tra
     output = grammar_output(engine, record)
     taught = engine.teacher_forcing(record["query"], output)
     if taught is None:
-        raise BadRow(f"the engine's grammar rejects the output {output.strip()!r}")
+        raise BadRow(rejection_reason(engine, record, output))
     ids, chosen = taught
     return TrainingRow(number, record, tuple(ids), tuple(chosen)) if chosen else None
+
+
+def _rejected_at(engine: ConstrainedEngine, query: str, output: str) -> int:
+    """Where in ``output`` the engine's grammar stops following it (as ``teacher_forcing`` feeds it)."""
+    row = engine._new_row(0, query)
+    while not row.done:
+        written = engine.tokenizer.decode(row.out_ids)
+        if not output.startswith(written) or len(output) == len(written):
+            return next((i for i, (a, b) in enumerate(zip(written, output, strict=False)) if a != b),
+                        min(len(written), len(output)))
+        token = engine._encode(output[len(written) :])[0]
+        if not row.matcher.accept_token(token):
+            return len(written)
+        row.out_ids.append(token)
+        if row.matcher.is_completed():
+            break
+        engine._force(row)
+    return len(output)
+
+
+def rejection_reason(engine: ConstrainedEngine, record: dict[str, Any], output: str) -> str:
+    """Why the engine's grammar cannot write ``output`` for ``record``: the field where it stops following
+    the labels, the label there, and what the grammar writes there instead."""
+    spec = engine.spec
+    query = record["query"]
+    at = _rejected_at(engine, query, output)
+    keys = [(output.rfind(json.dumps(f.name) + ":", 0, at + 1), f) for f in spec.fields]
+    position, spec_field = max(keys, key=lambda pair: pair[0])
+    if position < 0:
+        return f"the engine's grammar rejects the output {output.strip()!r}"
+    labels = label_values(record.get(spec_field.name))
+    offered = build_row_grammar(query, engine.vocabulary, engine._grounding).allowed[spec_field.name]
+    label = "null" if not labels else repr(labels[0])
+    if offered is None:
+        return f"field {spec_field.name!r}: the grammar cannot write the label {label} there"
+    shown = ", ".join(repr(v) for v in offered[:5]) + (f" (and {len(offered) - 5} more)" if len(offered) > 5 else "")
+    if not labels and offered and spec_field.fill == "mentioned":
+        return (f"field {spec_field.name!r}: labelled null, but the query names {shown}, which the spec's "
+                "`fill: mentioned` makes the grammar write there (null only where the query names none of the "
+                "field's mentions)")
+    return f"field {spec_field.name!r}: the grammar cannot write the label {label} there; it writes {shown or 'null'}"
 
 
 def teach_all(engine: ConstrainedEngine, records: list[tuple[int, dict[str, Any]]], note: str = "") -> TrainingData:
@@ -473,6 +527,27 @@ class TrainState:
     lr_progress: float = 0.0
 
 
+#: The option (or setting) behind each key of a checkpoint's identity.
+IDENTITY_OPTIONS = {"model": "--model", "spec": "--spec (its fingerprint)", "grounding": "QUSTREAM_GROUNDING",
+                    "method": "--method", "train_layers": "--train-layers", "lora_rank": "--lora-rank",
+                    "few_shot": "--few-shot", "data": "--data (a digest of its contents)", "seed": "--seed",
+                    "held_out": "--held-out", "batch_size": "--batch-size", "catalog_folds": "--catalog-folds"}
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def identity_mismatch(checkpoint_path: Path, saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The refusal of a checkpoint of another run: the options that differ, both values, and what to do."""
+    differing = [key for key in dict.fromkeys([*saved, *current]) if saved.get(key) != current.get(key)]
+    changes = "; ".join(f"{IDENTITY_OPTIONS.get(key, key)}: {_short(saved.get(key))} in the checkpoint, "
+                        f"{_short(current.get(key))} now" for key in differing)
+    return (f"{checkpoint_path} belongs to another run: {changes}. Resume with the options it was written with, "
+            "or train into another --out, or leave out --resume to start over in this folder (replacing it)")
+
+
 def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method: str, data: Path) -> dict[str, Any]:
     """What a checkpoint must match to be resumed."""
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
@@ -496,6 +571,80 @@ def model_card(spec: ParseSpec, few_shot: bool, base_model: str, grounding: str)
             "few_shot": few_shot, "base_model": base_model, "grounding": grounding}
 
 
+#: What a ``qustream train`` run writes in its folder (besides the model's own files): a folder holding
+#: one of these is a previous run's output, which a new run may replace.
+OUTPUT_MARKERS = (MODEL_CARD, CHECKPOINT, REPORT)
+
+
+def check_out(out: Path, resume: bool) -> tuple[list[Path], str | None]:
+    """``--out`` checked before anything loads: the entries of a previous run's output there (what this run
+    replaces), and a line to say about it (None when there is nothing to say). Raises ``TrainingError``
+    (``--out``) for a file, or a non-empty folder that is not a training output."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out} is a file, not a folder: give --out a new or empty folder, or a previous "
+                            "training output to replace", option="--out")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return [], (f"--resume: nothing to resume in {out} (no checkpoint), so training starts from scratch"
+                    if resume else None)
+    if not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
+        raise TrainingError(f"{out} is a non-empty folder that holds no qustream training output (no "
+                            f"{', '.join(OUTPUT_MARKERS)}): refusing to write into it; give --out a new or empty "
+                            "folder", option="--out")
+    if resume and (out / CHECKPOINT).is_file():
+        return entries, None
+    names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries)
+    if resume:
+        return entries, (f"--resume: {out / CHECKPOINT} does not exist, so training starts from scratch; the "
+                         f"previous training output in {out} ({names}) is replaced when this run saves")
+    return entries, (f"{out} holds a previous training output ({names}): it is replaced when this run saves "
+                     "(whatever this run does not write again is removed)")
+
+
+def _remove_previous(out: Path, previous: list[Path]) -> None:
+    """The previous run's entries, except the checkpoint (this run's own by now), before this run saves."""
+    import shutil
+
+    for entry in previous:
+        if entry.name in (CHECKPOINT, Path(CHECKPOINT).with_suffix(".tmp").name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def interrupted_message(options: TrainOptions, step: int, planned: int, checkpoint_path: Path,
+                        checkpointed: int | None) -> str:
+    """What Ctrl-C during a run says: the step reached, the checkpoint to go on from, and how."""
+    if checkpointed is None:
+        where = (f"this run wrote no checkpoint yet ({checkpoint_path} is written at each evaluation), so "
+                 "there is nothing to resume; run the same command again to start over")
+    else:
+        where = (f"the last checkpoint is {checkpoint_path}, at step {checkpointed} (written at each evaluation: "
+                 f"--eval-every N for more of them); go on from it with the same options plus --resume")
+    return f"interrupted at step {step} of {planned}: the model was not saved; {where}"
+
+
+def no_gain_warning(report: dict[str, Any]) -> str | None:
+    """What to say when no evaluation after step 0 beat step 0 (the saved weights are the base model's)."""
+    if report["best_step"] != 0:
+        return None
+    later = [e for e in report["evals"] if e["step"] > 0]
+    start = report["evals"][0]["metrics"][SELECT_BY]
+    best_later = max((e["metrics"][SELECT_BY] for e in later), default=None)
+    seen = (f"held-out all fields {start:.1%} at step 0; " + (f"at best {best_later:.1%} after it" if later else
+                                                              "no evaluation after it"))
+    if report["few_shot"]:
+        served = "served, it parses as the base model does with the same prompt: nothing was gained"
+    else:
+        served = ("served without the spec's examples (the card says few_shot false), it will likely parse worse "
+                  "than the base model with them")
+    return (f"NOT IMPROVED: no evaluation after step 0 beat step 0 ({seen}), so the saved weights are the base "
+            f"model's, untrained; {served}. Train longer (--max-steps / --max-minutes / --max-epochs) or on more "
+            "rows, or keep serving the base model with its few-shot prompt")
+
+
 def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     """Fine-tune the configured model on ``options.data`` and save it to ``options.out``; returns the report."""
     import torch
@@ -508,6 +657,9 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
 
     started = time.perf_counter()
     console = Console(stderr=True)
+    previous, out_note = check_out(options.out, options.resume)  # before anything loads
+    if out_note:
+        console.print(out_note, markup=False, highlight=False)
     torch.manual_seed(options.seed)
     spec = load_checked_spec(settings.parse_spec)
     # Float32 master weights on every device (serving may load bf16 on a GPU): small updates to bf16
@@ -532,14 +684,25 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
                                                       options.seed)
     data = TrainingData(taught.rows, sorted(problems + taught.problems))
     held_cases = [quality_case(spec, record) for _, record in held_records]
-    for number, reason in data.problems[:20]:
+    refused = not data.rows or not held_cases
+    # A refused run writes no report: then every skipped line is listed here.
+    shown = data.problems if refused else data.problems[:20]
+    for number, reason in shown:
         console.print(f"{options.data}:{number}: skipped: {reason}", markup=False, highlight=False)
-    if len(data.problems) > 20:
-        console.print(f"... and {len(data.problems) - 20} more skipped lines (all listed in {REPORT})")
+    if len(data.problems) > len(shown):
+        console.print(f"... and {len(data.problems) - len(shown)} more skipped lines (all listed in "
+                      f"{options.out / REPORT} when the run saves)", markup=False, highlight=False)
     if not data.rows:
-        raise TrainingError(f"{options.data}: {len(data.rows)} usable rows; nothing to train on")
+        hint = (f"; every line was skipped: are these labels for the spec {spec.name!r} (--spec)?"
+                if data.problems and not records else "")
+        raise TrainingError(f"{options.data}: {len(data.rows)} usable rows; nothing to train on{hint}")
     if not held_cases:
-        raise TrainingError(f"{options.data}: {len(records)} checked rows, too few to hold any out (a fifth at most)")
+        distinct = len({record["query"] for _, record in records})
+        raise TrainingError(
+            f"{options.data}: {len(records)} checked rows of {distinct} distinct "
+            f"{'query' if distinct == 1 else 'queries'}, too few to hold any out: the held-out split takes whole "
+            "queries (a query's repeats stay on one side) and at most a fifth of the rows; label more distinct "
+            "queries")
     train_rows = data.rows
     method = choose_method(loaded.model, options.method)
     trained = make_trainable(loaded, method, options)
@@ -554,21 +717,25 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     checkpoint_path = options.out / CHECKPOINT
     state = TrainState()
     best = trainable_state(trained)
+    checkpointed: int | None = None  # the step of the checkpoint in the folder, once this run has one
     if options.resume and checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, weights_only=False)
         if saved["identity"] != identity:
-            raise TrainingError(f"{checkpoint_path} belongs to another run: {saved['identity']} != {identity}")
+            raise TrainingError(identity_mismatch(checkpoint_path, saved["identity"], identity), option="--resume")
         restore_state(trained, saved["weights"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(**saved["state"])
+        checkpointed = state.step
         best = saved["best"]
         console.print(f"resumed from {checkpoint_path} at step {state.step}")
 
     def checkpoint() -> None:
+        nonlocal checkpointed
         payload = {"identity": identity, "weights": trainable_state(trained), "optimizer": optimizer.state_dict(),
                    "state": asdict(state), "best": best}
         torch.save(payload, checkpoint_path.with_suffix(".tmp"))
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+        checkpointed = state.step
 
     def run_eval() -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
@@ -588,57 +755,64 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     budget_seconds = options.max_minutes * 60 if options.max_minutes else math.inf
     budget_started = time.monotonic()
     deadline = budget_started + budget_seconds
-    trained.train()
-    stopped = "epochs"
-    if not state.evals:
-        run_eval()  # the starting point: the base model with the training prompt
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TextColumn("held-out {task.fields[score]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not options.progress) as progress:
-        task = progress.add_task("train", total=planned, completed=state.step, loss="-",
-                                 score=f"{state.best_score:.1%}")
-        while stopped == "epochs" and state.epoch < options.max_epochs:
-            order = epoch_order(len(train_rows), options.seed, state.epoch)
-            while state.batch_in_epoch < batches_per_epoch:
-                step_started = time.perf_counter()
-                start = state.batch_in_epoch * options.batch_size
-                batch = [train_rows[i] for i in order[start : start + options.batch_size]]
-                state.lr_progress = max(state.lr_progress, state.step / planned,
-                                        (time.monotonic() - budget_started) / budget_seconds)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate * learning_rate_factor(state.step, state.lr_progress)
-                with torch.autocast(device_type=loaded.device.split(":")[0], dtype=torch.bfloat16,
-                                    enabled=precision == "bf16"):
-                    loss = runner.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.losses.append((state.step, loss.item()))
-                state.seconds += time.perf_counter() - step_started
-                progress.update(task, completed=state.step, loss=f"{state.losses[-1][1]:.3f}")
-                if options.eval_every and state.step % options.eval_every == 0:
-                    if run_eval():
-                        stopped = "early stopping"
-                    progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
-                if stopped == "epochs" and options.max_steps and state.step >= options.max_steps:
-                    stopped = "max steps"
-                if stopped == "epochs" and time.monotonic() >= deadline:
-                    stopped = "time budget"
-                if stopped != "epochs":
-                    break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if not options.eval_every:
-                    if run_eval():
-                        stopped = "early stopping"
-                    progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
-    if state.evals[-1]["step"] != state.step:
-        run_eval()
-    report = _save(loaded, trained, method, best, spec, options, settings)
+    try:
+        trained.train()
+        stopped = "epochs"
+        if not state.evals:
+            run_eval()  # the starting point: the base model with the training prompt
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[score]}"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=console, disable=not options.progress) as progress:
+            task = progress.add_task("train", total=planned, completed=state.step, loss="-",
+                                     score=f"{state.best_score:.1%}")
+            while stopped == "epochs" and state.epoch < options.max_epochs:
+                order = epoch_order(len(train_rows), options.seed, state.epoch)
+                while state.batch_in_epoch < batches_per_epoch:
+                    step_started = time.perf_counter()
+                    start = state.batch_in_epoch * options.batch_size
+                    batch = [train_rows[i] for i in order[start : start + options.batch_size]]
+                    state.lr_progress = max(state.lr_progress, state.step / planned,
+                                            (time.monotonic() - budget_started) / budget_seconds)
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate * learning_rate_factor(state.step, state.lr_progress)
+                    with torch.autocast(device_type=loaded.device.split(":")[0], dtype=torch.bfloat16,
+                                        enabled=precision == "bf16"):
+                        loss = runner.loss(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                    optimizer.step()
+                    state.step += 1
+                    state.batch_in_epoch += 1
+                    state.losses.append((state.step, loss.item()))
+                    state.seconds += time.perf_counter() - step_started
+                    progress.update(task, completed=state.step, loss=f"{state.losses[-1][1]:.3f}")
+                    if options.eval_every and state.step % options.eval_every == 0:
+                        if run_eval():
+                            stopped = "early stopping"
+                        progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
+                    if stopped == "epochs" and options.max_steps and state.step >= options.max_steps:
+                        stopped = "max steps"
+                    if stopped == "epochs" and time.monotonic() >= deadline:
+                        stopped = "time budget"
+                    if stopped != "epochs":
+                        break
+                else:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    if not options.eval_every:
+                        if run_eval():
+                            stopped = "early stopping"
+                        progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
+        if state.evals[-1]["step"] != state.step:
+            run_eval()
+        _remove_previous(options.out, previous)
+        report = _save(loaded, trained, method, best, spec, options, settings)
+    except KeyboardInterrupt:
+        message = interrupted_message(options, state.step, planned, checkpoint_path, checkpointed)
+        console.print(message, markup=False, highlight=False)
+        raise TrainingInterrupted(message) from None
     report.update(
         spec=spec.ref | {"fingerprint": spec.fingerprint}, base_model=loaded.model_id, method=method,
         grounding=settings.grounding, few_shot=options.few_shot, learning_rate=learning_rate, precision=precision,
@@ -654,6 +828,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
         best=next(e["metrics"] for e in state.evals if e["step"] == state.best_step), evals=state.evals,
         losses=state.losses,
     )
+    warning = no_gain_warning(report)
+    report.update(improved=warning is None, warning=warning)
     (options.out / REPORT).write_text(json.dumps(report, indent=2))
     plot_training(report, options.out / CHART)
     return report
@@ -780,13 +956,27 @@ def train_command(
     try:
         report = train(Settings(**overrides), options)
     except TrainingError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--data") from None
+        raise typer.BadParameter(str(exc), param_hint=exc.option) from None
+    except TrainingInterrupted:
+        raise typer.Exit(130) from None  # train() said where the run got to
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted before the first training step: nothing was trained or saved in "
+                                   f"{out}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
     best = report["best"]
-    Console().print(
+    summary = (
         f"saved {report['model_folder']} ({report['method']}, {report['steps']} steps, {report['stopped']}, "
         f"{report['train_seconds']:.0f} s training, peak RSS {report['peak_rss_mb']:.0f} MB); held-out at step "
         f"{report['best_step']}: all fields {best['all_fields_acc']:.1%}, invented {best['invented_absent']:.1%}; "
-        f"{len(report['skipped'])} lines skipped. Serve it with QUSTREAM_MODEL={report['model_folder']}"
+        f"{len(report['skipped'])} lines skipped."
+    )
+    if report["warning"]:
+        Console().print(summary, markup=False, highlight=False)
+        Console(stderr=True).print(f"WARNING: {report['warning']} (also in {Path(report['model_folder']) / REPORT})",
+                      style="bold red", markup=False, highlight=False)
+        return
+    Console().print(
+        f"{summary} Serve it with QUSTREAM_MODEL={report['model_folder']}"
         + (f" or its adapter alone with QUSTREAM_ADAPTER={report['adapter_folder']}"
-           if "adapter_folder" in report else "")
+           if "adapter_folder" in report else ""), markup=False, highlight=False
     )
