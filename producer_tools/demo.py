@@ -86,7 +86,7 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
 
     Raises ``NoSampleQueries`` before starting anything when ``queries`` is None and the spec has no sample."""
     from schemas.spec import load_spec
-    from workers.model import resolve_model_path
+    from workers.model import DEFAULT_MODEL, resolve_model_path
 
     if queries is None:
         spec_name = load_spec(settings.parse_spec).name
@@ -106,7 +106,8 @@ def run_demo(settings: Settings, queries: Path | None, timeout_s: float) -> Demo
     worker: WorkerProcess | None = None
     log_path = settings.model_cache_dir / "local" / "demo-worker.log"
     try:
-        console.print("preparing the model (first run converts it once, ~30 s)…")
+        if settings.model == DEFAULT_MODEL:
+            console.print("preparing the model (first run converts it once, ~30 s)…")
         resolve_model_path(settings)
         if settings.transport == "kafka":
             from streams.topics import ensure_topics

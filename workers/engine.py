@@ -121,9 +121,16 @@ def warn_about_card(spec: ParseSpec, card: dict[str, Any] | None) -> None:
         return
     if trained_for.get("name") != spec.name:
         log.warning("engine.card_spec_mismatch", trained_for=trained_for, spec=spec.name,
-                    few_shot=uses_few_shot(spec, card))
+                    few_shot=uses_few_shot(spec, card),
+                    note="the model was trained for another spec: it serves this one with the spec's examples, "
+                    "as an untrained model would; train it for this spec (qustream train) or serve a model trained "
+                    "for it")
     elif trained_for.get("fingerprint") != spec.fingerprint:
-        log.warning("engine.card_spec_changed", trained_for=trained_for, fingerprint=spec.fingerprint)
+        log.warning("engine.card_spec_changed", trained_for=trained_for, fingerprint=spec.fingerprint,
+                    version=spec.version, few_shot=uses_few_shot(spec, card),
+                    note="the spec changed since the model was trained (fields, values, examples or options): "
+                    "what it learned may no longer fit, and values or fields added since were never taught; "
+                    "retrain it on labels for this version (qustream train) and compare with qustream eval")
 
 
 def engine_version(model_id: str, spec: ParseSpec, grounding: str, card: dict[str, Any] | None = None) -> str:
