@@ -151,7 +151,8 @@ class BoundedStopWorker(faust.Worker):
 
     Why: Faust stops its consumer with aiokafka's ``stop``, which waits for a group join in progress to
     be answered; Apache Kafka answers once every member rejoined, up to the rebalance timeout (minutes).
-    A rolling restart stops workers in exactly that state. Past the bound the process ends, logged
+    A rolling restart stops workers in exactly that state. With the broker unreachable, Faust's stop
+    waits for its consumer thread's own timeouts (about a minute). Past the bound the process ends, logged
     (``worker.stop_overrun``): what it had not committed is processed again by the partitions' next owner.
     """
 
@@ -171,8 +172,9 @@ class BoundedStopWorker(faust.Worker):
 
 def _stop_overrun(bound_s: float) -> None:
     log.warning("worker.stop_overrun", bound_s=bound_s,
-                note="Faust's stop did not end in time (a group rebalance holds its consumer); the process ends "
-                "now: what it had not committed is processed again by the partitions' next owner")
+                note="Faust's stop did not end in time (a group rebalance or an unreachable broker holds its "
+                "consumer); the process ends now: what it had not committed is processed again by the "
+                "partitions' next owner")
     exit_without_teardown(0)
 
 

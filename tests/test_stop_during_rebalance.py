@@ -1,4 +1,4 @@
-"""A stop requested while the consumer group rebalances ends without waiting for the rebalance.
+"""A stop requested while the consumer group rebalances, or while the broker is down, ends promptly.
 
 aiokafka waits for a group join's answer without a timeout of its own (``start``, ``getmany`` and
 ``stop`` all do), and Apache Kafka answers once every member rejoined, up to the rebalance timeout:
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.local_stack import WorkerProcess, free_port
+from streams.local_stack import WorkerProcess, free_port, spawn, stop_process, tansu_command
 from streams.topics import ensure_topics
 from tests.conftest import isolated_settings
 from tests.support import run
@@ -87,3 +87,33 @@ def test_a_stop_during_a_rejoin_does_not_wait_for_it(broker: str, redis_url: str
         first.stop()
         if second is not None:
             assert second.stop() == 0, second.log_tail()
+
+
+@pytest.mark.parametrize(("runner", "most_s", "traceback_free"), [
+    ("batch", 10.0, True),
+    # Faust's own stop waits out its consumer thread's timeouts (and logs their tracebacks itself); the
+    # process ends at the grace + 20 s.
+    ("faust", 30.0, False),
+])
+def test_a_stop_while_the_broker_is_down_ends_cleanly(runner: str, most_s: float, traceback_free: bool,
+                                                      redis_url: str, tmp_path: Path) -> None:
+    """aiokafka's consumer ``stop`` cancels the fetches pending on a broker that went away, then awaits
+    them: the CancelledError it raises must not end the worker with a traceback and exit code 1."""
+    port = free_port()
+    broker = spawn("tansu", tansu_command(port), port, tmp_path / "tansu")
+    settings = isolated_settings(f"127.0.0.1:{port}", redis_url, web_port=free_port(), kafka_runner=runner,
+                                 broker_session_timeout_s=10.0, stop_grace_s=1.0)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        stop_process(broker)
+        time.sleep(3)  # the consumer's fetches now fail and wait to be retried
+        code, took_s = _timed_stop(worker)
+    finally:
+        worker.stop()
+        stop_process(broker)
+    log = worker.log_tail(20_000)
+    assert code == 0, log
+    if traceback_free:
+        assert "Traceback" not in log.split('"event": "worker.stopping"')[1], log
+    assert took_s < most_s, f"stop took {took_s:.1f} s:\n{log}"
