@@ -499,9 +499,19 @@ def label_command(
     if len(summary.conflicts) > 20:
         console.print(f"... and {len(summary.conflicts) - 20} more conflicting repeats (listed in {provenance})",
                       markup=False, highlight=False)
-    console.print(f"{summary.written} labelled queries -> {out} ({summary.read} read, {summary.repeats} repeats "
-                  f"({len(summary.conflicts)} with other labels than the copy kept), {len(summary.skipped)} "
-                  f"skipped); provenance: {provenance}", markup=False, highlight=False)
+    if summary.unlabelled:
+        where, left_out = summary.unlabelled[0]
+        console.print(f"note: {len(summary.unlabelled)} labelled row{'s' if len(summary.unlabelled) > 1 else ''} "
+                      f"left fields out, written as null (a label saying the query names none), e.g. {where}: "
+                      f"{list(left_out)}; all in {provenance}", markup=False, highlight=False)
+    if summary.ignored_keys:
+        console.print(f"note: keys left out as the log's metadata, not labels: {sorted(summary.ignored_keys)}",
+                      markup=False, highlight=False)
+    repeats = f"{summary.repeats} repeat{'' if summary.repeats == 1 else 's'}" + (
+        f" ({len(summary.conflicts)} with other labels than the copy kept)" if summary.conflicts else "")
+    console.print(f"{summary.written} labelled quer{'y' if summary.written == 1 else 'ies'} -> {out} "
+                  f"({summary.read} read, {repeats}, {len(summary.skipped)} skipped); provenance: {provenance}",
+                  markup=False, highlight=False)
     if summary.written == 0:
         raise typer.Exit(1)
 

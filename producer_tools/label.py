@@ -14,6 +14,7 @@ labels were made: teacher model or gold, spec name, version and fingerprint, gro
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,9 @@ from workers.training import BadRow, check_record
 
 #: Skipped rows listed one by one in the provenance file; the rest are only counted.
 MAX_LISTED_SKIPPED = 1000
+#: How alike (``difflib`` ratio) a labelled row's unknown key and a field it lacks must be to be taken for
+#: a misspelling of it: "prat"/"part" and "colour"/"color" are, "style"/"size" and "notes"/"size" are not.
+_MISSPELT_CUTOFF = 0.75
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class Item:
     where: str
     record: dict[str, Any] | None
     problem: str | None = None
+    #: Spec fields the labelled row left out (taken as null), and its keys left out as the log's metadata.
+    unlabelled: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,11 +58,18 @@ class LabelSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: Repeats whose labels differ from those of the copy kept (the first): (where, where the kept copy is).
     conflicts: list[tuple[str, str]] = field(default_factory=list)
+    #: Gold rows that left fields out, which were written as null: (where, the fields).
+    unlabelled: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    #: Keys of labelled rows left out as the log's metadata, with how many rows had each.
+    ignored_keys: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"read": self.read, "written": self.written, "repeats": self.repeats,
                 "conflicting_repeats": len(self.conflicts),
                 "conflicting_rows": [{"where": w, "kept": k} for w, k in self.conflicts[:MAX_LISTED_SKIPPED]],
+                "rows_with_fields_left_out": len(self.unlabelled),
+                "fields_left_out": [{"where": w, "fields": list(f)} for w, f in self.unlabelled[:MAX_LISTED_SKIPPED]],
+                "ignored_keys": self.ignored_keys,
                 "skipped": len(self.skipped),
                 "skipped_rows": [{"where": w, "reason": r} for w, r in self.skipped[:MAX_LISTED_SKIPPED]]}
 
@@ -68,16 +82,17 @@ class Compared:
 
 
 def log_items(files: Iterable[str], spec: ParseSpec, options: ReplayOptions) -> Iterator[Item]:
-    """Queries of replayable logs. A line that carries any of the spec's fields is a labelled row: it
-    keeps every key as written except the log reader's own (query, ids, times, locale, source), so a
-    misspelt or unknown field reaches the training check (and is reported there) instead of becoming a
-    null label. A spec field is read from the line as written, never from the reader's defaults or
-    derived values, even where its name is one of the reader's keys (``source``, ``id``, ``ts``...). A
-    line with none of the spec's fields is a query without labels."""
-    fields = set(spec.field_names)
+    """Queries of replayable logs. A line that carries any of the spec's fields is a labelled row; a line
+    with none of them is a query without labels. A spec field is read from the line as written, never
+    from the reader's defaults or derived values, even where its name is one of the reader's keys
+    (``source``, ``id``, ``ts``...). A labelled row's other keys are the log's metadata (``user_id``,
+    ``clicks``...) and are left out, except one spelt like a field the row lacks (``prat`` where ``part``
+    is missing, ``colour`` for ``color``): that row is skipped, since its label would otherwise be taken
+    as null. A field the row leaves out is null (the labelled-JSONL rule), and the item says so."""
+    fields = spec.field_names
     for path in files:
         reader = LogReader(path, options)
-        own = reader.own_keys - fields
+        own = reader.own_keys - set(fields)
         for number, raw in enumerate(raw_lines(path), start=1):
             where = f"{path}:{number}"
             try:
@@ -87,11 +102,19 @@ def log_items(files: Iterable[str], spec: ParseSpec, options: ReplayOptions) -> 
                 continue
             if entry is None:
                 continue
-            if fields.isdisjoint(entry.row):
+            if set(fields).isdisjoint(entry.row):
                 yield Item(where, {"query": entry.query})
                 continue
-            labels = {key: value for key, value in entry.row.items() if key not in own}
-            yield Item(where, {"query": entry.query, **labels})
+            missing = [name for name in fields if name not in entry.row]
+            extra = [key for key in entry.row if key not in own and key not in fields]
+            misspelt = {key: close[0] for key in extra
+                        if (close := difflib.get_close_matches(key.lower(), missing, n=1, cutoff=_MISSPELT_CUTOFF))}
+            if misspelt:
+                guesses = ", ".join(f"{key!r} (the spec's {field!r}?)" for key, field in misspelt.items())
+                yield Item(where, None, f"unknown fields {guesses}; the spec {spec.name!r} has {list(fields)}")
+                continue
+            labels = {name: entry.row.get(name) for name in fields}
+            yield Item(where, {"query": entry.query, **labels}, unlabelled=tuple(missing), ignored=tuple(extra))
 
 
 def parsed_event_item(spec: ParseSpec, item: dict[str, Any]) -> Item:
@@ -169,6 +192,8 @@ def label(
                 if item.record is None:
                     skipped.append((order, item.where, item.problem or "unreadable"))
                     continue
+                for key in item.ignored:
+                    summary.ignored_keys[key] = summary.ignored_keys.get(key, 0) + 1
                 key = normalize_query(item.record["query"])
                 if key in kept:
                     summary.repeats += 1
@@ -180,6 +205,8 @@ def label(
                             summary.conflicts.append((item.where, first[0]))
                     continue
                 kept[key] = (item.where, item.record if teacher is None else None)
+                if item.unlabelled and teacher is None:
+                    summary.unlabelled.append((item.where, item.unlabelled))
                 pending.append((order, item.where, item.record))
                 if len(pending) >= batch_size:
                     write(pending, handle)

@@ -187,6 +187,8 @@ class LogReader:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise BadLine(f"not UTF-8: {exc.reason}") from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark, as spreadsheets write "CSV UTF-8"
         if not text.strip():
             return None
         row: dict[str, Any]

@@ -18,7 +18,7 @@ from tests.support import write_autoparts_spec
 
 register_plugin_commands([])  # `qustream label` comes from producer_tools' entry point, as on the command line
 
-UNKNOWN = "unknown fields {}; the spec 'autoparts' has ['part', 'position', 'system']"
+MISSPELT = "unknown fields 'prat' (the spec's 'part'?); the spec 'autoparts' has ['part', 'position', 'system']"
 NO_LABELS = "no labels (none of the spec's fields); pass --model to label with a teacher"
 
 #: A spec whose fields are named as the log reader's own keys (``source``, ``id``, ``ts``).
@@ -66,11 +66,13 @@ def skipped(provenance: dict[str, Any]) -> dict[str, str]:
     return {row["where"]: row["reason"] for row in provenance["skipped_rows"]}
 
 
-def test_unknown_or_misspelt_fields_of_a_labelled_row_are_reported_not_dropped(tmp_path: Path) -> None:
+def test_a_misspelt_field_skips_its_row_and_metadata_keys_are_left_out(tmp_path: Path) -> None:
     spec = write_autoparts_spec(tmp_path / "spec")
     log = write_jsonl(tmp_path / "log.jsonl", [
+        # "prat" is spelt like "part", which the row lacks: its label would be taken as null.
         {"query": "front struts subaru outback", "prat": "strut", "position": "front", "system": "suspension"},
-        {"query": "headlight", "part": "headlight", "system": "electrical", "notes": "x"},
+        # Keys like no field it lacks are the log's metadata; "position" is left out, so null.
+        {"query": "headlight", "part": "headlight", "system": "electrical", "notes": "x", "user_id": 12},
         # The log's own keys (as the replay reader reads them) are no labels and no unknown fields.
         {"query": "rear wiper blade", "part": "wiper blade", "position": "rear", "system": "body", "query_id": "q7",
          "id": "7", "ts": "2024-05-01T10:00:00Z", "timestamp": 1714557600, "locale": "en-US", "source": "web"},
@@ -79,10 +81,14 @@ def test_unknown_or_misspelt_fields_of_a_labelled_row_are_reported_not_dropped(t
     ])
     out = tmp_path / "labels.jsonl"
     output, rows, provenance = run_label(log, spec, out)
-    assert rows == [{"query": "rear wiper blade", "part": "wiper blade", "position": "rear", "system": "body"}]
-    assert skipped(provenance) == {f"{log}:1": UNKNOWN.format(['prat']), f"{log}:2": UNKNOWN.format(['notes']),
-                                   f"{log}:4": NO_LABELS}
-    assert f"{log}:1: skipped: unknown fields ['prat']" in output
+    assert rows == [{"query": "headlight", "part": "headlight", "position": None, "system": "electrical"},
+                    {"query": "rear wiper blade", "part": "wiper blade", "position": "rear", "system": "body"}]
+    assert skipped(provenance) == {f"{log}:1": MISSPELT, f"{log}:4": NO_LABELS}
+    assert f"{log}:1: skipped: {MISSPELT}" in output
+    assert provenance["ignored_keys"] == {"notes": 1, "user_id": 1}
+    assert provenance["fields_left_out"] == [{"where": f"{log}:2", "fields": ["position"]}]
+    assert "note: 1 labelled row left fields out, written as null" in output
+    assert "note: keys left out as the log's metadata, not labels: ['notes', 'user_id']" in output
 
 
 def test_csv_and_tsv_columns_are_gold_labels_as_jsonl_keys_are(tmp_path: Path) -> None:
@@ -109,11 +115,16 @@ def test_csv_and_tsv_columns_are_gold_labels_as_jsonl_keys_are(tmp_path: Path) -
         assert [sorted(p) for p in payloads] == [["locale", "query", "query_id", "source"],
                                                  ["query", "query_id", "source"],
                                                  ["locale", "query", "query_id", "source"]]
-    # A column that is no field of the spec is an unknown field, as a JSONL key is.
+    # A column spelt like a field the row lacks skips it, as a JSONL key does; a spreadsheet's byte
+    # order mark before the header is no part of the first column's name.
     log = tmp_path / "extra.csv"
-    log.write_text("query,part,system,notes\nheadlight,headlight,electrical,x\n")
+    log.write_text("\ufeffquery,prat,system,notes\nheadlight,headlight,electrical,x\n", encoding="utf-8")
     _, rows, provenance = run_label(log, spec, tmp_path / "extra.jsonl")
-    assert rows == [] and skipped(provenance) == {f"{log}:2": UNKNOWN.format(['notes'])}
+    assert rows == [] and skipped(provenance) == {f"{log}:2": MISSPELT}
+    log.write_text("\ufeffquery,part,system,notes\nheadlight,headlight,electrical,x\n", encoding="utf-8")
+    _, rows, provenance = run_label(log, spec, tmp_path / "extra.jsonl")
+    assert rows == [{"query": "headlight", "part": "headlight", "position": None, "system": "electrical"}]
+    assert provenance["ignored_keys"] == {"notes": 1}
 
 
 def test_fields_named_as_the_readers_own_keys_are_read_as_written(tmp_path: Path) -> None:

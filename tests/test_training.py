@@ -223,18 +223,18 @@ def test_label_from_gold_labels_in_a_log(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["label", str(log), "--out", str(out), "--spec", "ecommerce"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    # A labelled line's keys are the spec's fields or the log's own (locale, source...): "style" is neither,
-    # so that line is skipped as `train` skips it (a misspelt field is not read as a null label).
-    assert [row["query"] for row in rows] == [row["query"] for row in GOOD]
+    # "style" is spelt like no field of the spec: the log's metadata, left out (and said to be).
+    assert [row["query"] for row in rows] == [row["query"] for row in GOOD] + ["oak desk"]
     assert rows[1] == {"query": "samsung 55 inch tv", "product_type": "tv", "brand": "samsung", "size": "55 inch",
                        "color": None, "material": None, "audience": None}
     provenance = json.loads(provenance_path(out).read_text())
     assert provenance["labels"] == "gold" and provenance["teacher"] is None
     assert provenance["spec"]["name"] == "ecommerce" and provenance["spec"]["fingerprint"] == ECOMMERCE.fingerprint
-    assert provenance["count"] == len(GOOD) and provenance["repeats"] == 1
+    assert provenance["count"] == len(GOOD) + 1 and provenance["repeats"] == 1
+    assert provenance["ignored_keys"] == {"style": 1}
     # The invalid-JSON line is the replay reader's bad line; the others fail the training check.
     assert {row["where"] for row in provenance["skipped_rows"]} == {f"{log}:{len(GOOD) + i + 1}"
-                                                                    for i in range(len(BAD))}
+                                                                    for i in range(len(BAD)) if i != 2}
     assert load_quality(ECOMMERCE, out)  # and `qustream eval` reads it
 
 
