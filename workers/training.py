@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import resource
 import time
 from collections import Counter
@@ -531,7 +532,11 @@ class TrainState:
 IDENTITY_OPTIONS = {"model": "--model", "spec": "--spec (its fingerprint)", "grounding": "QUSTREAM_GROUNDING",
                     "method": "--method", "train_layers": "--train-layers", "lora_rank": "--lora-rank",
                     "few_shot": "--few-shot", "data": "--data (a digest of its contents)", "seed": "--seed",
-                    "held_out": "--held-out", "batch_size": "--batch-size", "catalog_folds": "--catalog-folds"}
+                    "held_out": "--held-out", "batch_size": "--batch-size", "catalog_folds": "--catalog-folds",
+                    "learning_rate": "--learning-rate", "precision": "--precision"}
+#: Options a ``--resume`` may change: budgets (to train longer) and the evaluation schedule, which change
+#: when the run stops and which weights it keeps, not what a step computes.
+RESUME_MAY_CHANGE = ("--max-minutes", "--max-steps", "--max-epochs", "--eval-every", "--patience")
 
 
 def _short(value: Any, width: int = 40) -> str:
@@ -542,19 +547,27 @@ def _short(value: Any, width: int = 40) -> str:
 def identity_mismatch(checkpoint_path: Path, saved: dict[str, Any], current: dict[str, Any]) -> str:
     """The refusal of a checkpoint of another run: the options that differ, both values, and what to do."""
     differing = [key for key in dict.fromkeys([*saved, *current]) if saved.get(key) != current.get(key)]
-    changes = "; ".join(f"{IDENTITY_OPTIONS.get(key, key)}: {_short(saved.get(key))} in the checkpoint, "
-                        f"{_short(current.get(key))} now" for key in differing)
-    return (f"{checkpoint_path} belongs to another run: {changes}. Resume with the options it was written with, "
-            "or train into another --out, or leave out --resume to start over in this folder (replacing it)")
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return _short(values[key]) if key in values else "(not recorded: an older checkpoint)"
+
+    changes = "; ".join(f"{IDENTITY_OPTIONS.get(key, key)}: {shown(saved, key)} in the checkpoint, "
+                        f"{shown(current, key)} now" for key in differing)
+    return (f"{checkpoint_path} belongs to another run: {changes}. Resume with the options it was written with "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change), or train into another --out, or leave out --resume "
+            "to start over in this folder (replacing its training output)")
 
 
-def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method: str, data: Path) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed."""
+def _identity(settings: Settings, spec: ParseSpec, options: TrainOptions, method: str, data: Path,
+              learning_rate: float, precision: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: everything that changes what a step computes (the method,
+    learning rate and precision as resolved). Budgets and the evaluation schedule (``RESUME_MAY_CHANGE``)
+    are not part of it."""
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     return {"model": settings.model, "spec": spec.fingerprint, "grounding": settings.grounding, "method": method,
             "train_layers": options.train_layers, "lora_rank": options.lora_rank, "few_shot": options.few_shot,
             "data": digest, "seed": options.seed, "held_out": options.held_out, "batch_size": options.batch_size,
-            "catalog_folds": options.catalog_folds}
+            "catalog_folds": options.catalog_folds, "learning_rate": learning_rate, "precision": precision}
 
 
 def _weights_digest(folder: Path) -> str:
@@ -574,12 +587,42 @@ def model_card(spec: ParseSpec, few_shot: bool, base_model: str, grounding: str)
 #: What a ``qustream train`` run writes in its folder (besides the model's own files): a folder holding
 #: one of these is a previous run's output, which a new run may replace.
 OUTPUT_MARKERS = (MODEL_CARD, CHECKPOINT, REPORT)
+#: The files a run writes in ``--out`` (``save_pretrained`` of the model and its tokenizer, the card, the report,
+#: the chart, the checkpoint's temporary file), by name: only these, and ``adapter/``, are a previous run's
+#: output that a new run removes. The checkpoint itself is left to the run (it overwrites it).
+OUTPUT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+    "spiece.model", "chat_template.jinja", "chat_template.json", MODEL_CARD, REPORT, CHART,
+    Path(CHECKPOINT).with_suffix(".tmp").name,
+})
+#: Weight shards: ``model-00001-of-00002.safetensors`` and the like.
+OUTPUT_SHARDS = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 
 
-def check_out(out: Path, resume: bool) -> tuple[list[Path], str | None]:
+def _is_output(entry: Path) -> bool:
+    """Whether ``entry`` of ``--out`` is something a training run writes there (by name)."""
+    if entry.is_symlink():
+        return entry.name in OUTPUT_FILES or bool(OUTPUT_SHARDS.fullmatch(entry.name))
+    if entry.is_dir():
+        return entry.name == ADAPTER_FOLDER
+    return entry.name in OUTPUT_FILES or bool(OUTPUT_SHARDS.fullmatch(entry.name))
+
+
+def _holds(entry: Path, data: Path | None) -> bool:
+    """Whether ``entry`` is the ``--data`` file or a folder holding it (never removed)."""
+    if data is None:
+        return False
+    target, wanted = entry.resolve(), data.resolve()
+    return target == wanted or target in wanted.parents
+
+
+def check_out(out: Path, resume: bool, data: Path | None = None) -> tuple[list[Path], str | None]:
     """``--out`` checked before anything loads: the entries of a previous run's output there (what this run
-    replaces), and a line to say about it (None when there is nothing to say). Raises ``TrainingError``
-    (``--out``) for a file, or a non-empty folder that is not a training output."""
+    replaces: only the files a training run writes, never ``data`` nor anything else), and a line to say
+    about it (None when there is nothing to say). Raises ``TrainingError`` (``--out``) for a file, or a
+    non-empty folder that is not a training output."""
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{out} is a file, not a folder: give --out a new or empty folder, or a previous "
                             "training output to replace", option="--out")
@@ -591,27 +634,105 @@ def check_out(out: Path, resume: bool) -> tuple[list[Path], str | None]:
         raise TrainingError(f"{out} is a non-empty folder that holds no qustream training output (no "
                             f"{', '.join(OUTPUT_MARKERS)}): refusing to write into it; give --out a new or empty "
                             "folder", option="--out")
+    previous = [e for e in entries if _is_output(e) and not _holds(e, data)]
+    kept = [e for e in entries if e not in previous and e.name != CHECKPOINT]
     if resume and (out / CHECKPOINT).is_file():
-        return entries, None
-    names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries)
+        return previous, None
+    replaced = previous + ([out / CHECKPOINT] if (out / CHECKPOINT).is_file() else [])
+    names = ", ".join(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in sorted(replaced))
+    others = (f"; the {len(kept)} other {'entry' if len(kept) == 1 else 'entries'} there ("
+              + ", ".join(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in kept[:5])
+              + (", …" if len(kept) > 5 else "") + ") are kept" if kept else "")
     if resume:
-        return entries, (f"--resume: {out / CHECKPOINT} does not exist, so training starts from scratch; the "
-                         f"previous training output in {out} ({names}) is replaced when this run saves")
-    return entries, (f"{out} holds a previous training output ({names}): it is replaced when this run saves "
-                     "(whatever this run does not write again is removed)")
+        return previous, (f"--resume: {out / CHECKPOINT} does not exist, so training starts from scratch; the "
+                          f"previous training output in {out} ({names}) is replaced when this run saves{others}")
+    return previous, (f"{out} holds a previous training output ({names}): it is replaced when this run saves "
+                      f"(what this run does not write again is removed){others}")
 
 
-def _remove_previous(out: Path, previous: list[Path]) -> None:
-    """The previous run's entries, except the checkpoint (this run's own by now), before this run saves."""
+def _remove_previous(out: Path, previous: list[Path], data: Path | None = None) -> None:
+    """The previous run's output (as ``check_out`` listed it: only what a training run writes), except the
+    checkpoint (this run's own by now) and the ``--data`` file, before this run saves."""
     import shutil
 
     for entry in previous:
-        if entry.name in (CHECKPOINT, Path(CHECKPOINT).with_suffix(".tmp").name):
+        if entry.name == CHECKPOINT or not _is_output(entry) or _holds(entry, data):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+#: Suffixes of files that are not labelled JSONL (``qustream label`` converts them).
+NOT_JSONL_SUFFIXES = (".csv", ".tsv")
+
+
+def check_data(data: Path, spec: str) -> None:
+    """``--data`` checked before the model loads: refused (``TrainingError``) when it is empty, or not labelled
+    JSONL (a CSV/TSV by its suffix, or not one line of it a JSON object), saying how to convert it."""
+    convert = (f"train reads labelled JSONL (one JSON object a line: query plus the spec's fields); convert it "
+               f"first with `qustream label {data} --spec {spec} --out labels.jsonl`")
+    suffixes = [suffix.lower() for suffix in data.suffixes]
+    if any(suffix in NOT_JSONL_SUFFIXES for suffix in suffixes):
+        raise TrainingError(f"{data} is a {suffixes[-1] if suffixes[-1] != '.gz' else suffixes[-2]} file, not "
+                            f"labelled JSONL: {convert}")
+    lines = 0
+    try:
+        with data.open(encoding="utf-8", errors="strict") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                lines += 1
+                try:
+                    if isinstance(json.loads(line), dict):
+                        return
+                except json.JSONDecodeError:
+                    pass
+    except UnicodeDecodeError:
+        raise TrainingError(f"{data} is not UTF-8 text (compressed?), not labelled JSONL: {convert}") from None
+    if not lines:
+        raise TrainingError(f"{data} is empty: nothing to train on; label queries first, e.g. `qustream label "
+                            f"queries.jsonl --spec {spec} --out labels.jsonl`")
+    raise TrainingError(f"{data}: none of its {lines} lines is a JSON object, so it is not labelled JSONL: {convert}")
+
+
+def reached_cap(options: TrainOptions, state: TrainState) -> str | None:
+    """The cap a (resumed) run has already reached, in words; None when it has steps left."""
+    if options.max_steps and state.step >= options.max_steps:
+        return f"its {options.max_steps}-step cap (--max-steps)"
+    if state.epoch >= options.max_epochs:
+        return f"its {options.max_epochs}-epoch cap (--max-epochs)"
+    return None
+
+
+def cap_option(cap: str, options: TrainOptions) -> str:
+    """The option to raise to go on past ``cap`` (as ``reached_cap`` says it), with its value now."""
+    if "--max-steps" in cap:
+        return f"--max-steps (now {options.max_steps})"
+    return f"--max-epochs (now {options.max_epochs})"
+
+
+def stop_phrase(report: dict[str, Any]) -> str:
+    """Why a run stopped, as the summary says it."""
+    options = report.get("options", {})
+    stopped = report["stopped"]
+    if stopped == "max steps":
+        return f"stopped at the {options.get('max_steps')}-step cap (--max-steps)"
+    if stopped == "time budget":
+        return f"stopped at the {options.get('max_minutes'):g}-minute budget (--max-minutes)"
+    if stopped == "early stopping":
+        return (f"stopped early: {options.get('patience')} evaluations without a better held-out score "
+                "(--patience)")
+    return f"stopped at the {options.get('max_epochs')}-epoch cap (--max-epochs)"
+
+
+def stop_summary(report: dict[str, Any]) -> str:
+    """``stop_phrase``, and what a resumed run that had nothing left to train did."""
+    if report.get("resumed_at_cap"):
+        return (f"{stop_phrase(report)}, already reached before --resume: nothing was trained, the checkpoint's "
+                "best weights were saved again; raise --max-epochs or --max-steps to continue training")
+    return stop_phrase(report)
 
 
 def interrupted_message(options: TrainOptions, step: int, planned: int, checkpoint_path: Path,
@@ -657,7 +778,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
 
     started = time.perf_counter()
     console = Console(stderr=True)
-    previous, out_note = check_out(options.out, options.resume)  # before anything loads
+    previous, out_note = check_out(options.out, options.resume, options.data)  # before anything loads
+    check_data(options.data, settings.parse_spec)  # before the model loads
     if out_note:
         console.print(out_note, markup=False, highlight=False)
     torch.manual_seed(options.seed)
@@ -712,12 +834,13 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0, fused=True)
     precision = choose_precision(loaded.device, options.precision)
     runner = StepRunner(engine)
-    identity = _identity(settings, spec, options, method, options.data)
+    identity = _identity(settings, spec, options, method, options.data, learning_rate, precision)
     options.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = options.out / CHECKPOINT
     state = TrainState()
     best = trainable_state(trained)
     checkpointed: int | None = None  # the step of the checkpoint in the folder, once this run has one
+    cap: str | None = None  # the cap a resumed run had already reached (nothing left to train)
     if options.resume and checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, weights_only=False)
         if saved["identity"] != identity:
@@ -727,7 +850,14 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
         state = TrainState(**saved["state"])
         checkpointed = state.step
         best = saved["best"]
-        console.print(f"resumed from {checkpoint_path} at step {state.step}")
+        cap = reached_cap(options, state)
+        if cap:
+            console.print(f"resumed from {checkpoint_path} at step {state.step}: the previous run had already "
+                          f"reached {cap}, so there is nothing left to train and its best weights (step "
+                          f"{state.best_step}) are saved again; raise {cap_option(cap, options)} to continue "
+                          "training", markup=False, highlight=False)
+        else:
+            console.print(f"resumed from {checkpoint_path} at step {state.step}", markup=False, highlight=False)
 
     def checkpoint() -> None:
         nonlocal checkpointed
@@ -758,6 +888,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
     try:
         trained.train()
         stopped = "epochs"
+        if options.max_steps and state.step >= options.max_steps:  # a resumed run already at its step cap
+            stopped = "max steps"
         if not state.evals:
             run_eval()  # the starting point: the base model with the training prompt
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -807,7 +939,7 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
                         progress.update(task, score=f"{state.evals[-1]['metrics'][SELECT_BY]:.1%}")
         if state.evals[-1]["step"] != state.step:
             run_eval()
-        _remove_previous(options.out, previous)
+        _remove_previous(options.out, previous, options.data)
         report = _save(loaded, trained, method, best, spec, options, settings)
     except KeyboardInterrupt:
         message = interrupted_message(options, state.step, planned, checkpoint_path, checkpointed)
@@ -823,7 +955,8 @@ def train(settings: Settings, options: TrainOptions) -> dict[str, Any]:
         tokens_per_row=sum(len(r.ids) for r in train_rows) / len(train_rows),
         prefix_tokens=len(runner.prefix_ids), skipped=[{"line": n, "reason": r} for n, r in data.problems],
         options={k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
-        stopped=stopped, steps=state.step, epochs=state.step / batches_per_epoch, train_seconds=state.seconds,
+        stopped=stopped, resumed_at_cap=cap is not None, steps=state.step, epochs=state.step / batches_per_epoch,
+        train_seconds=state.seconds,
         seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(), best_step=state.best_step,
         best=next(e["metrics"] for e in state.evals if e["step"] == state.best_step), evals=state.evals,
         losses=state.losses,
@@ -965,7 +1098,7 @@ def train_command(
         raise typer.Exit(130) from None
     best = report["best"]
     summary = (
-        f"saved {report['model_folder']} ({report['method']}, {report['steps']} steps, {report['stopped']}, "
+        f"saved {report['model_folder']} ({report['method']}, {report['steps']} steps, {stop_summary(report)}, "
         f"{report['train_seconds']:.0f} s training, peak RSS {report['peak_rss_mb']:.0f} MB); held-out at step "
         f"{report['best_step']}: all fields {best['all_fields_acc']:.1%}, invented {best['invented_absent']:.1%}; "
         f"{len(report['skipped'])} lines skipped."
