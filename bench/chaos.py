@@ -47,7 +47,7 @@ from rich.table import Table
 
 from schemas.events import DeadLetterReason
 from schemas.settings import Settings
-from streams.kafka_io import assign_all, make_consumer, make_producer
+from streams.kafka_io import assign_all, close_consumer, make_consumer, make_producer
 from streams.local_stack import free_port, port_open, tansu_command
 from streams.topics import ensure_topics
 from workers.normalize import normalize_query
@@ -405,19 +405,6 @@ class WorkerSupervisor:
 
 
 
-async def _close_consumer(consumer: AIOKafkaConsumer) -> None:
-    """Stop a consumer in whatever state a broker restart left it. After a fetch timed out,
-    aiokafka's ``stop`` re-raises the cancellation of its own fetch task (aio-libs/aiokafka#647);
-    that one is swallowed, a cancellation of this task is not."""
-    try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-    except Exception:  # the broker is away: nothing left to close cleanly
-        pass
-
 #: Seconds without an output record, while ids are missing, after which the monitor reopens its consumer.
 _MONITOR_SILENCE_S = 10.0
 
@@ -485,7 +472,7 @@ class OutputMonitor:
                 self.errors += 1
                 last_record_s = self.now()
                 if consumer is not None:
-                    await _close_consumer(consumer)
+                    await close_consumer(consumer)
                     consumer = None
                 await asyncio.sleep(0.2)
                 continue
@@ -504,7 +491,7 @@ class OutputMonitor:
             if self.all_done_s is None and len(self.done) == len(self.expected):
                 self.all_done_s = received
         if consumer is not None:
-            await _close_consumer(consumer)
+            await close_consumer(consumer)
 
     def first_output_after(self, t: float, *, new_only: bool = False) -> float | None:
         """When a consumer first saw a record the worker created after ``t`` (so not one already in

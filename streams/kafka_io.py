@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -67,3 +68,23 @@ async def assign_all(consumer: AIOKafkaConsumer, topics: list[str], *, from_end:
     for tp in partitions:
         await consumer.position(tp)  # resolve now, so nothing sent after this call is missed
     return partitions
+
+
+async def close_consumer(consumer: AIOKafkaConsumer, timeout_s: float | None = None) -> str | None:
+    """Stop ``consumer`` in whatever state a broker outage or a rebalance left it; None once it closed, else
+    why it did not, and the caller goes on.
+
+    Why a task of its own: with fetches pending (a broker that went away), aiokafka's ``stop`` cancels
+    them and then awaits them, so it raises their CancelledError (aio-libs/aiokafka#647), which must end
+    that task, not the caller's; a cancellation of the caller still reaches it. ``timeout_s`` bounds a
+    ``stop`` that waits for a group join's answer (Apache Kafka gives it once every member rejoined) or
+    for a coordinator that does not answer."""
+    closing = asyncio.ensure_future(consumer.stop())
+    done, _ = await asyncio.wait((closing,), timeout=timeout_s)
+    if not done:
+        closing.cancel()
+        return f"not closed within {timeout_s} s"
+    if closing.cancelled():
+        return "cancelled inside aiokafka (fetches pending on an unreachable broker)"
+    error = closing.exception()
+    return None if error is None else f"{type(error).__name__}: {error}"

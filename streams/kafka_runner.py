@@ -39,7 +39,7 @@ from schemas.settings import Settings
 from streams.broker_watch import BrokerWatch
 from streams.deliveries import GIVEN_UP_ON_STOP, KafkaDeliveryCounter
 from streams.delivery import CommitTracker, InFlight, OutputNames, Retrying, Routed, route
-from streams.kafka_io import inbound_from_kafka, make_consumer, make_producer
+from streams.kafka_io import close_consumer, inbound_from_kafka, make_consumer, make_producer
 from streams.partitioner import partitions_for_keys
 from streams.runtime import WorkerRuntime
 from workers.core_step import BatchOutcome, InboundMessage, OutboundRecord
@@ -428,24 +428,12 @@ class KafkaBatchRunner:
         Kafka gives once every member rejoined (up to the rebalance timeout), and an unreachable broker
         answers nothing. Given up, the member is dropped by the broker after ``broker_session_timeout_s``
         instead; nothing uncommitted is lost."""
-        # In a task of its own: with fetches pending (a broker that went away), aiokafka's ``stop`` cancels
-        # them and then awaits them, and the CancelledError that raises must end that task, not this one.
-        leaving = asyncio.ensure_future(self.consumer.stop())
-        done, _ = await asyncio.wait((leaving,), timeout=_LEAVE_TIMEOUT_S)
-        if done and not leaving.cancelled() and leaving.exception() is None:
-            return
-        if done:
-            failure = "cancelled inside aiokafka" if leaving.cancelled() else repr(leaving.exception())
-            log.warning("kafka.leave_failed", error=failure,
-                        note="closing the consumer failed (aiokafka, with fetches pending on an unreachable broker); "
-                        "if it had not left the group, the broker drops this member after "
-                        "QUSTREAM_BROKER_SESSION_TIMEOUT_S")
-        else:
-            leaving.cancel()
-            log.warning("kafka.leave_abandoned", timeout_s=_LEAVE_TIMEOUT_S,
+        problem = await close_consumer(self.consumer, _LEAVE_TIMEOUT_S)
+        if problem is not None:
+            log.warning("kafka.leave_abandoned", problem=problem,
                         note="the group coordinator did not answer in time (a rebalance in progress, or the broker "
-                        "unreachable); the broker drops this member after QUSTREAM_BROKER_SESSION_TIMEOUT_S and "
-                        "rebalances once more")
+                        "unreachable), or closing failed; if this member did not leave the group, the broker "
+                        "drops it after QUSTREAM_BROKER_SESSION_TIMEOUT_S and rebalances once more")
 
     # --- rebalance ----------------------------------------------------------------------------
 
